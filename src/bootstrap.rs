@@ -1,0 +1,180 @@
+//! `meshd bootstrap`: the Envoy bootstrap that starts a stock Envoy as a
+//! gateway or sidecar of meshd, with Istio's node id and metadata, an admin
+//! listener, and ADS over gRPC (HTTP/2) to meshd.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::model::DOMAIN_SUFFIX;
+
+/// What a bootstrap is made from.
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    /// `gateway` (Istio's `router`) or `sidecar`.
+    pub role: String,
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub ip: String,
+    /// meshd's xDS address, `HOST:PORT`.
+    pub xds_addr: String,
+    /// Envoy's admin listener, `IP:PORT`.
+    pub admin_addr: String,
+    /// Use incremental (delta) xDS instead of state of the world.
+    pub delta: bool,
+}
+
+/// Why a bootstrap could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BootstrapError {
+    /// `--role` is neither gateway nor sidecar.
+    #[error("--role must be gateway or sidecar, not {0:?}")]
+    Role(String),
+    /// An address is not `HOST:PORT`.
+    #[error("{flag} must be HOST:PORT, not {value:?}")]
+    Address { flag: &'static str, value: String },
+}
+
+/// Istio's node id for a proxy: `ROLE~IP~POD.NS~NS.svc.cluster.local`.
+pub fn node_id(role: &str, ip: &str, name: &str, namespace: &str) -> String {
+    format!("{role}~{ip}~{name}.{namespace}~{namespace}.{DOMAIN_SUFFIX}")
+}
+
+fn split_addr(flag: &'static str, value: &str) -> Result<(String, u16), BootstrapError> {
+    let err = || BootstrapError::Address {
+        flag,
+        value: value.to_string(),
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(err)?;
+    let port = port.parse().map_err(|_| err())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(err());
+    }
+    Ok((host.to_string(), port))
+}
+
+fn socket(host: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": host, "port_value": port}})
+}
+
+/// The bootstrap as a JSON value (Envoy reads it as YAML or JSON).
+pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
+    let role = match o.role.as_str() {
+        "gateway" | "router" => "router",
+        "sidecar" => "sidecar",
+        other => return Err(BootstrapError::Role(other.to_string())),
+    };
+    let (xds_host, xds_port) = split_addr("--xds-addr", &o.xds_addr)?;
+    let (admin_host, admin_port) = split_addr("--admin-addr", &o.admin_addr)?;
+    // An IP needs no resolver; a name (a Kubernetes Service) is resolved by DNS.
+    let xds_type = if xds_host.parse::<std::net::IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
+    let ads_type = if o.delta { "DELTA_GRPC" } else { "GRPC" };
+    let ads = json!({"ads": {}, "resource_api_version": "V3"});
+    let app = o
+        .labels
+        .get("app")
+        .or_else(|| o.labels.get("istio"))
+        .unwrap_or(&o.name);
+    Ok(json!({
+        "node": {
+            "id": node_id(role, &o.ip, &o.name, &o.namespace),
+            "cluster": format!("{app}.{}", o.namespace),
+            "metadata": {
+                "NAME": o.name,
+                "NAMESPACE": o.namespace,
+                "LABELS": o.labels,
+                "SERVICE_ACCOUNT": o.service_account,
+                "INSTANCE_IPS": o.ip,
+            },
+        },
+        "admin": {"address": socket(&admin_host, admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": ads_type,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+            },
+            "cds_config": ads.clone(),
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [{
+                "name": "xds-grpc",
+                "type": xds_type,
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "xds-grpc",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&xds_host, xds_port)}}]}],
+                },
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+            }],
+        },
+    }))
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("label {pair:?} is not KEY=VALUE"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> BootstrapOptions {
+        BootstrapOptions {
+            role: "gateway".into(),
+            name: "istio-ingressgateway-1".into(),
+            namespace: "istio-system".into(),
+            labels: parse_labels("istio=ingressgateway").expect("labels"),
+            service_account: "istio-ingressgateway-service-account".into(),
+            ip: "127.0.0.1".into(),
+            xds_addr: "127.0.0.1:15010".into(),
+            admin_addr: "127.0.0.1:15000".into(),
+            delta: false,
+        }
+    }
+
+    #[test]
+    fn gateway_bootstrap_has_istio_node_and_ads() {
+        let b = bootstrap(&opts()).expect("bootstrap");
+        assert_eq!(
+            b["node"]["id"],
+            "router~127.0.0.1~istio-ingressgateway-1.istio-system~istio-system.svc.cluster.local"
+        );
+        assert_eq!(b["node"]["metadata"]["LABELS"]["istio"], "ingressgateway");
+        assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
+        assert_eq!(b["static_resources"]["clusters"][0]["type"], "STATIC");
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let mut o = opts();
+        o.role = "ingress".into();
+        assert_eq!(bootstrap(&o), Err(BootstrapError::Role("ingress".into())));
+        let mut o = opts();
+        o.xds_addr = "nowhere".into();
+        assert!(bootstrap(&o).is_err());
+        assert!(parse_labels("a=b,c").is_err());
+    }
+}

@@ -1,0 +1,234 @@
+//! config: typed resources, their validation, and the store that holds the
+//! last good generation.
+//!
+//! This stage owns the meaning of a document: which kinds meshd reads, which
+//! fields they may have, and what makes one invalid. It does not know where
+//! documents come from (that is `source`) nor what they turn into (`model`,
+//! `translate`). A document that fails is reported with its file, document
+//! index, kind/name and field path, and left out; the store then keeps
+//! serving the last good version of that resource.
+
+pub mod istio;
+mod parse;
+mod store;
+mod validate;
+
+pub use validate::parse_duration;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+pub use parse::{parse_file, DocumentLoad, FileLoad};
+pub use store::ConfigStore;
+
+/// The kinds of resource meshd reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    Service,
+    Endpoints,
+    EndpointSlice,
+    Pod,
+    Secret,
+    Gateway,
+    VirtualService,
+}
+
+impl Kind {
+    /// The kind for a document's `apiVersion` group and `kind`, if meshd reads it.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        match (group, kind) {
+            ("", "Namespace") => Some(Kind::Namespace),
+            ("", "Service") => Some(Kind::Service),
+            ("", "Endpoints") => Some(Kind::Endpoints),
+            ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("", "Pod") => Some(Kind::Pod),
+            ("", "Secret") => Some(Kind::Secret),
+            ("networking.istio.io", "Gateway") => Some(Kind::Gateway),
+            ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
+            _ => None,
+        }
+    }
+
+    /// Whether resources of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Identifies a resource: kind, namespace (empty for cluster-scoped kinds), name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// An Istio custom resource: Kubernetes metadata around a typed `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioObject<S> {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: S,
+    /// Written by controllers; read and ignored.
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+impl<S> IstioObject<S> {
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// The object's namespace (the loader fills in `default`).
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or_default()
+    }
+}
+
+/// A Gateway resource.
+pub type Gateway = IstioObject<istio::GatewaySpec>;
+/// A VirtualService resource.
+pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
+
+/// One resource of a kind meshd reads.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Resource {
+    Namespace(Namespace),
+    Service(Service),
+    Endpoints(Endpoints),
+    EndpointSlice(EndpointSlice),
+    Pod(Pod),
+    Secret(Secret),
+    Gateway(Gateway),
+    VirtualService(VirtualService),
+}
+
+impl Resource {
+    /// The resource's Kubernetes metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::Namespace(r) => &r.metadata,
+            Resource::Service(r) => &r.metadata,
+            Resource::Endpoints(r) => &r.metadata,
+            Resource::EndpointSlice(r) => &r.metadata,
+            Resource::Pod(r) => &r.metadata,
+            Resource::Secret(r) => &r.metadata,
+            Resource::Gateway(r) => &r.metadata,
+            Resource::VirtualService(r) => &r.metadata,
+        }
+    }
+
+    /// The resource's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Namespace(_) => Kind::Namespace,
+            Resource::Service(_) => Kind::Service,
+            Resource::Endpoints(_) => Kind::Endpoints,
+            Resource::EndpointSlice(_) => Kind::EndpointSlice,
+            Resource::Pod(_) => Kind::Pod,
+            Resource::Secret(_) => Kind::Secret,
+            Resource::Gateway(_) => Kind::Gateway,
+            Resource::VirtualService(_) => Kind::VirtualService,
+        }
+    }
+
+    /// The resource's key.
+    pub fn key(&self) -> ResourceKey {
+        let meta = self.metadata();
+        ResourceKey {
+            kind: self.kind(),
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Where a resource was read from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Origin {
+    pub file: String,
+    /// 1-based index of the document in its file.
+    pub document: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)
+    }
+}
+
+/// A document that was left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{origin}{}{}: {reason}", .key.as_ref().map(|k| format!(" ({k})")).unwrap_or_default(), .field.as_ref().map(|f| format!(": field {f}")).unwrap_or_default())]
+pub struct Rejection {
+    pub origin: Origin,
+    /// The resource, when the document got far enough to name it.
+    pub key: Option<ResourceKey>,
+    /// The field path (`spec.http[0].route[0].destination.host`), when known.
+    pub field: Option<String>,
+    pub reason: String,
+    /// True when an earlier good version of the same resource is still served.
+    pub last_good_kept: bool,
+}
+
+/// One stored resource and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entry {
+    pub origin: Origin,
+    pub resource: Arc<Resource>,
+}
+
+/// One generation of configuration: every good resource, by key, and every
+/// rejected document. Immutable once built; shared through `Arc`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigSnapshot {
+    pub generation: u64,
+    pub resources: BTreeMap<ResourceKey, Entry>,
+    pub rejections: Vec<Rejection>,
+}
+
+impl ConfigSnapshot {
+    /// Builds a snapshot straight from documents (no earlier generation), as
+    /// `meshd analyze` and the tests do.
+    pub fn from_files(files: Vec<FileLoad>) -> ConfigSnapshot {
+        let mut store = ConfigStore::default();
+        Arc::unwrap_or_clone(store.apply(files))
+    }
+
+    /// Resources of one kind, in key order.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
+        self.resources
+            .iter()
+            .filter(move |(k, _)| k.kind == kind)
+            .map(|(_, e)| e.resource.as_ref())
+    }
+}

@@ -1,0 +1,242 @@
+//! Turns the text of one file into typed resources or rejections.
+//!
+//! YAML streams may hold many documents (`---`), and a `kind: List` document
+//! holds many items; JSON files hold one document. Each document is decoded
+//! on its own, so one bad document never hides the good ones around it.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{validate, Kind, Origin, Rejection, Resource, ResourceKey};
+
+/// The outcome of reading one file.
+#[derive(Debug, Clone)]
+pub struct FileLoad {
+    pub file: String,
+    /// `Err` when the file as a whole could not be read or parsed.
+    pub documents: Result<Vec<DocumentLoad>, Rejection>,
+}
+
+/// The outcome of decoding one document.
+#[derive(Debug, Clone)]
+pub struct DocumentLoad {
+    pub origin: Origin,
+    pub result: Result<Resource, Rejection>,
+}
+
+/// Parses a file's text. `file` is the name used in reports.
+pub fn parse_file(file: &str, text: &str) -> FileLoad {
+    let values = if file.ends_with(".json") {
+        serde_json::from_str::<Value>(text)
+            .map(|v| vec![v])
+            .map_err(|e| e.to_string())
+    } else {
+        yaml_documents(text)
+    };
+    let documents = match values {
+        Ok(values) => Ok(values
+            .into_iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_null())
+            .flat_map(|(i, v)| {
+                let origin = Origin {
+                    file: file.to_string(),
+                    document: i + 1,
+                };
+                expand_list(v)
+                    .into_iter()
+                    .map(move |item| decode_document(origin.clone(), item))
+            })
+            .collect()),
+        Err(reason) => Err(Rejection {
+            origin: Origin {
+                file: file.to_string(),
+                document: 0,
+            },
+            key: None,
+            field: None,
+            reason: format!("not valid YAML/JSON: {reason}"),
+            last_good_kept: false,
+        }),
+    };
+    FileLoad {
+        file: file.to_string(),
+        documents,
+    }
+}
+
+fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| {
+            let yaml = serde_norway::Value::deserialize(doc).map_err(|e| e.to_string())?;
+            serde_json::to_value(yaml).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+fn expand_list(value: Value) -> Vec<Value> {
+    let is_list = value.get("kind").and_then(Value::as_str) == Some("List");
+    match value {
+        Value::Object(mut map) if is_list => match map.remove("items") {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        other => vec![other],
+    }
+}
+
+/// Decodes and validates one document.
+fn decode_document(origin: Origin, mut value: Value) -> DocumentLoad {
+    let reject = |key: Option<ResourceKey>, field: Option<String>, reason: String| Rejection {
+        origin: origin.clone(),
+        key,
+        field,
+        reason,
+        last_good_kept: false,
+    };
+    let result = (|| {
+        let Some(obj) = value.as_object_mut() else {
+            return Err(reject(None, None, "a document must be a mapping".into()));
+        };
+        let api_version = str_field(obj, "apiVersion");
+        let kind_name = str_field(obj, "kind");
+        let Some(kind) = Kind::from_type(&api_version, &kind_name) else {
+            let field = if kind_name.is_empty() {
+                "kind"
+            } else {
+                "apiVersion"
+            };
+            let what = if kind_name.is_empty() {
+                "a document needs apiVersion and kind".to_string()
+            } else {
+                format!("{kind_name} ({api_version}) is not a kind meshd reads")
+            };
+            return Err(reject(None, Some(field.into()), what));
+        };
+        let meta = obj
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let mut namespace = String::new();
+        if kind.namespaced() {
+            if let Some(m) = meta.as_object_mut() {
+                let ns = m
+                    .entry("namespace")
+                    .or_insert_with(|| Value::String("default".into()));
+                namespace = ns.as_str().unwrap_or_default().to_string();
+            }
+        }
+        let key = ResourceKey {
+            kind,
+            namespace,
+            name,
+        };
+        if key.name.is_empty() {
+            return Err(reject(
+                Some(key),
+                Some("metadata.name".into()),
+                "is required".into(),
+            ));
+        }
+        let resource =
+            decode_kind(kind, value).map_err(|(field, reason)| reject(Some(key.clone()), field, reason))?;
+        if let Some((field, reason)) = validate::validate(&resource) {
+            return Err(reject(Some(key), Some(field), reason));
+        }
+        Ok(resource)
+    })();
+    DocumentLoad { origin, result }
+}
+
+fn str_field(obj: &serde_json::Map<String, Value>, name: &str) -> String {
+    obj.get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+type DecodeError = (Option<String>, String);
+
+fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
+    Ok(match kind {
+        Kind::Namespace => Resource::Namespace(typed(value)?),
+        Kind::Service => Resource::Service(typed(value)?),
+        Kind::Endpoints => Resource::Endpoints(typed(value)?),
+        Kind::EndpointSlice => Resource::EndpointSlice(typed(value)?),
+        Kind::Pod => Resource::Pod(typed(value)?),
+        Kind::Secret => Resource::Secret(typed(value)?),
+        Kind::Gateway => Resource::Gateway(typed(value)?),
+        Kind::VirtualService => Resource::VirtualService(typed(value)?),
+    })
+}
+
+/// Deserializes with the path of the failing field.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, DecodeError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (field, e.into_inner().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(text: &str) -> Rejection {
+        let load = parse_file("t.yaml", text);
+        let docs = load.documents.expect("file parses");
+        docs.into_iter()
+            .find_map(|d| d.result.err())
+            .expect("a rejection")
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_path() {
+        let r = rejection(
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: hw}\n\
+             spec:\n  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a, prot: {number: 80}}\n",
+        );
+        assert_eq!(r.field.as_deref(), Some("spec.http[0].route[0].destination.prot"));
+        assert!(r.reason.contains("unknown field `prot`"), "{}", r.reason);
+        assert_eq!(r.key.expect("key").to_string(), "VirtualService default/hw");
+    }
+
+    #[test]
+    fn documents_are_numbered_and_bad_ones_do_not_hide_good_ones() {
+        let load = parse_file(
+            "t.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n---\nkind: Nope\napiVersion: v1\n\
+             metadata: {name: x}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n",
+        );
+        let docs = load.documents.expect("parses");
+        let indexes: Vec<_> = docs.iter().map(|d| d.origin.document).collect();
+        assert_eq!(indexes, vec![1, 3, 4]);
+        assert!(docs[0].result.is_ok() && docs[1].result.is_err() && docs[2].result.is_ok());
+        let err = docs[1].result.clone().expect_err("unknown kind");
+        assert!(err.reason.contains("not a kind meshd reads"));
+    }
+
+    #[test]
+    fn malformed_yaml_fails_the_file() {
+        let load = parse_file("bad.yaml", "kind: [unclosed\n");
+        let err = load.documents.expect_err("malformed");
+        assert!(err.reason.starts_with("not valid YAML/JSON"), "{}", err.reason);
+    }
+
+    #[test]
+    fn namespace_defaults_and_lists_expand() {
+        let load = parse_file(
+            "l.json",
+            r#"{"kind":"List","apiVersion":"v1","items":[{"apiVersion":"v1","kind":"Service","metadata":{"name":"s"}}]}"#,
+        );
+        let docs = load.documents.expect("parses");
+        let res = docs[0].result.clone().expect("ok");
+        assert_eq!(res.key().namespace, "default");
+    }
+}

@@ -1,0 +1,371 @@
+//! Semantic checks that serde cannot express, following Istio's own
+//! validation webhook: required fields, host syntax, one action per HTTP
+//! route, RE2 regexes, durations. Each check names the field it failed on.
+
+use super::istio::{
+    Destination, GatewaySpec, HttpMatchRequest, HttpRoute, Server, StringMatch, VirtualServiceSpec,
+};
+use super::Resource;
+
+/// A failed check: the field path and the reason.
+pub type Failure = (String, String);
+
+type Checked = Result<(), Failure>;
+
+fn fail(field: impl Into<String>, reason: impl Into<String>) -> Checked {
+    Err((field.into(), reason.into()))
+}
+
+/// Checks a decoded resource; returns the first failure.
+pub fn validate(resource: &Resource) -> Option<Failure> {
+    let result = match resource {
+        Resource::Gateway(g) => gateway(&g.spec),
+        Resource::VirtualService(vs) => virtual_service(&vs.spec),
+        _ => Ok(()),
+    };
+    result.err()
+}
+
+const PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS",
+];
+const TLS_MODES: &[&str] = &[
+    "PASSTHROUGH",
+    "SIMPLE",
+    "MUTUAL",
+    "AUTO_PASSTHROUGH",
+    "ISTIO_MUTUAL",
+    "OPTIONAL_MUTUAL",
+];
+
+fn gateway(spec: &GatewaySpec) -> Checked {
+    if spec.servers.is_empty() {
+        return fail("spec.servers", "a Gateway needs at least one server");
+    }
+    for (i, server) in spec.servers.iter().enumerate() {
+        gateway_server(&format!("spec.servers[{i}]"), server)?;
+    }
+    Ok(())
+}
+
+fn gateway_server(at: &str, server: &Server) -> Checked {
+    let Some(port) = &server.port else {
+        return fail(format!("{at}.port"), "is required");
+    };
+    if port.number == 0 || port.number > 65535 {
+        return fail(
+            format!("{at}.port.number"),
+            format!("{} is not a port number (1-65535)", port.number),
+        );
+    }
+    let protocol = port.protocol.to_ascii_uppercase();
+    if !PROTOCOLS.contains(&protocol.as_str()) {
+        return fail(
+            format!("{at}.port.protocol"),
+            format!(
+                "unknown protocol {:?}; expected one of {}",
+                port.protocol,
+                PROTOCOLS.join(", ")
+            ),
+        );
+    }
+    if server.hosts.is_empty() {
+        return fail(format!("{at}.hosts"), "a server needs at least one host");
+    }
+    for (j, host) in server.hosts.iter().enumerate() {
+        let field = format!("{at}.hosts[{j}]");
+        let dns = match host.split_once('/') {
+            Some((ns, dns)) => {
+                if ns != "*" && ns != "." && !is_dns_label(ns) {
+                    return fail(field, format!("{ns:?} is not a namespace, \".\" or \"*\""));
+                }
+                dns
+            }
+            None => host.as_str(),
+        };
+        wildcard_host(&field, dns)?;
+    }
+    if let Some(tls) = &server.tls {
+        if let Some(mode) = &tls.mode {
+            if !TLS_MODES.contains(&mode.as_str()) {
+                return fail(
+                    format!("{at}.tls.mode"),
+                    format!(
+                        "unknown TLS mode {mode:?}; expected one of {}",
+                        TLS_MODES.join(", ")
+                    ),
+                );
+            }
+        }
+    } else if protocol == "HTTPS" || protocol == "TLS" {
+        return fail(
+            format!("{at}.tls"),
+            format!("a server with protocol {protocol} needs tls settings"),
+        );
+    }
+    Ok(())
+}
+
+fn virtual_service(spec: &VirtualServiceSpec) -> Checked {
+    if spec.hosts.is_empty() {
+        return fail("spec.hosts", "a VirtualService needs at least one host");
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        let field = format!("spec.hosts[{i}]");
+        if host.contains('/') {
+            return fail(
+                field,
+                format!(
+                    "{host:?}: hosts are not namespace-qualified; the namespace goes in metadata.namespace"
+                ),
+            );
+        }
+        wildcard_host(&field, host)?;
+    }
+    for (i, gw) in spec.gateways.iter().enumerate() {
+        gateway_ref(&format!("spec.gateways[{i}]"), gw)?;
+    }
+    for (i, route) in spec.http.iter().enumerate() {
+        http_route(&format!("spec.http[{i}]"), route)?;
+    }
+    for (i, route) in spec.tls.iter().enumerate() {
+        for (j, dest) in route.route.iter().enumerate() {
+            destination(
+                &format!("spec.tls[{i}].route[{j}].destination"),
+                dest.destination.as_ref(),
+            )?;
+        }
+    }
+    for (i, route) in spec.tcp.iter().enumerate() {
+        for (j, dest) in route.route.iter().enumerate() {
+            destination(
+                &format!("spec.tcp[{i}].route[{j}].destination"),
+                dest.destination.as_ref(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn gateway_ref(field: &str, gw: &str) -> Checked {
+    let ok = match gw.split_once('/') {
+        Some((ns, name)) => is_dns_label(ns) && is_dns_subdomain(name),
+        None => gw == "mesh" || is_dns_subdomain(gw),
+    };
+    if ok {
+        Ok(())
+    } else {
+        fail(
+            field,
+            format!("{gw:?} is not a gateway reference (NAME, NAMESPACE/NAME or mesh)"),
+        )
+    }
+}
+
+fn http_route(at: &str, route: &HttpRoute) -> Checked {
+    let actions = [
+        !route.route.is_empty(),
+        route.redirect.is_some(),
+        route.direct_response.is_some(),
+        route.delegate.is_some(),
+    ];
+    match actions.iter().filter(|a| **a).count() {
+        0 => {
+            return fail(
+                at,
+                "an HTTP route needs one of route, redirect, directResponse or delegate",
+            )
+        }
+        1 => {}
+        _ => {
+            return fail(
+                at,
+                "an HTTP route may have only one of route, redirect, directResponse or delegate",
+            )
+        }
+    }
+    for (j, m) in route.matches.iter().enumerate() {
+        http_match(&format!("{at}.match[{j}]"), m)?;
+    }
+    for (j, dest) in route.route.iter().enumerate() {
+        let field = format!("{at}.route[{j}]");
+        destination(&format!("{field}.destination"), dest.destination.as_ref())?;
+        if !(0..=100).contains(&dest.weight) {
+            return fail(
+                format!("{field}.weight"),
+                format!("{} is not in 0..100", dest.weight),
+            );
+        }
+    }
+    if route.route.len() > 1 && route.route.iter().all(|d| d.weight == 0) {
+        return fail(format!("{at}.route"), "several destinations need weights");
+    }
+    if let Some(t) = &route.timeout {
+        duration(&format!("{at}.timeout"), t)?;
+    }
+    if let Some(r) = &route.retries {
+        if let Some(t) = &r.per_try_timeout {
+            duration(&format!("{at}.retries.perTryTimeout"), t)?;
+        }
+    }
+    if let Some(d) = &route.direct_response {
+        if !(200..=599).contains(&d.status) {
+            return fail(
+                format!("{at}.directResponse.status"),
+                format!("{} is not an HTTP status", d.status),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn http_match(at: &str, m: &HttpMatchRequest) -> Checked {
+    let singles = [
+        ("uri", &m.uri),
+        ("scheme", &m.scheme),
+        ("method", &m.method),
+        ("authority", &m.authority),
+    ];
+    for (name, sm) in singles {
+        if let Some(sm) = sm {
+            string_match(&format!("{at}.{name}"), sm, false)?;
+        }
+    }
+    for (map_name, map) in [
+        ("headers", &m.headers),
+        ("queryParams", &m.query_params),
+        ("withoutHeaders", &m.without_headers),
+    ] {
+        for (key, sm) in map {
+            string_match(&format!("{at}.{map_name}.{key}"), sm, true)?;
+        }
+    }
+    if let Some(port) = m.port {
+        if port == 0 || port > 65535 {
+            return fail(format!("{at}.port"), format!("{port} is not a port number"));
+        }
+    }
+    Ok(())
+}
+
+fn string_match(field: &str, sm: &StringMatch, presence_ok: bool) -> Checked {
+    let set = [&sm.exact, &sm.prefix, &sm.regex]
+        .iter()
+        .filter(|o| o.is_some())
+        .count();
+    if set > 1 {
+        return fail(field, "only one of exact, prefix or regex may be set");
+    }
+    if set == 0 && !presence_ok {
+        return fail(field, "one of exact, prefix or regex must be set");
+    }
+    if let Some(re) = &sm.regex {
+        if let Err(e) = regex::Regex::new(re) {
+            return fail(format!("{field}.regex"), format!("not a valid RE2 regex: {e}"));
+        }
+    }
+    Ok(())
+}
+
+fn destination(field: &str, dest: Option<&Destination>) -> Checked {
+    let Some(dest) = dest else {
+        return fail(field, "is required");
+    };
+    if dest.host.is_empty() {
+        return fail(format!("{field}.host"), "is required");
+    }
+    wildcard_host(&format!("{field}.host"), &dest.host)?;
+    if let Some(port) = &dest.port {
+        if port.number == 0 || port.number > 65535 {
+            return fail(
+                format!("{field}.port.number"),
+                format!("{} is not a port number", port.number),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A host as Istio allows it: `*`, `*.suffix` or a DNS name.
+fn wildcard_host(field: &str, host: &str) -> Checked {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if host == "*" || (!name.is_empty() && name.split('.').all(is_dns_label)) {
+        Ok(())
+    } else {
+        fail(
+            field,
+            format!("{host:?} is not a valid host (a DNS name, *.suffix or *)"),
+        )
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Parses a duration as Istio writes them: `1.5s`, `100ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let units: [(&str, f64); 6] = [
+        ("ms", 1e-3),
+        ("us", 1e-6),
+        ("ns", 1e-9),
+        ("h", 3600.0),
+        ("m", 60.0),
+        ("s", 1.0),
+    ];
+    let (num, scale) = units
+        .iter()
+        .find_map(|(u, scale)| s.strip_suffix(u).map(|n| (n, *scale)))?;
+    let n: f64 = num.parse().ok()?;
+    (n.is_finite() && n >= 0.0).then(|| std::time::Duration::from_secs_f64(n * scale))
+}
+
+fn duration(field: &str, s: &str) -> Checked {
+    match parse_duration(s) {
+        Some(_) => Ok(()),
+        None => fail(field, format!("{s:?} is not a duration (like 1.5s, 100ms, 1m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("1.5s"),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_duration("100ms"),
+            Some(std::time::Duration::from_millis(100))
+        );
+        assert_eq!(parse_duration("2m"), Some(std::time::Duration::from_secs(120)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+
+    #[test]
+    fn hosts() {
+        assert!(wildcard_host("f", "*.fireflyclass.com").is_ok());
+        assert!(wildcard_host("f", "*").is_ok());
+        assert!(wildcard_host("f", "a.*.com").is_err());
+        assert!(wildcard_host("f", "").is_err());
+    }
+
+    #[test]
+    fn gateway_refs() {
+        assert!(gateway_ref("f", "istio-system/ingressgateway").is_ok());
+        assert!(gateway_ref("f", "mesh").is_ok());
+        assert!(gateway_ref("f", "a/b/c").is_err());
+    }
+}

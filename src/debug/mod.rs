@@ -1,0 +1,269 @@
+//! debug: the HTTP endpoints people and tools read to see what meshd
+//! loaded and what each proxy was sent. It reads config, model, cache and
+//! stream state and never writes them.
+//!
+//! - `/ready`: 200 once config is loaded and the xDS port listens.
+//! - `/debug/syncz`: every connected proxy; per type the version sent,
+//!   acked, or NACKed with Envoy's error.
+//! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
+//!   of Envoy's own `/config_dump`.
+//! - `/debug/configz`: every resource as loaded, and the rejected documents.
+
+pub mod render;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use envoy_types::pb::envoy::admin::v3::{
+    clusters_config_dump, endpoints_config_dump, listeners_config_dump, routes_config_dump,
+    ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump, RoutesConfigDump,
+};
+use envoy_types::pb::google::protobuf::Timestamp;
+use envoy_types::util::pack_any;
+use serde_json::{json, Value};
+
+use crate::config::Resource;
+use crate::xds::status::{ConnectionStatus, TypeStatus};
+use crate::xds::{Registry, SnapshotCache, XdsType};
+
+/// What the endpoints read.
+#[derive(Debug, Clone)]
+pub struct DebugState {
+    pub cache: Arc<SnapshotCache>,
+    pub registry: Arc<Registry>,
+    /// Set once config is loaded and the xDS port is listening.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The debug router.
+pub fn router(state: DebugState) -> Router {
+    Router::new()
+        .route("/ready", get(ready))
+        .route("/debug/syncz", get(syncz))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/debug/configz", get(configz))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<DebugState>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+fn type_json(t: &TypeStatus) -> Value {
+    json!({
+        "sent_version": t.sent_version,
+        "sent_nonce": t.sent_nonce,
+        "acked_version": t.acked_version,
+        "nack": t.nack,
+        "last_sent": t.last_sent.map(unix),
+        "resources": t.held.len(),
+    })
+}
+
+fn connection_json(c: &ConnectionStatus) -> Value {
+    let types: BTreeMap<String, Value> = c
+        .types
+        .iter()
+        .map(|(t, s)| (t.to_string(), type_json(s)))
+        .collect();
+    json!({
+        "proxy": c.proxy.id,
+        "ip": c.proxy.ip,
+        "role": c.proxy.role,
+        "namespace": c.proxy.namespace,
+        "labels": c.proxy.labels,
+        "service_account": c.proxy.service_account,
+        "mode": c.mode,
+        "connected_since": unix(c.connected_since),
+        "generation": c.generation,
+        "types": types,
+        "diagnostics": c.diagnostics,
+    })
+}
+
+async fn syncz(State(s): State<DebugState>) -> Json<Value> {
+    let proxies: Vec<Value> = s.registry.list().iter().map(connection_json).collect();
+    Json(json!({ "generation": s.cache.push_context().config.generation, "proxies": proxies }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ProxyQuery {
+    proxy: Option<String>,
+}
+
+async fn config_dump(State(s): State<DebugState>, Query(q): Query<ProxyQuery>) -> Response {
+    let Some(id) = q.proxy else {
+        let ids: Vec<String> = s.registry.list().into_iter().map(|c| c.proxy.id).collect();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "give ?proxy=ID; connected proxies are listed", "proxies": ids})),
+        )
+            .into_response();
+    };
+    let Some(conn) = s.registry.find(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no connected proxy {id}")})),
+        )
+            .into_response();
+    };
+    match render::message_to_json(&dump(&conn)) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response(),
+    }
+}
+
+/// The proxy's resources as Envoy's ConfigDump.
+fn dump(conn: &ConnectionStatus) -> ConfigDump {
+    let empty = TypeStatus::default();
+    let of = |t: XdsType| conn.types.get(&t).unwrap_or(&empty);
+    let stamp = |s: &TypeStatus| {
+        s.last_sent.map(|t| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            Timestamp {
+                seconds: i64::try_from(d.as_secs()).unwrap_or_default(),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or_default(),
+            }
+        })
+    };
+    let version = |s: &TypeStatus| s.sent_version.clone().unwrap_or_default();
+
+    let cds = of(XdsType::Cluster);
+    let clusters = ClustersConfigDump {
+        version_info: version(cds),
+        dynamic_active_clusters: cds
+            .held
+            .values()
+            .map(|e| clusters_config_dump::DynamicCluster {
+                version_info: version(cds),
+                cluster: Some(e.body.clone()),
+                last_updated: stamp(cds),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let lds = of(XdsType::Listener);
+    let listeners = ListenersConfigDump {
+        version_info: version(lds),
+        dynamic_listeners: lds
+            .held
+            .values()
+            .map(|e| listeners_config_dump::DynamicListener {
+                name: e.name.clone(),
+                active_state: Some(listeners_config_dump::DynamicListenerState {
+                    version_info: version(lds),
+                    listener: Some(e.body.clone()),
+                    last_updated: stamp(lds),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let rds = of(XdsType::Route);
+    let routes = RoutesConfigDump {
+        dynamic_route_configs: rds
+            .held
+            .values()
+            .map(|e| routes_config_dump::DynamicRouteConfig {
+                version_info: version(rds),
+                route_config: Some(e.body.clone()),
+                last_updated: stamp(rds),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let eds = of(XdsType::Endpoint);
+    let endpoints = EndpointsConfigDump {
+        dynamic_endpoint_configs: eds
+            .held
+            .values()
+            .map(|e| endpoints_config_dump::DynamicEndpointConfig {
+                version_info: version(eds),
+                endpoint_config: Some(e.body.clone()),
+                last_updated: stamp(eds),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    ConfigDump {
+        configs: vec![
+            pack_any(clusters),
+            pack_any(endpoints),
+            pack_any(listeners),
+            pack_any(routes),
+        ],
+    }
+}
+
+/// A resource for display: Secrets show their keys, never their values.
+fn redacted(resource: &Resource) -> Value {
+    match resource {
+        Resource::Secret(secret) => {
+            let keys: Vec<&String> = secret
+                .data
+                .iter()
+                .flat_map(|d| d.keys())
+                .chain(secret.string_data.iter().flat_map(|d| d.keys()))
+                .collect();
+            json!({"metadata": secret.metadata, "type": secret.type_, "keys": keys, "values": "redacted"})
+        }
+        other => serde_json::to_value(other).unwrap_or(Value::Null),
+    }
+}
+
+async fn configz(State(s): State<DebugState>) -> Json<Value> {
+    let config = s.cache.push_context().config.clone();
+    let resources: Vec<Value> = config
+        .resources
+        .iter()
+        .map(|(key, entry)| {
+            json!({
+                "kind": key.kind,
+                "namespace": key.namespace,
+                "name": key.name,
+                "file": entry.origin.file,
+                "document": entry.origin.document,
+                "resource": redacted(&entry.resource),
+            })
+        })
+        .collect();
+    let rejected: Vec<Value> = config
+        .rejections
+        .iter()
+        .map(|r| {
+            json!({
+                "file": r.origin.file,
+                "document": r.origin.document,
+                "kind": r.key.as_ref().map(|k| k.kind),
+                "namespace": r.key.as_ref().map(|k| k.namespace.clone()),
+                "name": r.key.as_ref().map(|k| k.name.clone()),
+                "field": r.field,
+                "reason": r.reason,
+                "last_good_kept": r.last_good_kept,
+                "message": r.to_string(),
+            })
+        })
+        .collect();
+    Json(json!({ "generation": config.generation, "resources": resources, "rejected": rejected }))
+}

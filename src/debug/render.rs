@@ -1,0 +1,63 @@
+//! Renders Envoy protobufs as JSON, the way Envoy's admin endpoint does
+//! (snake_case field names, `Any` expanded with `@type`), through the Envoy
+//! API descriptor set that `build.rs` copies from `envoy-types`.
+
+use std::sync::OnceLock;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use serde_json::Value;
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"));
+
+fn pool() -> Result<&'static DescriptorPool, String> {
+    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The JSON form of a message packed in an `Any`, with its `@type`.
+pub fn any_to_json(any: &Any) -> Result<Value, String> {
+    let pool = pool()?;
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let desc = pool
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("unknown message type {name}"))?;
+    let msg = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| e.to_string())?;
+    let options = SerializeOptions::new().use_proto_field_name(true);
+    let mut value = msg
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| e.to_string())?;
+    if let Value::Object(map) = &mut value {
+        map.insert("@type".into(), Value::String(any.type_url.clone()));
+    }
+    Ok(value)
+}
+
+/// The JSON form of a typed message.
+pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, String> {
+    any_to_json(&Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
+    #[test]
+    fn renders_snake_case_with_type() {
+        let c = Cluster {
+            name: "outbound|80||a.default.svc.cluster.local".into(),
+            alt_stat_name: "x".into(),
+            ..Default::default()
+        };
+        let v = message_to_json(&c).expect("renders");
+        assert_eq!(v["@type"], "type.googleapis.com/envoy.config.cluster.v3.Cluster");
+        assert_eq!(v["alt_stat_name"], "x");
+    }
+}

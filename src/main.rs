@@ -1,0 +1,261 @@
+//! The `meshd` command line. Exit codes: 0 success, 1 failure with a
+//! one-line reason on stderr, 2 usage errors (clap's own).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use meshd::bootstrap::{bootstrap, parse_labels, BootstrapOptions};
+use meshd::config::{ConfigSnapshot, FileLoad};
+use meshd::serve::{self, ServeOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "An Istio-compatible xDS control plane for stock Envoy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve xDS to Envoy proxies from a config directory (or the demo).
+    Serve {
+        /// Directory of Kubernetes/Istio YAML or JSON, watched for changes.
+        /// Without it (and without --kube) the embedded demo config is served.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Watch a Kubernetes cluster instead of a directory (not available yet).
+        #[arg(long, conflicts_with = "config_dir")]
+        kube: bool,
+        /// gRPC ADS listen address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: SocketAddr,
+        /// Debug HTTP listen address (/ready, /debug/...).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        debug_addr: SocketAddr,
+        /// Where the CA keeps its root certificate and key (the CA is not built yet).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// SPIFFE trust domain of workload identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Print an Envoy bootstrap that connects a stock Envoy to meshd.
+    Bootstrap {
+        /// gateway or sidecar.
+        #[arg(long)]
+        role: String,
+        /// Pod name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        /// Pod labels, k=v,k2=v2.
+        #[arg(long, default_value = "")]
+        labels: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// The proxy's IP (node id and INSTANCE_IPS).
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: String,
+        /// meshd's xDS address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: String,
+        /// Envoy's admin listener.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: String,
+        /// Use incremental (delta) xDS.
+        #[arg(long)]
+        delta: bool,
+        /// Write to FILE instead of stdout.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Check config files with Istio's analyzers; non-zero exit on findings.
+    Analyze {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print what a running meshd serves (a client of its debug endpoints).
+    Dump {
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        debug_addr: SocketAddr,
+        #[command(subcommand)]
+        what: DumpWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DumpWhat {
+    /// Connected proxies and their sync state (/debug/syncz).
+    Syncz,
+    /// Loaded and rejected config (/debug/configz).
+    Configz,
+    /// What one proxy was sent, as Envoy's config dump.
+    Config { proxy: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            config_dir,
+            kube,
+            xds_addr,
+            debug_addr,
+            ca_dir,
+            trust_domain,
+        } => {
+            init_logging();
+            let opts = ServeOptions {
+                config_dir,
+                kube,
+                xds_addr,
+                debug_addr,
+                ca_dir,
+                trust_domain,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(serve::run(opts, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bootstrap {
+            role,
+            name,
+            namespace,
+            labels,
+            service_account,
+            ip,
+            xds_addr,
+            admin_addr,
+            delta,
+            output,
+        } => {
+            let opts = BootstrapOptions {
+                role,
+                name,
+                namespace,
+                labels: parse_labels(&labels).map_err(|e| anyhow!("--labels: {e}"))?,
+                service_account,
+                ip,
+                xds_addr,
+                admin_addr,
+                delta,
+            };
+            let text = serde_norway::to_string(&bootstrap(&opts)?)?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Analyze { paths } => analyze(&paths),
+        Command::Dump { debug_addr, what } => {
+            let path = match what {
+                DumpWhat::Syncz => "/debug/syncz".to_string(),
+                DumpWhat::Configz => "/debug/configz".to_string(),
+                DumpWhat::Config { proxy } => format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let body = rt.block_on(http_get(debug_addr, &path))?;
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {
+    let mut files: Vec<FileLoad> = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            files.extend(meshd::source::load_dir(path)?);
+        } else {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            files.push(meshd::config::parse_file(&path.display().to_string(), &text));
+        }
+    }
+    let findings = meshd::analyze::analyze(&ConfigSnapshot::from_files(files));
+    if findings.is_empty() {
+        println!("✔ No validation issues found when analyzing {}.", paths.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in &findings {
+        println!("{f}");
+    }
+    bail!("{} finding(s)", findings.len())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn encode_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to meshd's debug endpoint at {addr}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        bail!("{path}: {status}: {}", text.trim());
+    }
+    Ok(text)
+}

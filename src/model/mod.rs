@@ -1,0 +1,115 @@
+//! model: the push context, an immutable set of indexes built from one
+//! config generation and shared through `Arc` by every translation of that
+//! generation; and `Proxy`, what meshd knows of a connected Envoy.
+//!
+//! This stage answers lookups (the service for a host, the Gateways for a
+//! workload, the endpoints of a service port). It does not build Envoy
+//! resources; that is `translate`.
+
+mod proxy;
+mod service;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub use proxy::{Proxy, ProxyError, Role};
+pub use service::{Endpoint, MeshService, ServicePort};
+
+use crate::config::{ConfigSnapshot, Gateway, Kind, Resource, VirtualService};
+
+/// The cluster DNS suffix of service hostnames.
+pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
+
+/// Indexes over one config generation.
+#[derive(Debug, Default)]
+pub struct PushContext {
+    pub config: Arc<ConfigSnapshot>,
+    /// Services by hostname (`name.ns.svc.cluster.local`).
+    pub services: BTreeMap<String, Arc<MeshService>>,
+    /// Every Gateway, by namespace then name.
+    pub gateways: BTreeMap<(String, String), Arc<Gateway>>,
+    /// Every VirtualService in Istio's precedence order: oldest first
+    /// (creationTimestamp), then namespace/name.
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    /// Namespaces that exist (declared or holding a resource).
+    pub namespaces: BTreeSet<String>,
+}
+
+impl PushContext {
+    /// Builds the indexes for one generation.
+    pub fn new(config: Arc<ConfigSnapshot>) -> PushContext {
+        let services = service::build(&config);
+        let mut gateways = BTreeMap::new();
+        let mut virtual_services = Vec::new();
+        let mut namespaces = BTreeSet::new();
+        for entry in config.resources.values() {
+            let meta = entry.resource.metadata();
+            match (&*entry.resource, &meta.namespace) {
+                (Resource::Namespace(ns), _) => {
+                    namespaces.insert(ns.metadata.name.clone().unwrap_or_default());
+                }
+                (_, Some(ns)) => {
+                    namespaces.insert(ns.clone());
+                }
+                _ => {}
+            }
+            match &*entry.resource {
+                Resource::Gateway(g) => {
+                    let key = (g.namespace().to_string(), g.name().to_string());
+                    gateways.insert(key, Arc::new(g.clone()));
+                }
+                Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
+                _ => {}
+            }
+        }
+        virtual_services.sort_by(|a, b| {
+            let created = |v: &VirtualService| v.metadata.creation_timestamp.clone().map(|t| t.0);
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| a.namespace().cmp(b.namespace()))
+                .then_with(|| a.name().cmp(b.name()))
+        });
+        PushContext {
+            config,
+            services,
+            gateways,
+            virtual_services,
+            namespaces,
+        }
+    }
+
+    /// The Gateways whose selector matches the proxy's labels.
+    pub fn gateways_for<'a>(&'a self, proxy: &'a Proxy) -> impl Iterator<Item = &'a Arc<Gateway>> {
+        self.gateways
+            .values()
+            .filter(|g| is_subset(&g.spec.selector, &proxy.labels))
+    }
+
+    /// The Services in the proxy's namespace whose selector picks the proxy:
+    /// the Services that front it.
+    pub fn services_selecting<'a>(&'a self, proxy: &'a Proxy) -> impl Iterator<Item = &'a Arc<MeshService>> {
+        self.services.values().filter(|s| {
+            s.namespace == proxy.namespace && !s.selector.is_empty() && is_subset(&s.selector, &proxy.labels)
+        })
+    }
+
+    /// Pods are read for labels and identities; their count, for registryz.
+    pub fn pod_count(&self) -> usize {
+        self.config.of_kind(Kind::Pod).count()
+    }
+}
+
+/// Whether every `selector` label is in `labels`.
+pub fn is_subset(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The FQDN a possibly short host refers to, as Istio resolves VirtualService
+/// destinations: a name without dots is a service in `namespace`.
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host.starts_with('*') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.{DOMAIN_SUFFIX}")
+    }
+}

@@ -1,0 +1,134 @@
+//! What meshd knows of a connected proxy, parsed from its xDS node.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// The two kinds of proxy, as Istio's node id names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A gateway (`router~...`): listeners come from Gateways.
+    Router,
+    /// A sidecar (`sidecar~...`).
+    Sidecar,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Router => "router",
+            Role::Sidecar => "sidecar",
+        })
+    }
+}
+
+/// Why a node could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// The node id is not `ROLE~IP~POD.NS~NS.svc.cluster.local`.
+    #[error(
+        "node id {id:?} is not in Istio's form ROLE~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local: {reason}"
+    )]
+    BadId { id: String, reason: &'static str },
+}
+
+/// A connected Envoy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Proxy {
+    pub id: String,
+    pub role: Role,
+    pub ip: String,
+    pub pod_name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+}
+
+impl Proxy {
+    /// Parses Istio's node id and the metadata Istio's agent sends
+    /// (`NAMESPACE`, `LABELS`, `SERVICE_ACCOUNT`). Metadata wins over the id
+    /// where both say something.
+    pub fn parse(id: &str, metadata: &Map<String, Value>) -> Result<Proxy, ProxyError> {
+        let bad = |reason| ProxyError::BadId {
+            id: id.to_string(),
+            reason,
+        };
+        let parts: Vec<&str> = id.split('~').collect();
+        let [role, ip, pod, _domain] = parts[..] else {
+            return Err(bad("it needs four parts separated by ~"));
+        };
+        let role = match role {
+            "router" => Role::Router,
+            "sidecar" => Role::Sidecar,
+            _ => return Err(bad("the role must be router or sidecar")),
+        };
+        let (pod_name, id_namespace) = pod
+            .rsplit_once('.')
+            .ok_or(bad("the third part must be POD.NAMESPACE"))?;
+        if pod_name.is_empty() || id_namespace.is_empty() {
+            return Err(bad("the third part must be POD.NAMESPACE"));
+        }
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let labels = metadata
+            .get("LABELS")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Proxy {
+            id: id.to_string(),
+            role,
+            ip: ip.to_string(),
+            pod_name: pod_name.to_string(),
+            namespace: text("NAMESPACE").unwrap_or(id_namespace).to_string(),
+            labels,
+            service_account: text("SERVICE_ACCOUNT").unwrap_or("default").to_string(),
+        })
+    }
+
+    /// The properties translation depends on. Proxies with equal keys get
+    /// the same resources, so they share one computed and encoded set.
+    pub fn config_key(&self) -> String {
+        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}|{}|{}", self.role, self.namespace, labels.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_istio_node_ids_and_metadata() {
+        let meta = serde_json::json!({"LABELS": {"istio": "ingressgateway"}, "NAMESPACE": "istio-system"});
+        let p = Proxy::parse(
+            "router~10.0.0.1~istio-ingressgateway-5d.istio-system~istio-system.svc.cluster.local",
+            meta.as_object().expect("object"),
+        )
+        .expect("parses");
+        assert_eq!(p.role, Role::Router);
+        assert_eq!(p.pod_name, "istio-ingressgateway-5d");
+        assert_eq!(p.namespace, "istio-system");
+        assert_eq!(p.labels["istio"], "ingressgateway");
+        assert_eq!(p.service_account, "default");
+    }
+
+    #[test]
+    fn rejects_other_ids() {
+        let empty = Map::new();
+        assert!(Proxy::parse("envoy-1", &empty).is_err());
+        assert!(Proxy::parse("ingress~1~a.b~c", &empty).is_err());
+        assert!(Proxy::parse("router~1~nodot~c", &empty).is_err());
+    }
+}

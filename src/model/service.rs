@@ -1,0 +1,258 @@
+//! Services and their endpoints, from Service + EndpointSlice/Endpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use super::DOMAIN_SUFFIX;
+use crate::config::{ConfigSnapshot, Resource};
+
+/// A Kubernetes Service as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MeshService {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a Service and the endpoints behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    /// The targetPort as written: a number, a container port name, or none.
+    pub target_port: Option<String>,
+    pub protocol: String,
+    /// Ready endpoints, sorted.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// An address traffic for a service port is sent to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    pub ip: String,
+    pub port: u16,
+}
+
+impl MeshService {
+    /// The port with this number, if the service has it.
+    pub fn port(&self, number: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == number)
+    }
+}
+
+impl ServicePort {
+    /// The targetPort as a number, when it is one (or unset: then the port).
+    pub fn target_number(&self) -> Option<u16> {
+        match &self.target_port {
+            None => Some(self.port),
+            Some(t) => t.parse().ok(),
+        }
+    }
+}
+
+/// Indexes every Service of the generation with its endpoints.
+pub(super) fn build(config: &ConfigSnapshot) -> BTreeMap<String, Arc<MeshService>> {
+    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<(String, String), &Endpoints> = BTreeMap::new();
+    for entry in config.resources.values() {
+        match &*entry.resource {
+            Resource::EndpointSlice(s) => {
+                let svc = s
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"));
+                if let (Some(svc), Some(ns)) = (svc, &s.metadata.namespace) {
+                    slices.entry((ns.clone(), svc.clone())).or_default().push(s);
+                }
+            }
+            Resource::Endpoints(e) => {
+                let key = (
+                    e.metadata.namespace.clone().unwrap_or_default(),
+                    e.metadata.name.clone().unwrap_or_default(),
+                );
+                endpoints.insert(key, e);
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    for entry in config.resources.values() {
+        let Resource::Service(svc) = &*entry.resource else {
+            continue;
+        };
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+        let key = (namespace.clone(), name.clone());
+        let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let svc_endpoints = endpoints.get(&key).copied();
+        let ports = service_ports(svc)
+            .into_iter()
+            .map(|mut p| {
+                p.endpoints = if svc_slices.is_empty() {
+                    svc_endpoints.map(|e| from_endpoints(&p, e)).unwrap_or_default()
+                } else {
+                    from_slices(&p, svc_slices)
+                };
+                p
+            })
+            .collect();
+        let hostname = format!("{name}.{namespace}.{DOMAIN_SUFFIX}");
+        let selector = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let service = MeshService {
+            name,
+            namespace,
+            hostname: hostname.clone(),
+            selector,
+            ports,
+        };
+        out.insert(hostname, Arc::new(service));
+    }
+    out
+}
+
+fn service_ports(svc: &Service) -> Vec<ServicePort> {
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    ports
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u16::try_from(p.port).ok()?,
+                target_port: p.target_port.as_ref().map(|t| match t {
+                    IntOrString::Int(i) => i.to_string(),
+                    IntOrString::String(s) => s.clone(),
+                }),
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                endpoints: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// Picks the endpoint port for a service port among `(name, port)` pairs:
+/// by name, then by number (the targetPort), then the only one there is.
+fn pick_port<'a>(sp: &ServicePort, ports: impl Iterator<Item = (&'a str, u16)> + Clone) -> Option<u16> {
+    let by_name = ports.clone().find(|(n, _)| *n == sp.name).map(|(_, p)| p);
+    let by_number = || {
+        let target = sp.target_number()?;
+        ports.clone().find(|(_, p)| *p == target).map(|(_, p)| p)
+    };
+    let only = || {
+        let mut it = ports.clone();
+        match (it.next(), it.next()) {
+            (Some((_, p)), None) => Some(p),
+            _ => None,
+        }
+    };
+    by_name.or_else(by_number).or_else(only)
+}
+
+fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
+    let mut out = BTreeSet::new();
+    for subset in e.subsets.iter().flatten() {
+        let ports = subset.ports.as_deref().unwrap_or_default();
+        let pairs = ports
+            .iter()
+            .filter_map(|p| Some((p.name.as_deref().unwrap_or_default(), u16::try_from(p.port).ok()?)));
+        let Some(port) = pick_port(sp, pairs) else {
+            continue;
+        };
+        for addr in subset.addresses.iter().flatten() {
+            out.insert(Endpoint {
+                ip: addr.ip.clone(),
+                port,
+            });
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        let pairs = ports.iter().filter_map(|p| {
+            Some((
+                p.name.as_deref().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        });
+        let Some(port) = pick_port(sp, pairs) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for ip in &ep.addresses {
+                out.insert(Endpoint { ip: ip.clone(), port });
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_file;
+
+    fn services(yaml: &str) -> BTreeMap<String, Arc<MeshService>> {
+        build(&ConfigSnapshot::from_files(vec![parse_file("t.yaml", yaml)]))
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: hw}\nspec:\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: admin, port: 81, targetPort: 9090}\n";
+
+    #[test]
+    fn endpoints_ports_resolve_by_name_then_number() {
+        let s = services(&format!(
+            "{SVC}---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: hw}}\nsubsets:\n\
+             - addresses: [{{ip: 10.0.0.2}}, {{ip: 10.0.0.1}}]\n  ports: [{{name: http, port: 8080}}, {{name: other, port: 9090}}]\n"
+        ));
+        let svc = &s["hw.default.svc.cluster.local"];
+        let ips: Vec<_> = svc.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.ip, e.port))
+            .collect();
+        assert_eq!(ips, vec!["10.0.0.1:8080", "10.0.0.2:8080"]);
+        // "admin" has no port of that name: the number 9090 picks it.
+        assert_eq!(svc.ports[1].endpoints[0].port, 9090);
+    }
+
+    #[test]
+    fn slices_win_and_unready_endpoints_are_left_out() {
+        let s = services(&format!(
+            "{SVC}---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: hw}}\nsubsets:\n\
+             - addresses: [{{ip: 10.9.9.9}}]\n  ports: [{{name: http, port: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hw-abc\n  labels: {{kubernetes.io/service-name: hw}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n\
+             - addresses: [10.0.0.5]\n- addresses: [10.0.0.6]\n  conditions: {{ready: false}}\n"
+        ));
+        let eps = &s["hw.default.svc.cluster.local"].ports[0].endpoints;
+        assert_eq!(
+            eps,
+            &vec![Endpoint {
+                ip: "10.0.0.5".into(),
+                port: 8080
+            }]
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! The directory source: every `*.yaml`, `*.yml` and `*.json` under a
+//! directory, re-read when anything in it changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use super::SourceError;
+use crate::config::{parse_file, ConfigSnapshot, ConfigStore, FileLoad, Origin, Rejection};
+
+/// How long the directory must be quiet before it is re-read: editors write
+/// a file in several steps, and one reading should see all of them.
+const QUIET: Duration = Duration::from_millis(100);
+
+/// Reads every config file under `dir`, recursively, in path order.
+pub fn load_dir(dir: &Path) -> Result<Vec<FileLoad>, SourceError> {
+    let mut paths = Vec::new();
+    collect(dir, &mut paths).map_err(|source| SourceError::ReadDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    paths.sort();
+    Ok(paths.iter().map(|p| load_file(dir, p)).collect())
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with('.') {
+            continue; // editor swap files, Kubernetes ConfigMap `..data` links
+        }
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext)) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn load_file(dir: &Path, path: &Path) -> FileLoad {
+    let name = path.strip_prefix(dir).unwrap_or(path).display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_file(&name, &text),
+        Err(e) => FileLoad {
+            file: name.clone(),
+            documents: Err(Rejection {
+                origin: Origin {
+                    file: name,
+                    document: 0,
+                },
+                key: None,
+                field: None,
+                reason: format!("cannot read: {e}"),
+                last_good_kept: false,
+            }),
+        },
+    }
+}
+
+/// Loads `dir` into `store`, publishes the generation, then keeps watching:
+/// every change is re-read after `QUIET` and published if it changed
+/// anything. Rejections are logged once, when they first appear.
+///
+/// Returns once the first generation is published; the watch runs on a
+/// spawned task for as long as `tx` has receivers.
+pub fn watch_dir(
+    dir: PathBuf,
+    mut store: ConfigStore,
+    tx: watch::Sender<Arc<ConfigSnapshot>>,
+) -> Result<(), SourceError> {
+    let (events_tx, mut events) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            // A full channel already means "re-read": dropping is fine.
+            let _ = events_tx.try_send(());
+        }
+    })
+    .map_err(|source| SourceError::Watch {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .map_err(|source| SourceError::Watch {
+            path: dir.display().to_string(),
+            source,
+        })?;
+
+    publish(&mut store, &dir, &tx)?;
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropping it stops the watch
+        while events.recv().await.is_some() {
+            while tokio::time::timeout(QUIET, events.recv()).await.is_ok() {}
+            if let Err(e) = publish(&mut store, &dir, &tx) {
+                tracing::error!("{e}; serving the last good config");
+            }
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn publish(
+    store: &mut ConfigStore,
+    dir: &Path,
+    tx: &watch::Sender<Arc<ConfigSnapshot>>,
+) -> Result<(), SourceError> {
+    let before = store.current();
+    let files = load_dir(dir)?;
+    let next = store.apply(files);
+    if next.generation == before.generation && before.generation != 0 {
+        return Ok(());
+    }
+    for r in next.rejections.iter().filter(|r| !before.rejections.contains(r)) {
+        let kept = if r.last_good_kept {
+            "; serving its last good version"
+        } else {
+            ""
+        };
+        tracing::warn!("rejected {r}{kept}");
+    }
+    tracing::info!(
+        generation = next.generation,
+        resources = next.resources.len(),
+        rejected = next.rejections.len(),
+        "config loaded from {}",
+        dir.display()
+    );
+    tx.send_replace(next);
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! source: turns the outside world into config generations.
+//!
+//! The file source reads a directory of YAML/JSON documents and watches it;
+//! the embedded source serves the demo configuration compiled into the
+//! binary. Both hand `config::ConfigStore` complete readings and publish each
+//! new generation on a `watch` channel. What a document means is left to
+//! `config`.
+
+mod file;
+
+pub use file::{load_dir, watch_dir};
+
+use std::sync::Arc;
+
+use crate::config::{parse_file, ConfigSnapshot, ConfigStore};
+
+/// Errors of the sources.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The config directory could not be listed.
+    #[error("reading config directory {path}: {source}")]
+    ReadDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file watcher could not be started.
+    #[error("watching {path}: {source}")]
+    Watch {
+        path: String,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// The demo configuration (`testdata/demo`), compiled in: the seed's
+/// helloworld Service behind the `istio-system/ingressgateway` Gateway.
+pub const DEMO: &[(&str, &str)] = &[
+    (
+        "demo/gateway.yaml",
+        include_str!("../../testdata/demo/gateway.yaml"),
+    ),
+    (
+        "demo/helloworld.yaml",
+        include_str!("../../testdata/demo/helloworld.yaml"),
+    ),
+    (
+        "demo/virtualservice.yaml",
+        include_str!("../../testdata/demo/virtualservice.yaml"),
+    ),
+];
+
+/// Builds the one generation of the embedded demo configuration.
+pub fn embedded_demo() -> Arc<ConfigSnapshot> {
+    let files = DEMO.iter().map(|(name, text)| parse_file(name, text)).collect();
+    ConfigStore::default().apply(files)
+}

@@ -1,0 +1,305 @@
+//! Gateway proxies (`router`): one listener per bound port of the Gateways
+//! that select the proxy, and one RDS route configuration per listener with a
+//! virtual host per VirtualService host bound to those Gateways.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{virtual_host, Route, RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::util::pack_any;
+
+use super::route::{http_routes, RouteScope};
+use super::{ads, socket, Diagnostic, Generated};
+use crate::config::istio::Server;
+use crate::config::{Gateway, VirtualService};
+use crate::model::{Proxy, PushContext};
+
+/// The protocols a gateway serves as plain HTTP.
+const HTTP_PROTOCOLS: &[&str] = &["HTTP", "HTTP2", "GRPC", "GRPC-WEB"];
+
+/// A Gateway server that lands on one of the proxy's ports.
+struct BoundServer<'a> {
+    gateway: &'a Arc<Gateway>,
+    index: usize,
+    server: &'a Server,
+    /// The port number the Gateway names (virtual host names carry it).
+    port: u16,
+}
+
+impl BoundServer<'_> {
+    fn field(&self) -> String {
+        format!("spec.servers[{}]", self.index)
+    }
+}
+
+/// Adds the proxy's gateway listeners and route configurations to `out`.
+pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+    let mut by_bind_port: BTreeMap<u16, Vec<BoundServer<'_>>> = BTreeMap::new();
+    for gateway in push.gateways_for(proxy) {
+        for (index, server) in gateway.spec.servers.iter().enumerate() {
+            let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else {
+                continue; // validation already refused it
+            };
+            let protocol = server
+                .port
+                .as_ref()
+                .map(|p| p.protocol.to_ascii_uppercase())
+                .unwrap_or_default();
+            if !HTTP_PROTOCOLS.contains(&protocol.as_str()) {
+                out.diagnostics.push(Diagnostic {
+                    resource: format!("Gateway {}/{}", gateway.namespace(), gateway.name()),
+                    field: format!("spec.servers[{index}].port.protocol"),
+                    message: format!("{protocol} servers are not served yet; this server is left out"),
+                });
+                continue;
+            }
+            let bind = bind_port(push, proxy, port, out);
+            by_bind_port.entry(bind).or_default().push(BoundServer {
+                gateway,
+                index,
+                server,
+                port,
+            });
+        }
+    }
+    for (bind, servers) in by_bind_port {
+        let route_name = format!("http.{bind}");
+        out.routes.push(route_configuration(
+            push,
+            &route_name,
+            &servers,
+            &mut out.diagnostics,
+        ));
+        out.listeners.push(http_listener(bind, &route_name));
+    }
+}
+
+/// The port the listener binds: the targetPort that a Service fronting the
+/// gateway workload maps the server port to, as Istio does; else the port.
+fn bind_port(push: &PushContext, proxy: &Proxy, port: u16, out: &mut Generated) -> u16 {
+    for svc in push.services_selecting(proxy) {
+        if let Some(sp) = svc.port(port) {
+            match sp.target_number() {
+                Some(target) => return target,
+                None => out.diagnostics.push(Diagnostic {
+                    resource: format!("Service {}/{}", svc.namespace, svc.name),
+                    field: format!("spec.ports[port={port}].targetPort"),
+                    message: format!(
+                        "named targetPort {:?} cannot be resolved for a gateway; binding port {port}",
+                        sp.target_port.as_deref().unwrap_or_default()
+                    ),
+                }),
+            }
+        }
+    }
+    port
+}
+
+fn http_listener(bind: u16, route_name: &str) -> Listener {
+    let name = format!("0.0.0.0_{bind}");
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("outbound_{name}"),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        // A gateway is the edge: trust the peer address, not X-Forwarded-For.
+        use_remote_address: Some(BoolValue { value: true }),
+        server_name: "istio-envoy".into(),
+        ..Default::default()
+    };
+    Listener {
+        name: name.clone(),
+        address: Some(socket("0.0.0.0", bind)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// One virtual host in the making.
+#[derive(Default)]
+struct VhostBuild {
+    port: u16,
+    routes: Vec<Route>,
+    /// VirtualServices already merged in (a VS host may meet several servers).
+    merged: BTreeSet<(String, String)>,
+    https_redirect: bool,
+}
+
+fn route_configuration(
+    push: &PushContext,
+    name: &str,
+    servers: &[BoundServer<'_>],
+    diags: &mut Vec<Diagnostic>,
+) -> RouteConfiguration {
+    let mut vhosts: BTreeMap<String, VhostBuild> = BTreeMap::new();
+    for bound in servers {
+        let gw = bound.gateway;
+        let redirect = bound.server.tls.as_ref().is_some_and(|t| t.https_redirect);
+        for vs in push.virtual_services.iter().filter(|vs| binds(vs, gw)) {
+            for vs_host in &vs.spec.hosts {
+                for server_host in &bound.server.hosts {
+                    let Some(host) = intersect(vs, vs_host, gw, server_host) else {
+                        continue;
+                    };
+                    let vhost = vhosts.entry(host).or_default();
+                    vhost.port = bound.port;
+                    vhost.https_redirect |= redirect;
+                    let key = (vs.namespace().to_string(), vs.name().to_string());
+                    if vhost.merged.insert(key) {
+                        let scope = RouteScope {
+                            gateway: (gw.namespace(), gw.name()),
+                            port: bound.port,
+                        };
+                        vhost.routes.extend(http_routes(push, vs, &scope, diags));
+                    }
+                }
+            }
+        }
+        if bound.server.hosts.is_empty() {
+            diags.push(Diagnostic {
+                resource: format!("Gateway {}/{}", gw.namespace(), gw.name()),
+                field: bound.field(),
+                message: "no hosts".into(),
+            });
+        }
+    }
+    let virtual_hosts = vhosts
+        .into_iter()
+        .map(|(host, v)| {
+            let domains = if host == "*" {
+                vec!["*".to_string()]
+            } else {
+                vec![host.clone(), format!("{host}:*")]
+            };
+            VirtualHost {
+                name: format!("{host}:{}", v.port),
+                domains,
+                routes: v.routes,
+                require_tls: if v.https_redirect {
+                    virtual_host::TlsRequirementType::All as i32
+                } else {
+                    virtual_host::TlsRequirementType::None as i32
+                },
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts,
+        // Istio validates clusters itself; Envoy's check would reject a whole
+        // route table for one missing destination.
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+/// Whether the VirtualService names this Gateway in `gateways:`, resolved as
+/// Istio resolves it: `NAME` is in the VirtualService's namespace,
+/// `NS/NAME` is qualified, and the old `NAME.NS.svc.cluster.local` form works.
+pub fn binds(vs: &VirtualService, gw: &Gateway) -> bool {
+    vs.spec.gateways.iter().any(|r| {
+        resolve_gateway_ref(r, vs.namespace()) == Some((gw.namespace().to_string(), gw.name().to_string()))
+    })
+}
+
+/// `(namespace, name)` of a gateway reference; `None` for `mesh`.
+pub fn resolve_gateway_ref(reference: &str, vs_namespace: &str) -> Option<(String, String)> {
+    if reference == "mesh" {
+        return None;
+    }
+    if let Some((ns, name)) = reference.split_once('/') {
+        return Some((ns.to_string(), name.to_string()));
+    }
+    let mut labels = reference.split('.');
+    match (labels.next(), labels.next()) {
+        (Some(name), Some(ns)) => Some((ns.to_string(), name.to_string())),
+        _ => Some((vs_namespace.to_string(), reference.to_string())),
+    }
+}
+
+/// The host a virtual host serves when VirtualService host `vs_host` meets
+/// Gateway server host `server_host` (`[NS/]HOST`): the more specific of the
+/// two, or `None` when they do not overlap or the namespace part excludes
+/// the VirtualService.
+fn intersect(vs: &VirtualService, vs_host: &str, gw: &Gateway, server_host: &str) -> Option<String> {
+    let (ns, host) = server_host.split_once('/').unwrap_or(("*", server_host));
+    let ns_ok = match ns {
+        "*" => true,
+        "." => vs.namespace() == gw.namespace(),
+        ns => vs.namespace() == ns,
+    };
+    if !ns_ok {
+        return None;
+    }
+    if covers(host, vs_host) {
+        Some(vs_host.to_string())
+    } else if covers(vs_host, host) {
+        Some(host.to_string())
+    } else {
+        None
+    }
+}
+
+/// Whether every name `inner` matches is matched by `outer`.
+fn covers(outer: &str, inner: &str) -> bool {
+    if outer == "*" || outer == inner {
+        return true;
+    }
+    match outer.strip_prefix('*') {
+        // "*.foo.com" covers "a.foo.com" and "*.a.foo.com".
+        Some(suffix) => inner.trim_start_matches('*').ends_with(suffix) && inner.len() > suffix.len(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_references_resolve_as_istio_does() {
+        assert_eq!(
+            resolve_gateway_ref("ingressgateway", "default"),
+            Some(("default".into(), "ingressgateway".into()))
+        );
+        assert_eq!(
+            resolve_gateway_ref("istio-system/ingressgateway", "default"),
+            Some(("istio-system".into(), "ingressgateway".into()))
+        );
+        assert_eq!(
+            resolve_gateway_ref("ingressgateway.istio-system.svc.cluster.local", "default"),
+            Some(("istio-system".into(), "ingressgateway".into()))
+        );
+        assert_eq!(resolve_gateway_ref("mesh", "default"), None);
+    }
+
+    #[test]
+    fn host_coverage() {
+        assert!(covers("*", "a.b.com"));
+        assert!(covers("*.b.com", "a.b.com"));
+        assert!(covers("*.b.com", "*.a.b.com"));
+        assert!(!covers("*.b.com", "b.com"));
+        assert!(!covers("a.b.com", "*.b.com"));
+        assert!(!covers("a.b.com", "c.b.com"));
+    }
+}

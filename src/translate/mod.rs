@@ -1,0 +1,107 @@
+//! translate: pure functions from (push context, proxy) to Envoy resources.
+//!
+//! No I/O, no clock, no randomness, no logging: the same inputs give the
+//! same resources, sorted by name, so goldens are stable and proxies with the
+//! same config key can share one result. What cannot be honoured becomes a
+//! `Diagnostic` next to the resources (best effort, as Envoy Gateway does);
+//! encoding, versioning and sending are left to `xds`.
+
+mod cluster;
+mod gateway;
+
+pub use gateway::resolve_gateway_ref;
+mod route;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{
+    address, config_source, socket_address, Address, AggregatedConfigSource, ApiVersion, ConfigSource,
+    SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Duration;
+use serde::Serialize;
+
+use crate::model::{Proxy, PushContext, Role};
+
+/// Something in the config that translation could not honour, said in terms
+/// of the resource and field the user wrote.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Diagnostic {
+    /// `VirtualService default/helloworld`.
+    pub resource: String,
+    /// `spec.http[0].route[0].destination.host`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Everything one proxy is owed, each list sorted by resource name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generated {
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<RouteConfiguration>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Translates the push context for one proxy.
+pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
+    let mut out = Generated::default();
+    let (clusters, endpoints) = cluster::outbound(push);
+    out.clusters = clusters;
+    out.endpoints = endpoints;
+    match proxy.role {
+        Role::Router => gateway::build(push, proxy, &mut out),
+        Role::Sidecar => out.diagnostics.push(Diagnostic {
+            resource: format!("proxy {}", proxy.id),
+            field: "node.id".into(),
+            message: "sidecar listeners are not generated yet; the sidecar gets clusters and endpoints only"
+                .into(),
+        }),
+    }
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.diagnostics.sort();
+    out.diagnostics.dedup();
+    out
+}
+
+/// Istio's outbound cluster name: `outbound|PORT|SUBSET|HOST`.
+pub fn outbound_cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+/// A config source that points back at the ADS stream the proxy is on.
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        // Zero: wait for the control plane as long as it takes, as Istio does,
+        // rather than start a listener or cluster without its routes/endpoints.
+        initial_fetch_timeout: Some(Duration { seconds: 0, nanos: 0 }),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource::default(),
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket(ip: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}

@@ -1,0 +1,346 @@
+//! VirtualService HTTP rules to Envoy routes: matches, destinations
+//! (`outbound|PORT|SUBSET|HOST`), redirects, direct responses, rewrites and
+//! timeouts. Fields not honoured yet become diagnostics, never silent.
+
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+use envoy_types::pb::envoy::config::route::v3::{
+    header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match,
+    weighted_cluster, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route,
+    RouteAction, RouteMatch, WeightedCluster,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+
+use super::gateway::resolve_gateway_ref;
+use super::{duration, outbound_cluster_name, Diagnostic};
+use crate::config::istio::{HttpMatchRequest, HttpRedirect, HttpRoute, StringMatch};
+use crate::config::VirtualService;
+use crate::model::{resolve_host, PushContext};
+
+/// Where the routes are being built for: a gateway and its server port.
+pub struct RouteScope<'a> {
+    /// `(namespace, name)` of the Gateway.
+    pub gateway: (&'a str, &'a str),
+    pub port: u16,
+}
+
+/// The Envoy routes of one VirtualService for one scope, in rule order.
+pub fn http_routes(
+    push: &PushContext,
+    vs: &VirtualService,
+    scope: &RouteScope<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Route> {
+    let mut ctx = RuleContext {
+        push,
+        vs,
+        diags,
+        field: String::new(),
+    };
+    let mut routes = Vec::new();
+    for (i, rule) in vs.spec.http.iter().enumerate() {
+        ctx.field = format!("spec.http[{i}]");
+        ctx.unsupported(rule);
+        let Some(action) = ctx.action(rule) else { continue };
+        let matches: Vec<Option<&HttpMatchRequest>> = if rule.matches.is_empty() {
+            vec![None]
+        } else {
+            rule.matches.iter().map(Some).collect()
+        };
+        for m in matches {
+            if !m.is_none_or(|m| applies(m, vs.namespace(), scope)) {
+                continue;
+            }
+            routes.push(Route {
+                name: rule.name.clone().unwrap_or_default(),
+                r#match: Some(route_match(m)),
+                action: Some(action.clone()),
+                ..Default::default()
+            });
+        }
+    }
+    routes
+}
+
+/// Whether a match block applies to this gateway and port.
+fn applies(m: &HttpMatchRequest, vs_namespace: &str, scope: &RouteScope<'_>) -> bool {
+    let gateway_ok = m.gateways.is_empty()
+        || m.gateways.iter().any(|g| {
+            resolve_gateway_ref(g, vs_namespace)
+                .is_some_and(|(ns, name)| ns == scope.gateway.0 && name == scope.gateway.1)
+        });
+    let port_ok = m.port.is_none_or(|p| p == u32::from(scope.port));
+    gateway_ok && port_ok
+}
+
+struct RuleContext<'a> {
+    push: &'a PushContext,
+    vs: &'a VirtualService,
+    diags: &'a mut Vec<Diagnostic>,
+    field: String,
+}
+
+impl RuleContext<'_> {
+    fn diag(&mut self, field: &str, message: String) {
+        self.diags.push(Diagnostic {
+            resource: format!("VirtualService {}/{}", self.vs.namespace(), self.vs.name()),
+            field: format!("{}{field}", self.field),
+            message,
+        });
+    }
+
+    fn unsupported(&mut self, rule: &HttpRoute) {
+        let present = [
+            ("retries", rule.retries.is_some()),
+            ("fault", rule.fault.is_some()),
+            ("mirror", rule.mirror.is_some() || !rule.mirrors.is_empty()),
+            ("corsPolicy", rule.cors_policy.is_some()),
+            ("headers", rule.headers.is_some()),
+            (
+                "rewrite.uriRegexRewrite",
+                rule.rewrite
+                    .as_ref()
+                    .is_some_and(|r| r.uri_regex_rewrite.is_some()),
+            ),
+        ];
+        for (name, set) in present {
+            if set {
+                self.diag(
+                    &format!(".{name}"),
+                    format!("{name} is not applied yet; the rule is served without it"),
+                );
+            }
+        }
+    }
+
+    fn action(&mut self, rule: &HttpRoute) -> Option<route::Action> {
+        if let Some(r) = &rule.redirect {
+            return Some(route::Action::Redirect(redirect(r)));
+        }
+        if let Some(d) = &rule.direct_response {
+            let body = d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .map(|s| DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(s)),
+                    ..Default::default()
+                });
+            return Some(route::Action::DirectResponse(DirectResponseAction {
+                status: d.status,
+                body,
+                ..Default::default()
+            }));
+        }
+        if rule.delegate.is_some() {
+            self.diag(
+                ".delegate",
+                "delegate VirtualServices are not supported yet; the rule is left out".into(),
+            );
+            return None;
+        }
+        let mut clusters = Vec::new();
+        for (j, dest) in rule.route.iter().enumerate() {
+            let Some(d) = &dest.destination else { continue };
+            let host = resolve_host(&d.host, self.vs.namespace());
+            let Some(port) = self.destination_port(
+                &format!(".route[{j}].destination"),
+                &host,
+                d.port.as_ref().map(|p| p.number),
+            ) else {
+                continue;
+            };
+            let subset = d.subset.as_deref().unwrap_or_default();
+            let weight = if rule.route.len() == 1 {
+                100
+            } else {
+                dest.weight.max(0) as u32
+            };
+            clusters.push((outbound_cluster_name(port, subset, &host), weight));
+        }
+        if clusters.is_empty() {
+            return None;
+        }
+        let specifier = if clusters.len() == 1 {
+            route_action::ClusterSpecifier::Cluster(clusters.remove(0).0)
+        } else {
+            route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: clusters
+                    .into_iter()
+                    .filter(|(_, w)| *w > 0)
+                    .map(|(name, weight)| weighted_cluster::ClusterWeight {
+                        name,
+                        weight: Some(UInt32Value { value: weight }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let timeout = rule
+            .timeout
+            .as_deref()
+            .and_then(crate::config::parse_duration)
+            .unwrap_or_default();
+        let mut action = RouteAction {
+            cluster_specifier: Some(specifier),
+            // Istio disables Envoy's default 15 s route timeout unless asked.
+            timeout: Some(duration(timeout)),
+            ..Default::default()
+        };
+        if let Some(rw) = &rule.rewrite {
+            action.prefix_rewrite = rw.uri.clone().unwrap_or_default();
+            if let Some(a) = &rw.authority {
+                action.host_rewrite_specifier =
+                    Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(a.clone()));
+            }
+        }
+        Some(route::Action::Route(action))
+    }
+
+    /// The service port a destination goes to; reports unknown hosts and
+    /// missing ports as Istio's analyzer does.
+    fn destination_port(&mut self, field: &str, host: &str, port: Option<u32>) -> Option<u16> {
+        let svc = self.push.services.get(host);
+        let port = port.and_then(|p| u16::try_from(p).ok());
+        match (svc, port) {
+            (None, Some(p)) => {
+                self.diag(
+                    &format!("{field}.host"),
+                    format!("host {host} is not a known service; requests get 503"),
+                );
+                Some(p)
+            }
+            (None, None) => {
+                self.diag(&format!("{field}.host"), format!("host {host} is not a known service and no port is given; the destination is left out"));
+                None
+            }
+            (Some(svc), Some(p)) => {
+                if svc.port(p).is_none() {
+                    self.diag(
+                        &format!("{field}.port"),
+                        format!("service {host} has no port {p}"),
+                    );
+                }
+                Some(p)
+            }
+            (Some(svc), None) if svc.ports.len() == 1 => Some(svc.ports[0].port),
+            (Some(_), None) => {
+                self.diag(
+                    &format!("{field}.port"),
+                    format!("service {host} has several ports; the destination must name one"),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn redirect(r: &HttpRedirect) -> RedirectAction {
+    use redirect_action::RedirectResponseCode as Code;
+    let response_code = match r.redirect_code.unwrap_or(301) {
+        302 => Code::Found,
+        303 => Code::SeeOther,
+        307 => Code::TemporaryRedirect,
+        308 => Code::PermanentRedirect,
+        _ => Code::MovedPermanently,
+    };
+    RedirectAction {
+        host_redirect: r.authority.clone().unwrap_or_default(),
+        port_redirect: r.port.unwrap_or_default(),
+        response_code: response_code as i32,
+        scheme_rewrite_specifier: r
+            .scheme
+            .clone()
+            .map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
+        path_rewrite_specifier: r
+            .uri
+            .clone()
+            .map(redirect_action::PathRewriteSpecifier::PathRedirect),
+        ..Default::default()
+    }
+}
+
+fn route_match(m: Option<&HttpMatchRequest>) -> RouteMatch {
+    let prefix = || Some(route_match::PathSpecifier::Prefix("/".into()));
+    let Some(m) = m else {
+        return RouteMatch {
+            path_specifier: prefix(),
+            ..Default::default()
+        };
+    };
+    let path_specifier = match &m.uri {
+        Some(StringMatch { exact: Some(p), .. }) => Some(route_match::PathSpecifier::Path(p.clone())),
+        Some(StringMatch { prefix: Some(p), .. }) => Some(route_match::PathSpecifier::Prefix(p.clone())),
+        Some(StringMatch { regex: Some(r), .. }) => Some(route_match::PathSpecifier::SafeRegex(regex(r))),
+        _ => prefix(),
+    };
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(name, sm)| header(name, sm, false))
+        .collect();
+    for (pseudo, sm) in [
+        (":method", &m.method),
+        (":authority", &m.authority),
+        (":scheme", &m.scheme),
+    ] {
+        if let Some(sm) = sm {
+            headers.push(header(pseudo, sm, false));
+        }
+    }
+    headers.extend(m.without_headers.iter().map(|(name, sm)| header(name, sm, true)));
+    let query_parameters = m
+        .query_params
+        .iter()
+        .map(|(name, sm)| QueryParameterMatcher {
+            name: name.clone(),
+            query_parameter_match_specifier: Some(match string_matcher(sm) {
+                Some(s) => query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s),
+                None => query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(true),
+            }),
+        })
+        .collect();
+    RouteMatch {
+        path_specifier,
+        case_sensitive: m.ignore_uri_case.then_some(BoolValue { value: false }),
+        headers,
+        query_parameters,
+        ..Default::default()
+    }
+}
+
+fn header(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
+    let spec = match string_matcher(sm) {
+        Some(s) => header_matcher::HeaderMatchSpecifier::StringMatch(s),
+        None => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+    };
+    HeaderMatcher {
+        name: name.to_ascii_lowercase(),
+        header_match_specifier: Some(spec),
+        invert_match: invert,
+        ..Default::default()
+    }
+}
+
+/// Istio's StringMatch as Envoy's; `None` for the empty (presence) match.
+fn string_matcher(sm: &StringMatch) -> Option<StringMatcher> {
+    let pattern = if let Some(e) = &sm.exact {
+        string_matcher::MatchPattern::Exact(e.clone())
+    } else if let Some(p) = &sm.prefix {
+        string_matcher::MatchPattern::Prefix(p.clone())
+    } else {
+        string_matcher::MatchPattern::SafeRegex(regex(sm.regex.as_deref()?))
+    };
+    Some(StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: false,
+    })
+}
+
+fn regex(r: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}

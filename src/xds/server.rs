@@ -1,0 +1,286 @@
+//! The ADS gRPC service: one task per stream, feeding requests and new
+//! snapshots through `stream::StreamState` and sending what it decides.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value as PbValue};
+use futures::Stream;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::cache::SnapshotCache;
+use super::status::Registry;
+use super::stream::{DeltaRequest, Outgoing, StreamState};
+use super::XdsType;
+use crate::model::Proxy;
+
+/// The ADS service.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    cache: Arc<SnapshotCache>,
+    registry: Arc<Registry>,
+}
+
+impl AdsServer {
+    /// A server answering from `cache` and recording streams in `registry`.
+    pub fn new(cache: Arc<SnapshotCache>, registry: Arc<Registry>) -> AdsServer {
+        AdsServer { cache, registry }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection::new(self, "sotw");
+        tokio::spawn(conn.run(request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection::new(self, "delta");
+        tokio::spawn(conn.run(request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A request of either variant, as the loop needs it.
+trait XdsRequest: Send + 'static {
+    type Response: Send + 'static;
+    fn node(&self) -> Option<&Node>;
+    fn type_url(&self) -> &str;
+    /// Feeds the request to the state machine.
+    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing>;
+    /// Feeds a new snapshot to the state machine.
+    fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing>;
+    fn response(out: Outgoing) -> Self::Response;
+}
+
+impl XdsRequest for DiscoveryRequest {
+    type Response = DiscoveryResponse;
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
+        let error = self
+            .error_detail
+            .as_ref()
+            .map(|s| format!("code {}: {}", s.code, s.message));
+        state.sotw_request(
+            t,
+            &self.resource_names,
+            &self.response_nonce,
+            error.as_deref(),
+            snapshot,
+        )
+    }
+    fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
+        state.sotw_push(snapshot)
+    }
+    fn response(out: Outgoing) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: out.version,
+            resources: out.resources.iter().map(|r| r.body.clone()).collect(),
+            type_url: out.type_.url().to_string(),
+            nonce: out.nonce,
+            control_plane: Some(control_plane()),
+            ..Default::default()
+        }
+    }
+}
+
+impl XdsRequest for DeltaDiscoveryRequest {
+    type Response = DeltaDiscoveryResponse;
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
+        let error = self
+            .error_detail
+            .as_ref()
+            .map(|s| format!("code {}: {}", s.code, s.message));
+        let initial: BTreeMap<String, String> = self
+            .initial_resource_versions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let req = DeltaRequest {
+            type_: t,
+            subscribe: &self.resource_names_subscribe,
+            unsubscribe: &self.resource_names_unsubscribe,
+            initial_versions: &initial,
+            nonce: &self.response_nonce,
+            error: error.as_deref(),
+        };
+        state.delta_request(&req, snapshot)
+    }
+    fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
+        state.delta_push(snapshot)
+    }
+    fn response(out: Outgoing) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: out.version,
+            resources: out
+                .resources
+                .iter()
+                .map(|r| Resource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: out.type_.url().to_string(),
+            removed_resources: out.removed,
+            nonce: out.nonce,
+            control_plane: Some(control_plane()),
+            ..Default::default()
+        }
+    }
+}
+
+fn control_plane() -> ControlPlane {
+    ControlPlane {
+        identifier: format!("meshd {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// One ADS stream.
+struct Connection {
+    cache: Arc<SnapshotCache>,
+    registry: Arc<Registry>,
+    mode: &'static str,
+}
+
+impl Connection {
+    fn new(server: &AdsServer, mode: &'static str) -> Connection {
+        Connection {
+            cache: server.cache.clone(),
+            registry: server.registry.clone(),
+            mode,
+        }
+    }
+
+    async fn run<R: XdsRequest>(
+        self,
+        mut inbound: Streaming<R>,
+        tx: mpsc::Sender<Result<R::Response, Status>>,
+    ) where
+        Streaming<R>: Send,
+    {
+        let mut generations = self.cache.subscribe();
+        let mut state = StreamState::default();
+        let mut proxy: Option<(Proxy, u64)> = None;
+        loop {
+            let outgoing = tokio::select! {
+                msg = inbound.message() => {
+                    let req = match msg {
+                        Ok(Some(req)) => req,
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%status, "stream closed");
+                            break;
+                        }
+                    };
+                    if proxy.is_none() {
+                        match self.identify(req.node()) {
+                            Ok(p) => proxy = Some(p),
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                        }
+                    }
+                    let Some(t) = XdsType::from_url(req.type_url()) else {
+                        tracing::debug!(type_url = req.type_url(), "ignoring a request for an unknown type");
+                        continue;
+                    };
+                    let Some((p, _)) = &proxy else { break };
+                    let snapshot = self.cache.snapshot(p);
+                    let out = req.apply(t, &mut state, &snapshot);
+                    (out.into_iter().collect::<Vec<_>>(), snapshot)
+                }
+                changed = generations.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let Some((p, _)) = &proxy else { continue };
+                    let snapshot = self.cache.snapshot(p);
+                    (R::push(&mut state, &snapshot), snapshot)
+                }
+            };
+            let (outgoing, snapshot) = outgoing;
+            let Some((_, id)) = &proxy else { break };
+            let sent: Vec<XdsType> = outgoing.iter().map(|o| o.type_).collect();
+            self.registry
+                .update(*id, &state, &sent, snapshot.generation, &snapshot.diagnostics);
+            for out in outgoing {
+                if tx.send(Ok(R::response(out))).await.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Some((p, id)) = proxy {
+            tracing::info!(proxy = %p.id, mode = self.mode, "proxy disconnected");
+            self.registry.remove(id);
+        }
+    }
+
+    fn identify(&self, node: Option<&Node>) -> Result<(Proxy, u64), Status> {
+        let node = node
+            .ok_or_else(|| Status::invalid_argument("the first request of a stream must carry the node"))?;
+        let metadata = node.metadata.as_ref().map(struct_to_json).unwrap_or_default();
+        let proxy = Proxy::parse(&node.id, &metadata).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(proxy = %proxy.id, mode = self.mode, "proxy connected");
+        let id = self.registry.register(proxy.clone(), self.mode);
+        Ok((proxy, id))
+    }
+}
+
+/// google.protobuf.Struct as JSON.
+pub fn struct_to_json(s: &Struct) -> Map<String, Value> {
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: &PbValue) -> Value {
+    match &v.kind {
+        Some(ValueKind::NullValue(_)) | None => Value::Null,
+        Some(ValueKind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+        }
+        Some(ValueKind::StringValue(s)) => Value::String(s.clone()),
+        Some(ValueKind::BoolValue(b)) => Value::Bool(*b),
+        Some(ValueKind::StructValue(s)) => Value::Object(struct_to_json(s)),
+        Some(ValueKind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
+    }
+}

@@ -1,0 +1,377 @@
+//! Per-stream protocol state and the decisions made on it, as pure
+//! functions: no gRPC, no clock. `server` feeds requests and new snapshots
+//! in and sends what comes out.
+//!
+//! State of the world (xDS protocol, "ACK and NACK semantics"): a request
+//! whose `response_nonce` is empty is a new subscription (or Envoy after a
+//! control-plane restart) and is always answered; one carrying the nonce of
+//! the last response ACKs it, or NACKs it when `error_detail` is set; one
+//! carrying an older nonce is stale and ignored. A NACKed version is never
+//! sent again: only new content is.
+//!
+//! Incremental ("Incremental xDS"): the server tracks which version of each
+//! resource the client holds and sends only what differs, plus the names of
+//! removed resources.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::cache::{content_hash, Encoded, Snapshot};
+use super::XdsType;
+
+/// A response the stream must send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub type_: XdsType,
+    /// SotW: the version of the whole set; delta: the system version.
+    pub version: String,
+    pub nonce: String,
+    pub resources: Vec<Arc<Encoded>>,
+    /// Delta only: names the client must drop.
+    pub removed: Vec<String>,
+}
+
+/// A rejected response, as Envoy reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nack {
+    /// The version that was rejected.
+    pub version: String,
+    pub nonce: String,
+    pub error: String,
+}
+
+/// What one type's subscription looks like and what was sent for it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeState {
+    pub wildcard: bool,
+    pub names: BTreeSet<String>,
+    /// Version and nonce of the last response.
+    pub sent_version: Option<String>,
+    pub sent_nonce: Option<String>,
+    pub acked_version: Option<String>,
+    pub nack: Option<Nack>,
+    /// What the proxy holds, as far as meshd knows: name → resource.
+    pub held: BTreeMap<String, Arc<Encoded>>,
+    /// Names to send again even if unchanged (a cluster or listener that
+    /// references them changed, and Envoy warms only on a fresh response).
+    pub force: BTreeSet<String>,
+    /// Set for types the client has subscribed to at all.
+    pub subscribed: bool,
+}
+
+/// How a SotW request relates to what was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Empty nonce: a new subscription or a reconnect. Always answered.
+    Initial,
+    /// Accepts the last response.
+    Ack,
+    /// Rejects the last response with this error.
+    Nack(String),
+    /// Answers an older response; a newer one is in flight.
+    Stale,
+}
+
+/// Classifies a SotW request against the type's state.
+pub fn classify(state: &TypeState, nonce: &str, error: Option<&str>) -> RequestKind {
+    if nonce.is_empty() {
+        return RequestKind::Initial;
+    }
+    if state.sent_nonce.as_deref() != Some(nonce) {
+        return RequestKind::Stale;
+    }
+    match error {
+        Some(e) => RequestKind::Nack(e.to_string()),
+        None => RequestKind::Ack,
+    }
+}
+
+/// The state of one ADS stream, both variants.
+#[derive(Debug, Clone, Default)]
+pub struct StreamState {
+    pub types: BTreeMap<XdsType, TypeState>,
+    nonce: u64,
+}
+
+impl StreamState {
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    // ---- state of the world -------------------------------------------------
+
+    /// Handles a SotW request; returns the response to send, if any.
+    pub fn sotw_request(
+        &mut self,
+        t: XdsType,
+        names: &[String],
+        nonce: &str,
+        error: Option<&str>,
+        snapshot: &Snapshot,
+    ) -> Option<Outgoing> {
+        let state = self.types.entry(t).or_default();
+        let kind = classify(state, nonce, error);
+        let wildcard = names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
+        let wanted: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
+        let changed = !state.subscribed || wildcard != state.wildcard || wanted != state.names;
+        state.subscribed = true;
+        state.wildcard = wildcard;
+        state.names = wanted;
+        let initial = kind == RequestKind::Initial;
+        match kind {
+            RequestKind::Stale => return None,
+            RequestKind::Ack => {
+                state.acked_version = state.sent_version.clone();
+                state.nack = None;
+            }
+            RequestKind::Nack(error) => {
+                state.nack = Some(Nack {
+                    version: state.sent_version.clone().unwrap_or_default(),
+                    nonce: nonce.to_string(),
+                    error,
+                });
+            }
+            RequestKind::Initial => {}
+        }
+        if initial || changed {
+            Some(self.sotw_respond(t, snapshot))
+        } else {
+            None
+        }
+    }
+
+    /// Handles a new snapshot: the responses to send, in push order.
+    pub fn sotw_push(&mut self, snapshot: &Snapshot) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for t in XdsType::ALL {
+            let Some(state) = self.types.get(&t) else { continue };
+            if !state.subscribed {
+                continue;
+            }
+            let (version, _) = sotw_select(state, snapshot.of(t));
+            let forced = !state.force.is_empty();
+            let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
+            if state.sent_version.as_deref() != Some(version.as_str()) && !rejected || forced && !rejected {
+                out.push(self.sotw_respond(t, snapshot));
+            }
+        }
+        out
+    }
+
+    fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot) -> Outgoing {
+        let nonce = self.next_nonce();
+        let state = self.types.entry(t).or_default();
+        let (version, resources) = sotw_select(state, snapshot.of(t));
+        let before = state.sent_version.replace(version.clone());
+        state.sent_nonce = Some(nonce.clone());
+        state.force.clear();
+        if state.wildcard {
+            state.held.clear();
+        } else {
+            let names = state.names.clone();
+            state.held.retain(|n, _| names.contains(n));
+        }
+        for r in &resources {
+            state.held.insert(r.name.clone(), r.clone());
+        }
+        let changed = before.as_deref() != Some(version.as_str());
+        self.mark_dependents(t, changed, &resources);
+        Outgoing {
+            type_: t,
+            version,
+            nonce,
+            resources,
+            removed: Vec::new(),
+        }
+    }
+
+    /// After clusters (listeners) change, their endpoints (routes) are sent
+    /// again so Envoy can finish warming them.
+    fn mark_dependents(&mut self, t: XdsType, changed: bool, sent: &[Arc<Encoded>]) {
+        let Some(dep) = t.dependent() else { return };
+        if !changed {
+            return;
+        }
+        if let Some(d) = self.types.get_mut(&dep) {
+            if d.subscribed {
+                d.force.extend(sent.iter().map(|r| r.name.clone()));
+            }
+        }
+    }
+
+    // ---- incremental --------------------------------------------------------
+
+    /// Handles a delta request; returns the response to send, if any.
+    pub fn delta_request(&mut self, req: &DeltaRequest<'_>, snapshot: &Snapshot) -> Option<Outgoing> {
+        let t = req.type_;
+        let state = self.types.entry(t).or_default();
+        let first = !state.subscribed;
+        if !req.nonce.is_empty() {
+            if let Some(error) = req.error {
+                state.nack = Some(Nack {
+                    version: state.sent_version.clone().unwrap_or_default(),
+                    nonce: req.nonce.to_string(),
+                    error: error.to_string(),
+                });
+            } else if state.sent_nonce.as_deref() == Some(req.nonce) {
+                state.acked_version = state.sent_version.clone();
+                state.nack = None;
+            }
+        }
+        if first {
+            state.subscribed = true;
+            state.wildcard = req.subscribe.is_empty() && t.wildcard_by_default();
+            for (name, version) in req.initial_versions {
+                if let Some(held) = snapshot.of(t).and_then(|m| m.get(name)) {
+                    if &held.version == version {
+                        state.held.insert(name.clone(), held.clone());
+                        continue;
+                    }
+                }
+                // Envoy holds something else (or something gone): remember a
+                // placeholder so the diff replaces or removes it.
+                state
+                    .held
+                    .insert(name.clone(), Arc::new(placeholder(name, version)));
+            }
+        }
+        let mut changed = first;
+        for name in req.subscribe {
+            changed = true;
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.names.insert(name.clone());
+            }
+        }
+        for name in req.unsubscribe {
+            changed = true;
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name);
+                state.held.remove(name);
+            }
+        }
+        if !changed {
+            return None;
+        }
+        let out = self.delta_respond(t, snapshot);
+        match out {
+            Some(o) => Some(o),
+            // The first answer is owed even when empty: Envoy finishes
+            // initializing a wildcard type only on a response.
+            None if first => Some(self.delta_send(t, snapshot, Vec::new(), Vec::new())),
+            None => None,
+        }
+    }
+
+    /// Handles a new snapshot on a delta stream, in push order.
+    pub fn delta_push(&mut self, snapshot: &Snapshot) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for t in XdsType::ALL {
+            if self.types.get(&t).is_some_and(|s| s.subscribed) {
+                out.extend(self.delta_respond(t, snapshot));
+            }
+        }
+        out
+    }
+
+    fn delta_respond(&mut self, t: XdsType, snapshot: &Snapshot) -> Option<Outgoing> {
+        let state = self.types.get(&t)?;
+        let all = snapshot.of(t);
+        let exists = |n: &str| all.is_some_and(|m| m.contains_key(n));
+        let desired = all
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| state.wildcard || state.names.contains(*n));
+        // A NACKed resource stays recorded as held, so the same version is
+        // not sent again; new content has a new version and goes out.
+        let send: Vec<Arc<Encoded>> = desired
+            .filter(|(n, e)| {
+                let stale = state.held.get(*n).is_none_or(|h| h.version != e.version);
+                stale || state.force.contains(*n)
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
+        let removed: Vec<String> = state.held.keys().filter(|n| !exists(n)).cloned().collect();
+        if send.is_empty() && removed.is_empty() {
+            if let Some(s) = self.types.get_mut(&t) {
+                s.force.clear();
+            }
+            return None;
+        }
+        Some(self.delta_send(t, snapshot, send, removed))
+    }
+
+    fn delta_send(
+        &mut self,
+        t: XdsType,
+        snapshot: &Snapshot,
+        send: Vec<Arc<Encoded>>,
+        removed: Vec<String>,
+    ) -> Outgoing {
+        let nonce = self.next_nonce();
+        let state = self.types.entry(t).or_default();
+        for r in &send {
+            state.held.insert(r.name.clone(), r.clone());
+        }
+        for n in &removed {
+            state.held.remove(n);
+        }
+        let held: Vec<&[u8]> = state.held.values().map(|e| e.version.as_bytes()).collect();
+        let version = content_hash(&held);
+        state.sent_version = Some(version.clone());
+        state.sent_nonce = Some(nonce.clone());
+        state.force.clear();
+        let changed = !send.is_empty();
+        self.mark_dependents(t, changed, &send);
+        Outgoing {
+            type_: t,
+            version: format!("{}-{version}", snapshot.generation),
+            nonce,
+            resources: send,
+            removed,
+        }
+    }
+}
+
+fn placeholder(name: &str, version: &str) -> Encoded {
+    Encoded {
+        name: name.to_string(),
+        version: version.to_string(),
+        body: Default::default(),
+    }
+}
+
+/// The parts of a DeltaDiscoveryRequest the state machine needs.
+#[derive(Debug)]
+pub struct DeltaRequest<'a> {
+    pub type_: XdsType,
+    pub subscribe: &'a [String],
+    pub unsubscribe: &'a [String],
+    pub initial_versions: &'a BTreeMap<String, String>,
+    pub nonce: &'a str,
+    pub error: Option<&'a str>,
+}
+
+/// The resources a SotW subscription gets, and the version of that set.
+fn sotw_select(
+    state: &TypeState,
+    all: Option<&BTreeMap<String, Arc<Encoded>>>,
+) -> (String, Vec<Arc<Encoded>>) {
+    let resources: Vec<Arc<Encoded>> = all
+        .into_iter()
+        .flatten()
+        .filter(|(n, _)| state.wildcard || state.names.contains(*n))
+        .map(|(_, e)| e.clone())
+        .collect();
+    let parts: Vec<&[u8]> = resources
+        .iter()
+        .flat_map(|e| [e.name.as_bytes(), e.version.as_bytes()])
+        .collect();
+    (content_hash(&parts), resources)
+}
