@@ -1,1 +1,5 @@
+//! Integration tests: real meshd, real stock Envoy, real HTTP backends and
+//! real curl, on loopback only.
 
+mod common;
+mod seed;

@@ -119,6 +119,9 @@ pub type Gateway = IstioObject<istio::GatewaySpec>;
 pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
 
 /// One resource of a kind meshd reads.
+// Resources live behind `Arc` in the store, so the variants' size spread
+// costs nothing worth a second allocation per resource.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {

@@ -154,7 +154,8 @@ impl StreamState {
             let (version, _) = sotw_select(state, snapshot.of(t));
             let forced = !state.force.is_empty();
             let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
-            if state.sent_version.as_deref() != Some(version.as_str()) && !rejected || forced && !rejected {
+            let changed = state.sent_version.as_deref() != Some(version.as_str());
+            if (changed || forced) && !rejected {
                 out.push(self.sotw_respond(t, snapshot));
             }
         }

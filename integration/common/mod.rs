@@ -1,0 +1,297 @@
+//! Helpers for the integration tests: a real `meshd` binary, a real stock
+//! Envoy (from `make envoy`), a real HTTP backend and real `curl`, all on
+//! loopback. Every wait polls a condition until a deadline.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The stock Envoy binary: `$MESHD_ENVOY`, else `.venv/bin/envoy`.
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("MESHD_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"));
+    assert!(
+        path.exists(),
+        "stock Envoy not found at {}: run `make envoy` (integration tests need it)",
+        path.display()
+    );
+    path
+}
+
+pub fn meshd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshd")
+}
+
+/// A port nobody listens on right now, never the same twice in one run.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding 127.0.0.1:0");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Ok` or `timeout` passes.
+pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: still not true after {timeout:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    Proc { child, log }
+}
+
+/// `curl` with these arguments; returns (HTTP status, body).
+pub fn curl(args: &[&str]) -> Result<(u16, String), String> {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("running curl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code: u16 = code.trim().parse().unwrap_or(0);
+    if !out.status.success() || code == 0 {
+        return Err(format!(
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok((code, body.to_string()))
+}
+
+/// A running `meshd serve` on free loopback ports.
+pub struct Meshd {
+    pub proc: Proc,
+    pub xds_port: u16,
+    pub debug_port: u16,
+}
+
+impl Meshd {
+    pub fn start(config_dir: &Path, work: &Path) -> Meshd {
+        Meshd::start_on(config_dir, work, free_port(), free_port())
+    }
+
+    pub fn start_on(config_dir: &Path, work: &Path, xds_port: u16, debug_port: u16) -> Meshd {
+        let proc = spawn(
+            Command::new(meshd_bin())
+                .arg("serve")
+                .arg("--config-dir")
+                .arg(config_dir)
+                .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
+                .args(["--debug-addr", &format!("127.0.0.1:{debug_port}")]),
+            work.join(format!("meshd-{xds_port}-{}.log", std::process::id())),
+        );
+        let m = Meshd {
+            proc,
+            xds_port,
+            debug_port,
+        };
+        eventually("meshd /ready", Duration::from_secs(20), || {
+            match m.get("/ready") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}\n{}", m.proc.log_tail())),
+            }
+        });
+        m
+    }
+
+    /// GET a debug path with curl.
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        curl(&[&format!("http://127.0.0.1:{}{path}", self.debug_port)])
+    }
+
+    /// GET a debug path that answers JSON.
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (code, body) = self.get(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+}
+
+/// `meshd` with these arguments, to completion.
+pub fn meshd(args: &[&str]) -> Output {
+    Command::new(meshd_bin())
+        .args(args)
+        .output()
+        .expect("running meshd")
+}
+
+/// Who an Envoy is: what `meshd bootstrap` is told.
+pub struct Pod<'a> {
+    pub role: &'a str,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub labels: &'a str,
+    pub delta: bool,
+}
+
+/// A stock Envoy started from `meshd bootstrap`.
+pub struct Envoy {
+    pub proc: Proc,
+    pub admin_port: u16,
+    pub node_id: String,
+}
+
+impl Envoy {
+    /// Starts Envoy for `pod` against `meshd` and waits for its admin /ready.
+    pub fn start(control: &Meshd, work: &Path, pod: &Pod<'_>) -> Envoy {
+        let admin_port = free_port();
+        let bootstrap = work.join(format!("envoy-{admin_port}.yaml"));
+        let xds = format!("127.0.0.1:{}", control.xds_port);
+        let admin = format!("127.0.0.1:{admin_port}");
+        let path = bootstrap.display().to_string();
+        let mut args = vec![
+            "bootstrap",
+            "--role",
+            pod.role,
+            "--name",
+            pod.name,
+            "--namespace",
+            pod.namespace,
+            "--labels",
+            pod.labels,
+            "--xds-addr",
+            &xds,
+            "--admin-addr",
+            &admin,
+            "-o",
+            &path,
+        ];
+        if pod.delta {
+            args.push("--delta");
+        }
+        let out = meshd(&args);
+        assert!(
+            out.status.success(),
+            "meshd bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let proc = spawn(
+            Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&bootstrap)
+                // Envoys on one machine need distinct shared-memory ids.
+                .args(["--base-id", &admin_port.to_string()])
+                .args(["-l", "info"]),
+            work.join(format!("envoy-{admin_port}.log")),
+        );
+        let role = if pod.role == "gateway" { "router" } else { pod.role };
+        let envoy = Envoy {
+            proc,
+            admin_port,
+            node_id: format!(
+                "{role}~127.0.0.1~{}.{ns}~{ns}.svc.cluster.local",
+                pod.name,
+                ns = pod.namespace
+            ),
+        };
+        eventually("envoy admin /ready", Duration::from_secs(30), || {
+            match envoy.admin("/ready") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+            }
+        });
+        envoy
+    }
+
+    /// GET an admin path.
+    pub fn admin(&self, path: &str) -> Result<(u16, String), String> {
+        curl(&[&format!("http://127.0.0.1:{}{path}", self.admin_port)])
+    }
+}
+
+/// A real HTTP backend answering like the seed's hello-app, on its own
+/// thread and runtime.
+pub struct Backend {
+    pub port: u16,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Backend {
+    pub fn start(version: &'static str) -> Backend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let app = axum::Router::new().fallback(move || async move {
+                    format!("Hello, world!\nVersion: {version}\nHostname: backend-{port}\n")
+                });
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+        });
+        Backend { port, _shutdown: tx }
+    }
+}
+
+/// Writes a file, creating its directory.
+pub fn write(path: &Path, text: &str) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
+    // Write to a temp name and rename so the watcher never sees half a file.
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
