@@ -11,6 +11,7 @@ mod gateway;
 
 pub use gateway::resolve_gateway_ref;
 mod route;
+pub mod simulate;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{

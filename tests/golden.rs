@@ -1,0 +1,191 @@
+//! Golden and behaviour tests for translation.
+//!
+//! Each `testdata/golden/<scenario>/scenario.yaml` names a config directory,
+//! the proxies to translate it for, and requests to send through the result.
+//! For every proxy and xDS type the resources are compared with
+//! `out/<proxy>.<type>.json`; `make golden` (MESHD_UPDATE_GOLDEN=1) rewrites
+//! them and removes orphans. Every request is routed through the generated
+//! RouteConfiguration as Envoy would, and must land where the scenario says.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshd::config::ConfigSnapshot;
+use meshd::debug::render::message_to_json;
+use meshd::model::{Proxy, PushContext};
+use meshd::translate::simulate::{self, Outcome};
+use meshd::translate::{generate, Generated};
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scenario {
+    #[serde(default = "default_config")]
+    config: String,
+    proxies: Vec<ProxySpec>,
+    #[serde(default)]
+    requests: Vec<RequestSpec>,
+}
+
+fn default_config() -> String {
+    "config".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxySpec {
+    name: String,
+    id: String,
+    #[serde(default)]
+    metadata: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestSpec {
+    proxy: String,
+    route: String,
+    host: String,
+    #[serde(default = "root")]
+    path: String,
+    #[serde(default = "get")]
+    method: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    /// `cluster NAME`, `weighted A=50,B=50`, `redirect 301 LOCATION`,
+    /// `direct STATUS`, `require_tls` or `404`.
+    expect: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Cluster { cluster, .. } => format!("cluster {cluster}"),
+        Outcome::Weighted { clusters, .. } => {
+            let parts: Vec<String> = clusters.iter().map(|(c, w)| format!("{c}={w}")).collect();
+            format!("weighted {}", parts.join(","))
+        }
+        Outcome::Redirect { status, location, .. } => format!("redirect {status} {location}"),
+        Outcome::Direct { status, .. } => format!("direct {status}"),
+        Outcome::RequireTls { .. } => "require_tls".into(),
+        Outcome::NotFound { .. } => "404".into(),
+    }
+}
+
+fn scenarios() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("testdata/golden")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("scenario.yaml").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no scenarios under {}", root.display());
+    dirs
+}
+
+fn rendered<M: prost::Message + prost::Name>(items: &[M]) -> Value {
+    Value::Array(
+        items
+            .iter()
+            .map(|m| message_to_json(m).expect("renders"))
+            .collect(),
+    )
+}
+
+fn outputs(g: &Generated) -> Vec<(&'static str, Value)> {
+    vec![
+        ("clusters", rendered(&g.clusters)),
+        ("endpoints", rendered(&g.endpoints)),
+        ("listeners", rendered(&g.listeners)),
+        ("routes", rendered(&g.routes)),
+        (
+            "diagnostics",
+            serde_json::to_value(&g.diagnostics).expect("diagnostics"),
+        ),
+    ]
+}
+
+#[test]
+fn golden_scenarios() {
+    let update = std::env::var_os("MESHD_UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for dir in scenarios() {
+        let scenario: Scenario = serde_norway::from_str(
+            &std::fs::read_to_string(dir.join("scenario.yaml")).expect("scenario.yaml"),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let files = meshd::source::load_dir(&dir.join(&scenario.config)).expect("config dir");
+        let config = ConfigSnapshot::from_files(files);
+        assert!(
+            config.rejections.is_empty(),
+            "{}: rejected documents: {:?}",
+            dir.display(),
+            config.rejections
+        );
+        let push = PushContext::new(Arc::new(config));
+        let out_dir = dir.join("out");
+        let mut written = BTreeSet::new();
+        let mut generated = BTreeMap::new();
+        for spec in &scenario.proxies {
+            let proxy = Proxy::parse(&spec.id, &spec.metadata).expect("proxy id");
+            let g = generate(&push, &proxy);
+            for (kind, value) in outputs(&g) {
+                let file = out_dir.join(format!("{}.{kind}.json", spec.name));
+                let text = serde_json::to_string_pretty(&value).expect("json") + "\n";
+                written.insert(file.clone());
+                if update {
+                    std::fs::create_dir_all(&out_dir).expect("mkdir out");
+                    std::fs::write(&file, &text).expect("write golden");
+                } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+                    failures.push(format!(
+                        "{} differs (run `make golden` and review the diff)",
+                        file.display()
+                    ));
+                }
+            }
+            generated.insert(spec.name.clone(), g);
+        }
+        if update {
+            for entry in std::fs::read_dir(&out_dir).expect("out").flatten() {
+                if !written.contains(&entry.path()) {
+                    std::fs::remove_file(entry.path()).expect("remove orphan");
+                }
+            }
+        }
+        for (i, req) in scenario.requests.iter().enumerate() {
+            let g = &generated[&req.proxy];
+            let Some(rc) = g.routes.iter().find(|r| r.name == req.route) else {
+                failures.push(format!("{}: request {i}: no route {}", dir.display(), req.route));
+                continue;
+            };
+            let request = simulate::Request {
+                host: req.host.clone(),
+                path: req.path.clone(),
+                method: req.method.clone(),
+                headers: req.headers.clone().into_iter().collect(),
+            };
+            let got = describe(&simulate::route(rc, &request));
+            if got != req.expect {
+                failures.push(format!(
+                    "{}: request {i} ({} {}{}): expected {:?}, got {got:?}",
+                    dir.display(),
+                    req.method,
+                    req.host,
+                    req.path,
+                    req.expect
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
