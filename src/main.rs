@@ -189,7 +189,7 @@ fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {
     let mut files: Vec<FileLoad> = Vec::new();
     for path in paths {
         if path.is_dir() {
-            files.extend(meshd::source::load_dir(path)?);
+            files.extend(meshd::source::load_dir_named(path, path)?);
         } else {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -198,7 +198,11 @@ fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {
     }
     let findings = meshd::analyze::analyze(&ConfigSnapshot::from_files(files));
     if findings.is_empty() {
-        println!("✔ No validation issues found when analyzing {}.", paths.len());
+        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "✔ No validation issues found when analyzing {}.",
+            shown.join(", ")
+        );
         return Ok(ExitCode::SUCCESS);
     }
     for f in &findings {

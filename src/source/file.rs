@@ -15,15 +15,22 @@ use crate::config::{parse_file, ConfigSnapshot, ConfigStore, FileLoad, Origin, R
 /// a file in several steps, and one reading should see all of them.
 const QUIET: Duration = Duration::from_millis(100);
 
-/// Reads every config file under `dir`, recursively, in path order.
+/// Reads every config file under `dir`, recursively, in path order. Files
+/// are named relative to `dir`.
 pub fn load_dir(dir: &Path) -> Result<Vec<FileLoad>, SourceError> {
+    load_dir_named(dir, Path::new(""))
+}
+
+/// As `load_dir`, with file names joined onto `shown_as` (what a person
+/// passed on the command line, say).
+pub fn load_dir_named(dir: &Path, shown_as: &Path) -> Result<Vec<FileLoad>, SourceError> {
     let mut paths = Vec::new();
     collect(dir, &mut paths).map_err(|source| SourceError::ReadDir {
         path: dir.display().to_string(),
         source,
     })?;
     paths.sort();
-    Ok(paths.iter().map(|p| load_file(dir, p)).collect())
+    Ok(paths.iter().map(|p| load_file(dir, shown_as, p)).collect())
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -42,8 +49,11 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn load_file(dir: &Path, path: &Path) -> FileLoad {
-    let name = path.strip_prefix(dir).unwrap_or(path).display().to_string();
+fn load_file(dir: &Path, shown_as: &Path, path: &Path) -> FileLoad {
+    let name = shown_as
+        .join(path.strip_prefix(dir).unwrap_or(path))
+        .display()
+        .to_string();
     match std::fs::read_to_string(path) {
         Ok(text) => parse_file(&name, &text),
         Err(e) => FileLoad {

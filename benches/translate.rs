@@ -1,0 +1,112 @@
+//! `make bench`: translation and snapshot cost as the mesh grows.
+//!
+//! For each mesh size it builds a config of N Services (with Endpoints and a
+//! VirtualService each, all bound to one Gateway), then measures: building
+//! the push context, translating and encoding one gateway's snapshot, and
+//! serving 1,000 gateway proxies with the same config key from the cache.
+//! Prints a table; run it twice to compare. Under `cargo test` it runs the
+//! smallest size once, as a check that the bench still works.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshd::config::{parse_file, ConfigSnapshot};
+use meshd::model::{Proxy, PushContext};
+use meshd::xds::{SnapshotCache, XdsType};
+
+fn mesh(services: usize) -> Arc<ConfigSnapshot> {
+    let mut docs = vec![
+        "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\n\
+         spec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n"
+            .to_string(),
+    ];
+    for i in 0..services {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nsubsets:\n- addresses: [{{ip: 10.{a}.{b}.1}}, {{ip: 10.{a}.{b}.2}}]\n  ports: [{{name: http, port: 8080}}]\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  hosts: [svc-{i}.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - match:\n    - uri: {{prefix: /api}}\n    route:\n    - destination: {{host: svc-{i}}}\n",
+            ns = i % 20,
+            a = i / 250,
+            b = i % 250,
+        ));
+    }
+    let snapshot = ConfigSnapshot::from_files(vec![parse_file("mesh.yaml", &docs.join("---\n"))]);
+    assert!(
+        snapshot.rejections.is_empty(),
+        "{:?}",
+        snapshot.rejections.first()
+    );
+    Arc::new(snapshot)
+}
+
+fn gateway(i: usize) -> Proxy {
+    let meta = serde_json::json!({"LABELS": {"istio": "ingressgateway"}});
+    Proxy::parse(
+        &format!(
+            "router~10.9.0.{}~gw-{i}.istio-system~istio-system.svc.cluster.local",
+            i % 250
+        ),
+        meta.as_object().expect("object"),
+    )
+    .expect("proxy")
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes: &[usize] = if full { &[10, 100, 1000, 5000] } else { &[10] };
+    let proxies = if full { 1000 } else { 10 };
+    println!(
+        "{:>9} | {:>12} | {:>14} | {:>16} | {:>10} | {:>12}",
+        "services",
+        "push ctx ms",
+        "1st snapshot ms",
+        format!("{proxies} cached ms"),
+        "resources",
+        "encoded KiB"
+    );
+    println!("{}", "-".repeat(90));
+    for &n in sizes {
+        let config = mesh(n);
+        let t = Instant::now();
+        let push = Arc::new(PushContext::new(config));
+        let push_time = t.elapsed();
+
+        let cache = SnapshotCache::new(push);
+        let t = Instant::now();
+        let first = cache.snapshot(&gateway(0));
+        let first_time = t.elapsed();
+
+        let t = Instant::now();
+        for i in 1..=proxies {
+            let s = cache.snapshot(&gateway(i));
+            assert!(
+                Arc::ptr_eq(&s, &first),
+                "proxies with one config key share one snapshot"
+            );
+        }
+        let cached_time = t.elapsed();
+
+        let resources: usize = XdsType::ALL
+            .iter()
+            .filter_map(|t| first.of(*t))
+            .map(|m| m.len())
+            .sum();
+        let bytes: usize = XdsType::ALL
+            .iter()
+            .filter_map(|t| first.of(*t))
+            .flat_map(|m| m.values())
+            .map(|e| e.body.value.len())
+            .sum();
+        println!(
+            "{n:>9} | {:>12} | {:>14} | {:>16} | {resources:>10} | {:>12}",
+            ms(push_time),
+            ms(first_time),
+            ms(cached_time),
+            bytes / 1024
+        );
+    }
+}
