@@ -113,15 +113,20 @@ pub async fn run(
 
     tracing::info!(xds = %opts.xds_addr, debug = %opts.debug_addr, trust_domain = %opts.trust_domain, "meshd serving");
     ready.store(true, Ordering::Release);
-    let (xds, debug) = tokio::join!(xds, debug);
-    xds.map_err(|e| ServeError::Server {
-        what: "xDS",
-        reason: e.to_string(),
-    })?;
-    debug.map_err(|e| ServeError::Server {
-        what: "debug",
-        reason: e.to_string(),
-    })
+    let xds = async {
+        xds.await.map_err(|e| ServeError::Server {
+            what: "xDS",
+            reason: e.to_string(),
+        })
+    };
+    let debug = async {
+        debug.await.map_err(|e| ServeError::Server {
+            what: "debug",
+            reason: e.to_string(),
+        })
+    };
+    // The first server to fail ends `meshd serve`; on shutdown both finish.
+    tokio::try_join!(xds, debug).map(|_| ())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

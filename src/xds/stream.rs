@@ -114,6 +114,11 @@ impl StreamState {
     ) -> Option<Outgoing> {
         let state = self.types.entry(t).or_default();
         let kind = classify(state, nonce, error);
+        if kind == RequestKind::Stale {
+            // Ignored whole: the client re-sends its subscription with the
+            // newer nonce, and the change is seen then.
+            return None;
+        }
         let wildcard = names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
         let wanted: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
         let changed = !state.subscribed || wildcard != state.wildcard || wanted != state.names;
@@ -122,7 +127,7 @@ impl StreamState {
         state.names = wanted;
         let initial = kind == RequestKind::Initial;
         match kind {
-            RequestKind::Stale => return None,
+            RequestKind::Stale | RequestKind::Initial => {}
             RequestKind::Ack => {
                 state.acked_version = state.sent_version.clone();
                 state.nack = None;
@@ -134,7 +139,6 @@ impl StreamState {
                     error,
                 });
             }
-            RequestKind::Initial => {}
         }
         if initial || changed {
             Some(self.sotw_respond(t, snapshot))
@@ -375,4 +379,145 @@ fn sotw_select(
         .flat_map(|e| [e.name.as_bytes(), e.version.as_bytes()])
         .collect();
     (content_hash(&parts), resources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(name: &str, version: &str) -> Arc<Encoded> {
+        Arc::new(placeholder(name, version))
+    }
+
+    fn snapshot(t: XdsType, items: &[(&str, &str)]) -> Snapshot {
+        let mut s = Snapshot::default();
+        let map = items
+            .iter()
+            .map(|(n, v)| (n.to_string(), encoded(n, v)))
+            .collect();
+        s.resources.insert(t, map);
+        s
+    }
+
+    #[test]
+    fn classify_table() {
+        let state = TypeState {
+            sent_nonce: Some("7".into()),
+            ..Default::default()
+        };
+        let cases = [
+            ("", None, RequestKind::Initial),
+            ("", Some("e"), RequestKind::Initial),
+            ("7", None, RequestKind::Ack),
+            ("7", Some("bad"), RequestKind::Nack("bad".into())),
+            ("6", None, RequestKind::Stale),
+            ("6", Some("bad"), RequestKind::Stale),
+        ];
+        for (nonce, error, want) in cases {
+            assert_eq!(
+                classify(&state, nonce, error),
+                want,
+                "nonce {nonce:?} error {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sotw_stale_request_changes_nothing_and_the_next_one_is_answered() {
+        let snap = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "1")]);
+        let mut s = StreamState::default();
+        let first = s
+            .sotw_request(XdsType::Endpoint, &["a".into()], "", None, &snap)
+            .expect("answered");
+        let second = s.sotw_push(&snapshot(XdsType::Endpoint, &[("a", "2"), ("b", "1")]));
+        assert_eq!(second.len(), 1);
+        // A request answering the first response is stale, even with new names.
+        let names = ["a".to_string(), "b".to_string()];
+        assert_eq!(
+            s.sotw_request(XdsType::Endpoint, &names, &first.nonce, None, &snap),
+            None
+        );
+        let again = s.sotw_request(XdsType::Endpoint, &names, &second[0].nonce, None, &snap);
+        let again = again.expect("the subscription change is answered");
+        assert_eq!(again.resources.len(), 2);
+    }
+
+    #[test]
+    fn sotw_nacked_version_is_not_resent_but_new_content_is() {
+        let snap = snapshot(XdsType::Listener, &[("l", "1")]);
+        let mut s = StreamState::default();
+        let r = s
+            .sotw_request(XdsType::Listener, &[], "", None, &snap)
+            .expect("answered");
+        assert_eq!(
+            s.sotw_request(XdsType::Listener, &[], &r.nonce, Some("bad"), &snap),
+            None
+        );
+        assert_eq!(
+            s.types[&XdsType::Listener]
+                .nack
+                .as_ref()
+                .map(|n| n.version.clone()),
+            Some(r.version)
+        );
+        assert!(s.sotw_push(&snap).is_empty(), "same content: no resend");
+        let fixed = s.sotw_push(&snapshot(XdsType::Listener, &[("l", "2")]));
+        assert_eq!(fixed.len(), 1, "new content goes out");
+    }
+
+    #[test]
+    fn sotw_cluster_change_forces_endpoints_again() {
+        let mut snap = snapshot(XdsType::Cluster, &[("c", "1")]);
+        snap.resources
+            .insert(XdsType::Endpoint, [("c".to_string(), encoded("c", "1"))].into());
+        let mut s = StreamState::default();
+        s.sotw_request(XdsType::Cluster, &[], "", None, &snap)
+            .expect("cds");
+        s.sotw_request(XdsType::Endpoint, &["c".into()], "", None, &snap)
+            .expect("eds");
+        let mut changed = snapshot(XdsType::Cluster, &[("c", "2")]);
+        changed
+            .resources
+            .insert(XdsType::Endpoint, [("c".to_string(), encoded("c", "1"))].into());
+        let out: Vec<XdsType> = s.sotw_push(&changed).iter().map(|o| o.type_).collect();
+        assert_eq!(out, vec![XdsType::Cluster, XdsType::Endpoint]);
+    }
+
+    #[test]
+    fn delta_first_wildcard_request_is_answered_even_when_empty() {
+        let mut s = StreamState::default();
+        let none = BTreeMap::new();
+        let req = DeltaRequest {
+            type_: XdsType::Cluster,
+            subscribe: &[],
+            unsubscribe: &[],
+            initial_versions: &none,
+            nonce: "",
+            error: None,
+        };
+        let out = s.delta_request(&req, &Snapshot::default()).expect("answered");
+        assert!(out.resources.is_empty() && out.removed.is_empty());
+    }
+
+    #[test]
+    fn delta_initial_versions_decide_what_is_sent_and_removed() {
+        let snap = snapshot(XdsType::Cluster, &[("same", "1"), ("changed", "2"), ("new", "1")]);
+        let initial: BTreeMap<String, String> = [("same", "1"), ("changed", "1"), ("gone", "1")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let mut s = StreamState::default();
+        let req = DeltaRequest {
+            type_: XdsType::Cluster,
+            subscribe: &[],
+            unsubscribe: &[],
+            initial_versions: &initial,
+            nonce: "",
+            error: None,
+        };
+        let out = s.delta_request(&req, &snap).expect("answered");
+        let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(sent, vec!["changed", "new"]);
+        assert_eq!(out.removed, vec!["gone"]);
+    }
 }
