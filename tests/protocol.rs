@@ -42,9 +42,17 @@ fn service(name: &str, ip: &str) -> String {
 }
 
 fn config(services: &[(&str, &str)], vs_host: &str) -> Arc<PushContext> {
+    config_on_ports(services, vs_host, &[80])
+}
+
+fn config_on_ports(services: &[(&str, &str)], vs_host: &str, ports: &[u16]) -> Arc<PushContext> {
+    let servers: String = ports
+        .iter()
+        .map(|p| format!("  - port: {{number: {p}, name: http-{p}, protocol: HTTP}}\n    hosts: ['*']\n"))
+        .collect();
     let mut docs = vec![format!(
         "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw, namespace: istio-system}}\n\
-         spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: ['*']\n---\n\
+         spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{servers}---\n\
          apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: hw}}\nspec:\n  hosts: [{vs_host}]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {{host: helloworld}}\n"
     )];
     docs.extend(services.iter().map(|(n, ip)| service(n, ip)));
@@ -272,24 +280,29 @@ async fn sotw_nack_is_recorded_and_not_resent() {
 async fn sotw_push_is_ordered_cds_eds_lds_rds() {
     let mut s = server().await;
     let mut c = sotw_started(&mut s).await;
-    // A new service (CDS+EDS) and a new VirtualService host (RDS) at once.
-    s.cache.update(config(
+    // A new service (CDS+EDS), a new gateway port (LDS) and a new
+    // VirtualService host (RDS) at once.
+    s.cache.update(config_on_ports(
         &[
             ("helloworld", "10.0.0.1"),
             ("other", "10.0.0.2"),
             ("third", "10.0.0.3"),
         ],
         "hello2.example.com",
+        &[80, 8081],
     ));
-    let first = c.recv().await;
-    assert_eq!(first.type_url, CDS.url());
-    assert!(names_sotw(&first, decoded_name).contains(&"outbound|80||third.default.svc.cluster.local".into()));
+    let cds = c.recv().await;
+    assert_eq!(cds.type_url, CDS.url());
+    assert!(names_sotw(&cds, decoded_name).contains(&"outbound|80||third.default.svc.cluster.local".into()));
     // The EDS subscription is unchanged, yet EDS is sent again so Envoy can warm.
-    let second = c.recv().await;
-    assert_eq!(second.type_url, EDS.url());
-    let third = c.recv().await;
-    assert_eq!(third.type_url, RDS.url(), "LDS is unchanged, so RDS follows");
-    let route = RouteConfiguration::decode(third.resources[0].value.as_slice()).expect("decodes");
+    let eds = c.recv().await;
+    assert_eq!(eds.type_url, EDS.url());
+    let lds = c.recv().await;
+    assert_eq!(lds.type_url, LDS.url());
+    assert_eq!(names_sotw(&lds, decoded_name), vec!["0.0.0.0_80", "0.0.0.0_8081"]);
+    let rds = c.recv().await;
+    assert_eq!(rds.type_url, RDS.url());
+    let route = RouteConfiguration::decode(rds.resources[0].value.as_slice()).expect("decodes");
     assert_eq!(route.virtual_hosts[0].name, "hello2.example.com:80");
 }
 

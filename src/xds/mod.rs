@@ -63,12 +63,13 @@ impl XdsType {
         matches!(self, XdsType::Cluster | XdsType::Listener)
     }
 
-    /// The type whose resources this one's reference, which Envoy must be
-    /// sent again after this type changes so that warming completes.
+    /// The type that must be sent again after this type changes: Envoy
+    /// finishes warming a changed cluster only when a ClusterLoadAssignment
+    /// for it arrives, even an unchanged one. (A changed listener needs no
+    /// such help: it shares the route configuration Envoy already has.)
     pub fn dependent(self) -> Option<XdsType> {
         match self {
             XdsType::Cluster => Some(XdsType::Endpoint),
-            XdsType::Listener => Some(XdsType::Route),
             _ => None,
         }
     }

@@ -54,8 +54,8 @@ pub struct TypeState {
     pub nack: Option<Nack>,
     /// What the proxy holds, as far as meshd knows: name → resource.
     pub held: BTreeMap<String, Arc<Encoded>>,
-    /// Names to send again even if unchanged (a cluster or listener that
-    /// references them changed, and Envoy warms only on a fresh response).
+    /// Names to send again even if unchanged (their cluster changed, and
+    /// Envoy warms a cluster only on a fresh ClusterLoadAssignment).
     pub force: BTreeSet<String>,
     /// Set for types the client has subscribed to at all.
     pub subscribed: bool,
@@ -193,8 +193,8 @@ impl StreamState {
         }
     }
 
-    /// After clusters (listeners) change, their endpoints (routes) are sent
-    /// again so Envoy can finish warming them.
+    /// After clusters change, their endpoints are sent again so Envoy can
+    /// finish warming them.
     fn mark_dependents(&mut self, t: XdsType, changed: bool, sent: &[Arc<Encoded>]) {
         let Some(dep) = t.dependent() else { return };
         if !changed {
@@ -519,5 +519,42 @@ mod tests {
         let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(sent, vec!["changed", "new"]);
         assert_eq!(out.removed, vec!["gone"]);
+    }
+
+    #[test]
+    fn delta_cluster_change_resends_its_endpoints_only() {
+        let mut snap = snapshot(XdsType::Cluster, &[("a", "1"), ("b", "1")]);
+        let eds: BTreeMap<String, Arc<Encoded>> = [
+            ("a".to_string(), encoded("a", "1")),
+            ("b".to_string(), encoded("b", "1")),
+        ]
+        .into();
+        snap.resources.insert(XdsType::Endpoint, eds.clone());
+        let none = BTreeMap::new();
+        let mut s = StreamState::default();
+        let mut req = DeltaRequest {
+            type_: XdsType::Cluster,
+            subscribe: &[],
+            unsubscribe: &[],
+            initial_versions: &none,
+            nonce: "",
+            error: None,
+        };
+        s.delta_request(&req, &snap).expect("cds");
+        let names = ["a".to_string(), "b".to_string()];
+        req.type_ = XdsType::Endpoint;
+        req.subscribe = &names;
+        s.delta_request(&req, &snap).expect("eds");
+        let mut changed = snapshot(XdsType::Cluster, &[("a", "2"), ("b", "1")]);
+        changed.resources.insert(XdsType::Endpoint, eds);
+        let out = s.delta_push(&changed);
+        let sent: Vec<(XdsType, Vec<&str>)> = out
+            .iter()
+            .map(|o| (o.type_, o.resources.iter().map(|r| r.name.as_str()).collect()))
+            .collect();
+        assert_eq!(
+            sent,
+            vec![(XdsType::Cluster, vec!["a"]), (XdsType::Endpoint, vec!["a"])]
+        );
     }
 }
