@@ -128,20 +128,12 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Checked {
     for (i, route) in spec.http.iter().enumerate() {
         http_route(&format!("spec.http[{i}]"), route)?;
     }
-    for (i, route) in spec.tls.iter().enumerate() {
-        for (j, dest) in route.route.iter().enumerate() {
-            destination(
-                &format!("spec.tls[{i}].route[{j}].destination"),
-                dest.destination.as_ref(),
-            )?;
-        }
-    }
-    for (i, route) in spec.tcp.iter().enumerate() {
-        for (j, dest) in route.route.iter().enumerate() {
-            destination(
-                &format!("spec.tcp[{i}].route[{j}].destination"),
-                dest.destination.as_ref(),
-            )?;
+    let l4 = spec.tls.iter().map(|r| ("tls", &r.route)).enumerate();
+    let l4 = l4.chain(spec.tcp.iter().map(|r| ("tcp", &r.route)).enumerate());
+    for (i, (kind, routes)) in l4 {
+        for (j, dest) in routes.iter().enumerate() {
+            let field = format!("spec.{kind}[{i}].route[{j}].destination");
+            destination(&field, dest.destination.as_ref())?;
         }
     }
     Ok(())
