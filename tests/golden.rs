@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshd::config::ConfigSnapshot;
-use meshd::debug::render::message_to_json;
+use meshd::debug::render::{message_to_json, redacted_secret};
 use meshd::model::{Proxy, PushContext};
 use meshd::translate::simulate::{self, Outcome};
 use meshd::translate::{generate, Generated};
@@ -81,6 +81,11 @@ fn describe(o: &Outcome) -> String {
     }
 }
 
+/// 2030-01-01T00:00:00Z.
+fn golden_time() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000)
+}
+
 fn scenarios() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -109,6 +114,10 @@ fn outputs(g: &Generated) -> Vec<(&'static str, Value)> {
         ("listeners", rendered(&g.listeners)),
         ("routes", rendered(&g.routes)),
         (
+            "secrets",
+            rendered(&g.secrets.iter().map(redacted_secret).collect::<Vec<_>>()),
+        ),
+        (
             "diagnostics",
             serde_json::to_value(&g.diagnostics).expect("diagnostics"),
         ),
@@ -132,7 +141,8 @@ fn golden_scenarios() {
             dir.display(),
             config.rejections
         );
-        let push = PushContext::new(Arc::new(config));
+        // Certificates are judged at a fixed time, so goldens do not age.
+        let push = PushContext::new_at(Arc::new(config), golden_time());
         let out_dir = dir.join("out");
         let mut written = BTreeSet::new();
         let mut generated = BTreeMap::new();

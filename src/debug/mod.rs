@@ -6,7 +6,7 @@
 //! - `/debug/syncz`: every connected proxy; per type the version sent,
 //!   acked, or NACKed with Envoy's error.
 //! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
-//!   of Envoy's own `/config_dump`.
+//!   of Envoy's own `/config_dump` (private keys redacted, as Envoy does).
 //! - `/debug/configz`: every resource as loaded, and the rejected documents.
 
 pub mod render;
@@ -23,7 +23,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use envoy_types::pb::envoy::admin::v3::{
     clusters_config_dump, endpoints_config_dump, listeners_config_dump, routes_config_dump,
-    ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump, RoutesConfigDump,
+    secrets_config_dump, ClustersConfigDump, ConfigDump, EndpointsConfigDump, ListenersConfigDump,
+    RoutesConfigDump, SecretsConfigDump,
 };
 use envoy_types::pb::google::protobuf::Timestamp;
 use envoy_types::util::pack_any;
@@ -206,12 +207,28 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
             .collect(),
         ..Default::default()
     };
+    let sds = of(XdsType::Secret);
+    let secrets = SecretsConfigDump {
+        dynamic_active_secrets: sds
+            .held
+            .values()
+            .map(|e| secrets_config_dump::DynamicSecret {
+                name: e.name.clone(),
+                version_info: version(sds),
+                last_updated: stamp(sds),
+                secret: Some(render::redacted_secret_any(&e.body)),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
     ConfigDump {
         configs: vec![
             pack_any(clusters),
             pack_any(endpoints),
             pack_any(listeners),
             pack_any(routes),
+            pack_any(secrets),
         ],
     }
 }

@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
@@ -42,6 +44,32 @@ pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, String>
         type_url: M::type_url(),
         value: m.encode_to_vec(),
     })
+}
+
+/// A Secret as Envoy's admin shows it: private keys replaced by
+/// `[redacted]`, certificates and CAs as they are.
+pub fn redacted_secret(secret: &Secret) -> Secret {
+    let mut out = secret.clone();
+    if let Some(secret::Type::TlsCertificate(cert)) = &mut out.r#type {
+        if cert.private_key.is_some() {
+            cert.private_key = Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString("[redacted]".into())),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+/// `redacted_secret` for a Secret packed in an `Any`.
+pub fn redacted_secret_any(any: &Any) -> Any {
+    match Secret::decode(any.value.as_slice()) {
+        Ok(s) => Any {
+            type_url: any.type_url.clone(),
+            value: redacted_secret(&s).encode_to_vec(),
+        },
+        Err(_) => any.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -6,12 +6,15 @@
 //! workload, the endpoints of a service port). It does not build Envoy
 //! resources; that is `translate`.
 
+mod credential;
 mod proxy;
 mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
+pub use credential::{CredentialError, Credentials, ServerCredential};
 pub use proxy::{Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, ServicePort};
 
@@ -33,12 +36,21 @@ pub struct PushContext {
     pub virtual_services: Vec<Arc<VirtualService>>,
     /// Namespaces that exist (declared or holding a resource).
     pub namespaces: BTreeSet<String>,
+    /// TLS credentials from Secrets, checked at the generation's time.
+    pub credentials: Credentials,
 }
 
 impl PushContext {
-    /// Builds the indexes for one generation.
+    /// Builds the indexes for one generation, judging certificates now.
     pub fn new(config: Arc<ConfigSnapshot>) -> PushContext {
+        PushContext::new_at(config, SystemTime::now())
+    }
+
+    /// Builds the indexes, judging certificate validity at `now` (tests
+    /// and goldens pin it).
+    pub fn new_at(config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
         let services = service::build(&config);
+        let mut secrets = Vec::new();
         let mut gateways = BTreeMap::new();
         let mut virtual_services = Vec::new();
         let mut namespaces = BTreeSet::new();
@@ -59,6 +71,7 @@ impl PushContext {
                     gateways.insert(key, Arc::new(g.clone()));
                 }
                 Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
+                Resource::Secret(secret) => secrets.push(Arc::new(secret.clone())),
                 _ => {}
             }
         }
@@ -75,6 +88,7 @@ impl PushContext {
             gateways,
             virtual_services,
             namespaces,
+            credentials: Credentials::new(secrets, now),
         }
     }
 

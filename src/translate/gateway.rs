@@ -5,9 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
 use envoy_types::pb::envoy::config::route::v3::{virtual_host, Route, RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
@@ -15,6 +18,7 @@ use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 
 use super::route::{http_routes, RouteScope};
+use super::tls::{self, Mode};
 use super::{ads, socket, Diagnostic, Generated};
 use crate::config::istio::Server;
 use crate::config::{Gateway, VirtualService};
@@ -24,21 +28,75 @@ use crate::model::{Proxy, PushContext};
 const HTTP_PROTOCOLS: &[&str] = &["HTTP", "HTTP2", "GRPC", "GRPC-WEB"];
 
 /// A Gateway server that lands on one of the proxy's ports.
-struct BoundServer<'a> {
-    gateway: &'a Arc<Gateway>,
-    index: usize,
-    server: &'a Server,
+pub struct BoundServer<'a> {
+    pub gateway: &'a Arc<Gateway>,
+    pub index: usize,
+    pub server: &'a Server,
     /// The port number the Gateway names (virtual host names carry it).
-    port: u16,
+    pub port: u16,
+    kind: ServerKind,
+}
+
+/// How a server is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
+    /// Plain HTTP, routed through the port's shared `http.PORT` routes.
+    Http,
+    /// TLS, terminated or passed through.
+    Tls(Mode),
 }
 
 impl BoundServer<'_> {
-    fn field(&self) -> String {
-        format!("spec.servers[{}]", self.index)
+    fn resource(&self) -> String {
+        format!("Gateway {}/{}", self.gateway.namespace(), self.gateway.name())
+    }
+
+    /// Istio's route name for a terminating server:
+    /// `https.PORT.PORT_NAME.GATEWAY.NAMESPACE`.
+    fn https_route_name(&self) -> String {
+        let port_name = self
+            .server
+            .port
+            .as_ref()
+            .map(|p| p.name.as_str())
+            .unwrap_or_default();
+        format!(
+            "https.{}.{port_name}.{}.{}",
+            self.port,
+            self.gateway.name(),
+            self.gateway.namespace()
+        )
     }
 }
 
-/// Adds the proxy's gateway listeners and route configurations to `out`.
+/// How a server with this protocol and TLS settings is served, or why not.
+fn server_kind(server: &Server) -> Result<ServerKind, String> {
+    let protocol = server
+        .port
+        .as_ref()
+        .map(|p| p.protocol.to_ascii_uppercase())
+        .unwrap_or_default();
+    if HTTP_PROTOCOLS.contains(&protocol.as_str()) {
+        return Ok(ServerKind::Http);
+    }
+    let tls = server
+        .tls
+        .as_ref()
+        .ok_or_else(|| format!("{protocol} servers need tls settings"))?;
+    let mode = Mode::of(tls).ok_or_else(|| {
+        format!(
+            "tls mode {} is not served yet",
+            tls.mode.as_deref().unwrap_or_default()
+        )
+    })?;
+    match (protocol.as_str(), mode.terminates()) {
+        ("HTTPS", _) | ("TLS", false) => Ok(ServerKind::Tls(mode)),
+        ("TLS", true) => Err("terminating TLS for TCP routes is not served yet".into()),
+        _ => Err(format!("{protocol} servers are not served yet")),
+    }
+}
+
+/// Adds the proxy's gateway listeners, route configurations and Secrets.
 pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
     let mut by_bind_port: BTreeMap<u16, Vec<BoundServer<'_>>> = BTreeMap::new();
     for gateway in push.gateways_for(proxy) {
@@ -46,37 +104,178 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
             let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else {
                 continue; // validation already refused it
             };
-            let protocol = server
-                .port
-                .as_ref()
-                .map(|p| p.protocol.to_ascii_uppercase())
-                .unwrap_or_default();
-            if !HTTP_PROTOCOLS.contains(&protocol.as_str()) {
-                out.diagnostics.push(Diagnostic {
-                    resource: format!("Gateway {}/{}", gateway.namespace(), gateway.name()),
-                    field: format!("spec.servers[{index}].port.protocol"),
-                    message: format!("{protocol} servers are not served yet; this server is left out"),
-                });
-                continue;
-            }
+            let kind = match server_kind(server) {
+                Ok(k) => k,
+                Err(why) => {
+                    out.diagnostics.push(Diagnostic {
+                        resource: format!("Gateway {}/{}", gateway.namespace(), gateway.name()),
+                        field: format!("spec.servers[{index}]"),
+                        message: format!("{why}; this server is left out"),
+                    });
+                    continue;
+                }
+            };
             let bind = bind_port(push, proxy, port, out);
             by_bind_port.entry(bind).or_default().push(BoundServer {
                 gateway,
                 index,
                 server,
                 port,
+                kind,
             });
         }
     }
     for (bind, servers) in by_bind_port {
-        let route_name = format!("http.{bind}");
-        out.routes.push(route_configuration(
-            push,
-            &route_name,
-            &servers,
-            &mut out.diagnostics,
-        ));
-        out.listeners.push(http_listener(bind, &route_name));
+        let mut listener = ListenerBuild::new(bind);
+        let http: Vec<&BoundServer<'_>> = servers.iter().filter(|s| s.kind == ServerKind::Http).collect();
+        if !http.is_empty() {
+            let route_name = format!("http.{bind}");
+            out.routes.push(route_configuration(
+                push,
+                &route_name,
+                &http,
+                &mut out.diagnostics,
+            ));
+            let chain = FilterChain {
+                filters: vec![http_connection_manager(
+                    &format!("outbound_0.0.0.0_{bind}"),
+                    &route_name,
+                )],
+                ..Default::default()
+            };
+            listener.add(chain, &http[0].resource(), &mut out.diagnostics);
+        }
+        for bound in &servers {
+            let ServerKind::Tls(mode) = bound.kind else {
+                continue;
+            };
+            let chains = match mode {
+                Mode::Passthrough => tls::passthrough_chains(push, bound, &mut out.diagnostics),
+                Mode::AutoPassthrough => tls::auto_passthrough_chains(push),
+                _ => {
+                    let Some(socket) = tls::downstream_transport(
+                        push,
+                        proxy,
+                        bound,
+                        mode,
+                        &mut out.diagnostics,
+                        &mut out.secrets,
+                    ) else {
+                        continue;
+                    };
+                    let route_name = bound.https_route_name();
+                    out.routes.push(route_configuration(
+                        push,
+                        &route_name,
+                        &[bound],
+                        &mut out.diagnostics,
+                    ));
+                    vec![FilterChain {
+                        name: route_name.clone(),
+                        filter_chain_match: Some(FilterChainMatch {
+                            server_names: sni_names(bound.server),
+                            transport_protocol: "tls".into(),
+                            ..Default::default()
+                        }),
+                        filters: vec![http_connection_manager(
+                            &format!("outbound_0.0.0.0_{bind}"),
+                            &route_name,
+                        )],
+                        transport_socket: Some(socket),
+                        ..Default::default()
+                    }]
+                }
+            };
+            for chain in chains {
+                listener.add(chain, &bound.resource(), &mut out.diagnostics);
+            }
+        }
+        if let Some(l) = listener.finish() {
+            out.listeners.push(l);
+        }
+    }
+}
+
+/// SNI names of a server: its hosts without the namespace part; none when
+/// a host is `*` (then any SNI, or none, matches).
+fn sni_names(server: &Server) -> Vec<String> {
+    let hosts: Vec<&str> = server
+        .hosts
+        .iter()
+        .map(|h| h.split_once('/').map_or(h.as_str(), |(_, host)| host))
+        .collect();
+    if hosts.contains(&"*") {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = hosts.into_iter().map(str::to_string).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A listener in the making: filter chains with distinct matches.
+struct ListenerBuild {
+    bind: u16,
+    chains: Vec<FilterChain>,
+}
+
+impl ListenerBuild {
+    fn new(bind: u16) -> ListenerBuild {
+        ListenerBuild {
+            bind,
+            chains: Vec::new(),
+        }
+    }
+
+    /// Adds a chain unless one with the same match is there: Envoy would
+    /// reject the whole listener, so the later one is left out.
+    fn add(&mut self, chain: FilterChain, resource: &str, diags: &mut Vec<Diagnostic>) {
+        if let Some(same) = self
+            .chains
+            .iter()
+            .find(|c| c.filter_chain_match == chain.filter_chain_match)
+        {
+            let names = chain
+                .filter_chain_match
+                .as_ref()
+                .map(|m| m.server_names.join(","))
+                .unwrap_or_default();
+            diags.push(Diagnostic {
+                resource: resource.to_string(),
+                field: "spec.servers".into(),
+                message: format!(
+                    "port {} already has a filter chain ({}) for SNI [{names}]; {} is left out",
+                    self.bind, same.name, chain.name
+                ),
+            });
+            return;
+        }
+        self.chains.push(chain);
+    }
+
+    fn finish(self) -> Option<Listener> {
+        if self.chains.is_empty() {
+            return None;
+        }
+        let tls = self.chains.iter().any(|c| c.filter_chain_match.is_some());
+        let listener_filters = if tls {
+            vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                    TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }]
+        } else {
+            Vec::new()
+        };
+        Some(Listener {
+            name: format!("0.0.0.0_{}", self.bind),
+            address: Some(socket("0.0.0.0", self.bind)),
+            filter_chains: self.chains,
+            listener_filters,
+            ..Default::default()
+        })
     }
 }
 
@@ -101,10 +300,9 @@ fn bind_port(push: &PushContext, proxy: &Proxy, port: u16, out: &mut Generated) 
     port
 }
 
-fn http_listener(bind: u16, route_name: &str) -> Listener {
-    let name = format!("0.0.0.0_{bind}");
+fn http_connection_manager(stat_prefix: &str, route_name: &str) -> Filter {
     let hcm = HttpConnectionManager {
-        stat_prefix: format!("outbound_{name}"),
+        stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -120,17 +318,9 @@ fn http_listener(bind: u16, route_name: &str) -> Listener {
         server_name: "istio-envoy".into(),
         ..Default::default()
     };
-    Listener {
-        name: name.clone(),
-        address: Some(socket("0.0.0.0", bind)),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
     }
 }
 
@@ -147,13 +337,14 @@ struct VhostBuild {
 fn route_configuration(
     push: &PushContext,
     name: &str,
-    servers: &[BoundServer<'_>],
+    servers: &[&BoundServer<'_>],
     diags: &mut Vec<Diagnostic>,
 ) -> RouteConfiguration {
     let mut vhosts: BTreeMap<String, VhostBuild> = BTreeMap::new();
     for bound in servers {
         let gw = bound.gateway;
-        let redirect = bound.server.tls.as_ref().is_some_and(|t| t.https_redirect);
+        let redirect =
+            bound.kind == ServerKind::Http && bound.server.tls.as_ref().is_some_and(|t| t.https_redirect);
         for vs in push.virtual_services.iter().filter(|vs| binds(vs, gw)) {
             for vs_host in &vs.spec.hosts {
                 for server_host in &bound.server.hosts {
@@ -177,7 +368,7 @@ fn route_configuration(
         if bound.server.hosts.is_empty() {
             diags.push(Diagnostic {
                 resource: format!("Gateway {}/{}", gw.namespace(), gw.name()),
-                field: bound.field(),
+                field: format!("spec.servers[{}].hosts", bound.index),
                 message: "no hosts".into(),
             });
         }
@@ -241,7 +432,12 @@ pub fn resolve_gateway_ref(reference: &str, vs_namespace: &str) -> Option<(Strin
 /// Gateway server host `server_host` (`[NS/]HOST`): the more specific of the
 /// two, or `None` when they do not overlap or the namespace part excludes
 /// the VirtualService.
-fn intersect(vs: &VirtualService, vs_host: &str, gw: &Gateway, server_host: &str) -> Option<String> {
+pub(super) fn intersect(
+    vs: &VirtualService,
+    vs_host: &str,
+    gw: &Gateway,
+    server_host: &str,
+) -> Option<String> {
     let (ns, host) = server_host.split_once('/').unwrap_or(("*", server_host));
     let ns_ok = match ns {
         "*" => true,

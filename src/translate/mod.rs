@@ -12,6 +12,7 @@ mod gateway;
 pub use gateway::resolve_gateway_ref;
 mod route;
 pub mod simulate;
+mod tls;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -21,6 +22,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Duration;
 use serde::Serialize;
 
@@ -44,6 +46,8 @@ pub struct Generated {
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteConfiguration>,
+    /// SDS Secrets the listeners name, in the proxy's own namespace only.
+    pub secrets: Vec<Secret>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -66,6 +70,8 @@ pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.secrets.sort_by(|a, b| a.name.cmp(&b.name));
+    out.secrets.dedup_by(|a, b| a.name == b.name);
     out.diagnostics.sort();
     out.diagnostics.dedup();
     out

@@ -13,7 +13,7 @@ use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::gateway::resolve_gateway_ref;
 use super::{duration, outbound_cluster_name, Diagnostic};
-use crate::config::istio::{HttpMatchRequest, HttpRedirect, HttpRoute, StringMatch};
+use crate::config::istio::{Destination, HttpMatchRequest, HttpRedirect, HttpRoute, StringMatch};
 use crate::config::VirtualService;
 use crate::model::{resolve_host, PushContext};
 
@@ -142,21 +142,16 @@ impl RuleContext<'_> {
         let mut clusters = Vec::new();
         for (j, dest) in rule.route.iter().enumerate() {
             let Some(d) = &dest.destination else { continue };
-            let host = resolve_host(&d.host, self.vs.namespace());
-            let Some(port) = self.destination_port(
-                &format!(".route[{j}].destination"),
-                &host,
-                d.port.as_ref().map(|p| p.number),
-            ) else {
+            let field = format!("{}.route[{j}].destination", self.field);
+            let Some(cluster) = destination_cluster(self.push, self.vs, &field, d, self.diags) else {
                 continue;
             };
-            let subset = d.subset.as_deref().unwrap_or_default();
             let weight = if rule.route.len() == 1 {
                 100
             } else {
                 dest.weight.max(0) as u32
             };
-            clusters.push((outbound_cluster_name(port, subset, &host), weight));
+            clusters.push((cluster, weight));
         }
         if clusters.is_empty() {
             return None;
@@ -197,43 +192,62 @@ impl RuleContext<'_> {
         }
         Some(route::Action::Route(action))
     }
+}
 
-    /// The service port a destination goes to; reports unknown hosts and
-    /// missing ports as Istio's analyzer does.
-    fn destination_port(&mut self, field: &str, host: &str, port: Option<u32>) -> Option<u16> {
-        let svc = self.push.services.get(host);
-        let port = port.and_then(|p| u16::try_from(p).ok());
-        match (svc, port) {
-            (None, Some(p)) => {
-                self.diag(
-                    &format!("{field}.host"),
-                    format!("host {host} is not a known service; requests get 503"),
-                );
-                Some(p)
-            }
-            (None, None) => {
-                self.diag(&format!("{field}.host"), format!("host {host} is not a known service and no port is given; the destination is left out"));
-                None
-            }
-            (Some(svc), Some(p)) => {
-                if svc.port(p).is_none() {
-                    self.diag(
-                        &format!("{field}.port"),
-                        format!("service {host} has no port {p}"),
-                    );
-                }
-                Some(p)
-            }
-            (Some(svc), None) if svc.ports.len() == 1 => Some(svc.ports[0].port),
-            (Some(_), None) => {
-                self.diag(
-                    &format!("{field}.port"),
-                    format!("service {host} has several ports; the destination must name one"),
-                );
-                None
-            }
+/// The cluster a destination goes to (`outbound|PORT|SUBSET|FQDN`). Reports
+/// unknown hosts and missing ports as Istio's analyzer does; `None` when no
+/// port can be chosen.
+pub(super) fn destination_cluster(
+    push: &PushContext,
+    vs: &VirtualService,
+    field: &str,
+    dest: &Destination,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<String> {
+    let host = resolve_host(&dest.host, vs.namespace());
+    let mut diag = |field: String, message: String| {
+        diags.push(Diagnostic {
+            resource: format!("VirtualService {}/{}", vs.namespace(), vs.name()),
+            field,
+            message,
+        })
+    };
+    let svc = push.services.get(&host);
+    let port = dest.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
+    let port = match (svc, port) {
+        (None, Some(p)) => {
+            diag(
+                format!("{field}.host"),
+                format!("host {host} is not a known service; requests get 503"),
+            );
+            p
         }
-    }
+        (None, None) => {
+            diag(
+                format!("{field}.host"),
+                format!(
+                    "host {host} is not a known service and no port is given; the destination is left out"
+                ),
+            );
+            return None;
+        }
+        (Some(svc), Some(p)) => {
+            if svc.port(p).is_none() {
+                diag(format!("{field}.port"), format!("service {host} has no port {p}"));
+            }
+            p
+        }
+        (Some(svc), None) if svc.ports.len() == 1 => svc.ports[0].port,
+        (Some(_), None) => {
+            diag(
+                format!("{field}.port"),
+                format!("service {host} has several ports; the destination must name one"),
+            );
+            return None;
+        }
+    };
+    let subset = dest.subset.as_deref().unwrap_or_default();
+    Some(outbound_cluster_name(port, subset, &host))
 }
 
 fn redirect(r: &HttpRedirect) -> RedirectAction {

@@ -173,6 +173,12 @@ impl Generation {
         for r in &out.routes {
             add(XdsType::Route, Encoded::new(r.name.clone(), r));
         }
+        for s in &out.secrets {
+            add(XdsType::Secret, Encoded::new(s.name.clone(), s));
+        }
+        for d in &out.diagnostics {
+            tracing::warn!(proxies = %proxy.config_key(), resource = %d.resource, field = %d.field, "{}", d.message);
+        }
         for t in XdsType::ALL {
             resources.entry(t).or_default();
         }

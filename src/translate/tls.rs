@@ -1,0 +1,384 @@
+//! Gateway TLS: the DownstreamTlsContext of a terminating server, the SDS
+//! Secrets it names (`kubernetes://NAME`, `kubernetes://NAME-cacert`, as
+//! Istio names them), and the SNI filter chains of PASSTHROUGH servers.
+//! Key material only ever travels in Secrets over SDS, never in listeners.
+
+use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket, DataSource, TransportSocket};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, FilterChainMatch};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, subject_alt_name_matcher, tls_parameters, CertificateValidationContext,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, SubjectAltNameMatcher, TlsCertificate,
+    TlsParameters,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::util::pack_any;
+
+use super::gateway::{binds, intersect, BoundServer};
+use super::route::destination_cluster;
+use super::{ads, Diagnostic};
+use crate::config::istio::ServerTlsSettings;
+use crate::model::{Proxy, PushContext};
+
+/// What a Gateway server's `tls.mode` asks of the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Terminate TLS with the server's certificate.
+    Simple,
+    /// Terminate, and require a client certificate signed by the CA.
+    Mutual,
+    /// Terminate, and check a client certificate when one is offered.
+    OptionalMutual,
+    /// Route the still-encrypted stream by SNI (VirtualService `tls:`).
+    Passthrough,
+    /// Route by SNI names of Istio's `outbound_.PORT_._.HOST` form.
+    AutoPassthrough,
+}
+
+impl Mode {
+    /// The mode a server's settings ask for. Istio's default is PASSTHROUGH.
+    pub fn of(tls: &ServerTlsSettings) -> Option<Mode> {
+        Some(match tls.mode.as_deref().unwrap_or("PASSTHROUGH") {
+            "SIMPLE" => Mode::Simple,
+            "MUTUAL" => Mode::Mutual,
+            "OPTIONAL_MUTUAL" => Mode::OptionalMutual,
+            "PASSTHROUGH" => Mode::Passthrough,
+            "AUTO_PASSTHROUGH" => Mode::AutoPassthrough,
+            _ => return None, // ISTIO_MUTUAL needs the mesh CA
+        })
+    }
+
+    /// Whether the gateway terminates TLS in this mode.
+    pub fn terminates(self) -> bool {
+        matches!(self, Mode::Simple | Mode::Mutual | Mode::OptionalMutual)
+    }
+}
+
+struct ServerContext<'a> {
+    bound: &'a BoundServer<'a>,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+impl ServerContext<'_> {
+    fn diag(&mut self, field: &str, message: String) {
+        let gw = self.bound.gateway;
+        self.diags.push(Diagnostic {
+            resource: format!("Gateway {}/{}", gw.namespace(), gw.name()),
+            field: format!("spec.servers[{}].tls{field}", self.bound.index),
+            message,
+        });
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ads()),
+    }
+}
+
+fn inline(bytes: &[u8]) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes.to_vec())),
+        ..Default::default()
+    })
+}
+
+fn file(path: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    })
+}
+
+/// The transport socket of a terminating server, adding the Secrets it
+/// names to `secrets`. `None` (with a diagnostic) when its certificate or
+/// CA is missing or unusable: the server is then left out.
+pub fn downstream_transport(
+    push: &PushContext,
+    proxy: &Proxy,
+    bound: &BoundServer<'_>,
+    mode: Mode,
+    diags: &mut Vec<Diagnostic>,
+    out_secrets: &mut Vec<Secret>,
+) -> Option<TransportSocket> {
+    let tls = bound.server.tls.as_ref()?;
+    let mut ctx = ServerContext { bound, diags };
+    // Kept aside until the server is known to be served.
+    let mut secrets = Vec::new();
+    let credential = tls
+        .credential_name
+        .clone()
+        .or_else(|| tls.credential_names.first().cloned());
+    let cert_secret = match (&credential, &tls.server_certificate, &tls.private_key) {
+        (Some(name), _, _) => match push.credentials.server(&proxy.namespace, name) {
+            Ok(c) => {
+                let name = format!("kubernetes://{name}");
+                secrets.push(Secret {
+                    name: name.clone(),
+                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                        certificate_chain: inline(&c.cert_chain),
+                        private_key: inline(&c.key),
+                        ..Default::default()
+                    })),
+                });
+                name
+            }
+            Err(e) => {
+                ctx.diag(".credentialName", format!("{e}; the server is left out"));
+                return None;
+            }
+        },
+        (None, Some(cert), Some(key)) => {
+            // Files on the gateway's own disk: Envoy reads them.
+            let name = format!("file-cert:{cert}~{key}");
+            secrets.push(Secret {
+                name: name.clone(),
+                r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: file(cert),
+                    private_key: file(key),
+                    ..Default::default()
+                })),
+            });
+            name
+        }
+        _ => {
+            ctx.diag(
+                "",
+                "a terminating server needs credentialName, or serverCertificate and privateKey; the server is left out"
+                    .into(),
+            );
+            return None;
+        }
+    };
+    let mut common = CommonTlsContext {
+        tls_params: Some(tls_params(tls)),
+        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+        tls_certificate_sds_secret_configs: vec![sds(&cert_secret)],
+        ..Default::default()
+    };
+    let mutual = matches!(mode, Mode::Mutual | Mode::OptionalMutual);
+    if mutual {
+        let ca_secret = client_ca(push, proxy, tls, credential.as_deref(), &mut ctx, &mut secrets)?;
+        common.validation_context_type = Some(
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: tls
+                            .subject_alt_names
+                            .iter()
+                            .flat_map(|s| san_matchers(s))
+                            .collect(),
+                        verify_certificate_spki: tls.verify_certificate_spki.clone(),
+                        verify_certificate_hash: tls.verify_certificate_hash.clone(),
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(&ca_secret)),
+                    ..Default::default()
+                },
+            ),
+        );
+    }
+    let context = DownstreamTlsContext {
+        common_tls_context: Some(common),
+        require_client_certificate: Some(BoolValue {
+            value: mode == Mode::Mutual,
+        }),
+        ..Default::default()
+    };
+    out_secrets.append(&mut secrets);
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+    })
+}
+
+/// The SDS name of the client CA, adding its Secret.
+fn client_ca(
+    push: &PushContext,
+    proxy: &Proxy,
+    tls: &ServerTlsSettings,
+    credential: Option<&str>,
+    ctx: &mut ServerContext<'_>,
+    secrets: &mut Vec<Secret>,
+) -> Option<String> {
+    let (name, trusted_ca) = match (credential, &tls.ca_certificates) {
+        (Some(cred), _) => match push.credentials.client_ca(&proxy.namespace, cred) {
+            Ok((_, bundle)) => (format!("kubernetes://{cred}-cacert"), inline(&bundle)),
+            Err(e) => {
+                ctx.diag(
+                    ".credentialName",
+                    format!("{e}: MUTUAL needs a CA (cacert or ca.crt in {cred}, or a Secret {cred}-cacert); the server is left out"),
+                );
+                return None;
+            }
+        },
+        (None, Some(path)) => (format!("file-root:{path}"), file(path)),
+        (None, None) => {
+            ctx.diag(
+                ".caCertificates",
+                "MUTUAL needs caCertificates or credentialName; the server is left out".into(),
+            );
+            return None;
+        }
+    };
+    secrets.push(Secret {
+        name: name.clone(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca,
+            ..Default::default()
+        })),
+    });
+    Some(name)
+}
+
+fn san_matchers(san: &str) -> Vec<SubjectAltNameMatcher> {
+    let exact = |t: subject_alt_name_matcher::SanType| SubjectAltNameMatcher {
+        san_type: t as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(san.to_string())),
+            ignore_case: false,
+        }),
+        ..Default::default()
+    };
+    if san.contains("://") {
+        vec![exact(subject_alt_name_matcher::SanType::Uri)]
+    } else {
+        vec![exact(subject_alt_name_matcher::SanType::Dns)]
+    }
+}
+
+fn tls_params(tls: &ServerTlsSettings) -> TlsParameters {
+    use tls_parameters::TlsProtocol;
+    let version = |v: Option<&str>, default: TlsProtocol| match v {
+        Some("TLSV1_0") => TlsProtocol::TlSv10,
+        Some("TLSV1_1") => TlsProtocol::TlSv11,
+        Some("TLSV1_2") => TlsProtocol::TlSv12,
+        Some("TLSV1_3") => TlsProtocol::TlSv13,
+        Some("TLS_AUTO") => TlsProtocol::TlsAuto,
+        _ => default,
+    };
+    TlsParameters {
+        // Istio's gateway default: TLS 1.2 at least.
+        tls_minimum_protocol_version: version(tls.min_protocol_version.as_deref(), TlsProtocol::TlSv12)
+            as i32,
+        tls_maximum_protocol_version: version(tls.max_protocol_version.as_deref(), TlsProtocol::TlsAuto)
+            as i32,
+        cipher_suites: tls.cipher_suites.clone(),
+        ..Default::default()
+    }
+}
+
+/// SNI filter chains of a PASSTHROUGH server: one per VirtualService TLS
+/// route match bound to the Gateway, forwarding the encrypted stream.
+pub fn passthrough_chains(
+    push: &PushContext,
+    bound: &BoundServer<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<FilterChain> {
+    let gw = bound.gateway;
+    let mut chains = Vec::new();
+    for vs in push.virtual_services.iter().filter(|vs| binds(vs, gw)) {
+        for (i, rule) in vs.spec.tls.iter().enumerate() {
+            for m in &rule.matches {
+                let gateway_ok = m.gateways.is_empty()
+                    || m.gateways.iter().any(|g| {
+                        super::gateway::resolve_gateway_ref(g, vs.namespace())
+                            == Some((gw.namespace().to_string(), gw.name().to_string()))
+                    });
+                if !gateway_ok || m.port.is_some_and(|p| p != u32::from(bound.port)) {
+                    continue;
+                }
+                let mut names: Vec<String> = m
+                    .sni_hosts
+                    .iter()
+                    .flat_map(|sni| {
+                        bound
+                            .server
+                            .hosts
+                            .iter()
+                            .filter_map(|h| intersect(vs, sni, gw, h))
+                    })
+                    .collect();
+                names.sort();
+                names.dedup();
+                if names.is_empty() {
+                    continue;
+                }
+                let mut clusters = Vec::new();
+                for (j, dest) in rule.route.iter().enumerate() {
+                    let Some(d) = &dest.destination else { continue };
+                    let field = format!("spec.tls[{i}].route[{j}].destination");
+                    if let Some(c) = destination_cluster(push, vs, &field, d, diags) {
+                        clusters.push((
+                            c,
+                            if rule.route.len() == 1 {
+                                1
+                            } else {
+                                dest.weight.max(0) as u32
+                            },
+                        ));
+                    }
+                }
+                if clusters.is_empty() {
+                    continue;
+                }
+                chains.push(sni_chain(names, clusters));
+            }
+        }
+    }
+    chains
+}
+
+/// AUTO_PASSTHROUGH, best effort: one chain per service port, matched on
+/// Istio's SNI form `outbound_.PORT_._.HOST`.
+pub fn auto_passthrough_chains(push: &PushContext) -> Vec<FilterChain> {
+    push.services
+        .values()
+        .flat_map(|svc| {
+            svc.ports.iter().map(|p| {
+                let sni = format!("outbound_.{}_._.{}", p.port, svc.hostname);
+                let cluster = super::outbound_cluster_name(p.port, "", &svc.hostname);
+                sni_chain(vec![sni], vec![(cluster, 1)])
+            })
+        })
+        .collect()
+}
+
+fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u32)>) -> FilterChain {
+    let stat_prefix = clusters.first().map(|c| c.0.clone()).unwrap_or_default();
+    let specifier = if clusters.len() == 1 {
+        tcp_proxy::ClusterSpecifier::Cluster(clusters.remove(0).0)
+    } else {
+        tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: clusters
+                .into_iter()
+                .filter(|(_, w)| *w > 0)
+                .map(|(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name,
+                    weight,
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    };
+    let proxy = TcpProxy {
+        stat_prefix,
+        cluster_specifier: Some(specifier),
+        ..Default::default()
+    };
+    FilterChain {
+        name: format!("sni:{}", server_names.join(",")),
+        filter_chain_match: Some(FilterChainMatch {
+            server_names,
+            transport_protocol: "tls".into(),
+            ..Default::default()
+        }),
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(proxy))),
+        }],
+        ..Default::default()
+    }
+}
