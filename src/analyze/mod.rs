@@ -1,7 +1,8 @@
 //! analyze: Istio's configuration analyzers, over one config snapshot.
 //!
 //! Each finding carries Istio's message code (`IST0101`
-//! ReferencedResourceNotFound, `IST0106` SchemaValidationError), the
+//! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
+//! InvalidGatewayCredential), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -11,8 +12,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::istio::Destination;
-use crate::config::{ConfigSnapshot, Kind, Origin, Resource, VirtualService};
-use crate::model::{resolve_host, PushContext};
+use crate::config::{ConfigSnapshot, Gateway, Kind, Origin, Resource, VirtualService};
+use crate::model::{is_subset, resolve_host, CredentialError, PushContext};
 use crate::translate::resolve_gateway_ref;
 
 /// How bad a finding is.
@@ -47,7 +48,12 @@ impl fmt::Display for Finding {
 
 /// Runs every analyzer; findings sorted by level, then resource.
 pub fn analyze(config: &ConfigSnapshot) -> Vec<Finding> {
-    let push = PushContext::new(std::sync::Arc::new(config.clone()));
+    analyze_at(config, std::time::SystemTime::now())
+}
+
+/// `analyze`, judging certificate validity at `now`.
+pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Finding> {
+    let push = PushContext::new_at(std::sync::Arc::new(config.clone()), now);
     let mut out = Vec::new();
     for r in &config.rejections {
         out.push(Finding {
@@ -67,6 +73,19 @@ pub fn analyze(config: &ConfigSnapshot) -> Vec<Finding> {
         });
     }
     for (key, entry) in &config.resources {
+        if let Resource::Gateway(gw) = &*entry.resource {
+            let mut found = |code: &'static str, message: String| {
+                out.push(Finding {
+                    level: Level::Error,
+                    code,
+                    resource: key.to_string(),
+                    origin: Some(entry.origin.clone()),
+                    message,
+                })
+            };
+            gateway_credentials(&push, config, gw, &mut found);
+            continue;
+        }
         if key.kind != Kind::VirtualService {
             continue;
         }
@@ -88,6 +107,83 @@ pub fn analyze(config: &ConfigSnapshot) -> Vec<Finding> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The namespaces a Gateway's workloads run in: those of the Pods its
+/// selector picks, else the Gateway's own (where such Pods usually are).
+fn workload_namespaces(config: &ConfigSnapshot, gw: &Gateway) -> Vec<String> {
+    let mut namespaces: Vec<String> = config
+        .of_kind(Kind::Pod)
+        .filter_map(|r| match r {
+            Resource::Pod(p) => {
+                let labels = p
+                    .metadata
+                    .labels
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                is_subset(&gw.spec.selector, &labels)
+                    .then(|| p.metadata.namespace.clone().unwrap_or_default())
+            }
+            _ => None,
+        })
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    if namespaces.is_empty() {
+        namespaces.push(gw.namespace().to_string());
+    }
+    namespaces
+}
+
+/// IST0101 for a credentialName with no Secret where the gateway runs,
+/// IST0161 for one whose certificate is unusable.
+fn gateway_credentials(
+    push: &PushContext,
+    config: &ConfigSnapshot,
+    gw: &Gateway,
+    found: &mut impl FnMut(&'static str, String),
+) {
+    for (i, server) in gw.spec.servers.iter().enumerate() {
+        let Some(tls) = &server.tls else { continue };
+        let Some(name) = tls
+            .credential_name
+            .as_deref()
+            .or(tls.credential_names.first().map(String::as_str))
+        else {
+            continue;
+        };
+        let mode = tls.mode.as_deref().unwrap_or("PASSTHROUGH");
+        if !matches!(mode, "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") {
+            continue;
+        }
+        for ns in workload_namespaces(config, gw) {
+            let mut report = |e: CredentialError| {
+                match e {
+                CredentialError::Missing { namespace, name } => found(
+                    "IST0101",
+                    format!(
+                        "Referenced credentialName not found: \"{name}\" (spec.servers[{i}].tls; no Secret {namespace}/{name}: \
+                         a gateway reads Secrets from the namespace its pods run in)"
+                    ),
+                ),
+                other => found(
+                    "IST0161",
+                    format!("InvalidGatewayCredential: spec.servers[{i}].tls.credentialName: {other}"),
+                ),
+            }
+            };
+            if let Err(e) = push.credentials.server(&ns, name) {
+                report(e);
+            }
+            if mode != "SIMPLE" {
+                if let Err(e) = push.credentials.client_ca(&ns, name) {
+                    report(e);
+                }
+            }
+        }
+    }
 }
 
 fn gateway_refs(push: &PushContext, vs: &VirtualService, found: &mut impl FnMut(String)) {
@@ -224,6 +320,21 @@ mod tests {
             findings(&[GW, SVC, &vs("istio-system/ingressgateway", "helloworld")]),
             vec![]
         );
+    }
+
+    #[test]
+    fn gateway_credentials_missing_invalid_and_expired() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/gateway-tls/config");
+        let files = crate::source::load_dir(&dir).expect("testdata");
+        let in_2030 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000);
+        let f = analyze_at(&ConfigSnapshot::from_files(files), in_2030);
+        let lines: Vec<String> = f.iter().map(|f| format!("{} {}", f.code, f.message)).collect();
+        let has = |code: &str, text: &str| lines.iter().any(|l| l.starts_with(code) && l.contains(text));
+        assert!(has("IST0101", "\"missing-credential\""), "{lines:#?}");
+        assert!(has("IST0101", "noca-credential-cacert"), "{lines:#?}");
+        assert!(has("IST0161", "does not match the key"), "{lines:#?}");
+        assert!(has("IST0161", "expired"), "{lines:#?}");
+        assert_eq!(lines.len(), 4, "the good credentials raise nothing: {lines:#?}");
     }
 
     #[test]
