@@ -16,6 +16,7 @@
 
 pub mod analyze;
 pub mod bootstrap;
+pub mod ca;
 pub mod config;
 pub mod debug;
 pub mod model;
