@@ -85,6 +85,12 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// The certificate authority: make or import a root, inspect it, issue
+    /// a workload certificate to files.
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
     /// Print what a running meshd serves (a client of its debug endpoints).
     Dump {
         #[arg(long, default_value = "127.0.0.1:15014")]
@@ -92,6 +98,46 @@ enum Command {
         #[command(subcommand)]
         what: DumpWhat,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make a self-signed root in DIR, or check the plugged-in files there
+    /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    Init {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Show the chain from the signing certificate to the root.
+    Inspect {
+        #[arg(long)]
+        ca_dir: PathBuf,
+    },
+    /// Issue a workload certificate for spiffe://TD/ns/NS/sa/SA to files:
+    /// cert-chain.pem, key.pem and root-cert.pem in --out-dir.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// Validity, like 24h, 30m, 90s.
+        #[arg(long, default_value = "24h", value_parser = parse_validity)]
+        validity: std::time::Duration,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+fn parse_validity(s: &str) -> Result<std::time::Duration, String> {
+    meshd::config::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a duration like 24h, 30m or 90s"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +217,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Analyze { paths } => analyze(&paths),
+        Command::Ca { what } => ca(what),
         Command::Dump { debug_addr, what } => {
             let path = match what {
                 DumpWhat::Syncz => "/debug/syncz".to_string(),
@@ -183,6 +230,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn ca(what: CaCommand) -> Result<ExitCode> {
+    use meshd::ca::{load_or_create, SpiffeId};
+    match what {
+        CaCommand::Init { ca_dir, trust_domain } => {
+            let ca = load_or_create(&ca_dir, &trust_domain)?;
+            println!("CA ready in {}", ca_dir.display());
+            ca.describe().iter().for_each(|l| println!("  {l}"));
+        }
+        CaCommand::Inspect { ca_dir } => {
+            let files = ["ca-cert.pem", "ca-key.pem", "root-cert.pem"];
+            if let Some(missing) = files.iter().find(|f| !ca_dir.join(f).exists()) {
+                bail!(
+                    "{} has no {missing}: run `meshd ca init --ca-dir {}` first",
+                    ca_dir.display(),
+                    ca_dir.display()
+                );
+            }
+            let ca = load_or_create(&ca_dir, "cluster.local")?;
+            ca.describe().iter().for_each(|l| println!("{l}"));
+        }
+        CaCommand::Issue {
+            ca_dir,
+            trust_domain,
+            namespace,
+            service_account,
+            validity,
+            out_dir,
+        } => {
+            let ca = load_or_create(&ca_dir, &trust_domain)?;
+            let id = SpiffeId::new(&trust_domain, &namespace, &service_account)?;
+            let issued = ca.issue(&id, validity)?;
+            std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+            let write = |name: &str, text: &str| {
+                let path = out_dir.join(name);
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+            };
+            write("cert-chain.pem", &issued.cert_chain)?;
+            write("key.pem", &issued.key)?;
+            write("root-cert.pem", ca.root_pem())?;
+            println!("issued {id} to {}", out_dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {

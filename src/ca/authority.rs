@@ -154,6 +154,72 @@ impl Authority {
         })
     }
 
+    /// Issues meshd's own serving certificate for its TLS xDS port, with
+    /// these DNS names (and IP addresses, where a name parses as one).
+    pub fn issue_server(&self, names: &[String], validity: Duration) -> Result<Issued, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    rcgen::string::Ia5String::try_from(name.as_str())
+                        .map_err(|e| CaError::Sign(e.to_string()))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.distinguished_name.push(DnType::CommonName, "meshd");
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + validity).into();
+        params.serial_number = Some(random_serial()?);
+        let cert = params
+            .signed_by(&key, &self.issuer()?)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok(Issued {
+            identity: SpiffeId::new(&self.trust_domain, "istio-system", "meshd")?,
+            cert_chain: format!("{}{}", cert.pem(), self.chain_above_leaf()),
+            key: key.serialize_pem(),
+            not_after: now + validity,
+        })
+    }
+
+    /// One line per certificate from the signer to the root: subject,
+    /// issuer and expiry, for `meshd ca inspect`.
+    pub fn describe(&self) -> Vec<String> {
+        let pems = [
+            self.cert_pem.as_str(),
+            self.intermediates.as_str(),
+            self.root_pem.as_str(),
+        ];
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for pem in pems.iter().flat_map(|p| split_pem(p)) {
+            if seen.contains(&pem) {
+                continue;
+            }
+            let Ok(der) = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()) else {
+                continue;
+            };
+            if let Ok((_, c)) = x509_parser::parse_x509_certificate(der.as_ref()) {
+                out.push(format!(
+                    "subject: {} | issuer: {} | not after: {}",
+                    c.subject(),
+                    c.issuer(),
+                    c.validity().not_after
+                ));
+            }
+            seen.push(pem);
+        }
+        out
+    }
+
     /// Signs the public key of a PEM CSR for `id`, the identity the caller
     /// authenticated as. Nothing else of the CSR is used: its subject and
     /// requested extensions are ignored. Returns leaf, chain, root.

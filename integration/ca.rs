@@ -1,0 +1,212 @@
+//! The CA with real openssl: every issued leaf verifies against the root,
+//! its only SAN is the SPIFFE id, the root survives a restart, and a
+//! plugged-in intermediate chains to its outside root.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::meshd;
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    ok(out, &format!("openssl {args:?}"))
+}
+
+fn issue(ca_dir: &Path, out_dir: &Path, ns: &str, sa: &str) {
+    let (ca, out) = (ca_dir.display().to_string(), out_dir.display().to_string());
+    ok(
+        meshd(&[
+            "ca",
+            "issue",
+            "--ca-dir",
+            &ca,
+            "--namespace",
+            ns,
+            "--service-account",
+            sa,
+            "--out-dir",
+            &out,
+        ]),
+        "meshd ca issue",
+    );
+}
+
+#[test]
+fn issued_leaves_verify_and_carry_exactly_the_spiffe_id() {
+    let work = tempfile::tempdir().expect("tmp");
+    let ca_dir = work.path().join("ca");
+    let ca = ca_dir.display().to_string();
+    ok(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init");
+    let root_before = std::fs::read(ca_dir.join("root-cert.pem")).expect("root");
+    for (ns, sa) in [("default", "sleep"), ("shop", "cart")] {
+        let out = work.path().join(format!("{ns}-{sa}"));
+        issue(&ca_dir, &out, ns, sa);
+        let verified = openssl(&out, &["verify", "-CAfile", "root-cert.pem", "cert-chain.pem"]);
+        assert!(verified.contains("cert-chain.pem: OK"), "{verified}");
+        let san = openssl(
+            &out,
+            &[
+                "x509",
+                "-in",
+                "cert-chain.pem",
+                "-noout",
+                "-ext",
+                "subjectAltName",
+            ],
+        );
+        let names: Vec<&str> = san
+            .lines()
+            .skip(1)
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            names,
+            vec![format!("URI:spiffe://cluster.local/ns/{ns}/sa/{sa}")],
+            "{san}"
+        );
+    }
+    // Running init again (a restart) keeps the root.
+    ok(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init again");
+    assert_eq!(
+        std::fs::read(ca_dir.join("root-cert.pem")).expect("root"),
+        root_before
+    );
+    let inspect = ok(meshd(&["ca", "inspect", "--ca-dir", &ca]), "meshd ca inspect");
+    assert!(inspect.contains("CN=meshd root CA"), "{inspect}");
+}
+
+#[test]
+fn plugged_in_intermediate_chains_to_the_outside_root() {
+    let work = tempfile::tempdir().expect("tmp");
+    let dir = work.path();
+    // An outside root and an intermediate for meshd, the way Istio's
+    // plug-in-certificates task makes them.
+    std::fs::write(
+        dir.join("int.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n",
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "365",
+            "-subj",
+            "/O=Outside/CN=Outside Root",
+            "-keyout",
+            "root-key.pem",
+            "-out",
+            "root-cert.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/O=cluster.local/CN=meshd intermediate",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.csr",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ca.csr",
+            "-CA",
+            "root-cert.pem",
+            "-CAkey",
+            "root-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "180",
+            "-extfile",
+            "int.ext",
+            "-out",
+            "ca-cert.pem",
+        ],
+    );
+    let ca_dir = dir.join("plugged");
+    std::fs::create_dir(&ca_dir).expect("mkdir");
+    for f in ["ca-cert.pem", "ca-key.pem", "root-cert.pem"] {
+        std::fs::copy(dir.join(f), ca_dir.join(f)).expect("copy");
+    }
+    let chain = [
+        std::fs::read_to_string(dir.join("ca-cert.pem")),
+        std::fs::read_to_string(dir.join("root-cert.pem")),
+    ]
+    .map(|r| r.expect("read"))
+    .concat();
+    std::fs::write(ca_dir.join("cert-chain.pem"), chain).expect("chain");
+
+    let out = dir.join("leaf");
+    issue(&ca_dir, &out, "default", "sleep");
+    // The leaf file holds leaf + intermediate; openssl takes the intermediate as untrusted.
+    let verified = openssl(
+        &out,
+        &[
+            "verify",
+            "-CAfile",
+            "root-cert.pem",
+            "-untrusted",
+            "cert-chain.pem",
+            "cert-chain.pem",
+        ],
+    );
+    assert!(verified.contains("OK"), "{verified}");
+    let root = std::fs::read(out.join("root-cert.pem")).expect("root");
+    assert_eq!(
+        root,
+        std::fs::read(dir.join("root-cert.pem")).expect("outside root"),
+        "the outside root is the root"
+    );
+
+    // A key that does not belong to ca-cert.pem stops the CA with a clear error.
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "other-key.pem",
+        ],
+    );
+    std::fs::copy(dir.join("other-key.pem"), ca_dir.join("ca-key.pem")).expect("copy");
+    let out = meshd(&["ca", "inspect", "--ca-dir", &ca_dir.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ca-key.pem does not match ca-cert.pem"), "{err}");
+}
