@@ -3,5 +3,6 @@
 
 mod ca;
 mod common;
+mod identity;
 mod seed;
 mod tls;

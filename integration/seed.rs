@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{curl, eventually, free_port, meshd, write, Backend, Envoy, Meshd, Pod};
+use crate::common::{curl, eventually, free_port, meshd, write, Backend, Envoy, Meshd, MeshdPorts, Pod};
 
 const HOST: &str = "Host: helloworld.fireflyclass.com";
 
@@ -322,9 +322,13 @@ fn restart_with_the_same_config_sends_nothing_new() {
     let mut s = Setup::new("istio-system/ingressgateway", false);
     s.wait_for("Hello, world!", 200, "Hello, world!");
     let before = s.syncz();
-    let (xds, debug) = (s.meshd.xds_port, s.meshd.debug_port);
+    let ports = MeshdPorts {
+        xds: s.meshd.xds_port,
+        xds_tls: s.meshd.xds_tls_port,
+        debug: s.meshd.debug_port,
+    };
     s.meshd.proc.kill();
-    s.meshd = Meshd::start_on(&s.config(), s.work.path(), xds, debug);
+    s.meshd = Meshd::start_with(&s.config(), s.work.path(), ports, &[]);
     // Envoy reconnects and re-subscribes with the versions it has.
     let after = eventually("Envoy reconnected and acked", Duration::from_secs(20), || {
         let sync = s.meshd.json("/debug/syncz");

@@ -3,17 +3,15 @@
 //! the `fireflyclass-credential` Secret, the `ingressgateway-tls` Gateway;
 //! then MUTUAL, PASSTHROUGH, httpsRedirect and a Secret rotation.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 
-use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, Pod, Proc};
+use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, OpenConnection, Pod, Proc};
 
 const HOST: &str = "helloworld.fireflyclass.com";
 
@@ -621,70 +619,6 @@ fn https_redirect_answers_plain_http_with_301() {
     assert!(location.ends_with("/some/path"), "{location}");
 }
 
-/// An `openssl s_client` connection kept open, to send a request later.
-struct OpenConnection {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl OpenConnection {
-    fn open(port: u16, ca: &str) -> OpenConnection {
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-servername",
-                HOST,
-                "-CAfile",
-                ca,
-                "-quiet",
-                "-verify_return_error",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl s_client");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        OpenConnection { child, lines }
-    }
-
-    /// Sends a GET on the open connection; true when Hello, world! comes back.
-    fn get(&mut self) -> bool {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        let req = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
-        if stdin
-            .write_all(req.as_bytes())
-            .and_then(|_| stdin.flush())
-            .is_err()
-        {
-            return false;
-        }
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            if line.contains("Hello, world!") {
-                return true;
-            }
-        }
-        false
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn rotated_secret_is_served_without_cutting_connections() {
     let s = Setup::new();
@@ -696,8 +630,11 @@ fn rotated_secret_is_served_without_cutting_connections() {
         &["--cacert", &ca],
         "Hello, world!",
     );
-    let mut conn = OpenConnection::open(s.ports.https, &ca);
-    assert!(conn.get(), "the connection opened before the rotation works");
+    let mut conn = OpenConnection::open(
+        s.ports.https,
+        &["-servername", HOST, "-CAfile", &ca, "-verify_return_error"],
+    );
+    assert!(conn.get(HOST), "the connection opened before the rotation works");
 
     // Rotate: a new CA and certificate under the same Secret name.
     seed_certificates(&s.dir(), "new-");
@@ -738,7 +675,7 @@ fn rotated_secret_is_served_without_cutting_connections() {
     );
 
     assert!(
-        conn.get(),
+        conn.get(HOST),
         "the connection opened before the rotation survives it"
     );
     // Only the Secret changed: no listener was modified or drained.

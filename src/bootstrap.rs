@@ -24,6 +24,22 @@ pub struct BootstrapOptions {
     pub admin_addr: String,
     /// Use incremental (delta) xDS instead of state of the world.
     pub delta: bool,
+    /// Connect to meshd's TLS port instead of the plain one.
+    pub tls: Option<XdsTls>,
+    /// A service-account token sent as `authorization: Bearer` metadata.
+    pub token: Option<String>,
+}
+
+/// How Envoy reaches meshd's TLS port.
+#[derive(Debug, Clone)]
+pub struct XdsTls {
+    /// meshd's root certificate (file path on Envoy's disk).
+    pub root_cert: String,
+    /// The name meshd's serving certificate is checked for (and sent as SNI).
+    pub server_name: String,
+    /// A client certificate and key issued by meshd (file paths), to
+    /// authenticate with instead of a token.
+    pub client_cert: Option<(String, String)>,
 }
 
 /// Why a bootstrap could not be made.
@@ -82,6 +98,29 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         .get("app")
         .or_else(|| o.labels.get("istio"))
         .unwrap_or(&o.name);
+    let mut grpc_service = json!({"envoy_grpc": {"cluster_name": "xds-grpc"}});
+    if let Some(token) = &o.token {
+        grpc_service["initial_metadata"] =
+            json!([{"key": "authorization", "value": format!("Bearer {}", token.trim())}]);
+    }
+    let mut xds_cluster = json!({
+        "name": "xds-grpc",
+        "type": xds_type,
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "xds-grpc",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&xds_host, xds_port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+    });
+    if let Some(tls) = &o.tls {
+        xds_cluster["transport_socket"] = upstream_tls(tls);
+    }
     Ok(json!({
         "node": {
             "id": node_id(role, &o.ip, &o.name, &o.namespace),
@@ -99,29 +138,37 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "ads_config": {
                 "api_type": ads_type,
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
+                "grpc_services": [grpc_service],
             },
             "cds_config": ads.clone(),
             "lds_config": ads,
         },
         "static_resources": {
-            "clusters": [{
-                "name": "xds-grpc",
-                "type": xds_type,
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": "xds-grpc",
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(&xds_host, xds_port)}}]}],
-                },
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    },
-                },
-            }],
+            "clusters": [xds_cluster],
         },
     }))
+}
+
+fn upstream_tls(tls: &XdsTls) -> Value {
+    let mut common = json!({
+        "validation_context": {
+            "trusted_ca": {"filename": tls.root_cert},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls.server_name}}],
+        },
+        "alpn_protocols": ["h2"],
+    });
+    if let Some((cert, key)) = &tls.client_cert {
+        common["tls_certificates"] =
+            json!([{"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]);
+    }
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": tls.server_name,
+            "common_tls_context": common,
+        },
+    })
 }
 
 /// Parses `k=v,k2=v2`.
@@ -152,6 +199,8 @@ mod tests {
             xds_addr: "127.0.0.1:15010".into(),
             admin_addr: "127.0.0.1:15000".into(),
             delta: false,
+            tls: None,
+            token: None,
         }
     }
 
@@ -165,6 +214,26 @@ mod tests {
         assert_eq!(b["node"]["metadata"]["LABELS"]["istio"], "ingressgateway");
         assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
         assert_eq!(b["static_resources"]["clusters"][0]["type"], "STATIC");
+    }
+
+    #[test]
+    fn tls_and_token() {
+        let mut o = opts();
+        o.tls = Some(XdsTls {
+            root_cert: "/etc/meshd/root-cert.pem".into(),
+            server_name: "meshd.istio-system.svc".into(),
+            client_cert: None,
+        });
+        o.token = Some("abc.def.ghi\n".into());
+        let b = bootstrap(&o).expect("bootstrap");
+        let grpc = &b["dynamic_resources"]["ads_config"]["grpc_services"][0];
+        assert_eq!(grpc["initial_metadata"][0]["value"], "Bearer abc.def.ghi");
+        let tls = &b["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "meshd.istio-system.svc");
+        assert_eq!(
+            tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
+            "/etc/meshd/root-cert.pem"
+        );
     }
 
     #[test]

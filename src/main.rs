@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use meshd::bootstrap::{bootstrap, parse_labels, BootstrapOptions};
+use meshd::bootstrap::{bootstrap, parse_labels, BootstrapOptions, XdsTls};
 use meshd::config::{ConfigSnapshot, FileLoad};
 use meshd::serve::{self, ServeOptions};
 
@@ -27,27 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve xDS to Envoy proxies from a config directory (or the demo).
-    Serve {
-        /// Directory of Kubernetes/Istio YAML or JSON, watched for changes.
-        /// Without it (and without --kube) the embedded demo config is served.
-        #[arg(long)]
-        config_dir: Option<PathBuf>,
-        /// Watch a Kubernetes cluster instead of a directory (not available yet).
-        #[arg(long, conflicts_with = "config_dir")]
-        kube: bool,
-        /// gRPC ADS listen address.
-        #[arg(long, default_value = "127.0.0.1:15010")]
-        xds_addr: SocketAddr,
-        /// Debug HTTP listen address (/ready, /debug/...).
-        #[arg(long, default_value = "127.0.0.1:15014")]
-        debug_addr: SocketAddr,
-        /// Where the CA keeps its root certificate and key (the CA is not built yet).
-        #[arg(long)]
-        ca_dir: Option<PathBuf>,
-        /// SPIFFE trust domain of workload identities.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-    },
+    Serve(ServeArgs),
     /// Print an Envoy bootstrap that connects a stock Envoy to meshd.
     Bootstrap {
         /// gateway or sidecar.
@@ -75,6 +55,26 @@ enum Command {
         /// Use incremental (delta) xDS.
         #[arg(long)]
         delta: bool,
+        /// Connect to meshd's TLS port (give it as --xds-addr), trusting
+        /// the root in --root-cert.
+        #[arg(long, requires = "root_cert")]
+        xds_tls: bool,
+        /// meshd's root certificate (root-cert.pem), as a path Envoy reads.
+        #[arg(long)]
+        root_cert: Option<String>,
+        /// The name meshd's serving certificate is checked for.
+        #[arg(long, default_value = "meshd.istio-system.svc")]
+        xds_server_name: String,
+        /// A service-account token file; its token authenticates the proxy.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// A client certificate chain issued by meshd (path Envoy reads),
+        /// to authenticate with instead of a token.
+        #[arg(long, requires_all = ["client_key", "xds_tls"])]
+        client_cert: Option<String>,
+        /// The key of --client-cert (path Envoy reads).
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<String>,
         /// Write to FILE instead of stdout.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -98,6 +98,54 @@ enum Command {
         #[command(subcommand)]
         what: DumpWhat,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Directory of Kubernetes/Istio YAML or JSON, watched for changes.
+    /// Without it (and without --kube) the embedded demo config is served.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// Watch a Kubernetes cluster instead of a directory (not available yet).
+    #[arg(long, conflicts_with = "config_dir")]
+    kube: bool,
+    /// gRPC ADS listen address (plain text, for development and closed networks).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds_addr: SocketAddr,
+    /// TLS ADS and CA listen address; callers authenticate with a client
+    /// certificate issued by meshd or a service-account token.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    xds_tls_addr: SocketAddr,
+    /// Names in meshd's serving certificate for the TLS port (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "meshd.istio-system.svc,localhost,127.0.0.1"
+    )]
+    xds_dns_names: Vec<String>,
+    /// Debug HTTP listen address (/ready, /debug/...).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    debug_addr: SocketAddr,
+    /// Where the CA keeps its root (made on first start, or plugged in).
+    /// Without it the root lives in memory and changes at every restart.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Validity of workload certificates; they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_validity)]
+    workload_cert_ttl: std::time::Duration,
+    /// Public key (PEM, RSA or EC) that service-account tokens are signed with.
+    #[arg(long)]
+    token_key: Option<PathBuf>,
+    /// Audience service-account tokens must carry.
+    #[arg(long, default_value = "istio-ca")]
+    token_audience: String,
+    /// On the plain port, issue workload certificates for the identity the
+    /// node metadata claims, unauthenticated. Never on a shared network.
+    #[arg(long)]
+    insecure_plaintext_identity: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,22 +211,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Serve {
-            config_dir,
-            kube,
-            xds_addr,
-            debug_addr,
-            ca_dir,
-            trust_domain,
-        } => {
+        Command::Serve(a) => {
             init_logging();
             let opts = ServeOptions {
-                config_dir,
-                kube,
-                xds_addr,
-                debug_addr,
-                ca_dir,
-                trust_domain,
+                config_dir: a.config_dir,
+                kube: a.kube,
+                xds_addr: a.xds_addr,
+                xds_tls_addr: a.xds_tls_addr,
+                xds_dns_names: a.xds_dns_names,
+                debug_addr: a.debug_addr,
+                ca_dir: a.ca_dir,
+                trust_domain: a.trust_domain,
+                workload_cert_ttl: a.workload_cert_ttl,
+                token_key: a.token_key,
+                token_audience: a.token_audience,
+                insecure_plaintext_identity: a.insecure_plaintext_identity,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(serve::run(opts, shutdown_signal()))?;
@@ -194,8 +241,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             xds_addr,
             admin_addr,
             delta,
+            xds_tls,
+            root_cert,
+            xds_server_name,
+            token_file,
+            client_cert,
+            client_key,
             output,
         } => {
+            let token = match token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("--token-file {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let tls = match (xds_tls, root_cert) {
+                (true, Some(root_cert)) => Some(XdsTls {
+                    root_cert,
+                    server_name: xds_server_name,
+                    client_cert: client_cert.zip(client_key),
+                }),
+                _ => None,
+            };
             let opts = BootstrapOptions {
                 role,
                 name,
@@ -206,6 +274,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 xds_addr,
                 admin_addr,
                 delta,
+                tls,
+                token,
             };
             let text = serde_norway::to_string(&bootstrap(&opts)?)?;
             match output {

@@ -13,9 +13,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::ca::auth::{Authenticator, TokenVerifier};
+use crate::ca::service::CertificateService;
+use crate::ca::{self, CaError, WorkloadCa};
 use crate::config::{ConfigSnapshot, ConfigStore};
 use crate::debug::{self, DebugState};
 use crate::model::PushContext;
+use crate::pb::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::source::{self, SourceError};
 use crate::xds::{AdsServer, Registry, SnapshotCache};
 
@@ -28,9 +36,21 @@ pub struct ServeOptions {
     pub kube: bool,
     pub xds_addr: SocketAddr,
     pub debug_addr: SocketAddr,
-    /// Where the CA keeps its root (used once the CA is built).
+    /// TLS xDS and CA address (like istiod's 15012): callers authenticate.
+    pub xds_tls_addr: SocketAddr,
+    /// DNS names (and IPs) in meshd's serving certificate for the TLS port.
+    pub xds_dns_names: Vec<String>,
+    /// Where the CA keeps its root; without it the root lives in memory only.
     pub ca_dir: Option<PathBuf>,
     pub trust_domain: String,
+    /// Validity of workload certificates (renewed at half of it).
+    pub workload_cert_ttl: Duration,
+    /// Public key (PEM) that service-account tokens are verified with.
+    pub token_key: Option<PathBuf>,
+    /// Audience tokens must carry.
+    pub token_audience: String,
+    /// On the plain port, believe the node metadata's identity.
+    pub insecure_plaintext_identity: bool,
 }
 
 /// Why `meshd serve` could not run.
@@ -53,6 +73,57 @@ pub enum ServeError {
     /// A feature that a later release brings.
     #[error("{0}")]
     NotAvailable(&'static str),
+    /// The CA could not start.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The TLS port could not be set up.
+    #[error("TLS xDS port: {0}")]
+    Tls(String),
+}
+
+/// meshd's serving certificate for the TLS port lasts this long.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn workload_ca(opts: &ServeOptions) -> Result<Arc<WorkloadCa>, ServeError> {
+    let authority = match &opts.ca_dir {
+        Some(dir) => ca::load_or_create(dir, &opts.trust_domain)?,
+        None => {
+            tracing::warn!("no --ca-dir: the CA root lives in memory and changes at every restart");
+            ca::ephemeral(&opts.trust_domain)?
+        }
+    };
+    let tokens = match &opts.token_key {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| CaError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some(TokenVerifier::from_pem(&pem, &opts.token_audience)?)
+        }
+        None => None,
+    };
+    if opts.insecure_plaintext_identity {
+        tracing::warn!(
+            "--insecure-plaintext-identity: proxies on the plain port get certificates for whatever identity their node metadata claims"
+        );
+    }
+    Ok(Arc::new(WorkloadCa {
+        authority: Arc::new(authority),
+        auth: Authenticator {
+            trust_domain: opts.trust_domain.clone(),
+            tokens,
+        },
+        ttl: opts.workload_cert_ttl,
+        insecure_plaintext_identity: opts.insecure_plaintext_identity,
+    }))
+}
+
+fn tls_config(ca: &WorkloadCa, names: &[String]) -> Result<ServerTlsConfig, ServeError> {
+    let serving = ca.authority.issue_server(names, SERVING_CERT_TTL)?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(serving.cert_chain, serving.key))
+        .client_ca_root(Certificate::from_pem(ca.authority.root_pem()))
+        .client_auth_optional(true))
 }
 
 /// Runs until `shutdown` completes or a server fails.
@@ -65,7 +136,9 @@ pub async fn run(
             "--kube: the Kubernetes source is not built yet; use --config-dir DIR",
         ));
     }
+    let ca = workload_ca(&opts)?;
     let xds_listener = bind("xDS", opts.xds_addr).await?;
+    let xds_tls_listener = bind("TLS xDS", opts.xds_tls_addr).await?;
     let debug_listener = bind("debug", opts.debug_addr).await?;
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
@@ -102,8 +175,24 @@ pub async fn run(
 
     let ads = AdsServer::new(cache.clone(), registry.clone());
     let xds = tonic::transport::Server::builder()
-        .add_service(AggregatedDiscoveryServiceServer::new(ads))
+        .add_service(AggregatedDiscoveryServiceServer::new(
+            ads.clone().with_ca(ca.clone(), false),
+        ))
+        .add_service(IstioCertificateServiceServer::new(CertificateService::new(
+            ca.clone(),
+            false,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), stopped(stop_rx.clone()));
+    let xds_tls = tonic::transport::Server::builder()
+        .tls_config(tls_config(&ca, &opts.xds_dns_names)?)
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .add_service(AggregatedDiscoveryServiceServer::new(
+            ads.with_ca(ca.clone(), true),
+        ))
+        .add_service(IstioCertificateServiceServer::new(CertificateService::new(
+            ca, true,
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(xds_tls_listener), stopped(stop_rx.clone()));
     let state = DebugState {
         cache,
         registry,
@@ -111,11 +200,23 @@ pub async fn run(
     };
     let debug = axum::serve(debug_listener, debug::router(state)).with_graceful_shutdown(stopped(stop_rx));
 
-    tracing::info!(xds = %opts.xds_addr, debug = %opts.debug_addr, trust_domain = %opts.trust_domain, "meshd serving");
+    tracing::info!(
+        xds = %opts.xds_addr,
+        xds_tls = %opts.xds_tls_addr,
+        debug = %opts.debug_addr,
+        trust_domain = %opts.trust_domain,
+        "meshd serving"
+    );
     ready.store(true, Ordering::Release);
     let xds = async {
         xds.await.map_err(|e| ServeError::Server {
             what: "xDS",
+            reason: e.to_string(),
+        })
+    };
+    let xds_tls = async {
+        xds_tls.await.map_err(|e| ServeError::Server {
+            what: "TLS xDS",
             reason: e.to_string(),
         })
     };
@@ -126,7 +227,7 @@ pub async fn run(
         })
     };
     // The first server to fail ends `meshd serve`; on shutdown both finish.
-    tokio::try_join!(xds, debug).map(|_| ())
+    tokio::try_join!(xds, xds_tls, debug).map(|_| ())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

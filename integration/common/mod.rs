@@ -110,32 +110,55 @@ pub fn curl(args: &[&str]) -> Result<(u16, String), String> {
     Ok((code, body.to_string()))
 }
 
+/// The loopback ports a meshd listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct MeshdPorts {
+    pub xds: u16,
+    pub xds_tls: u16,
+    pub debug: u16,
+}
+
+impl MeshdPorts {
+    pub fn free() -> MeshdPorts {
+        MeshdPorts {
+            xds: free_port(),
+            xds_tls: free_port(),
+            debug: free_port(),
+        }
+    }
+}
+
 /// A running `meshd serve` on free loopback ports.
 pub struct Meshd {
     pub proc: Proc,
     pub xds_port: u16,
+    pub xds_tls_port: u16,
     pub debug_port: u16,
 }
 
 impl Meshd {
     pub fn start(config_dir: &Path, work: &Path) -> Meshd {
-        Meshd::start_on(config_dir, work, free_port(), free_port())
+        Meshd::start_with(config_dir, work, MeshdPorts::free(), &[])
     }
 
-    pub fn start_on(config_dir: &Path, work: &Path, xds_port: u16, debug_port: u16) -> Meshd {
+    /// Starts meshd on `ports` with extra `serve` flags.
+    pub fn start_with(config_dir: &Path, work: &Path, ports: MeshdPorts, extra: &[&str]) -> Meshd {
         let proc = spawn(
             Command::new(meshd_bin())
                 .arg("serve")
                 .arg("--config-dir")
                 .arg(config_dir)
-                .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-                .args(["--debug-addr", &format!("127.0.0.1:{debug_port}")]),
-            work.join(format!("meshd-{xds_port}-{}.log", std::process::id())),
+                .args(["--xds-addr", &format!("127.0.0.1:{}", ports.xds)])
+                .args(["--xds-tls-addr", &format!("127.0.0.1:{}", ports.xds_tls)])
+                .args(["--debug-addr", &format!("127.0.0.1:{}", ports.debug)])
+                .args(extra),
+            work.join(format!("meshd-{}-{}.log", ports.xds, std::process::id())),
         );
         let m = Meshd {
             proc,
-            xds_port,
-            debug_port,
+            xds_port: ports.xds,
+            xds_tls_port: ports.xds_tls,
+            debug_port: ports.debug,
         };
         eventually("meshd /ready", Duration::from_secs(20), || {
             match m.get("/ready") {
@@ -186,9 +209,18 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy for `pod` against `meshd` and waits for its admin /ready.
     pub fn start(control: &Meshd, work: &Path, pod: &Pod<'_>) -> Envoy {
+        Envoy::start_with_bootstrap_args(control, work, pod, &[])
+    }
+
+    /// As `start`, with extra `meshd bootstrap` flags; an `--xds-addr` among
+    /// them replaces meshd's plain port.
+    pub fn start_with_bootstrap_args(control: &Meshd, work: &Path, pod: &Pod<'_>, extra: &[&str]) -> Envoy {
         let admin_port = free_port();
         let bootstrap = work.join(format!("envoy-{admin_port}.yaml"));
-        let xds = format!("127.0.0.1:{}", control.xds_port);
+        let xds = match extra.iter().position(|a| *a == "--xds-addr") {
+            Some(i) => extra.get(i + 1).map(|a| a.to_string()).unwrap_or_default(),
+            None => format!("127.0.0.1:{}", control.xds_port),
+        };
         let admin = format!("127.0.0.1:{admin_port}");
         let path = bootstrap.display().to_string();
         let mut args = vec![
@@ -210,6 +242,14 @@ impl Envoy {
         ];
         if pod.delta {
             args.push("--delta");
+        }
+        let mut rest = extra.iter();
+        while let Some(arg) = rest.next() {
+            if *arg == "--xds-addr" {
+                rest.next();
+            } else {
+                args.push(arg);
+            }
         }
         let out = meshd(&args);
         assert!(
@@ -294,4 +334,65 @@ pub fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// An `openssl s_client` connection kept open, to send requests on later.
+pub struct OpenConnection {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl OpenConnection {
+    /// Connects to 127.0.0.1:`port` with these extra `s_client` flags.
+    pub fn open(port: u16, flags: &[&str]) -> OpenConnection {
+        use std::io::BufRead;
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-quiet"])
+            .args(flags)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_client");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        OpenConnection { child, lines }
+    }
+
+    /// Sends a GET for `host` on the open connection; true when Hello,
+    /// world! comes back.
+    pub fn get(&mut self, host: &str) -> bool {
+        use std::io::Write;
+        let Some(stdin) = self.child.stdin.as_mut() else {
+            return false;
+        };
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if stdin
+            .write_all(req.as_bytes())
+            .and_then(|_| stdin.flush())
+            .is_err()
+        {
+            return false;
+        }
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            if line.contains("Hello, world!") {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

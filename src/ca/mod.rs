@@ -5,13 +5,17 @@
 //! makes or from a CSR. Who may get which identity is decided by the caller
 //! (the xDS server authenticates); this module only signs.
 
+pub mod auth;
 mod authority;
+pub mod service;
 mod store;
+pub mod workload;
 
 use std::fmt;
 
 pub use authority::{Authority, Issued};
 pub use store::{ephemeral, load_or_create, CaFiles};
+pub use workload::WorkloadCa;
 
 /// Errors of the CA.
 #[derive(Debug, thiserror::Error)]

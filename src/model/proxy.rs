@@ -45,6 +45,10 @@ pub struct Proxy {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
+    /// The SPIFFE identity the proxy authenticated as (or, with
+    /// `--insecure-plaintext-identity`, claimed), set by the xDS server.
+    /// Without one, nothing that needs a workload certificate is generated.
+    pub identity: Option<String>,
 }
 
 impl Proxy {
@@ -94,6 +98,7 @@ impl Proxy {
             namespace: text("NAMESPACE").unwrap_or(id_namespace).to_string(),
             labels,
             service_account: text("SERVICE_ACCOUNT").unwrap_or("default").to_string(),
+            identity: None,
         })
     }
 
@@ -101,7 +106,8 @@ impl Proxy {
     /// the same resources, so they share one computed and encoded set.
     pub fn config_key(&self) -> String {
         let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{}|{}|{}", self.role, self.namespace, labels.join(","))
+        let identity = if self.identity.is_some() { "id" } else { "-" };
+        format!("{}|{}|{}|{identity}", self.role, self.namespace, labels.join(","))
     }
 }
 

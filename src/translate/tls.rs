@@ -18,6 +18,7 @@ use envoy_types::util::pack_any;
 use super::gateway::{binds, intersect, BoundServer};
 use super::route::destination_cluster;
 use super::{ads, Diagnostic};
+use crate::ca::workload::{DEFAULT_SECRET, ROOT_SECRET};
 use crate::config::istio::ServerTlsSettings;
 use crate::model::{Proxy, PushContext};
 
@@ -30,6 +31,9 @@ pub enum Mode {
     Mutual,
     /// Terminate, and check a client certificate when one is offered.
     OptionalMutual,
+    /// Terminate with the gateway's own workload certificate (SDS
+    /// `default`) and require a client certificate from the mesh (`ROOTCA`).
+    IstioMutual,
     /// Route the still-encrypted stream by SNI (VirtualService `tls:`).
     Passthrough,
     /// Route by SNI names of Istio's `outbound_.PORT_._.HOST` form.
@@ -43,15 +47,19 @@ impl Mode {
             "SIMPLE" => Mode::Simple,
             "MUTUAL" => Mode::Mutual,
             "OPTIONAL_MUTUAL" => Mode::OptionalMutual,
+            "ISTIO_MUTUAL" => Mode::IstioMutual,
             "PASSTHROUGH" => Mode::Passthrough,
             "AUTO_PASSTHROUGH" => Mode::AutoPassthrough,
-            _ => return None, // ISTIO_MUTUAL needs the mesh CA
+            _ => return None,
         })
     }
 
     /// Whether the gateway terminates TLS in this mode.
     pub fn terminates(self) -> bool {
-        matches!(self, Mode::Simple | Mode::Mutual | Mode::OptionalMutual)
+        matches!(
+            self,
+            Mode::Simple | Mode::Mutual | Mode::OptionalMutual | Mode::IstioMutual
+        )
     }
 }
 
@@ -105,6 +113,9 @@ pub fn downstream_transport(
 ) -> Option<TransportSocket> {
     let tls = bound.server.tls.as_ref()?;
     let mut ctx = ServerContext { bound, diags };
+    if mode == Mode::IstioMutual {
+        return istio_mutual(proxy, tls, &mut ctx);
+    }
     // Kept aside until the server is known to be served.
     let mut secrets = Vec::new();
     let credential = tls
@@ -188,6 +199,55 @@ pub fn downstream_transport(
         ..Default::default()
     };
     out_secrets.append(&mut secrets);
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+    })
+}
+
+/// ISTIO_MUTUAL: the gateway's workload certificate and the mesh root, both
+/// delivered by meshd's CA on the proxy's own stream.
+fn istio_mutual(
+    proxy: &Proxy,
+    tls: &ServerTlsSettings,
+    ctx: &mut ServerContext<'_>,
+) -> Option<TransportSocket> {
+    if proxy.identity.is_none() {
+        ctx.diag(
+            ".mode",
+            "ISTIO_MUTUAL needs the gateway's workload certificate, and this proxy has no authenticated identity \
+             (connect it to the TLS xDS port with a token or client certificate); the server is left out"
+                .into(),
+        );
+        return None;
+    }
+    let common = CommonTlsContext {
+        tls_params: Some(tls_params(tls)),
+        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+        tls_certificate_sds_secret_configs: vec![sds(DEFAULT_SECRET)],
+        validation_context_type: Some(
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: tls
+                            .subject_alt_names
+                            .iter()
+                            .flat_map(|s| san_matchers(s))
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                    ..Default::default()
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    let context = DownstreamTlsContext {
+        common_tls_context: Some(common),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
     Some(TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -14,13 +15,15 @@ use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value 
 use futures::Stream;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::cache::SnapshotCache;
+use super::cache::{Encoded, Snapshot, SnapshotCache};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
 use super::XdsType;
+use crate::ca::{SpiffeId, WorkloadCa};
 use crate::model::Proxy;
 
 /// The ADS service.
@@ -28,12 +31,41 @@ use crate::model::Proxy;
 pub struct AdsServer {
     cache: Arc<SnapshotCache>,
     registry: Arc<Registry>,
+    ca: Option<Arc<WorkloadCa>>,
+    /// Whether this instance serves the TLS port (callers must authenticate).
+    tls: bool,
 }
 
 impl AdsServer {
     /// A server answering from `cache` and recording streams in `registry`.
     pub fn new(cache: Arc<SnapshotCache>, registry: Arc<Registry>) -> AdsServer {
-        AdsServer { cache, registry }
+        AdsServer {
+            cache,
+            registry,
+            ca: None,
+            tls: false,
+        }
+    }
+
+    /// Authenticates callers with `ca` and gives authenticated proxies
+    /// their workload certificates (`default`, `ROOTCA`) over SDS. `tls`:
+    /// this instance serves the TLS port, where callers must authenticate.
+    pub fn with_ca(mut self, ca: Arc<WorkloadCa>, tls: bool) -> AdsServer {
+        self.ca = Some(ca);
+        self.tls = tls;
+        self
+    }
+
+    /// Who is calling; a refused caller ends the stream before it starts.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Option<SpiffeId>, Status> {
+        let Some(ca) = &self.ca else { return Ok(None) };
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        ca.auth
+            .authenticate(authorization, request.peer_certs(), self.tls)
+            .map_err(|e| e.status())
     }
 }
 
@@ -48,8 +80,9 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request)?;
         let (tx, rx) = mpsc::channel(16);
-        let conn = Connection::new(self, "sotw");
+        let conn = Connection::new(self, "sotw", caller);
         tokio::spawn(conn.run(request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -58,8 +91,9 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request)?;
         let (tx, rx) = mpsc::channel(16);
-        let conn = Connection::new(self, "delta");
+        let conn = Connection::new(self, "delta", caller);
         tokio::spawn(conn.run(request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -177,14 +211,75 @@ struct Connection {
     cache: Arc<SnapshotCache>,
     registry: Arc<Registry>,
     mode: &'static str,
+    ca: Option<Arc<WorkloadCa>>,
+    tls: bool,
+    caller: Option<SpiffeId>,
 }
 
+/// A proxy's workload certificate as SDS resources, and when to renew it.
+struct Workload {
+    identity: SpiffeId,
+    secrets: Vec<Arc<Encoded>>,
+    renew_at: Instant,
+}
+
+/// How long to wait before trying again when issuing fails.
+const ISSUE_RETRY: Duration = Duration::from_secs(10);
+
 impl Connection {
-    fn new(server: &AdsServer, mode: &'static str) -> Connection {
+    fn new(server: &AdsServer, mode: &'static str, caller: Option<SpiffeId>) -> Connection {
         Connection {
             cache: server.cache.clone(),
             registry: server.registry.clone(),
             mode,
+            ca: server.ca.clone(),
+            tls: server.tls,
+            caller,
+        }
+    }
+
+    /// The proxy's snapshot, with its own workload certificates added.
+    fn snapshot(&self, proxy: &Proxy, workload: Option<&Workload>) -> Arc<Snapshot> {
+        let shared = self.cache.snapshot(proxy);
+        let Some(w) = workload else { return shared };
+        let mut resources = shared.resources.clone();
+        let secrets = resources.entry(XdsType::Secret).or_default();
+        for s in &w.secrets {
+            secrets.insert(s.name.clone(), s.clone());
+        }
+        Arc::new(Snapshot {
+            generation: shared.generation,
+            resources,
+            diagnostics: shared.diagnostics.clone(),
+        })
+    }
+
+    /// Issues (or renews) the certificate of `identity`.
+    fn workload(&self, identity: SpiffeId) -> Option<Workload> {
+        let ca = self.ca.as_ref()?;
+        match ca.issue(&identity) {
+            Ok(issued) => {
+                let secrets = ca
+                    .sds_secrets(&issued)
+                    .iter()
+                    .map(|s| Arc::new(Encoded::new(s.name.clone(), s)))
+                    .collect();
+                tracing::info!(%identity, "issued a workload certificate");
+                Some(Workload {
+                    identity,
+                    secrets,
+                    renew_at: Instant::now() + ca.ttl / 2,
+                })
+            }
+            Err(e) => {
+                tracing::error!(%identity, "cannot issue a workload certificate: {e}; retrying");
+                // Keep the identity, without secrets, and try again soon.
+                Some(Workload {
+                    identity,
+                    secrets: Vec::new(),
+                    renew_at: Instant::now() + ISSUE_RETRY,
+                })
+            }
         }
     }
 
@@ -198,7 +293,9 @@ impl Connection {
         let mut generations = self.cache.subscribe();
         let mut state = StreamState::default();
         let mut proxy: Option<(Proxy, u64)> = None;
+        let mut workload: Option<Workload> = None;
         loop {
+            let renew_at = workload.as_ref().map(|w| w.renew_at);
             let outgoing = tokio::select! {
                 msg = inbound.message() => {
                     let req = match msg {
@@ -211,7 +308,10 @@ impl Connection {
                     };
                     if proxy.is_none() {
                         match self.identify(req.node()) {
-                            Ok(p) => proxy = Some(p),
+                            Ok((p, id, identity)) => {
+                                workload = identity.and_then(|i| self.workload(i));
+                                proxy = Some((p, id));
+                            }
                             Err(status) => {
                                 let _ = tx.send(Err(status)).await;
                                 break;
@@ -223,7 +323,7 @@ impl Connection {
                         continue;
                     };
                     let Some((p, _)) = &proxy else { break };
-                    let snapshot = self.cache.snapshot(p);
+                    let snapshot = self.snapshot(p, workload.as_ref());
                     let out = req.apply(t, &mut state, &snapshot);
                     (out.into_iter().collect::<Vec<_>>(), snapshot)
                 }
@@ -232,7 +332,13 @@ impl Connection {
                         break;
                     }
                     let Some((p, _)) = &proxy else { continue };
-                    let snapshot = self.cache.snapshot(p);
+                    let snapshot = self.snapshot(p, workload.as_ref());
+                    (R::push(&mut state, &snapshot), snapshot)
+                }
+                _ = sleep_until_some(renew_at) => {
+                    let Some((p, _)) = &proxy else { continue };
+                    workload = workload.take().and_then(|w| self.workload(w.identity));
+                    let snapshot = self.snapshot(p, workload.as_ref());
                     (R::push(&mut state, &snapshot), snapshot)
                 }
             };
@@ -253,14 +359,46 @@ impl Connection {
         }
     }
 
-    fn identify(&self, node: Option<&Node>) -> Result<(Proxy, u64), Status> {
+    /// Parses the node, checks it against the authenticated caller, and
+    /// registers the stream. Returns the workload identity to issue for.
+    fn identify(&self, node: Option<&Node>) -> Result<(Proxy, u64, Option<SpiffeId>), Status> {
         let node = node
             .ok_or_else(|| Status::invalid_argument("the first request of a stream must carry the node"))?;
         let metadata = node.metadata.as_ref().map(struct_to_json).unwrap_or_default();
-        let proxy = Proxy::parse(&node.id, &metadata).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(proxy = %proxy.id, mode = self.mode, "proxy connected");
+        let mut proxy =
+            Proxy::parse(&node.id, &metadata).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let identity = match (&self.caller, &self.ca) {
+            (Some(caller), _) => {
+                if caller.namespace != proxy.namespace || caller.service_account != proxy.service_account {
+                    return Err(Status::permission_denied(format!(
+                        "node {} claims namespace {:?} and service account {:?}, but the caller authenticated as {caller}",
+                        proxy.id, proxy.namespace, proxy.service_account
+                    )));
+                }
+                Some(caller.clone())
+            }
+            (None, Some(ca)) if ca.insecure_plaintext_identity && !self.tls => Some(
+                SpiffeId::new(
+                    ca.authority.trust_domain(),
+                    &proxy.namespace,
+                    &proxy.service_account,
+                )
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        proxy.identity = identity.as_ref().map(ToString::to_string);
+        tracing::info!(proxy = %proxy.id, mode = self.mode, identity = ?proxy.identity, "proxy connected");
         let id = self.registry.register(proxy.clone(), self.mode);
-        Ok((proxy, id))
+        Ok((proxy, id, identity))
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
