@@ -377,6 +377,72 @@ fn csr_is_signed_for_the_authenticated_identity_only() {
             .expect_err("refused without credentials");
         assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
     });
+    let (_, metrics) = ca.meshd.get("/metrics").expect("metrics");
+    assert!(metrics.contains("citadel_server_csr_count 2"), "{metrics}");
+    assert!(
+        metrics.contains("citadel_server_success_cert_issuance_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("citadel_server_root_cert_expiry_timestamp "),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn insecure_plaintext_identity_believes_the_node_and_says_so() {
+    let ca = Ca::start(&["--insecure-plaintext-identity"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let plain = Channel::from_shared(format!("http://127.0.0.1:{}", ca.meshd.xds_port))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let san = sds_identity(plain, node("shop", "cart"), None)
+            .await
+            .expect("issued");
+        assert_eq!(san, "URI:spiffe://cluster.local/ns/shop/sa/cart");
+    });
+    let sync = ca.meshd.json("/debug/syncz");
+    let warnings = sync["warnings"].to_string();
+    assert!(warnings.contains("--insecure-plaintext-identity"), "{sync}");
+}
+
+#[test]
+fn restart_keeps_the_root_and_a_bad_ca_dir_stops_start_up() {
+    let mut ca = Ca::start(&[]);
+    let root = ca.root_pem();
+    ca.meshd.proc.kill();
+    let ports = MeshdPorts::free();
+    let ca_dir = ca.path("ca").display().to_string();
+    let key = ca.path("token-key.pem").display().to_string();
+    ca.meshd = Meshd::start_with(
+        &ca.path("config"),
+        ca.work.path(),
+        ports,
+        &["--ca-dir", &ca_dir, "--token-key", &key],
+    );
+    assert_eq!(ca.root_pem(), root, "a restart never changes the root");
+    ca.meshd.proc.kill();
+    std::fs::write(ca.path("ca/ca-key.pem"), "not a key").expect("corrupt");
+    let out = meshd(&[
+        "serve",
+        "--ca-dir",
+        &ca_dir,
+        "--xds-addr",
+        "127.0.0.1:0",
+        "--xds-tls-addr",
+        "127.0.0.1:0",
+        "--debug-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ca-key.pem: not a usable PKCS#8 private key"),
+        "{err}"
+    );
 }
 
 /// A stock Envoy gateway connected over TLS with a token.

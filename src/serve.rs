@@ -15,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use std::time::Duration;
 
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::ca::auth::{Authenticator, TokenVerifier};
@@ -107,6 +108,11 @@ fn workload_ca(opts: &ServeOptions) -> Result<Arc<WorkloadCa>, ServeError> {
             "--insecure-plaintext-identity: proxies on the plain port get certificates for whatever identity their node metadata claims"
         );
     }
+    let expiry = authority
+        .root_not_after()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!(ca::metric::ROOT_EXPIRY).set(expiry.as_secs_f64());
     Ok(Arc::new(WorkloadCa {
         authority: Arc::new(authority),
         auth: Authenticator {
@@ -136,6 +142,7 @@ pub async fn run(
             "--kube: the Kubernetes source is not built yet; use --config-dir DIR",
         ));
     }
+    let metrics = install_metrics();
     let ca = workload_ca(&opts)?;
     let xds_listener = bind("xDS", opts.xds_addr).await?;
     let xds_tls_listener = bind("TLS xDS", opts.xds_tls_addr).await?;
@@ -193,10 +200,19 @@ pub async fn run(
             ca, true,
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(xds_tls_listener), stopped(stop_rx.clone()));
+    let mut warnings = Vec::new();
+    if opts.insecure_plaintext_identity {
+        warnings.push(format!(
+            "--insecure-plaintext-identity: proxies on {} get certificates for the identity their node metadata claims, unauthenticated",
+            opts.xds_addr
+        ));
+    }
     let state = DebugState {
         cache,
         registry,
         ready: ready.clone(),
+        metrics,
+        warnings,
     };
     let debug = axum::serve(debug_listener, debug::router(state)).with_graceful_shutdown(stopped(stop_rx));
 
@@ -228,6 +244,14 @@ pub async fn run(
     };
     // The first server to fail ends `meshd serve`; on shutdown both finish.
     tokio::try_join!(xds, xds_tls, debug).map(|_| ())
+}
+
+/// Installs the Prometheus recorder (once per process) and returns what
+/// renders it.
+fn install_metrics() -> Option<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok().map(|_| handle)
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -17,6 +17,18 @@ pub use authority::{Authority, Issued};
 pub use store::{ephemeral, load_or_create, CaFiles};
 pub use workload::WorkloadCa;
 
+/// Istio's names for the CA's metrics, so existing dashboards read them.
+pub mod metric {
+    /// CSRs received by `CreateCertificate`.
+    pub const CSR_COUNT: &str = "citadel_server_csr_count";
+    /// Certificates issued (from CSRs and for SDS).
+    pub const ISSUED: &str = "citadel_server_success_cert_issuance_count";
+    /// Failed signings.
+    pub const SIGN_ERRORS: &str = "citadel_server_csr_sign_err_count";
+    /// Unix time at which the root certificate expires.
+    pub const ROOT_EXPIRY: &str = "citadel_server_root_cert_expiry_timestamp";
+}
+
 /// Errors of the CA.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {

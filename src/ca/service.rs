@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::WorkloadCa;
+use super::{metric, WorkloadCa};
 use crate::pb::istio_ca::istio_certificate_service_server::IstioCertificateService;
 use crate::pb::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 
@@ -31,6 +31,7 @@ impl IstioCertificateService for CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
+        metrics::counter!(metric::CSR_COUNT).increment(1);
         let authorization = request
             .metadata()
             .get("authorization")
@@ -55,7 +56,11 @@ impl IstioCertificateService for CertificateService {
             .ca
             .authority
             .sign_csr(&req.csr, &caller, validity)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| {
+                metrics::counter!(metric::SIGN_ERRORS).increment(1);
+                Status::invalid_argument(e.to_string())
+            })?;
+        metrics::counter!(metric::ISSUED).increment(1);
         tracing::info!(identity = %caller, "signed a CSR");
         Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
     }

@@ -32,7 +32,14 @@ pub struct WorkloadCa {
 impl WorkloadCa {
     /// A fresh certificate for `id`.
     pub fn issue(&self, id: &SpiffeId) -> Result<Issued, CaError> {
-        self.authority.issue(id, self.ttl)
+        let issued = self.authority.issue(id, self.ttl);
+        let name = if issued.is_ok() {
+            super::metric::ISSUED
+        } else {
+            super::metric::SIGN_ERRORS
+        };
+        metrics::counter!(name).increment(1);
+        issued
     }
 
     /// `default` and `ROOTCA` for an issued certificate.

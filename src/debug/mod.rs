@@ -8,6 +8,7 @@
 //! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
 //!   of Envoy's own `/config_dump` (private keys redacted, as Envoy does).
 //! - `/debug/configz`: every resource as loaded, and the rejected documents.
+//! - `/metrics`: Prometheus text, with Istio's metric names where Istio has one.
 
 pub mod render;
 
@@ -28,6 +29,7 @@ use envoy_types::pb::envoy::admin::v3::{
 };
 use envoy_types::pb::google::protobuf::Timestamp;
 use envoy_types::util::pack_any;
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
 use crate::config::Resource;
@@ -41,6 +43,10 @@ pub struct DebugState {
     pub registry: Arc<Registry>,
     /// Set once config is loaded and the xDS port is listening.
     pub ready: Arc<AtomicBool>,
+    /// Renders `/metrics`; `None` where no recorder is installed (tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// Things an operator must know, shown on `/debug/syncz`.
+    pub warnings: Vec<String>,
 }
 
 /// The debug router.
@@ -50,6 +56,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/syncz", get(syncz))
         .route("/debug/config_dump", get(config_dump))
         .route("/debug/configz", get(configz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -58,6 +65,17 @@ async fn ready(State(s): State<DebugState>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<DebugState>) -> Response {
+    match &s.metrics {
+        Some(handle) => (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder\n").into_response(),
     }
 }
 
@@ -91,6 +109,7 @@ fn connection_json(c: &ConnectionStatus) -> Value {
         "namespace": c.proxy.namespace,
         "labels": c.proxy.labels,
         "service_account": c.proxy.service_account,
+        "identity": c.proxy.identity,
         "mode": c.mode,
         "connected_since": unix(c.connected_since),
         "generation": c.generation,
@@ -101,7 +120,11 @@ fn connection_json(c: &ConnectionStatus) -> Value {
 
 async fn syncz(State(s): State<DebugState>) -> Json<Value> {
     let proxies: Vec<Value> = s.registry.list().iter().map(connection_json).collect();
-    Json(json!({ "generation": s.cache.push_context().config.generation, "proxies": proxies }))
+    Json(json!({
+        "generation": s.cache.push_context().config.generation,
+        "warnings": s.warnings,
+        "proxies": proxies,
+    }))
 }
 
 #[derive(Debug, serde::Deserialize)]
