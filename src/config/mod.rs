@@ -38,6 +38,7 @@ pub enum Kind {
     Secret,
     Gateway,
     VirtualService,
+    PeerAuthentication,
 }
 
 impl Kind {
@@ -53,6 +54,7 @@ impl Kind {
             ("", "Secret") => Some(Kind::Secret),
             ("networking.istio.io", "Gateway") => Some(Kind::Gateway),
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
+            ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             _ => None,
         }
     }
@@ -117,6 +119,8 @@ impl<S> IstioObject<S> {
 pub type Gateway = IstioObject<istio::GatewaySpec>;
 /// A VirtualService resource.
 pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
+/// A PeerAuthentication resource.
+pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 
 /// One resource of a kind meshd reads.
 // Resources live behind `Arc` in the store, so the variants' size spread
@@ -133,6 +137,7 @@ pub enum Resource {
     Secret(Secret),
     Gateway(Gateway),
     VirtualService(VirtualService),
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Resource {
@@ -147,6 +152,7 @@ impl Resource {
             Resource::Secret(r) => &r.metadata,
             Resource::Gateway(r) => &r.metadata,
             Resource::VirtualService(r) => &r.metadata,
+            Resource::PeerAuthentication(r) => &r.metadata,
         }
     }
 
@@ -161,6 +167,7 @@ impl Resource {
             Resource::Secret(_) => Kind::Secret,
             Resource::Gateway(_) => Kind::Gateway,
             Resource::VirtualService(_) => Kind::VirtualService,
+            Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 

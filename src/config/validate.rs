@@ -3,7 +3,8 @@
 //! route, RE2 regexes, durations. Each check names the field it failed on.
 
 use super::istio::{
-    Destination, GatewaySpec, HttpMatchRequest, HttpRoute, Server, StringMatch, VirtualServiceSpec,
+    Destination, GatewaySpec, HttpMatchRequest, HttpRoute, PeerAuthenticationSpec, Server, StringMatch,
+    VirtualServiceSpec,
 };
 use super::Resource;
 
@@ -21,6 +22,7 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
     let result = match resource {
         Resource::Gateway(g) => gateway(&g.spec),
         Resource::VirtualService(vs) => virtual_service(&vs.spec),
+        Resource::PeerAuthentication(pa) => peer_authentication(&pa.spec),
         _ => Ok(()),
     };
     result.err()
@@ -102,6 +104,37 @@ fn gateway_server(at: &str, server: &Server) -> Checked {
             format!("{at}.tls"),
             format!("a server with protocol {protocol} needs tls settings"),
         );
+    }
+    Ok(())
+}
+
+const MTLS_MODES: &[&str] = &["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
+
+fn peer_authentication(spec: &PeerAuthenticationSpec) -> Checked {
+    let mode_ok = |field: String, m: &crate::config::istio::MutualTls| match &m.mode {
+        Some(mode) if !MTLS_MODES.contains(&mode.as_str()) => fail(
+            field,
+            format!("unknown mode {mode:?}; expected one of {}", MTLS_MODES.join(", ")),
+        ),
+        _ => Ok(()),
+    };
+    if let Some(m) = &spec.mtls {
+        mode_ok("spec.mtls.mode".into(), m)?;
+    }
+    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
+        return fail(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a selector: port-level settings apply to selected workloads only",
+        );
+    }
+    for (port, m) in &spec.port_level_mtls {
+        if *port == 0 || *port > 65535 {
+            return fail(
+                format!("spec.portLevelMtls.{port}"),
+                format!("{port} is not a port number"),
+            );
+        }
+        mode_ok(format!("spec.portLevelMtls.{port}.mode"), m)?;
     }
     Ok(())
 }

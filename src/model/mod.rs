@@ -7,6 +7,7 @@
 //! resources; that is `translate`.
 
 mod credential;
+pub mod peer_auth;
 mod proxy;
 mod service;
 
@@ -18,7 +19,9 @@ pub use credential::{CredentialError, Credentials, ServerCredential};
 pub use proxy::{Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, ServicePort};
 
-use crate::config::{ConfigSnapshot, Gateway, Kind, Resource, VirtualService};
+use serde::Serialize;
+
+use crate::config::{ConfigSnapshot, Gateway, Kind, PeerAuthentication, Resource, VirtualService};
 
 /// The cluster DNS suffix of service hostnames.
 pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
@@ -38,6 +41,24 @@ pub struct PushContext {
     pub namespaces: BTreeSet<String>,
     /// TLS credentials from Secrets, checked at the generation's time.
     pub credentials: Credentials,
+    /// Every PeerAuthentication.
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// Pods by IP (`status.podIP`): labels, identity, whether in the mesh.
+    pub pods: BTreeMap<String, Arc<PodInfo>>,
+    /// The SPIFFE trust domain identities are issued in.
+    pub trust_domain: String,
+}
+
+/// What the mesh needs to know of a Pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Carries `security.istio.io/tlsMode: istio`: it has a sidecar that
+    /// speaks Istio mutual TLS.
+    pub mesh: bool,
 }
 
 impl PushContext {
@@ -49,8 +70,16 @@ impl PushContext {
     /// Builds the indexes, judging certificate validity at `now` (tests
     /// and goldens pin it).
     pub fn new_at(config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
-        let services = service::build(&config);
+        let pods: BTreeMap<String, Arc<PodInfo>> = config
+            .of_kind(Kind::Pod)
+            .filter_map(|r| match r {
+                Resource::Pod(pod) => pod_info(pod).map(|(ip, info)| (ip, Arc::new(info))),
+                _ => None,
+            })
+            .collect();
+        let services = service::build(&config, &pods);
         let mut secrets = Vec::new();
+        let mut peer_authentications = Vec::new();
         let mut gateways = BTreeMap::new();
         let mut virtual_services = Vec::new();
         let mut namespaces = BTreeSet::new();
@@ -72,6 +101,7 @@ impl PushContext {
                 }
                 Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
                 Resource::Secret(secret) => secrets.push(Arc::new(secret.clone())),
+                Resource::PeerAuthentication(pa) => peer_authentications.push(Arc::new(pa.clone())),
                 _ => {}
             }
         }
@@ -89,6 +119,9 @@ impl PushContext {
             virtual_services,
             namespaces,
             credentials: Credentials::new(secrets, now),
+            peer_authentications,
+            pods,
+            trust_domain: "cluster.local".into(),
         }
     }
 
@@ -111,6 +144,48 @@ impl PushContext {
     pub fn pod_count(&self) -> usize {
         self.config.of_kind(Kind::Pod).count()
     }
+
+    /// Sets the trust domain identities are issued in (default `cluster.local`).
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> PushContext {
+        self.trust_domain = trust_domain.to_string();
+        self
+    }
+
+    /// The SPIFFE identity of a service account.
+    pub fn spiffe(&self, namespace: &str, service_account: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            self.trust_domain
+        )
+    }
+}
+
+/// The Pod's IP and what the mesh needs of it; `None` before it has an IP.
+fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, PodInfo)> {
+    let ip = pod.status.as_ref()?.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+    let labels: BTreeMap<String, String> = pod
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mesh = labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    Some((
+        ip,
+        PodInfo {
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            labels,
+            service_account,
+            mesh,
+        },
+    ))
 }
 
 /// Whether every `selector` label is in `labels`.

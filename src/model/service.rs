@@ -8,7 +8,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use super::DOMAIN_SUFFIX;
+use super::{PodInfo, DOMAIN_SUFFIX};
 use crate::config::{ConfigSnapshot, Resource};
 
 /// A Kubernetes Service as the mesh sees it.
@@ -19,6 +19,8 @@ pub struct MeshService {
     /// `name.namespace.svc.cluster.local`.
     pub hostname: String,
     pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIP`; `None` for headless services.
+    pub cluster_ip: Option<String>,
     pub ports: Vec<ServicePort>,
 }
 
@@ -30,6 +32,8 @@ pub struct ServicePort {
     /// The targetPort as written: a number, a container port name, or none.
     pub target_port: Option<String>,
     pub protocol: String,
+    /// `appProtocol`, when set.
+    pub app_protocol: Option<String>,
     /// Ready endpoints, sorted.
     pub endpoints: Vec<Endpoint>,
 }
@@ -39,6 +43,9 @@ pub struct ServicePort {
 pub struct Endpoint {
     pub ip: String,
     pub port: u16,
+    /// For an endpoint whose Pod is in the mesh (`security.istio.io/tlsMode:
+    /// istio`): its namespace and service account, the identity it presents.
+    pub mesh: Option<(String, String)>,
 }
 
 impl MeshService {
@@ -49,6 +56,19 @@ impl MeshService {
 }
 
 impl ServicePort {
+    /// Whether the port carries HTTP, by Istio's protocol selection: an
+    /// `appProtocol` of http/http2/grpc/grpc-web, else a name of that
+    /// protocol or prefixed by it and `-`. Everything else is TCP.
+    pub fn is_http(&self) -> bool {
+        const HTTP: &[&str] = &["http", "http2", "grpc", "grpc-web", "h2c"];
+        if let Some(app) = &self.app_protocol {
+            return HTTP.contains(&app.to_ascii_lowercase().as_str());
+        }
+        let name = self.name.to_ascii_lowercase();
+        let prefix = name.split('-').next().unwrap_or_default();
+        HTTP.contains(&prefix)
+    }
+
     /// The targetPort as a number, when it is one (or unset: then the port).
     pub fn target_number(&self) -> Option<u16> {
         match &self.target_port {
@@ -59,7 +79,10 @@ impl ServicePort {
 }
 
 /// Indexes every Service of the generation with its endpoints.
-pub(super) fn build(config: &ConfigSnapshot) -> BTreeMap<String, Arc<MeshService>> {
+pub(super) fn build(
+    config: &ConfigSnapshot,
+    pods: &BTreeMap<String, Arc<PodInfo>>,
+) -> BTreeMap<String, Arc<MeshService>> {
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, String), &Endpoints> = BTreeMap::new();
     for entry in config.resources.values() {
@@ -102,6 +125,12 @@ pub(super) fn build(config: &ConfigSnapshot) -> BTreeMap<String, Arc<MeshService
                 } else {
                     from_slices(&p, svc_slices)
                 };
+                for e in &mut p.endpoints {
+                    e.mesh = pods
+                        .get(&e.ip)
+                        .filter(|pod| pod.mesh)
+                        .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
+                }
                 p
             })
             .collect();
@@ -113,11 +142,17 @@ pub(super) fn build(config: &ConfigSnapshot) -> BTreeMap<String, Arc<MeshService
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let cluster_ip = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.clone())
+            .filter(|ip| !ip.is_empty() && ip != "None");
         let service = MeshService {
             name,
             namespace,
             hostname: hostname.clone(),
             selector,
+            cluster_ip,
             ports,
         };
         out.insert(hostname, Arc::new(service));
@@ -139,6 +174,7 @@ fn service_ports(svc: &Service) -> Vec<ServicePort> {
                     IntOrString::String(s) => s.clone(),
                 }),
                 protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                app_protocol: p.app_protocol.clone(),
                 endpoints: Vec::new(),
             })
         })
@@ -177,6 +213,7 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
             out.insert(Endpoint {
                 ip: addr.ip.clone(),
                 port,
+                mesh: None,
             });
         }
     }
@@ -202,7 +239,11 @@ fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
                 continue;
             }
             for ip in &ep.addresses {
-                out.insert(Endpoint { ip: ip.clone(), port });
+                out.insert(Endpoint {
+                    ip: ip.clone(),
+                    port,
+                    mesh: None,
+                });
             }
         }
     }
@@ -215,7 +256,10 @@ mod tests {
     use crate::config::parse_file;
 
     fn services(yaml: &str) -> BTreeMap<String, Arc<MeshService>> {
-        build(&ConfigSnapshot::from_files(vec![parse_file("t.yaml", yaml)]))
+        build(
+            &ConfigSnapshot::from_files(vec![parse_file("t.yaml", yaml)]),
+            &BTreeMap::new(),
+        )
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: hw}\nspec:\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: admin, port: 81, targetPort: 9090}\n";
@@ -251,7 +295,8 @@ mod tests {
             eps,
             &vec![Endpoint {
                 ip: "10.0.0.5".into(),
-                port: 8080
+                port: 8080,
+                mesh: None,
             }]
         );
     }
