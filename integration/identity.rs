@@ -447,6 +447,11 @@ fn restart_keeps_the_root_and_a_bad_ca_dir_stops_start_up() {
 
 /// A stock Envoy gateway connected over TLS with a token.
 fn envoy_with_token(ca: &Ca, ns: &str, sa: &str) -> Envoy {
+    envoy_with_token_as(ca, "gateway", "sleep-gateway-1", ns, sa)
+}
+
+/// A stock Envoy of `role` connected over TLS with a token for ns/sa.
+fn envoy_with_token_as(ca: &Ca, role: &str, name: &str, ns: &str, sa: &str) -> Envoy {
     let token_file = ca.path("token");
     std::fs::write(&token_file, ca.token(ns, sa, 3600)).expect("token file");
     let root = ca.path("ca/root-cert.pem").display().to_string();
@@ -456,8 +461,8 @@ fn envoy_with_token(ca: &Ca, ns: &str, sa: &str) -> Envoy {
         &ca.meshd,
         ca.work.path(),
         &Pod {
-            role: "gateway",
-            name: "sleep-gateway-1",
+            role,
+            name,
             namespace: ns,
             labels: "app=sleep-gateway",
             delta: false,
@@ -496,6 +501,45 @@ fn envoy_cert(envoy: &Envoy) -> Result<(String, String), String> {
             .to_string(),
         cert["serial_number"].as_str().unwrap_or_default().to_string(),
     ))
+}
+
+#[test]
+fn stock_envoy_sidecar_gets_default_for_its_token_identity_only() {
+    let ca = Ca::start(&[]);
+    // A sidecar on loopback (no capture rules here): its inbound listener
+    // asks for `default` and `ROOTCA` over SDS.
+    let envoy = envoy_with_token_as(&ca, "sidecar", "sleep-6d4f", "default", "sleep");
+    let (uri, _) = eventually(
+        "the sidecar holds its workload certificate",
+        Duration::from_secs(15),
+        || envoy_cert(&envoy),
+    );
+    assert_eq!(uri, "spiffe://cluster.local/ns/default/sa/sleep");
+    let (_, certs) = envoy.admin("/certs").expect("certs");
+    let mut ids: Vec<&str> = certs
+        .match_indices("spiffe://")
+        .map(|(i, _)| certs[i..].split('"').next().unwrap_or_default())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/sleep"], "one identity and no other");
+    let sync = ca.meshd.json("/debug/syncz");
+    let proxy = &sync["proxies"][0];
+    assert_eq!(proxy["role"], "sidecar");
+    for t in ["cds", "lds", "sds"] {
+        assert!(proxy["types"][t]["nack"].is_null(), "{t} NACKed: {sync}");
+        assert_eq!(
+            proxy["types"][t]["acked_version"], proxy["types"][t]["sent_version"],
+            "{t}: {sync}"
+        );
+    }
+    let dump = ca.meshd.json(&format!(
+        "/debug/config_dump?proxy={}",
+        proxy["proxy"].as_str().unwrap_or_default().replace('~', "%7E")
+    ));
+    let text = dump.to_string();
+    assert!(text.contains("\"name\":\"default\""), "the dump lists the secret");
+    assert!(!text.contains("PRIVATE KEY"), "never the key material");
 }
 
 #[test]

@@ -38,6 +38,9 @@ fn default_config() -> String {
 struct ProxySpec {
     name: String,
     id: String,
+    /// The SPIFFE identity the proxy authenticated as, if any.
+    #[serde(default)]
+    identity: Option<String>,
     #[serde(default)]
     metadata: serde_json::Map<String, Value>,
 }
@@ -147,7 +150,8 @@ fn golden_scenarios() {
         let mut written = BTreeSet::new();
         let mut generated = BTreeMap::new();
         for spec in &scenario.proxies {
-            let proxy = Proxy::parse(&spec.id, &spec.metadata).expect("proxy id");
+            let mut proxy = Proxy::parse(&spec.id, &spec.metadata).expect("proxy id");
+            proxy.identity = spec.identity.clone();
             let g = generate(&push, &proxy);
             for (kind, value) in outputs(&g) {
                 let file = out_dir.join(format!("{}.{kind}.json", spec.name));

@@ -6,20 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::listener::v3::{
-    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+    listener_filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
 use envoy_types::pb::envoy::config::route::v3::{virtual_host, Route, RouteConfiguration, VirtualHost};
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
-};
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 
 use super::route::{http_routes, RouteScope};
 use super::tls::{self, Mode};
-use super::{ads, socket, Diagnostic, Generated};
+use super::{http_connection_manager, rds, socket, Diagnostic, Generated};
 use crate::config::istio::Server;
 use crate::config::{Gateway, VirtualService};
 use crate::model::{Proxy, PushContext};
@@ -139,7 +135,8 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
             let chain = FilterChain {
                 filters: vec![http_connection_manager(
                     &format!("outbound_0.0.0.0_{bind}"),
-                    &route_name,
+                    rds(&route_name),
+                    true,
                 )],
                 ..Default::default()
             };
@@ -179,7 +176,8 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                         }),
                         filters: vec![http_connection_manager(
                             &format!("outbound_0.0.0.0_{bind}"),
-                            &route_name,
+                            rds(&route_name),
+                            true,
                         )],
                         transport_socket: Some(socket),
                         ..Default::default()
@@ -300,30 +298,6 @@ fn bind_port(push: &PushContext, proxy: &Proxy, port: u16, out: &mut Generated) 
     port
 }
 
-fn http_connection_manager(stat_prefix: &str, route_name: &str) -> Filter {
-    let hcm = HttpConnectionManager {
-        stat_prefix: stat_prefix.to_string(),
-        codec_type: http_connection_manager::CodecType::Auto as i32,
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: Some(ads()),
-            route_config_name: route_name.to_string(),
-        })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
-            ..Default::default()
-        }],
-        // A gateway is the edge: trust the peer address, not X-Forwarded-For.
-        use_remote_address: Some(BoolValue { value: true }),
-        server_name: "istio-envoy".into(),
-        ..Default::default()
-    };
-    Filter {
-        name: "envoy.filters.network.http_connection_manager".into(),
-        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-    }
-}
-
 /// One virtual host in the making.
 #[derive(Default)]
 struct VhostBuild {
@@ -357,7 +331,7 @@ fn route_configuration(
                     let key = (vs.namespace().to_string(), vs.name().to_string());
                     if vhost.merged.insert(key) {
                         let scope = RouteScope {
-                            gateway: (gw.namespace(), gw.name()),
+                            gateway: Some((gw.namespace(), gw.name())),
                             port: bound.port,
                         };
                         vhost.routes.extend(http_routes(push, vs, &scope, diags));

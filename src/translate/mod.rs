@@ -11,6 +11,7 @@ mod gateway;
 
 pub use gateway::resolve_gateway_ref;
 mod route;
+mod sidecar;
 pub mod simulate;
 mod tls;
 
@@ -21,9 +22,16 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
-use envoy_types::pb::google::protobuf::Duration;
+use envoy_types::pb::google::protobuf::{BoolValue, Duration};
+use envoy_types::util::pack_any;
 use serde::Serialize;
 
 use crate::model::{Proxy, PushContext, Role};
@@ -54,17 +62,12 @@ pub struct Generated {
 /// Translates the push context for one proxy.
 pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
-    let (clusters, endpoints) = cluster::outbound(push);
+    let (clusters, endpoints) = cluster::outbound(push, proxy.identity.is_some());
     out.clusters = clusters;
     out.endpoints = endpoints;
     match proxy.role {
         Role::Router => gateway::build(push, proxy, &mut out),
-        Role::Sidecar => out.diagnostics.push(Diagnostic {
-            resource: format!("proxy {}", proxy.id),
-            field: "node.id".into(),
-            message: "sidecar listeners are not generated yet; the sidecar gets clusters and endpoints only"
-                .into(),
-        }),
+        Role::Sidecar => sidecar::build(push, proxy, &mut out),
     }
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
@@ -93,6 +96,53 @@ fn ads() -> ConfigSource {
             AggregatedConfigSource::default(),
         )),
         ..Default::default()
+    }
+}
+
+/// An HTTP connection manager with the router filter. `edge`: trust the
+/// peer address rather than X-Forwarded-For (gateways).
+fn http_connection_manager(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+    edge: bool,
+) -> Filter {
+    let hcm = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(routes),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        use_remote_address: edge.then_some(BoolValue { value: true }),
+        server_name: "istio-envoy".into(),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+    }
+}
+
+/// Routes from RDS, on the ADS stream.
+fn rds(route_name: &str) -> http_connection_manager::RouteSpecifier {
+    http_connection_manager::RouteSpecifier::Rds(Rds {
+        config_source: Some(ads()),
+        route_config_name: route_name.to_string(),
+    })
+}
+
+/// A TCP proxy to one cluster.
+fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
+    let proxy = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(proxy))),
     }
 }
 

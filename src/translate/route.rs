@@ -17,10 +17,11 @@ use crate::config::istio::{Destination, HttpMatchRequest, HttpRedirect, HttpRout
 use crate::config::VirtualService;
 use crate::model::{resolve_host, PushContext};
 
-/// Where the routes are being built for: a gateway and its server port.
+/// Where the routes are being built for: a gateway (or the mesh's
+/// sidecars) and a port.
 pub struct RouteScope<'a> {
-    /// `(namespace, name)` of the Gateway.
-    pub gateway: (&'a str, &'a str),
+    /// `(namespace, name)` of the Gateway; `None` for sidecars (`mesh`).
+    pub gateway: Option<(&'a str, &'a str)>,
     pub port: u16,
 }
 
@@ -65,10 +66,13 @@ pub fn http_routes(
 /// Whether a match block applies to this gateway and port.
 fn applies(m: &HttpMatchRequest, vs_namespace: &str, scope: &RouteScope<'_>) -> bool {
     let gateway_ok = m.gateways.is_empty()
-        || m.gateways.iter().any(|g| {
-            resolve_gateway_ref(g, vs_namespace)
-                .is_some_and(|(ns, name)| ns == scope.gateway.0 && name == scope.gateway.1)
-        });
+        || m.gateways
+            .iter()
+            .any(|g| match (resolve_gateway_ref(g, vs_namespace), scope.gateway) {
+                (None, None) => true, // `mesh` and a sidecar
+                (Some((ns, name)), Some((gw_ns, gw_name))) => ns == gw_ns && name == gw_name,
+                _ => false,
+            });
     let port_ok = m.port.is_none_or(|p| p == u32::from(scope.port));
     gateway_ok && port_ok
 }

@@ -254,6 +254,41 @@ fn istio_mutual(
     })
 }
 
+/// Istio mutual TLS: the proxy's own `default` certificate, the peer
+/// checked against `ROOTCA` and, when given, its SPIFFE identities (URI
+/// SANs) or other subject alt names.
+pub fn istio_common_tls_context(spiffe_ids: Vec<String>, sans: Vec<String>) -> CommonTlsContext {
+    let uri = |id: String| SubjectAltNameMatcher {
+        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(id)),
+            ignore_case: false,
+        }),
+        ..Default::default()
+    };
+    let matchers = spiffe_ids
+        .into_iter()
+        .map(uri)
+        .chain(sans.iter().flat_map(|s| san_matchers(s)))
+        .collect();
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(DEFAULT_SECRET)],
+        validation_context_type: Some(
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: matchers,
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                    ..Default::default()
+                },
+            ),
+        ),
+        ..Default::default()
+    }
+}
+
 /// The SDS name of the client CA, adding its Secret.
 fn client_ca(
     push: &PushContext,
