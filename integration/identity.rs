@@ -522,7 +522,11 @@ fn stock_envoy_sidecar_gets_default_for_its_token_identity_only() {
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    assert_eq!(ids, vec!["spiffe://cluster.local/ns/default/sa/sleep"], "one identity and no other");
+    assert_eq!(
+        ids,
+        vec!["spiffe://cluster.local/ns/default/sa/sleep"],
+        "one identity and no other"
+    );
     let sync = ca.meshd.json("/debug/syncz");
     let proxy = &sync["proxies"][0];
     assert_eq!(proxy["role"], "sidecar");

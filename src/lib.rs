@@ -17,6 +17,7 @@
 pub mod analyze;
 pub mod bootstrap;
 pub mod ca;
+pub mod capture;
 pub mod config;
 pub mod debug;
 pub mod model;

@@ -91,6 +91,34 @@ enum Command {
         #[command(subcommand)]
         what: CaCommand,
     },
+    /// Install the sidecar's traffic capture rules in the current network
+    /// namespace (Istio's istio-iptables defaults; run as the pod's init).
+    Iptables {
+        /// Envoy's outbound capture port.
+        #[arg(long, default_value_t = 15001)]
+        proxy_port: u16,
+        /// Envoy's inbound capture port.
+        #[arg(long, default_value_t = 15006)]
+        inbound_capture_port: u16,
+        /// The proxy's uid: its own traffic is never captured.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// The proxy's gid: its own traffic is never captured.
+        #[arg(long, default_value_t = 1337)]
+        proxy_gid: u32,
+        /// Inbound ports not captured (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "15090,15021,15020")]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound ports not captured (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// Outbound destinations not captured (CIDRs, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_cidrs: Vec<String>,
+        /// Print the rules (iptables-restore format) instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print what a running meshd serves (a client of its debug endpoints).
     Dump {
         #[arg(long, default_value = "127.0.0.1:15014")]
@@ -288,6 +316,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Analyze { paths } => analyze(&paths),
         Command::Ca { what } => ca(what),
+        Command::Iptables {
+            proxy_port,
+            inbound_capture_port,
+            proxy_uid,
+            proxy_gid,
+            exclude_inbound_ports,
+            exclude_outbound_ports,
+            exclude_outbound_cidrs,
+            dry_run,
+        } => {
+            let o = meshd::capture::CaptureOptions {
+                outbound_port: proxy_port,
+                inbound_port: inbound_capture_port,
+                proxy_uid,
+                proxy_gid,
+                exclude_inbound_ports,
+                exclude_outbound_ports,
+                exclude_outbound_cidrs,
+            };
+            if dry_run {
+                print!("{}", meshd::capture::rules(&o));
+            } else {
+                meshd::capture::install(&o)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dump { debug_addr, what } => {
             let path = match what {
                 DumpWhat::Syncz => "/debug/syncz".to_string(),
