@@ -136,7 +136,7 @@ mod tests {
             assert!(r.lines().any(|l| l == line), "missing {line:?} in\n{r}");
         }
         // The catch-all redirect comes last, after every exception.
-        let last_rule = r.lines().filter(|l| l.starts_with("-A ISTIO_OUTPUT")).last();
+        let last_rule = r.lines().rfind(|l| l.starts_with("-A ISTIO_OUTPUT"));
         assert_eq!(last_rule, Some("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"));
     }
 }
