@@ -20,7 +20,7 @@ help:
 # Debian packages the tests use; installed only where missing.
 deps:
 	@missing=""; \
-	for cmd in curl:curl openssl:openssl python3:python3; do \
+	for cmd in curl:curl openssl:openssl python3:python3 ip:iproute2 iptables-restore:iptables tcpdump:tcpdump setpriv:util-linux; do \
 	  command -v $${cmd%%:*} >/dev/null || missing="$$missing $${cmd##*:}"; \
 	done; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \

@@ -4,5 +4,6 @@
 mod ca;
 mod common;
 mod identity;
+mod mesh;
 mod seed;
 mod tls;

