@@ -272,6 +272,17 @@ fn kube_proxy(t: &Topology, ns: &str) {
     }
 }
 
+/// Who a proxy is, as its bootstrap says.
+#[derive(Clone, Copy)]
+struct Workload<'a> {
+    role: &'a str,
+    name: &'a str,
+    namespace: &'a str,
+    sa: &'a str,
+    labels: &'a str,
+    ip: &'a str,
+}
+
 struct Mesh {
     t: Topology,
     signer: EncodingKey,
@@ -343,16 +354,15 @@ impl Mesh {
     }
 
     /// Starts a stock Envoy in `pod_ns` as uid 1337, from `meshd bootstrap`.
-    fn envoy(
-        &mut self,
-        pod_ns: &str,
-        role: &str,
-        name: &str,
-        namespace: &str,
-        sa: &str,
-        labels: &str,
-        ip: &str,
-    ) {
+    fn envoy(&mut self, pod_ns: &str, w: &Workload<'_>) {
+        let Workload {
+            role,
+            name,
+            namespace,
+            sa,
+            labels,
+            ip,
+        } = *w;
         let bootstrap = self.t.path(&format!("{name}.yaml"));
         let token = self.token(namespace, sa);
         run(Command::new(meshd_bin())
@@ -448,12 +458,14 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
     run(m.t.exec(&hw).arg(meshd_bin()).arg("iptables"));
     m.envoy(
         &hw,
-        "sidecar",
-        "helloworld-695c77f7bd-wptgw",
-        "default",
-        "helloworld",
-        "app=helloworld",
-        HELLO_IP,
+        &Workload {
+            role: "sidecar",
+            name: "helloworld-695c77f7bd-wptgw",
+            namespace: "default",
+            sa: "helloworld",
+            labels: "app=helloworld",
+            ip: HELLO_IP,
+        },
     );
     kube_proxy(&m.t, &ct);
     kube_proxy(&m.t, &out);
@@ -471,12 +483,14 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
     // The ingress gateway (with its own identity) still serves.
     m.envoy(
         &gw,
-        "gateway",
-        "istio-ingressgateway-5d8f",
-        "istio-system",
-        "istio-ingressgateway-service-account",
-        "istio=ingressgateway",
-        GATEWAY_IP,
+        &Workload {
+            role: "gateway",
+            name: "istio-ingressgateway-5d8f",
+            namespace: "istio-system",
+            sa: "istio-ingressgateway-service-account",
+            labels: "istio=ingressgateway",
+            ip: GATEWAY_IP,
+        },
     );
     let gateway = format!("http://{GATEWAY_IP}:8080/");
     wait_hello(
@@ -495,12 +509,14 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
     run(m.t.exec(&ct).arg(meshd_bin()).arg("iptables"));
     m.envoy(
         &ct,
-        "sidecar",
-        "curltest",
-        "default",
-        "curltest",
-        "run=curltest",
-        CURL_IP,
+        &Workload {
+            role: "sidecar",
+            name: "curltest",
+            namespace: "default",
+            sa: "curltest",
+            labels: "run=curltest",
+            ip: CURL_IP,
+        },
     );
     let pcap = m.t.path("hw.pcap");
     let mut cap = m.t.exec(&hw);
