@@ -436,6 +436,8 @@ fn restart_keeps_the_root_and_a_bad_ca_dir_stops_start_up() {
         "127.0.0.1:0",
         "--debug-addr",
         "127.0.0.1:0",
+        "--webhook-addr",
+        "127.0.0.1:0",
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -4,6 +4,7 @@
 mod ca;
 mod common;
 mod identity;
+mod inject;
 mod mesh;
 mod seed;
 mod tls;

@@ -281,6 +281,8 @@ struct Workload<'a> {
     sa: &'a str,
     labels: &'a str,
     ip: &'a str,
+    /// Extra `meshd bootstrap` flags.
+    extra: &'a [&'a str],
 }
 
 struct Mesh {
@@ -362,6 +364,7 @@ impl Mesh {
             sa,
             labels,
             ip,
+            extra,
         } = *w;
         let bootstrap = self.t.path(&format!("{name}.yaml"));
         let token = self.token(namespace, sa);
@@ -390,6 +393,7 @@ impl Mesh {
             .arg(self.t.path("root-cert.pem"))
             .arg("--token-file")
             .arg(&token)
+            .args(extra)
             .args(["--admin-addr", "127.0.0.1:15000", "-o"])
             .arg(&bootstrap));
         std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -465,6 +469,8 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
             sa: "helloworld",
             labels: "app=helloworld",
             ip: HELLO_IP,
+            // What `meshd inject` writes for hello-app's liveness probe.
+            extra: &["--probe", "/app-health/hello-app/livez=8080/"],
         },
     );
     kube_proxy(&m.t, &ct);
@@ -480,6 +486,15 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
     m.set_policy(Some("  mtls:\n    mode: STRICT\n"));
     wait_reset(&m, "STRICT: plain text from curltest is reset", &ct, &hello);
 
+    // Kubelet's probe, rewritten to the sidecar's 15021, still works.
+    let probe = format!("http://{HELLO_IP}:15021/app-health/hello-app/livez");
+    wait_hello(
+        &m,
+        "the rewritten liveness probe under STRICT",
+        &out,
+        &[probe.as_str()],
+    );
+
     // The ingress gateway (with its own identity) still serves.
     m.envoy(
         &gw,
@@ -490,6 +505,7 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
             sa: "istio-ingressgateway-service-account",
             labels: "istio=ingressgateway",
             ip: GATEWAY_IP,
+            extra: &[],
         },
     );
     let gateway = format!("http://{GATEWAY_IP}:8080/");
@@ -516,6 +532,7 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
             sa: "curltest",
             labels: "run=curltest",
             ip: CURL_IP,
+            extra: &[],
         },
     );
     let pcap = m.t.path("hw.pcap");

@@ -326,6 +326,7 @@ fn restart_with_the_same_config_sends_nothing_new() {
         xds: s.meshd.xds_port,
         xds_tls: s.meshd.xds_tls_port,
         debug: s.meshd.debug_port,
+        webhook: s.meshd.webhook_port,
     };
     s.meshd.proc.kill();
     s.meshd = Meshd::start_with(&s.config(), s.work.path(), ports, &[]);

@@ -26,7 +26,7 @@ wait_for() { # wait_for WHAT COMMAND...: poll up to 30 s
   trap - EXIT; exit 1
 }
 
-for port in $GATEWAY_PORT $BACKEND_PORT $ADMIN_PORT 15010 15012 15014; do
+for port in $GATEWAY_PORT $BACKEND_PORT $ADMIN_PORT 15010 15012 15014 15017; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "demo: port $port is in use; stop what listens there first" >&2; exit 1
   fi

@@ -28,6 +28,81 @@ pub struct BootstrapOptions {
     pub tls: Option<XdsTls>,
     /// A service-account token sent as `authorization: Bearer` metadata.
     pub token: Option<String>,
+    /// Rewritten HTTP probes a sidecar answers on 15021: path → app port
+    /// and path (from `meshd inject`).
+    pub probes: Vec<ProbeRewrite>,
+}
+
+/// One rewritten probe: kubelet asks `path` on 15021, Envoy asks the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRewrite {
+    pub path: String,
+    pub port: u16,
+    pub target_path: String,
+}
+
+impl std::str::FromStr for ProbeRewrite {
+    type Err = String;
+
+    /// `PATH=PORT/TARGET`, e.g. `/app-health/web/livez=8080/healthz`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("--probe {s:?} is not PATH=PORT/TARGET_PATH");
+        let (path, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (port, target) = rest.split_once('/').map_or((rest, ""), |(p, t)| (p, t));
+        Ok(ProbeRewrite {
+            path: path.to_string(),
+            port: port.parse().map_err(|_| bad())?,
+            target_path: format!("/{target}"),
+        })
+    }
+}
+
+/// The sidecar's health port: readiness, and rewritten app probes.
+pub const HEALTH_PORT: u16 = 15021;
+
+/// A static listener on 15021 (excluded from capture) answering
+/// `/healthz/ready` and forwarding rewritten probes to the app on localhost.
+fn health(probes: &[ProbeRewrite]) -> (Value, Vec<Value>) {
+    let mut routes = vec![json!({
+        "match": {"path": "/healthz/ready"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ready\n"}},
+    })];
+    let mut clusters = Vec::new();
+    for p in probes {
+        let cluster = format!("probe|{}", p.port);
+        routes.push(json!({
+            "match": {"path": p.path},
+            "route": {"cluster": cluster, "regex_rewrite": {"pattern": {"regex": ".*"}, "substitution": p.target_path}},
+        }));
+        if !clusters.iter().any(|c: &Value| c["name"] == cluster) {
+            clusters.push(json!({
+                "name": cluster,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": cluster,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket("127.0.0.1", p.port)}}]}],
+                },
+            }));
+        }
+    }
+    let listener = json!({
+        "name": "health",
+        "address": socket("0.0.0.0", HEALTH_PORT),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "health",
+                "route_config": {"virtual_hosts": [{"name": "health", "domains": ["*"], "routes": routes}]},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    });
+    (listener, clusters)
 }
 
 /// How Envoy reaches meshd's TLS port.
@@ -121,6 +196,13 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
     if let Some(tls) = &o.tls {
         xds_cluster["transport_socket"] = upstream_tls(tls);
     }
+    let mut clusters = vec![xds_cluster];
+    let mut listeners = Vec::new();
+    if role == "sidecar" {
+        let (listener, probe_clusters) = health(&o.probes);
+        listeners.push(listener);
+        clusters.extend(probe_clusters);
+    }
     Ok(json!({
         "node": {
             "id": node_id(role, &o.ip, &o.name, &o.namespace),
@@ -144,7 +226,8 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "lds_config": ads,
         },
         "static_resources": {
-            "clusters": [xds_cluster],
+            "clusters": clusters,
+            "listeners": listeners,
         },
     }))
 }
@@ -201,6 +284,7 @@ mod tests {
             delta: false,
             tls: None,
             token: None,
+            probes: Vec::new(),
         }
     }
 
@@ -234,6 +318,22 @@ mod tests {
             tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"],
             "/etc/meshd/root-cert.pem"
         );
+    }
+
+    #[test]
+    fn sidecars_answer_health_and_rewritten_probes() {
+        let mut o = opts();
+        o.role = "sidecar".into();
+        o.probes = vec!["/app-health/web/livez=8080/healthz".parse().expect("probe")];
+        let b = bootstrap(&o).expect("bootstrap");
+        let listener = &b["static_resources"]["listeners"][0];
+        assert_eq!(listener["address"]["socket_address"]["port_value"], 15021);
+        let routes = &listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+            ["virtual_hosts"][0]["routes"];
+        assert_eq!(routes[1]["match"]["path"], "/app-health/web/livez");
+        assert_eq!(routes[1]["route"]["regex_rewrite"]["substitution"], "/healthz");
+        assert_eq!(b["static_resources"]["clusters"][1]["name"], "probe|8080");
+        assert!("nonsense".parse::<ProbeRewrite>().is_err());
     }
 
     #[test]

@@ -20,10 +20,12 @@ pub mod ca;
 pub mod capture;
 pub mod config;
 pub mod debug;
+pub mod inject;
 pub mod model;
 pub mod serve;
 pub mod source;
 pub mod translate;
+pub mod webhook;
 pub mod xds;
 
 /// Code generated from `proto/` by `build.rs`.

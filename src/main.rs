@@ -75,6 +75,10 @@ enum Command {
         /// The key of --client-cert (path Envoy reads).
         #[arg(long, requires = "client_cert")]
         client_key: Option<String>,
+        /// A rewritten HTTP probe the sidecar answers on 15021:
+        /// PATH=PORT/TARGET_PATH (repeatable; `meshd inject` writes these).
+        #[arg(long)]
+        probe: Vec<meshd::bootstrap::ProbeRewrite>,
         /// Write to FILE instead of stdout.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -90,6 +94,23 @@ enum Command {
     Ca {
         #[command(subcommand)]
         what: CaCommand,
+    },
+    /// Add a stock Envoy sidecar to the Pods and workloads in FILE (like
+    /// `istioctl kube-inject`); writes the result to stdout or -o.
+    Inject {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Stock Envoy image for the istio-proxy container.
+        #[arg(long, default_value = "envoyproxy/envoy:v1.40.0")]
+        proxy_image: String,
+        /// Image with the meshd binary, for the istio-init container.
+        #[arg(long, default_value = "meshd:latest")]
+        meshd_image: String,
+        /// meshd's TLS xDS address as pods reach it.
+        #[arg(long, default_value = "meshd.istio-system.svc:15012")]
+        xds_addr: String,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
     },
     /// Install the sidecar's traffic capture rules in the current network
     /// namespace (Istio's istio-iptables defaults; run as the pod's init).
@@ -174,6 +195,10 @@ struct ServeArgs {
     /// node metadata claims, unauthenticated. Never on a shared network.
     #[arg(long)]
     insecure_plaintext_identity: bool,
+    /// HTTPS address of the sidecar injection webhook (`POST /inject`,
+    /// AdmissionReview in, JSON patch out), like istiod's 15017.
+    #[arg(long, default_value = "127.0.0.1:15017")]
+    webhook_addr: SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 token_key: a.token_key,
                 token_audience: a.token_audience,
                 insecure_plaintext_identity: a.insecure_plaintext_identity,
+                webhook_addr: a.webhook_addr,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(serve::run(opts, shutdown_signal()))?;
@@ -275,6 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             token_file,
             client_cert,
             client_key,
+            probe,
             output,
         } => {
             let token = match token_file {
@@ -304,6 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 delta,
                 tls,
                 token,
+                probes: probe,
             };
             let text = serde_norway::to_string(&bootstrap(&opts)?)?;
             match output {
@@ -316,6 +344,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Analyze { paths } => analyze(&paths),
         Command::Ca { what } => ca(what),
+        Command::Inject {
+            file,
+            proxy_image,
+            meshd_image,
+            xds_addr,
+            output,
+        } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let o = meshd::inject::InjectOptions {
+                proxy_image,
+                meshd_image,
+                xds_addr,
+            };
+            let injected =
+                meshd::inject::inject_yaml(&text, &o).with_context(|| file.display().to_string())?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, injected).with_context(|| format!("writing {}", path.display()))?
+                }
+                None => print!("{injected}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Iptables {
             proxy_port,
             inbound_capture_port,

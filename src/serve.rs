@@ -20,12 +20,14 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::ca::auth::{Authenticator, TokenVerifier};
 use crate::ca::service::CertificateService;
-use crate::ca::{self, CaError, WorkloadCa};
+use crate::ca::{self, CaError, Issued, WorkloadCa};
 use crate::config::{ConfigSnapshot, ConfigStore};
 use crate::debug::{self, DebugState};
+use crate::inject::InjectOptions;
 use crate::model::PushContext;
 use crate::pb::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::source::{self, SourceError};
+use crate::webhook;
 use crate::xds::{AdsServer, Registry, SnapshotCache};
 
 /// `meshd serve` flags.
@@ -52,6 +54,8 @@ pub struct ServeOptions {
     pub token_audience: String,
     /// On the plain port, believe the node metadata's identity.
     pub insecure_plaintext_identity: bool,
+    /// HTTPS address of the sidecar injection webhook (`POST /inject`).
+    pub webhook_addr: SocketAddr,
 }
 
 /// Why `meshd serve` could not run.
@@ -124,12 +128,30 @@ fn workload_ca(opts: &ServeOptions) -> Result<Arc<WorkloadCa>, ServeError> {
     }))
 }
 
-fn tls_config(ca: &WorkloadCa, names: &[String]) -> Result<ServerTlsConfig, ServeError> {
-    let serving = ca.authority.issue_server(names, SERVING_CERT_TTL)?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(serving.cert_chain, serving.key))
+fn tls_config(ca: &WorkloadCa, serving: &Issued) -> ServerTlsConfig {
+    ServerTlsConfig::new()
+        .identity(Identity::from_pem(&serving.cert_chain, &serving.key))
         .client_ca_root(Certificate::from_pem(ca.authority.root_pem()))
-        .client_auth_optional(true))
+        .client_auth_optional(true)
+}
+
+/// TLS for the injection webhook, with meshd's serving certificate.
+fn webhook_tls(serving: &Issued) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |e: String| ServeError::Tls(format!("webhook certificate: {e}"));
+    let chain = CertificateDer::pem_slice_iter(serving.cert_chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(serving.key.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Runs until `shutdown` completes or a server fails.
@@ -147,6 +169,7 @@ pub async fn run(
     let xds_listener = bind("xDS", opts.xds_addr).await?;
     let xds_tls_listener = bind("TLS xDS", opts.xds_tls_addr).await?;
     let debug_listener = bind("debug", opts.debug_addr).await?;
+    let webhook_listener = bind("injection webhook", opts.webhook_addr).await?;
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     match &opts.config_dir {
@@ -180,6 +203,14 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let serving = ca.authority.issue_server(&opts.xds_dns_names, SERVING_CERT_TTL)?;
+    let webhook = webhook::serve_tls(
+        webhook_listener,
+        webhook_tls(&serving)?,
+        webhook::router(cache.clone(), InjectOptions::default()),
+        stopped(stop_rx.clone()),
+    );
+    tokio::spawn(webhook);
     let ads = AdsServer::new(cache.clone(), registry.clone());
     let xds = tonic::transport::Server::builder()
         .add_service(AggregatedDiscoveryServiceServer::new(
@@ -191,7 +222,7 @@ pub async fn run(
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(xds_listener), stopped(stop_rx.clone()));
     let xds_tls = tonic::transport::Server::builder()
-        .tls_config(tls_config(&ca, &opts.xds_dns_names)?)
+        .tls_config(tls_config(&ca, &serving))
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .add_service(AggregatedDiscoveryServiceServer::new(
             ads.with_ca(ca.clone(), true),

@@ -203,3 +203,38 @@ fn golden_scenarios() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `meshd inject` output for every `testdata/inject/*.yaml`, compared with
+/// `*.yaml.injected`; `make golden` rewrites them.
+#[test]
+fn inject_goldens() {
+    let update = std::env::var_os("MESHD_UPDATE_GOLDEN").is_some();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/inject");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("testdata/inject")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty());
+    let mut failures = Vec::new();
+    for input in inputs {
+        let text = std::fs::read_to_string(&input).expect("input");
+        let out =
+            meshd::inject::inject_yaml(&text, &meshd::inject::InjectOptions::default()).expect("injects");
+        let golden = input.with_extension("yaml.injected");
+        if update {
+            std::fs::write(&golden, &out).expect("write golden");
+        } else if std::fs::read_to_string(&golden).ok().as_deref() != Some(out.as_str()) {
+            failures.push(format!(
+                "{} differs (run `make golden` and review the diff)",
+                golden.display()
+            ));
+        }
+        // Injecting twice changes nothing more.
+        let again =
+            meshd::inject::inject_yaml(&out, &meshd::inject::InjectOptions::default()).expect("again");
+        assert_eq!(again, out, "{}: injection is idempotent", input.display());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -116,6 +116,7 @@ pub struct MeshdPorts {
     pub xds: u16,
     pub xds_tls: u16,
     pub debug: u16,
+    pub webhook: u16,
 }
 
 impl MeshdPorts {
@@ -124,6 +125,7 @@ impl MeshdPorts {
             xds: free_port(),
             xds_tls: free_port(),
             debug: free_port(),
+            webhook: free_port(),
         }
     }
 }
@@ -134,6 +136,7 @@ pub struct Meshd {
     pub xds_port: u16,
     pub xds_tls_port: u16,
     pub debug_port: u16,
+    pub webhook_port: u16,
 }
 
 impl Meshd {
@@ -151,6 +154,7 @@ impl Meshd {
                 .args(["--xds-addr", &format!("127.0.0.1:{}", ports.xds)])
                 .args(["--xds-tls-addr", &format!("127.0.0.1:{}", ports.xds_tls)])
                 .args(["--debug-addr", &format!("127.0.0.1:{}", ports.debug)])
+                .args(["--webhook-addr", &format!("127.0.0.1:{}", ports.webhook)])
                 .args(extra),
             work.join(format!("meshd-{}-{}.log", ports.xds, std::process::id())),
         );
@@ -159,6 +163,7 @@ impl Meshd {
             xds_port: ports.xds,
             xds_tls_port: ports.xds_tls,
             debug_port: ports.debug,
+            webhook_port: ports.webhook,
         };
         eventually("meshd /ready", Duration::from_secs(20), || {
             match m.get("/ready") {
