@@ -70,14 +70,18 @@ impl PushContext {
     /// Builds the indexes, judging certificate validity at `now` (tests
     /// and goldens pin it).
     pub fn new_at(config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
-        let pods: BTreeMap<String, Arc<PodInfo>> = config
-            .of_kind(Kind::Pod)
-            .filter_map(|r| match r {
-                Resource::Pod(pod) => pod_info(pod).map(|(ip, info)| (ip, Arc::new(info))),
-                _ => None,
-            })
-            .collect();
-        let services = service::build(&config, &pods);
+        let mut pods = BTreeMap::new();
+        let mut pods_by_name = BTreeMap::new();
+        for r in config.of_kind(Kind::Pod) {
+            let Resource::Pod(pod) = r else { continue };
+            let (ip, info) = pod_info(pod);
+            let info = Arc::new(info);
+            pods_by_name.insert((info.namespace.clone(), info.name.clone()), info.clone());
+            if let Some(ip) = ip {
+                pods.insert(ip, info);
+            }
+        }
+        let services = service::build(&config, &pods, &pods_by_name);
         let mut secrets = Vec::new();
         let mut peer_authentications = Vec::new();
         let mut gateways = BTreeMap::new();
@@ -160,9 +164,13 @@ impl PushContext {
     }
 }
 
-/// The Pod's IP and what the mesh needs of it; `None` before it has an IP.
-fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, PodInfo)> {
-    let ip = pod.status.as_ref()?.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+/// The Pod's IP (once it has one) and what the mesh needs of it.
+fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> (Option<String>, PodInfo) {
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .filter(|ip| !ip.is_empty());
     let labels: BTreeMap<String, String> = pod
         .metadata
         .labels
@@ -176,7 +184,7 @@ fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, PodInfo)> 
         .as_ref()
         .and_then(|s| s.service_account_name.clone())
         .unwrap_or_else(|| "default".into());
-    Some((
+    (
         ip,
         PodInfo {
             name: pod.metadata.name.clone().unwrap_or_default(),
@@ -185,7 +193,7 @@ fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, PodInfo)> 
             service_account,
             mesh,
         },
-    ))
+    )
 }
 
 /// Whether every `selector` label is in `labels`.

@@ -46,6 +46,9 @@ pub struct Endpoint {
     /// For an endpoint whose Pod is in the mesh (`security.istio.io/tlsMode:
     /// istio`): its namespace and service account, the identity it presents.
     pub mesh: Option<(String, String)>,
+    /// The Pod the endpoint names (`targetRef`), as (namespace, name).
+    #[serde(skip)]
+    pub pod: Option<(String, String)>,
 }
 
 impl MeshService {
@@ -82,6 +85,7 @@ impl ServicePort {
 pub(super) fn build(
     config: &ConfigSnapshot,
     pods: &BTreeMap<String, Arc<PodInfo>>,
+    pods_by_name: &BTreeMap<(String, String), Arc<PodInfo>>,
 ) -> BTreeMap<String, Arc<MeshService>> {
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, String), &Endpoints> = BTreeMap::new();
@@ -126,8 +130,11 @@ pub(super) fn build(
                     from_slices(&p, svc_slices)
                 };
                 for e in &mut p.endpoints {
-                    e.mesh = pods
+                    // The Pod by its IP, else by the endpoint's targetRef.
+                    let pod = pods
                         .get(&e.ip)
+                        .or_else(|| e.pod.as_ref().and_then(|k| pods_by_name.get(k)));
+                    e.mesh = pod
                         .filter(|pod| pod.mesh)
                         .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
                 }
@@ -210,10 +217,24 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
             continue;
         };
         for addr in subset.addresses.iter().flatten() {
+            let pod = addr
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .map(|r| {
+                    (
+                        r.namespace
+                            .clone()
+                            .or_else(|| e.metadata.namespace.clone())
+                            .unwrap_or_default(),
+                        r.name.clone().unwrap_or_default(),
+                    )
+                });
             out.insert(Endpoint {
                 ip: addr.ip.clone(),
                 port,
                 mesh: None,
+                pod,
             });
         }
     }
@@ -238,11 +259,25 @@ fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
             if !ready {
                 continue;
             }
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .map(|r| {
+                    (
+                        r.namespace
+                            .clone()
+                            .or_else(|| slice.metadata.namespace.clone())
+                            .unwrap_or_default(),
+                        r.name.clone().unwrap_or_default(),
+                    )
+                });
             for ip in &ep.addresses {
                 out.insert(Endpoint {
                     ip: ip.clone(),
                     port,
                     mesh: None,
+                    pod: pod.clone(),
                 });
             }
         }
@@ -258,6 +293,7 @@ mod tests {
     fn services(yaml: &str) -> BTreeMap<String, Arc<MeshService>> {
         build(
             &ConfigSnapshot::from_files(vec![parse_file("t.yaml", yaml)]),
+            &BTreeMap::new(),
             &BTreeMap::new(),
         )
     }
@@ -297,7 +333,33 @@ mod tests {
                 ip: "10.0.0.5".into(),
                 port: 8080,
                 mesh: None,
+                pod: None,
             }]
+        );
+    }
+
+    #[test]
+    fn mesh_endpoints_by_pod_ip_or_target_ref() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: hw}\nspec:\n  ports: [{port: 80, targetPort: 8080}]\n---\n\
+            apiVersion: v1\nkind: Endpoints\nmetadata: {name: hw}\nsubsets:\n\
+            - addresses:\n  - {ip: 10.0.0.1}\n  - {ip: 10.0.0.2, targetRef: {kind: Pod, name: hw-b}}\n  - {ip: 10.0.0.3}\n  ports: [{port: 8080}]\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: hw-a, labels: {security.istio.io/tlsMode: istio}}\nspec: {serviceAccountName: hw, containers: []}\nstatus: {podIP: 10.0.0.1}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: hw-b, labels: {security.istio.io/tlsMode: istio}}\nspec: {containers: []}\n";
+        let push = crate::model::PushContext::new(Arc::new(ConfigSnapshot::from_files(vec![parse_file(
+            "t.yaml", yaml,
+        )])));
+        let mesh: Vec<Option<(String, String)>> = push.services["hw.default.svc.cluster.local"].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.mesh.clone())
+            .collect();
+        assert_eq!(
+            mesh,
+            vec![
+                Some(("default".into(), "hw".into())),
+                Some(("default".into(), "default".into())),
+                None,
+            ]
         );
     }
 }
