@@ -2,7 +2,7 @@
 //!
 //! Each finding carries Istio's message code (`IST0101`
 //! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
-//! InvalidGatewayCredential), the
+//! InvalidGatewayCredential, `IST0103` PodMissingProxy), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -13,7 +13,8 @@ use serde::Serialize;
 
 use crate::config::istio::Destination;
 use crate::config::{ConfigSnapshot, Gateway, Kind, Origin, Resource, VirtualService};
-use crate::model::{is_subset, resolve_host, CredentialError, PushContext};
+use crate::model::peer_auth::{self, MtlsMode};
+use crate::model::{is_subset, resolve_host, CredentialError, PodInfo, PushContext};
 use crate::translate::resolve_gateway_ref;
 
 /// How bad a finding is.
@@ -72,6 +73,7 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
             ),
         });
     }
+    sidecar_coverage(&push, config, &mut out);
     for (key, entry) in &config.resources {
         if let Resource::Gateway(gw) = &*entry.resource {
             let mut found = |code: &'static str, message: String| {
@@ -107,6 +109,53 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     out.sort();
     out.dedup();
     out
+}
+
+/// IST0103 PodMissingProxy: a pod without a sidecar where the mesh expects
+/// one (its namespace has meshed pods or asks for injection), saying which
+/// STRICT workloads will refuse its plain text.
+fn sidecar_coverage(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    let injection_enabled = |ns: &str| {
+        config.of_kind(Kind::Namespace).any(|r| {
+            r.metadata().name.as_deref() == Some(ns)
+                && r.metadata()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("istio-injection"))
+                    .map(String::as_str)
+                    == Some("enabled")
+        })
+    };
+    let pods: Vec<&PodInfo> = push.pods.values().map(AsRef::as_ref).collect();
+    let strict: Vec<String> = pods
+        .iter()
+        .filter(|p| p.mesh)
+        .filter(|p| {
+            let m = peer_auth::resolve(push, &p.namespace, &p.labels);
+            m.mode == MtlsMode::Strict || m.ports.values().any(|m| *m == MtlsMode::Strict)
+        })
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    for pod in pods.iter().filter(|p| !p.mesh) {
+        let meshed_neighbours = pods.iter().any(|p| p.mesh && p.namespace == pod.namespace);
+        if !meshed_neighbours && !injection_enabled(&pod.namespace) {
+            continue;
+        }
+        let refused = match strict.as_slice() {
+            [] => String::new(),
+            s => format!(
+                "; STRICT mutual TLS refuses its plain-text connections to {}",
+                s.join(", ")
+            ),
+        };
+        out.push(Finding {
+            level: Level::Warning,
+            code: "IST0103",
+            resource: format!("Pod {}/{}", pod.namespace, pod.name),
+            origin: None,
+            message: format!("The pod is missing the Istio proxy{refused}"),
+        });
+    }
 }
 
 /// The namespaces a Gateway's workloads run in: those of the Pods its
@@ -335,6 +384,24 @@ mod tests {
         assert!(has("IST0161", "does not match the key"), "{lines:#?}");
         assert!(has("IST0161", "expired"), "{lines:#?}");
         assert_eq!(lines.len(), 4, "the good credentials raise nothing: {lines:#?}");
+    }
+
+    #[test]
+    fn pods_without_sidecars_are_warned_about_strict() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/sidecar-mtls/config");
+        let f = analyze(&ConfigSnapshot::from_files(
+            crate::source::load_dir(&dir).expect("testdata"),
+        ));
+        let missing: Vec<&Finding> = f.iter().filter(|f| f.code == "IST0103").collect();
+        assert_eq!(missing.len(), 1, "{f:#?}");
+        assert_eq!(missing[0].resource, "Pod default/curltest");
+        assert_eq!(missing[0].level, Level::Warning);
+        assert!(
+            missing[0].message.contains("STRICT mutual TLS refuses"),
+            "{}",
+            missing[0].message
+        );
     }
 
     #[test]
