@@ -38,6 +38,7 @@ pub enum Kind {
     Secret,
     Gateway,
     VirtualService,
+    DestinationRule,
     PeerAuthentication,
 }
 
@@ -54,6 +55,7 @@ impl Kind {
             ("", "Secret") => Some(Kind::Secret),
             ("networking.istio.io", "Gateway") => Some(Kind::Gateway),
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
+            ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             _ => None,
         }
@@ -119,6 +121,8 @@ impl<S> IstioObject<S> {
 pub type Gateway = IstioObject<istio::GatewaySpec>;
 /// A VirtualService resource.
 pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
+/// A DestinationRule resource.
+pub type DestinationRule = IstioObject<istio::DestinationRuleSpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 
@@ -137,6 +141,7 @@ pub enum Resource {
     Secret(Secret),
     Gateway(Gateway),
     VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
     PeerAuthentication(PeerAuthentication),
 }
 
@@ -152,6 +157,7 @@ impl Resource {
             Resource::Secret(r) => &r.metadata,
             Resource::Gateway(r) => &r.metadata,
             Resource::VirtualService(r) => &r.metadata,
+            Resource::DestinationRule(r) => &r.metadata,
             Resource::PeerAuthentication(r) => &r.metadata,
         }
     }
@@ -167,6 +173,7 @@ impl Resource {
             Resource::Secret(_) => Kind::Secret,
             Resource::Gateway(_) => Kind::Gateway,
             Resource::VirtualService(_) => Kind::VirtualService,
+            Resource::DestinationRule(_) => Kind::DestinationRule,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }

@@ -175,6 +175,7 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::Secret => Resource::Secret(typed(value)?),
         Kind::Gateway => Resource::Gateway(typed(value)?),
         Kind::VirtualService => Resource::VirtualService(typed(value)?),
+        Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
         Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
     })
 }

@@ -3,8 +3,8 @@
 //! route, RE2 regexes, durations. Each check names the field it failed on.
 
 use super::istio::{
-    Destination, GatewaySpec, HttpMatchRequest, HttpRoute, PeerAuthenticationSpec, Server, StringMatch,
-    VirtualServiceSpec,
+    ClientTlsSettings, Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
+    PeerAuthenticationSpec, Server, StringMatch, VirtualServiceSpec,
 };
 use super::Resource;
 
@@ -23,6 +23,7 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
         Resource::Gateway(g) => gateway(&g.spec),
         Resource::VirtualService(vs) => virtual_service(&vs.spec),
         Resource::PeerAuthentication(pa) => peer_authentication(&pa.spec),
+        Resource::DestinationRule(dr) => destination_rule(&dr.spec),
         _ => Ok(()),
     };
     result.err()
@@ -104,6 +105,60 @@ fn gateway_server(at: &str, server: &Server) -> Checked {
             format!("{at}.tls"),
             format!("a server with protocol {protocol} needs tls settings"),
         );
+    }
+    Ok(())
+}
+
+const CLIENT_TLS_MODES: &[&str] = &["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"];
+
+fn destination_rule(spec: &DestinationRuleSpec) -> Checked {
+    if spec.host.is_empty() {
+        return fail("spec.host", "is required");
+    }
+    wildcard_host("spec.host", &spec.host)?;
+    let client_tls = |field: String, tls: &ClientTlsSettings| match &tls.mode {
+        Some(mode) if !CLIENT_TLS_MODES.contains(&mode.as_str()) => fail(
+            field,
+            format!(
+                "unknown mode {mode:?}; expected one of {}",
+                CLIENT_TLS_MODES.join(", ")
+            ),
+        ),
+        _ => Ok(()),
+    };
+    let policies = spec
+        .traffic_policy
+        .iter()
+        .map(|p| ("spec.trafficPolicy".to_string(), p))
+        .chain(spec.subsets.iter().enumerate().filter_map(|(i, s)| {
+            s.traffic_policy
+                .as_ref()
+                .map(|p| (format!("spec.subsets[{i}].trafficPolicy"), p))
+        }));
+    for (at, policy) in policies {
+        if let Some(tls) = &policy.tls {
+            client_tls(format!("{at}.tls.mode"), tls)?;
+        }
+        for (i, port) in policy.port_level_settings.iter().enumerate() {
+            if port
+                .port
+                .as_ref()
+                .is_none_or(|p| p.number == 0 || p.number > 65535)
+            {
+                return fail(
+                    format!("{at}.portLevelSettings[{i}].port"),
+                    "a port number is required",
+                );
+            }
+            if let Some(tls) = &port.tls {
+                client_tls(format!("{at}.portLevelSettings[{i}].tls.mode"), tls)?;
+            }
+        }
+    }
+    for (i, subset) in spec.subsets.iter().enumerate() {
+        if subset.name.is_empty() {
+            return fail(format!("spec.subsets[{i}].name"), "is required");
+        }
     }
     Ok(())
 }

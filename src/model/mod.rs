@@ -21,7 +21,9 @@ pub use service::{Endpoint, MeshService, ServicePort};
 
 use serde::Serialize;
 
-use crate::config::{ConfigSnapshot, Gateway, Kind, PeerAuthentication, Resource, VirtualService};
+use crate::config::{
+    ConfigSnapshot, DestinationRule, Gateway, IstioObject, Kind, PeerAuthentication, Resource, VirtualService,
+};
 
 /// The cluster DNS suffix of service hostnames.
 pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
@@ -43,6 +45,8 @@ pub struct PushContext {
     pub credentials: Credentials,
     /// Every PeerAuthentication.
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// Every DestinationRule, oldest first.
+    pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Pods by IP (`status.podIP`): labels, identity, whether in the mesh.
     pub pods: BTreeMap<String, Arc<PodInfo>>,
     /// The SPIFFE trust domain identities are issued in.
@@ -84,8 +88,9 @@ impl PushContext {
         let services = service::build(&config, &pods, &pods_by_name);
         let mut secrets = Vec::new();
         let mut peer_authentications = Vec::new();
+        let mut destination_rules = Vec::new();
         let mut gateways = BTreeMap::new();
-        let mut virtual_services = Vec::new();
+        let mut virtual_services: Vec<Arc<VirtualService>> = Vec::new();
         let mut namespaces = BTreeSet::new();
         for entry in config.resources.values() {
             let meta = entry.resource.metadata();
@@ -106,16 +111,11 @@ impl PushContext {
                 Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
                 Resource::Secret(secret) => secrets.push(Arc::new(secret.clone())),
                 Resource::PeerAuthentication(pa) => peer_authentications.push(Arc::new(pa.clone())),
+                Resource::DestinationRule(dr) => destination_rules.push(Arc::new(dr.clone())),
                 _ => {}
             }
         }
-        virtual_services.sort_by(|a, b| {
-            let created = |v: &VirtualService| v.metadata.creation_timestamp.clone().map(|t| t.0);
-            created(a)
-                .cmp(&created(b))
-                .then_with(|| a.namespace().cmp(b.namespace()))
-                .then_with(|| a.name().cmp(b.name()))
-        });
+        let virtual_services = oldest_first(virtual_services);
         PushContext {
             config,
             services,
@@ -124,6 +124,7 @@ impl PushContext {
             namespaces,
             credentials: Credentials::new(secrets, now),
             peer_authentications,
+            destination_rules: oldest_first(destination_rules),
             pods,
             trust_domain: "cluster.local".into(),
         }
@@ -153,6 +154,30 @@ impl PushContext {
     pub fn with_trust_domain(mut self, trust_domain: &str) -> PushContext {
         self.trust_domain = trust_domain.to_string();
         self
+    }
+
+    /// The DestinationRule that applies to `host` for a proxy in
+    /// `proxy_namespace`, as Istio picks it: one in the proxy's namespace,
+    /// else the host's namespace, else the root namespace; oldest first.
+    pub fn destination_rule(
+        &self,
+        proxy_namespace: &str,
+        host: &str,
+        service_namespace: &str,
+    ) -> Option<&DestinationRule> {
+        let matching = |dr: &&Arc<DestinationRule>| {
+            let h = resolve_host(&dr.spec.host, dr.namespace());
+            h == host || h.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix))
+        };
+        [proxy_namespace, service_namespace, peer_auth::ROOT_NAMESPACE]
+            .iter()
+            .find_map(|ns| {
+                self.destination_rules
+                    .iter()
+                    .filter(|dr| dr.namespace() == *ns && dr.spec.workload_selector.is_none())
+                    .find(matching)
+            })
+            .map(AsRef::as_ref)
     }
 
     /// The SPIFFE identity of a service account.
@@ -194,6 +219,19 @@ fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> (Option<String>, PodInfo) 
             mesh,
         },
     )
+}
+
+/// Istio's precedence among resources of one kind: oldest first
+/// (creationTimestamp), then namespace/name.
+fn oldest_first<S>(mut v: Vec<Arc<IstioObject<S>>>) -> Vec<Arc<IstioObject<S>>> {
+    v.sort_by(|a, b| {
+        let created = |o: &IstioObject<S>| o.metadata.creation_timestamp.clone().map(|t| t.0);
+        created(a)
+            .cmp(&created(b))
+            .then_with(|| a.namespace().cmp(b.namespace()))
+            .then_with(|| a.name().cmp(b.name()))
+    });
+    v
 }
 
 /// Whether every `selector` label is in `labels`.

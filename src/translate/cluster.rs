@@ -20,9 +20,16 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsC
 use envoy_types::pb::google::protobuf::{value, Struct, Value};
 use envoy_types::util::pack_any;
 
-use super::tls::istio_common_tls_context;
-use super::{ads, duration, outbound_cluster_name, socket};
-use crate::model::{MeshService, PushContext, ServicePort};
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, CertificateValidationContext, CommonTlsContext, TlsCertificate,
+};
+
+use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds};
+use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
+use crate::config::istio::ClientTlsSettings;
+use crate::config::DestinationRule;
+use crate::model::{MeshService, Proxy, PushContext, ServicePort};
 
 /// Istio's name for the cluster that drops traffic.
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -40,22 +47,43 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const SOCKET_MATCH: &str = "envoy.transport_socket_match";
 
 /// Every service port's cluster and endpoints, plus `BlackHoleCluster`.
-/// With `mtls` (the proxy has a workload certificate) clusters send mesh
-/// endpoints Istio mutual TLS.
-pub fn outbound(push: &PushContext, mtls: bool) -> (Vec<Cluster>, Vec<ClusterLoadAssignment>) {
-    let mut clusters = vec![blackhole()];
-    let mut assignments = Vec::new();
+/// A DestinationRule's `tls` decides how a cluster talks to its endpoints;
+/// without one, a proxy with a workload certificate uses auto mTLS.
+pub fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+    out.clusters.push(blackhole());
     for svc in push.services.values() {
+        let dr = push.destination_rule(&proxy.namespace, &svc.hostname, &svc.namespace);
+        if let Some(dr) = dr {
+            not_applied(dr, &mut out.diagnostics);
+        }
         for port in &svc.ports {
             if !port.protocol.eq_ignore_ascii_case("TCP") {
                 continue; // UDP/SCTP: Envoy proxies neither
             }
             let name = outbound_cluster_name(port.port, "", &svc.hostname);
             let mut cluster = eds_cluster(&name);
-            if mtls {
-                cluster.transport_socket_matches = auto_mtls(push, svc, port);
+            let identity = proxy.identity.is_some();
+            match client_tls(dr, port.port) {
+                None if identity => cluster.transport_socket_matches = auto_mtls(push, svc, port),
+                None => {}
+                Some(tls) => match tls.mode.as_deref().unwrap_or("DISABLE") {
+                    "ISTIO_MUTUAL" if identity => {
+                        cluster.transport_socket = Some(tls_socket(istio_upstream(push, svc, port)));
+                    }
+                    "ISTIO_MUTUAL" => out.diagnostics.push(Diagnostic {
+                        resource: dr_name(dr),
+                        field: "spec.trafficPolicy.tls.mode".into(),
+                        message: format!(
+                            "ISTIO_MUTUAL to {name} needs this proxy's workload certificate, which it has not: plain text is used"
+                        ),
+                    }),
+                    "SIMPLE" | "MUTUAL" => {
+                        cluster.transport_socket = origination(push, proxy, svc, tls, out).map(tls_socket);
+                    }
+                    _ => {} // DISABLE: plain text, even to mesh endpoints
+                },
             }
-            clusters.push(cluster);
+            out.clusters.push(cluster);
             let lb_endpoints = port
                 .endpoints
                 .iter()
@@ -68,7 +96,7 @@ pub fn outbound(push: &PushContext, mtls: bool) -> (Vec<Cluster>, Vec<ClusterLoa
                     ..Default::default()
                 })
                 .collect();
-            assignments.push(ClusterLoadAssignment {
+            out.endpoints.push(ClusterLoadAssignment {
                 cluster_name: name,
                 endpoints: vec![LocalityLbEndpoints {
                     lb_endpoints,
@@ -78,7 +106,156 @@ pub fn outbound(push: &PushContext, mtls: bool) -> (Vec<Cluster>, Vec<ClusterLoa
             });
         }
     }
-    (clusters, assignments)
+}
+
+fn dr_name(dr: Option<&DestinationRule>) -> String {
+    dr.map(|d| format!("DestinationRule {}/{}", d.namespace(), d.name()))
+        .unwrap_or_default()
+}
+
+/// The TLS settings for one port: the port's own, else the rule's.
+fn client_tls(dr: Option<&DestinationRule>, port: u16) -> Option<&ClientTlsSettings> {
+    let policy = dr?.spec.traffic_policy.as_ref()?;
+    policy
+        .port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().map(|p| p.number) == Some(u32::from(port)))
+        .and_then(|p| p.tls.as_ref())
+        .or(policy.tls.as_ref())
+}
+
+/// Says which of a DestinationRule's settings are not applied yet.
+fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
+    let mut fields = Vec::new();
+    if let Some(p) = &dr.spec.traffic_policy {
+        for (name, set) in [
+            ("loadBalancer", p.load_balancer.is_some()),
+            ("connectionPool", p.connection_pool.is_some()),
+            ("outlierDetection", p.outlier_detection.is_some()),
+            ("tunnel", p.tunnel.is_some()),
+            ("proxyProtocol", p.proxy_protocol.is_some()),
+        ] {
+            if set {
+                fields.push(format!("spec.trafficPolicy.{name}"));
+            }
+        }
+    }
+    if !dr.spec.subsets.is_empty() {
+        fields.push("spec.subsets".into());
+    }
+    for field in fields {
+        diags.push(Diagnostic {
+            resource: dr_name(Some(dr)),
+            field,
+            message: "not applied yet (only tls is); the rest of the rule is served".into(),
+        });
+    }
+}
+
+fn tls_socket(tls: UpstreamTlsContext) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+/// Istio mutual TLS to a service port's mesh endpoints.
+fn istio_upstream(push: &PushContext, svc: &MeshService, port: &ServicePort) -> UpstreamTlsContext {
+    let identities: BTreeSet<String> = port
+        .endpoints
+        .iter()
+        .filter_map(|e| e.mesh.as_ref())
+        .map(|(ns, sa)| push.spiffe(ns, sa))
+        .collect();
+    UpstreamTlsContext {
+        common_tls_context: Some(istio_common_tls_context(
+            identities.into_iter().collect(),
+            Vec::new(),
+        )),
+        sni: format!("outbound_.{}_._.{}", port.port, svc.hostname),
+        ..Default::default()
+    }
+}
+
+/// The system's CA bundle, which SIMPLE/MUTUAL origination trusts when the
+/// rule names no CA (as Istio verifies against the system roots).
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// SIMPLE and MUTUAL: TLS originated to a (usually external) service.
+fn origination(
+    push: &PushContext,
+    proxy: &Proxy,
+    svc: &MeshService,
+    tls: &ClientTlsSettings,
+    out: &mut Generated,
+) -> Option<UpstreamTlsContext> {
+    let file = |p: &str| {
+        Some(DataSource {
+            specifier: Some(data_source::Specifier::Filename(p.to_string())),
+            ..Default::default()
+        })
+    };
+    let mut common = CommonTlsContext::default();
+    let mut validation = CertificateValidationContext {
+        match_typed_subject_alt_names: tls
+            .subject_alt_names
+            .iter()
+            .flat_map(|s| san_matchers(s))
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(cred) = &tls.credential_name {
+        // A Secret of the proxy's own namespace, as for gateways.
+        let mut secrets = Vec::new();
+        let mut diags = Vec::new();
+        let names = credential_secrets(
+            push,
+            proxy,
+            cred,
+            tls.mode.as_deref() == Some("MUTUAL"),
+            &mut secrets,
+            &mut diags,
+        );
+        out.diagnostics
+            .extend(diags.into_iter().map(|message| Diagnostic {
+                resource: format!("DestinationRule for {}", svc.hostname),
+                field: "spec.trafficPolicy.tls.credentialName".into(),
+                message,
+            }));
+        let (cert, ca) = names?;
+        out.secrets.append(&mut secrets);
+        common
+            .tls_certificate_sds_secret_configs
+            .extend(cert.map(|n| sds(&n)));
+        common.validation_context_type = Some(
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(validation),
+                    validation_context_sds_secret_config: Some(sds(&ca)),
+                    ..Default::default()
+                },
+            ),
+        );
+    } else {
+        if let (Some(cert), Some(key)) = (&tls.client_certificate, &tls.private_key) {
+            common.tls_certificates = vec![TlsCertificate {
+                certificate_chain: file(cert),
+                private_key: file(key),
+                ..Default::default()
+            }];
+        }
+        if tls.insecure_skip_verify != Some(true) {
+            validation.trusted_ca = file(tls.ca_certificates.as_deref().unwrap_or(SYSTEM_ROOTS));
+            common.validation_context_type = Some(
+                common_tls_context::ValidationContextType::ValidationContext(validation),
+            );
+        }
+    }
+    Some(UpstreamTlsContext {
+        common_tls_context: Some(common),
+        sni: tls.sni.clone().unwrap_or_else(|| svc.hostname.clone()),
+        ..Default::default()
+    })
 }
 
 fn string_struct(key: &str, value: &str) -> Struct {

@@ -62,9 +62,7 @@ pub struct Generated {
 /// Translates the push context for one proxy.
 pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
-    let (clusters, endpoints) = cluster::outbound(push, proxy.identity.is_some());
-    out.clusters = clusters;
-    out.endpoints = endpoints;
+    cluster::outbound(push, proxy, &mut out);
     match proxy.role {
         Role::Router => gateway::build(push, proxy, &mut out),
         Role::Sidecar => sidecar::build(push, proxy, &mut out),

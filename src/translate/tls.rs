@@ -79,7 +79,7 @@ impl ServerContext<'_> {
     }
 }
 
-fn sds(name: &str) -> SdsSecretConfig {
+pub(super) fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
         sds_config: Some(ads()),
@@ -289,6 +289,64 @@ pub fn istio_common_tls_context(spiffe_ids: Vec<String>, sans: Vec<String>) -> C
     }
 }
 
+/// For TLS originated with `credentialName`: the client certificate's SDS
+/// name (MUTUAL only) and the CA's, adding their Secrets (from the proxy's
+/// namespace) to `secrets`; `None` with the reasons in `diags`.
+pub(super) fn credential_secrets(
+    push: &PushContext,
+    proxy: &Proxy,
+    name: &str,
+    mutual: bool,
+    secrets: &mut Vec<Secret>,
+    diags: &mut Vec<String>,
+) -> Option<(Option<String>, String)> {
+    let inline = |b: &[u8]| {
+        Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(b.to_vec())),
+            ..Default::default()
+        })
+    };
+    let cert = if mutual {
+        match push.credentials.server(&proxy.namespace, name) {
+            Ok(c) => {
+                let sds_name = format!("kubernetes://{name}");
+                secrets.push(Secret {
+                    name: sds_name.clone(),
+                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                        certificate_chain: inline(&c.cert_chain),
+                        private_key: inline(&c.key),
+                        ..Default::default()
+                    })),
+                });
+                Some(sds_name)
+            }
+            Err(e) => {
+                diags.push(format!("{e}; TLS origination is left out"));
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    match push.credentials.client_ca(&proxy.namespace, name) {
+        Ok((_, bundle)) => {
+            let ca = format!("kubernetes://{name}-cacert");
+            secrets.push(Secret {
+                name: ca.clone(),
+                r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                    trusted_ca: inline(&bundle),
+                    ..Default::default()
+                })),
+            });
+            Some((cert, ca))
+        }
+        Err(e) => {
+            diags.push(format!("{e}; TLS origination is left out"));
+            None
+        }
+    }
+}
+
 /// The SDS name of the client CA, adding its Secret.
 fn client_ca(
     push: &PushContext,
@@ -328,7 +386,7 @@ fn client_ca(
     Some(name)
 }
 
-fn san_matchers(san: &str) -> Vec<SubjectAltNameMatcher> {
+pub(super) fn san_matchers(san: &str) -> Vec<SubjectAltNameMatcher> {
     let exact = |t: subject_alt_name_matcher::SanType| SubjectAltNameMatcher {
         san_type: t as i32,
         matcher: Some(StringMatcher {
