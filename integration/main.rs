@@ -8,3 +8,4 @@ mod inject;
 mod mesh;
 mod seed;
 mod tls;
+mod traffic;

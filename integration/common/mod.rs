@@ -300,12 +300,22 @@ impl Envoy {
 /// thread and runtime.
 pub struct Backend {
     pub port: u16,
+    /// Requests received.
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Backend {
     pub fn start(version: &'static str) -> Backend {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Backend::start_at("127.0.0.1", version, false)
+    }
+
+    /// A backend on a loopback `ip`; `flaky` answers every other request 503.
+    pub fn start_at(ip: &str, version: &'static str, flaky: bool) -> Backend {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind backend");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -316,8 +326,19 @@ impl Backend {
                 .expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let app = axum::Router::new().fallback(move || async move {
-                    format!("Hello, world!\nVersion: {version}\nHostname: backend-{port}\n")
+                let app = axum::Router::new().fallback(move || {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let status = if flaky && n % 2 == 0 {
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE
+                        } else {
+                            axum::http::StatusCode::OK
+                        };
+                        (
+                            status,
+                            format!("Hello, world!\nVersion: {version}\nHostname: backend-{port}\n"),
+                        )
+                    }
                 });
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
@@ -326,7 +347,11 @@ impl Backend {
                     .await;
             });
         });
-        Backend { port, _shutdown: tx }
+        Backend {
+            port,
+            hits,
+            _shutdown: tx,
+        }
     }
 }
 

@@ -49,6 +49,8 @@ pub struct Endpoint {
     /// The Pod the endpoint names (`targetRef`), as (namespace, name).
     #[serde(skip)]
     pub pod: Option<(String, String)>,
+    /// The labels of the endpoint's Pod: what DestinationRule subsets select on.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl MeshService {
@@ -134,6 +136,7 @@ pub(super) fn build(
                     let pod = pods
                         .get(&e.ip)
                         .or_else(|| e.pod.as_ref().and_then(|k| pods_by_name.get(k)));
+                    e.labels = pod.map(|p| p.labels.clone()).unwrap_or_default();
                     e.mesh = pod
                         .filter(|pod| pod.mesh)
                         .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
@@ -235,6 +238,7 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
                 port,
                 mesh: None,
                 pod,
+                labels: BTreeMap::new(),
             });
         }
     }
@@ -278,6 +282,7 @@ fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
                     port,
                     mesh: None,
                     pod: pod.clone(),
+                    labels: BTreeMap::new(),
                 });
             }
         }
@@ -334,6 +339,7 @@ mod tests {
                 port: 8080,
                 mesh: None,
                 pod: None,
+                labels: BTreeMap::new(),
             }]
         );
     }

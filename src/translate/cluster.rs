@@ -25,11 +25,12 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CertificateValidationContext, CommonTlsContext, TlsCertificate,
 };
 
+use super::policy;
 use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds};
 use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
-use crate::config::istio::ClientTlsSettings;
+use crate::config::istio::{ClientTlsSettings, Subset};
 use crate::config::DestinationRule;
-use crate::model::{MeshService, Proxy, PushContext, ServicePort};
+use crate::model::{is_subset, MeshService, Proxy, PushContext, ServicePort};
 
 /// Istio's name for the cluster that drops traffic.
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -56,55 +57,89 @@ pub fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
         if let Some(dr) = dr {
             not_applied(dr, &mut out.diagnostics);
         }
+        let subsets =
+            std::iter::once(None).chain(dr.into_iter().flat_map(|d| d.spec.subsets.iter().map(Some)));
+        let subsets: Vec<Option<&Subset>> = subsets.collect();
         for port in &svc.ports {
             if !port.protocol.eq_ignore_ascii_case("TCP") {
                 continue; // UDP/SCTP: Envoy proxies neither
             }
-            let name = outbound_cluster_name(port.port, "", &svc.hostname);
-            let mut cluster = eds_cluster(&name);
-            let identity = proxy.identity.is_some();
-            match client_tls(dr, port.port) {
-                None if identity => cluster.transport_socket_matches = auto_mtls(push, svc, port),
-                None => {}
-                Some(tls) => match tls.mode.as_deref().unwrap_or("DISABLE") {
-                    "ISTIO_MUTUAL" if identity => {
-                        cluster.transport_socket = Some(tls_socket(istio_upstream(push, svc, port)));
-                    }
-                    "ISTIO_MUTUAL" => out.diagnostics.push(Diagnostic {
-                        resource: dr_name(dr),
-                        field: "spec.trafficPolicy.tls.mode".into(),
-                        message: format!(
-                            "ISTIO_MUTUAL to {name} needs this proxy's workload certificate, which it has not: plain text is used"
-                        ),
-                    }),
-                    "SIMPLE" | "MUTUAL" => {
-                        cluster.transport_socket = origination(push, proxy, svc, tls, out).map(tls_socket);
-                    }
-                    _ => {} // DISABLE: plain text, even to mesh endpoints
-                },
+            for subset in &subsets {
+                let name =
+                    outbound_cluster_name(port.port, subset.map_or("", |s| s.name.as_str()), &svc.hostname);
+                let policy = policy::effective(dr, *subset, port.port);
+                let mut cluster = eds_cluster(&name);
+                policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
+                transport(push, proxy, svc, port, dr, policy.tls, &mut cluster, out);
+                out.clusters.push(cluster);
+                let selected = port
+                    .endpoints
+                    .iter()
+                    .filter(|e| subset.is_none_or(|s| is_subset(&s.labels, &e.labels)));
+                out.endpoints.push(assignment(&name, selected));
             }
-            out.clusters.push(cluster);
-            let lb_endpoints = port
-                .endpoints
-                .iter()
-                .map(|e| LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(&e.ip, e.port)),
-                        ..Default::default()
-                    })),
-                    metadata: e.mesh.as_ref().map(|_| mesh_metadata()),
-                    ..Default::default()
-                })
-                .collect();
-            out.endpoints.push(ClusterLoadAssignment {
-                cluster_name: name,
-                endpoints: vec![LocalityLbEndpoints {
-                    lb_endpoints,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            });
         }
+    }
+}
+
+/// How a cluster talks to its endpoints: the rule's `tls`, else auto mTLS
+/// when the proxy has a workload certificate, else plain text.
+#[allow(clippy::too_many_arguments)] // one cluster's whole context; splitting it would only hide that
+fn transport(
+    push: &PushContext,
+    proxy: &Proxy,
+    svc: &MeshService,
+    port: &ServicePort,
+    dr: Option<&DestinationRule>,
+    tls: Option<&ClientTlsSettings>,
+    cluster: &mut Cluster,
+    out: &mut Generated,
+) {
+    let identity = proxy.identity.is_some();
+    match tls {
+        None if identity => cluster.transport_socket_matches = auto_mtls(push, svc, port),
+        None => {}
+        Some(tls) => match tls.mode.as_deref().unwrap_or("DISABLE") {
+            "ISTIO_MUTUAL" if identity => {
+                cluster.transport_socket = Some(tls_socket(istio_upstream(push, svc, port)));
+            }
+            "ISTIO_MUTUAL" => out.diagnostics.push(Diagnostic {
+                resource: dr_name(dr),
+                field: "spec.trafficPolicy.tls.mode".into(),
+                message: format!(
+                    "ISTIO_MUTUAL to {} needs this proxy's workload certificate, which it has not: plain text is used",
+                    cluster.name
+                ),
+            }),
+            "SIMPLE" | "MUTUAL" => {
+                cluster.transport_socket = origination(push, proxy, svc, tls, out).map(tls_socket);
+            }
+            _ => {} // DISABLE: plain text, even to mesh endpoints
+        },
+    }
+}
+
+fn assignment<'a>(
+    name: &str,
+    endpoints: impl Iterator<Item = &'a crate::model::Endpoint>,
+) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .map(|e| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket(&e.ip, e.port)),
+                ..Default::default()
+            })),
+            metadata: e.mesh.as_ref().map(|_| mesh_metadata()),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
     }
 }
 
@@ -113,25 +148,20 @@ fn dr_name(dr: Option<&DestinationRule>) -> String {
         .unwrap_or_default()
 }
 
-/// The TLS settings for one port: the port's own, else the rule's.
-fn client_tls(dr: Option<&DestinationRule>, port: u16) -> Option<&ClientTlsSettings> {
-    let policy = dr?.spec.traffic_policy.as_ref()?;
-    policy
-        .port_level_settings
-        .iter()
-        .find(|p| p.port.as_ref().map(|p| p.number) == Some(u32::from(port)))
-        .and_then(|p| p.tls.as_ref())
-        .or(policy.tls.as_ref())
-}
-
 /// Says which of a DestinationRule's settings are not applied yet.
 fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
     let mut fields = Vec::new();
     if let Some(p) = &dr.spec.traffic_policy {
+        let lb = p.load_balancer.as_ref();
         for (name, set) in [
-            ("loadBalancer", p.load_balancer.is_some()),
-            ("connectionPool", p.connection_pool.is_some()),
-            ("outlierDetection", p.outlier_detection.is_some()),
+            (
+                "loadBalancer.localityLbSetting",
+                lb.is_some_and(|l| l.locality_lb_setting.is_some()),
+            ),
+            (
+                "loadBalancer.warmup",
+                lb.is_some_and(|l| l.warmup.is_some() || l.warmup_duration_secs.is_some()),
+            ),
             ("tunnel", p.tunnel.is_some()),
             ("proxyProtocol", p.proxy_protocol.is_some()),
         ] {
@@ -140,14 +170,11 @@ fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    if !dr.spec.subsets.is_empty() {
-        fields.push("spec.subsets".into());
-    }
     for field in fields {
         diags.push(Diagnostic {
             resource: dr_name(Some(dr)),
             field,
-            message: "not applied yet (only tls is); the rest of the rule is served".into(),
+            message: "not applied yet; the rest of the rule is served".into(),
         });
     }
 }

@@ -128,6 +128,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
             let route_name = format!("http.{bind}");
             out.routes.push(route_configuration(
                 push,
+                proxy,
                 &route_name,
                 &http,
                 &mut out.diagnostics,
@@ -163,6 +164,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                     let route_name = bound.https_route_name();
                     out.routes.push(route_configuration(
                         push,
+                        proxy,
                         &route_name,
                         &[bound],
                         &mut out.diagnostics,
@@ -310,6 +312,7 @@ struct VhostBuild {
 
 fn route_configuration(
     push: &PushContext,
+    proxy: &Proxy,
     name: &str,
     servers: &[&BoundServer<'_>],
     diags: &mut Vec<Diagnostic>,
@@ -333,6 +336,7 @@ fn route_configuration(
                         let scope = RouteScope {
                             gateway: Some((gw.namespace(), gw.name())),
                             port: bound.port,
+                            proxy_namespace: &proxy.namespace,
                         };
                         vhost.routes.extend(http_routes(push, vs, &scope, diags));
                     }

@@ -13,6 +13,7 @@ use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::gateway::resolve_gateway_ref;
 use super::{duration, outbound_cluster_name, Diagnostic};
+use super::{policy, route_policy};
 use crate::config::istio::{Destination, HttpMatchRequest, HttpRedirect, HttpRoute, StringMatch};
 use crate::config::VirtualService;
 use crate::model::{resolve_host, PushContext};
@@ -23,6 +24,8 @@ pub struct RouteScope<'a> {
     /// `(namespace, name)` of the Gateway; `None` for sidecars (`mesh`).
     pub gateway: Option<(&'a str, &'a str)>,
     pub port: u16,
+    /// The proxy's namespace: which DestinationRules it sees first.
+    pub proxy_namespace: &'a str,
 }
 
 /// The Envoy routes of one VirtualService for one scope, in rule order.
@@ -37,6 +40,7 @@ pub fn http_routes(
         vs,
         diags,
         field: String::new(),
+        proxy_namespace: scope.proxy_namespace,
     };
     let mut routes = Vec::new();
     for (i, rule) in vs.spec.http.iter().enumerate() {
@@ -52,12 +56,14 @@ pub fn http_routes(
             if !m.is_none_or(|m| applies(m, vs.namespace(), scope)) {
                 continue;
             }
-            routes.push(Route {
+            let mut route = Route {
                 name: rule.name.clone().unwrap_or_default(),
                 r#match: Some(route_match(m)),
                 action: Some(action.clone()),
                 ..Default::default()
-            });
+            };
+            route_policy::apply_to_route(rule, &mut route);
+            routes.push(route);
         }
     }
     routes
@@ -82,6 +88,7 @@ struct RuleContext<'a> {
     vs: &'a VirtualService,
     diags: &'a mut Vec<Diagnostic>,
     field: String,
+    proxy_namespace: &'a str,
 }
 
 impl RuleContext<'_> {
@@ -95,11 +102,7 @@ impl RuleContext<'_> {
 
     fn unsupported(&mut self, rule: &HttpRoute) {
         let present = [
-            ("retries", rule.retries.is_some()),
-            ("fault", rule.fault.is_some()),
-            ("mirror", rule.mirror.is_some() || !rule.mirrors.is_empty()),
             ("corsPolicy", rule.cors_policy.is_some()),
-            ("headers", rule.headers.is_some()),
             (
                 "rewrite.uriRegexRewrite",
                 rule.rewrite
@@ -144,12 +147,16 @@ impl RuleContext<'_> {
             return None;
         }
         let mut clusters = Vec::new();
+        let mut hash = Vec::new();
         for (j, dest) in rule.route.iter().enumerate() {
             let Some(d) = &dest.destination else { continue };
             let field = format!("{}.route[{j}].destination", self.field);
             let Some(cluster) = destination_cluster(self.push, self.vs, &field, d, self.diags) else {
                 continue;
             };
+            if hash.is_empty() {
+                hash = self.hash_policy(d);
+            }
             let weight = if rule.route.len() == 1 {
                 100
             } else {
@@ -185,8 +192,20 @@ impl RuleContext<'_> {
             cluster_specifier: Some(specifier),
             // Istio disables Envoy's default 15 s route timeout unless asked.
             timeout: Some(duration(timeout)),
+            hash_policy: hash,
             ..Default::default()
         };
+        let mirrors = rule
+            .mirror
+            .iter()
+            .chain(rule.mirrors.iter().filter_map(|m| m.destination.as_ref()))
+            .enumerate()
+            .filter_map(|(j, d)| {
+                let field = format!("{}.mirror[{j}]", self.field);
+                destination_cluster(self.push, self.vs, &field, d, self.diags)
+            })
+            .collect();
+        route_policy::apply_to_action(rule, &mut action, mirrors);
         if let Some(rw) = &rule.rewrite {
             action.prefix_rewrite = rw.uri.clone().unwrap_or_default();
             if let Some(a) = &rw.authority {
@@ -252,6 +271,29 @@ pub(super) fn destination_cluster(
     };
     let subset = dest.subset.as_deref().unwrap_or_default();
     Some(outbound_cluster_name(port, subset, &host))
+}
+
+impl RuleContext<'_> {
+    /// The hash policy consistent hashing to this destination needs.
+    fn hash_policy(&self, d: &Destination) -> Vec<route_action::HashPolicy> {
+        let host = resolve_host(&d.host, self.vs.namespace());
+        let Some(svc) = self.push.services.get(&host) else {
+            return Vec::new();
+        };
+        let dr = self
+            .push
+            .destination_rule(self.proxy_namespace, &host, &svc.namespace);
+        let subset = dr.and_then(|dr| {
+            let name = d.subset.as_deref()?;
+            dr.spec.subsets.iter().find(|s| s.name == name)
+        });
+        let port = d
+            .port
+            .as_ref()
+            .and_then(|p| u16::try_from(p.number).ok())
+            .unwrap_or_default();
+        policy::hash_policy(policy::effective(dr, subset, port).load_balancer)
+    }
 }
 
 fn redirect(r: &HttpRedirect) -> RedirectAction {

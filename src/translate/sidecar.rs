@@ -236,7 +236,7 @@ fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
         {
             let cluster = outbound_cluster_name(sp.port, "", &svc.hostname);
             if sp.is_http() {
-                let routes = mesh_routes(push, svc, sp.port, &mut out.diagnostics);
+                let routes = mesh_routes(push, &proxy.namespace, svc, sp.port, &mut out.diagnostics);
                 let routes = if routes.is_empty() {
                     all_to(&cluster, &cluster).virtual_hosts.remove(0).routes
                 } else {
@@ -304,7 +304,13 @@ fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
 
 /// Routes of the VirtualServices bound to the mesh (no `gateways`, or
 /// `mesh` among them) for this service, merged oldest first.
-fn mesh_routes(push: &PushContext, svc: &MeshService, port: u16, diags: &mut Vec<Diagnostic>) -> Vec<Route> {
+fn mesh_routes(
+    push: &PushContext,
+    proxy_namespace: &str,
+    svc: &MeshService,
+    port: u16,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Route> {
     let mut seen = BTreeSet::new();
     let mut routes = Vec::new();
     for vs in &push.virtual_services {
@@ -314,7 +320,11 @@ fn mesh_routes(push: &PushContext, svc: &MeshService, port: u16, diags: &mut Vec
                 || h == &format!("{}.{}.{DOMAIN_SUFFIX}", svc.name, svc.namespace)
         });
         if for_mesh && names_it && seen.insert((vs.namespace(), vs.name())) {
-            let scope = RouteScope { gateway: None, port };
+            let scope = RouteScope {
+                gateway: None,
+                port,
+                proxy_namespace,
+            };
             routes.extend(http_routes(push, vs, &scope, diags));
         }
     }

@@ -1,0 +1,385 @@
+//! Traffic management through a stock Envoy gateway: a 90/10 canary
+//! between DestinationRule subsets, the switch to 0/100 without a failed
+//! request, header routing, retries, injected faults, mirroring and
+//! consistent hashing. Backends listen on distinct loopback addresses, so
+//! that Pods (and so subsets) tell them apart.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, Pod};
+
+struct Traffic {
+    work: tempfile::TempDir,
+    port: u16,
+    v1: Backend,
+    v2: Backend,
+    _flaky: Backend,
+    _sticky: (Backend, Backend),
+    _meshd: Meshd,
+    envoy: Envoy,
+}
+
+fn reviews_vs(weights: (u32, u32)) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - match:
+    - headers:
+        end-user: {{exact: jason}}
+    route:
+    - destination: {{host: reviews, subset: v2}}
+  - match:
+    - uri: {{prefix: /fault-abort}}
+    fault:
+      abort: {{httpStatus: 418, percentage: {{value: 100}}}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - match:
+    - uri: {{prefix: /fault-delay}}
+    fault:
+      delay: {{fixedDelay: 1s, percentage: {{value: 100}}}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - match:
+    - uri: {{prefix: /mirror}}
+    route:
+    - destination: {{host: reviews, subset: v1}}
+    mirror: {{host: reviews, subset: v2}}
+    mirrorPercentage: {{value: 100}}
+  - route:
+    - destination: {{host: reviews, subset: v1}}
+      weight: {}
+    - destination: {{host: reviews, subset: v2}}
+      weight: {}
+"#,
+        weights.0, weights.1
+    )
+}
+
+fn config(port: u16, v1: u16, v2: u16, flaky: u16, sticky: (u16, u16)) -> String {
+    let (s1, s2) = sticky;
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports: [{{name: http2, port: 80, targetPort: {port}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews}}
+spec:
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: reviews}}
+subsets:
+- addresses: [{{ip: 127.0.0.2}}]
+  ports: [{{name: http, port: {v1}}}]
+- addresses: [{{ip: 127.0.0.3}}]
+  ports: [{{name: http, port: {v2}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v1, labels: {{app: reviews, version: v1}}}}
+spec: {{containers: []}}
+status: {{podIP: 127.0.0.2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v2, labels: {{app: reviews, version: v2}}}}
+spec: {{containers: []}}
+status: {{podIP: 127.0.0.3}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: reviews}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: flaky}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: flaky}}
+subsets:
+- addresses: [{{ip: 127.0.0.1}}]
+  ports: [{{name: http, port: {flaky}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: flaky}}
+spec:
+  hosts: [flaky.example.com, flaky-no-retries.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - match:
+    - authority: {{prefix: flaky-no-retries}}
+    retries: {{attempts: 0}}
+    route:
+    - destination: {{host: flaky}}
+  - retries: {{attempts: 3, retryOn: 5xx}}
+    route:
+    - destination: {{host: flaky}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: sticky}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: sticky}}
+subsets:
+- addresses: [{{ip: 127.0.0.4}}]
+  ports: [{{name: http, port: {s1}}}]
+- addresses: [{{ip: 127.0.0.5}}]
+  ports: [{{name: http, port: {s2}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: sticky}}
+spec:
+  host: sticky
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {{httpHeaderName: x-user}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: sticky}}
+spec:
+  hosts: [sticky.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - route:
+    - destination: {{host: sticky}}
+"#
+    )
+}
+
+impl Traffic {
+    fn start() -> Traffic {
+        let work = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let v1 = Backend::start_at("127.0.0.2", "v1", false);
+        let v2 = Backend::start_at("127.0.0.3", "v2", false);
+        let flaky = Backend::start_at("127.0.0.1", "flaky", true);
+        let sticky = (
+            Backend::start_at("127.0.0.4", "s1", false),
+            Backend::start_at("127.0.0.5", "s2", false),
+        );
+        let dir = work.path().join("config");
+        write(
+            &dir.join("mesh.yaml"),
+            &config(port, v1.port, v2.port, flaky.port, (sticky.0.port, sticky.1.port)),
+        );
+        write(&dir.join("reviews-vs.yaml"), &reviews_vs((90, 10)));
+        let meshd = Meshd::start(&dir, work.path());
+        let envoy = Envoy::start(
+            &meshd,
+            work.path(),
+            &Pod {
+                role: "gateway",
+                name: "istio-ingressgateway-1",
+                namespace: "istio-system",
+                labels: "istio=ingressgateway",
+                delta: false,
+            },
+        );
+        let t = Traffic {
+            work,
+            port,
+            v1,
+            v2,
+            _flaky: flaky,
+            _sticky: sticky,
+            _meshd: meshd,
+            envoy,
+        };
+        eventually(
+            "the gateway routes reviews",
+            Duration::from_secs(15),
+            || match t.get("reviews.example.com", "/", &[]) {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}\n{}", t.envoy.proc.log_tail())),
+            },
+        );
+        t
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn get(&self, host: &str, path: &str, extra: &[&str]) -> Result<(u16, String), String> {
+        let h = format!("Host: {host}");
+        let url = self.url(path);
+        let mut args = vec!["-H", h.as_str()];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args)
+    }
+
+    /// `n` requests on one keep-alive connection; each response's status
+    /// and body, as one curl prints them.
+    fn many(&self, n: usize, write_out: &str) -> Command {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-H", "Host: reviews.example.com", "-w", write_out]);
+        for _ in 0..n {
+            cmd.arg(self.url("/"));
+        }
+        cmd
+    }
+}
+
+#[test]
+fn canary_shift_header_routing_faults_and_mirror() {
+    let t = Traffic::start();
+
+    // 90/10 over 2,000 requests: within ±3 percentage points.
+    let out = t.many(2000, "").output().expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    let v1 = body.matches("Version: v1").count();
+    let v2 = body.matches("Version: v2").count();
+    assert_eq!(v1 + v2, 2000, "every request answered");
+    assert!((1740..=1860).contains(&v1), "v1 got {v1} of 2000 (90% ± 3)");
+
+    // The switch to 0/100 under load: no failed request.
+    let mut load = t.many(3000, "%{http_code}\n");
+    let load = load
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("load");
+    write(
+        &t.work.path().join("config/reviews-vs.yaml"),
+        &reviews_vs((0, 100)),
+    );
+    eventually("all traffic on v2", Duration::from_secs(15), || {
+        match t.get("reviews.example.com", "/", &[]) {
+            Ok((200, body)) if body.contains("Version: v2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let out = load.wait_with_output().expect("load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Bodies and the status line written after each: keep the statuses.
+    let codes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.len() == 3 && l.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    let failed: Vec<&&str> = codes.iter().filter(|c| **c != "200").collect();
+    assert_eq!(codes.len(), 3000);
+    assert!(failed.is_empty(), "failed requests during the switch: {failed:?}");
+    let after = t.many(100, "").output().expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&after.stdout)
+            .matches("Version: v2")
+            .count(),
+        100
+    );
+
+    // Header-based routing.
+    let (code, body) = t
+        .get("reviews.example.com", "/", &["-H", "end-user: jason"])
+        .expect("jason");
+    assert_eq!((code, body.contains("Version: v2")), (200, true));
+
+    // Injected abort and delay.
+    let (code, _) = t.get("reviews.example.com", "/fault-abort", &[]).expect("abort");
+    assert_eq!(code, 418);
+    let start = Instant::now();
+    let (code, _) = t.get("reviews.example.com", "/fault-delay", &[]).expect("delay");
+    assert_eq!(code, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "delayed by {:?}",
+        start.elapsed()
+    );
+
+    // Mirroring: v1 answers, v2 gets a copy.
+    let before = t.v2.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let v1_before = t.v1.hits.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        let (code, body) = t.get("reviews.example.com", "/mirror", &[]).expect("mirror");
+        assert_eq!((code, body.contains("Version: v1")), (200, true));
+    }
+    assert_eq!(t.v1.hits.load(std::sync::atomic::Ordering::SeqCst) - v1_before, 5);
+    eventually("the mirror got copies", Duration::from_secs(5), || {
+        let copies = t.v2.hits.load(std::sync::atomic::Ordering::SeqCst) - before;
+        if copies == 5 {
+            Ok(())
+        } else {
+            Err(format!("{copies} copies"))
+        }
+    });
+}
+
+#[test]
+fn retries_recover_and_consistent_hash_sticks() {
+    let t = Traffic::start();
+    // The backend fails every other request; three retries hide it.
+    for _ in 0..20 {
+        let (code, _) = t.get("flaky.example.com", "/", &[]).expect("flaky");
+        assert_eq!(code, 200);
+    }
+    // With retries off, the failures show.
+    let codes: Vec<u16> = (0..10)
+        .map(|_| {
+            t.get("flaky-no-retries.example.com", "/", &[])
+                .expect("no retries")
+                .0
+        })
+        .collect();
+    assert!(codes.contains(&503), "{codes:?}");
+
+    // One user, one backend.
+    let backend_of = |user: &str| {
+        let (code, body) = t
+            .get("sticky.example.com", "/", &["-H", &format!("x-user: {user}")])
+            .expect("sticky");
+        assert_eq!(code, 200);
+        body.lines()
+            .find(|l| l.starts_with("Version:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let first = backend_of("alice");
+    for _ in 0..30 {
+        assert_eq!(backend_of("alice"), first);
+    }
+    let seen: std::collections::BTreeSet<String> =
+        (0..40).map(|i| backend_of(&format!("user-{i}"))).collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "different users spread over both backends: {seen:?}"
+    );
+}

@@ -1,0 +1,174 @@
+//! The parts of a VirtualService HTTP rule beyond where it goes: retries
+//! (Istio's default when none is given), fault injection, mirroring, and
+//! header changes, as Envoy route settings.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option, HeaderValue, HeaderValueOption, RuntimeFractionalPercent,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    retry_policy, route_action, RetryPolicy, Route, RouteAction,
+};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{fault_delay, FaultDelay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+use envoy_types::pb::envoy::r#type::v3::{fractional_percent, FractionalPercent};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::util::pack_any;
+
+use super::duration;
+use crate::config::istio::{HeaderOperations, HttpRetry, HttpRoute, Percent};
+use crate::config::parse_duration;
+
+/// The name of Envoy's fault filter, which gateways and sidecars carry.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// Istio's retry policy when a rule says nothing: 2 attempts on
+/// connection failures, refused streams, unavailable, cancelled and 503.
+fn default_retries() -> RetryPolicy {
+    retry(&HttpRetry {
+        attempts: 2,
+        retry_on: Some("connect-failure,refused-stream,unavailable,cancelled,503".into()),
+        ..Default::default()
+    })
+}
+
+fn retry(r: &HttpRetry) -> RetryPolicy {
+    let on = r
+        .retry_on
+        .as_deref()
+        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,503");
+    let mut retry_on: Vec<String> = Vec::new();
+    let mut codes = Vec::new();
+    for part in on.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u32>() {
+            Ok(code) => codes.push(code),
+            Err(_) => retry_on.push(part.to_string()),
+        }
+    }
+    if !codes.is_empty() && !retry_on.iter().any(|p| p == "retriable-status-codes") {
+        retry_on.push("retriable-status-codes".into());
+    }
+    RetryPolicy {
+        retry_on: retry_on.join(","),
+        num_retries: Some(UInt32Value {
+            value: u32::try_from(r.attempts.max(0)).unwrap_or(0),
+        }),
+        per_try_timeout: r
+            .per_try_timeout
+            .as_deref()
+            .and_then(parse_duration)
+            .map(duration),
+        retriable_status_codes: codes,
+        // Try another endpoint than the one that failed, as Istio does.
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                pack_any(PreviousHostsPredicate::default()),
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        ..Default::default()
+    }
+}
+
+fn percent(p: Option<&Percent>, legacy: Option<i32>) -> Option<FractionalPercent> {
+    let value = p.map(|p| p.value).or(legacy.map(f64::from)).unwrap_or(100.0);
+    Some(FractionalPercent {
+        numerator: (value.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+        denominator: fractional_percent::DenominatorType::Million as i32,
+    })
+}
+
+/// Retries, mirrors and timeouts on the route action.
+pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirror_clusters: Vec<String>) {
+    action.retry_policy = Some(match &rule.retries {
+        None => default_retries(),
+        Some(r) if r.attempts <= 0 => RetryPolicy {
+            num_retries: Some(UInt32Value { value: 0 }),
+            ..Default::default()
+        },
+        Some(r) => retry(r),
+    });
+    let fraction = rule
+        .mirror_percentage
+        .as_ref()
+        .map(|p| p.value)
+        .or(rule.mirror_percent.map(f64::from));
+    action.request_mirror_policies = mirror_clusters
+        .into_iter()
+        .map(|cluster| route_action::RequestMirrorPolicy {
+            cluster,
+            runtime_fraction: Some(RuntimeFractionalPercent {
+                default_value: percent(fraction.map(|value| Percent { value }).as_ref(), None),
+                runtime_key: String::new(),
+            }),
+            ..Default::default()
+        })
+        .collect();
+}
+
+fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
+    let option =
+        |k: &String, v: &String, action: header_value_option::HeaderAppendAction| HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: action as i32,
+            ..Default::default()
+        };
+    let set = ops.set.iter().map(|(k, v)| {
+        option(
+            k,
+            v,
+            header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd,
+        )
+    });
+    let add = ops
+        .add
+        .iter()
+        .map(|(k, v)| option(k, v, header_value_option::HeaderAppendAction::AppendIfExistsOrAdd));
+    set.chain(add).collect()
+}
+
+/// Header changes and fault injection on the route.
+pub fn apply_to_route(rule: &HttpRoute, route: &mut Route) {
+    if let Some(h) = &rule.headers {
+        if let Some(req) = &h.request {
+            route.request_headers_to_add = header_options(req);
+            route.request_headers_to_remove = req.remove.clone();
+        }
+        if let Some(resp) = &h.response {
+            route.response_headers_to_add = header_options(resp);
+            route.response_headers_to_remove = resp.remove.clone();
+        }
+    }
+    if let Some(f) = &rule.fault {
+        let delay = f.delay.as_ref().and_then(|d| {
+            let fixed = d.fixed_delay.as_deref().and_then(parse_duration)?;
+            Some(FaultDelay {
+                fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(duration(fixed))),
+                percentage: percent(d.percentage.as_ref(), d.percent),
+            })
+        });
+        let abort = f.abort.as_ref().and_then(|a| {
+            let status = u32::try_from(a.http_status?).ok()?;
+            Some(FaultAbort {
+                error_type: Some(fault_abort::ErrorType::HttpStatus(status)),
+                percentage: percent(a.percentage.as_ref(), None),
+                ..Default::default()
+            })
+        });
+        let fault = HttpFault {
+            delay,
+            abort,
+            ..Default::default()
+        };
+        // One entry: prost encodes a map in iteration order, and a
+        // single-entry map has only one.
+        route.typed_per_filter_config = HashMap::from([(FAULT_FILTER.to_string(), pack_any(fault))]);
+    }
+}
