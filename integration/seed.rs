@@ -366,3 +366,39 @@ fn restart_with_the_same_config_sends_nothing_new() {
     }
     assert_eq!(s.get().expect("curl").0, 200);
 }
+
+const SEED_INGRESS: &str = r#"kind: Ingress
+apiVersion: extensions/v1beta1
+metadata:
+  name: helloworld
+spec:
+  rules:
+    - host: helloworld.fireflyclass.com
+      http:
+        paths:
+          - backend:
+              serviceName: helloworld
+              servicePort: 80
+            path: /
+"#;
+
+#[test]
+fn seed_ingress_without_class_404s_and_analyze_says_why() {
+    // The seed's VirtualService attempt is not bound (unqualified gateway),
+    // so only the Ingress could serve the host.
+    let s = Setup::new("ingressgateway", false);
+    write(&s.config().join("ingress.yaml"), SEED_INGRESS);
+    s.wait_for("404: an Ingress without class istio is not served", 404, "");
+    let (ok, report) = analyze(&s.config());
+    assert!(!ok);
+    assert!(report.contains("Ingress default/helloworld"), "{report}");
+    assert!(report.contains("kubernetes.io/ingress.class: istio"), "{report}");
+
+    // With Istio's class annotation, the gateway serves it.
+    let annotated = SEED_INGRESS.replace(
+        "  name: helloworld\n",
+        "  name: helloworld\n  annotations:\n    kubernetes.io/ingress.class: istio\n",
+    );
+    write(&s.config().join("ingress.yaml"), &annotated);
+    s.wait_for("Hello, world! through the Ingress", 200, "Hello, world!");
+}

@@ -75,6 +75,28 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     }
     sidecar_coverage(&push, config, &mut out);
     for (key, entry) in &config.resources {
+        let Resource::Ingress(ing) = &*entry.resource else {
+            continue;
+        };
+        if !crate::model::ingress::served(config, ing) {
+            let class = ing
+                .spec
+                .ingress_class_name
+                .as_deref()
+                .map_or("none".to_string(), |c| format!("{c:?}"));
+            out.push(Finding {
+                level: Level::Warning,
+                code: "IST0101",
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message: format!(
+                    "Referenced ingress class not found: class {class} is not served by the mesh, so no gateway \
+                     serves this Ingress (set ingressClassName: istio, or the annotation kubernetes.io/ingress.class: istio)"
+                ),
+            });
+        }
+    }
+    for (key, entry) in &config.resources {
         if let Resource::Gateway(gw) = &*entry.resource {
             let mut found = |code: &'static str, message: String| {
                 out.push(Finding {

@@ -8,6 +8,7 @@
 //! index, kind/name and field path, and left out; the store then keeps
 //! serving the last good version of that resource.
 
+pub mod ingress;
 pub mod istio;
 mod parse;
 mod store;
@@ -40,6 +41,8 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     PeerAuthentication,
+    Ingress,
+    IngressClass,
 }
 
 impl Kind {
@@ -57,13 +60,15 @@ impl Kind {
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
             ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
+            ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
+            ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
             _ => None,
         }
     }
 
     /// Whether resources of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::IngressClass)
     }
 }
 
@@ -143,6 +148,8 @@ pub enum Resource {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     PeerAuthentication(PeerAuthentication),
+    Ingress(ingress::Ingress),
+    IngressClass(ingress::IngressClass),
 }
 
 impl Resource {
@@ -159,6 +166,8 @@ impl Resource {
             Resource::VirtualService(r) => &r.metadata,
             Resource::DestinationRule(r) => &r.metadata,
             Resource::PeerAuthentication(r) => &r.metadata,
+            Resource::Ingress(r) => &r.metadata,
+            Resource::IngressClass(r) => &r.metadata,
         }
     }
 
@@ -175,6 +184,8 @@ impl Resource {
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Resource::Ingress(_) => Kind::Ingress,
+            Resource::IngressClass(_) => Kind::IngressClass,
         }
     }
 

@@ -7,6 +7,7 @@
 //! resources; that is `translate`.
 
 mod credential;
+pub mod ingress;
 pub mod peer_auth;
 mod proxy;
 mod service;
@@ -116,7 +117,7 @@ impl PushContext {
             }
         }
         let virtual_services = oldest_first(virtual_services);
-        PushContext {
+        let mut push = PushContext {
             config,
             services,
             gateways,
@@ -127,7 +128,16 @@ impl PushContext {
             destination_rules: oldest_first(destination_rules),
             pods,
             trust_domain: "cluster.local".into(),
+        };
+        let (gateway, ingress_routes) = ingress::convert(&push);
+        if let Some(gw) = gateway {
+            let key = (gw.namespace().to_string(), gw.name().to_string());
+            push.gateways.insert(key, Arc::new(gw));
+            let mut all = std::mem::take(&mut push.virtual_services);
+            all.extend(ingress_routes.into_iter().map(Arc::new));
+            push.virtual_services = oldest_first(all);
         }
+        push
     }
 
     /// The Gateways whose selector matches the proxy's labels.
