@@ -383,3 +383,78 @@ fn retries_recover_and_consistent_hash_sticks() {
         "different users spread over both backends: {seen:?}"
     );
 }
+
+#[test]
+fn service_entry_with_dns_resolution_reaches_an_external_service() {
+    let work = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let external = Backend::start("external");
+    let config = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports: [{{name: http2, port: 80, targetPort: {port}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+# An "external" service by name: Envoy resolves localhost itself.
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: api-external}}
+spec:
+  hosts: [api.external.example]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {backend}}}]
+  endpoints:
+  - address: localhost
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: external}}
+spec:
+  hosts: [external.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - route:
+    - destination: {{host: api.external.example, port: {{number: 80}}}}
+"#,
+        backend = external.port
+    );
+    write(&work.path().join("config/mesh.yaml"), &config);
+    let meshd = Meshd::start(&work.path().join("config"), work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod {
+            role: "gateway",
+            name: "istio-ingressgateway-2",
+            namespace: "istio-system",
+            labels: "istio=ingressgateway",
+            delta: false,
+        },
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually(
+        "the ServiceEntry answers through the gateway",
+        Duration::from_secs(15),
+        || match curl(&["-H", "Host: external.example.com", &url]) {
+            Ok((200, body)) if body.contains("Version: external") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    let (_, clusters) = envoy.admin("/clusters").expect("clusters");
+    assert!(
+        clusters.contains("outbound|80||api.external.example"),
+        "{clusters}"
+    );
+}

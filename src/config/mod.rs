@@ -40,6 +40,7 @@ pub enum Kind {
     Gateway,
     VirtualService,
     DestinationRule,
+    ServiceEntry,
     PeerAuthentication,
     Ingress,
     IngressClass,
@@ -59,6 +60,7 @@ impl Kind {
             ("networking.istio.io", "Gateway") => Some(Kind::Gateway),
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
             ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
+            ("networking.istio.io", "ServiceEntry") => Some(Kind::ServiceEntry),
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
             ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
@@ -128,6 +130,8 @@ pub type Gateway = IstioObject<istio::GatewaySpec>;
 pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
 /// A DestinationRule resource.
 pub type DestinationRule = IstioObject<istio::DestinationRuleSpec>;
+/// A ServiceEntry resource.
+pub type ServiceEntry = IstioObject<istio::ServiceEntrySpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 
@@ -147,6 +151,7 @@ pub enum Resource {
     Gateway(Gateway),
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
+    ServiceEntry(ServiceEntry),
     PeerAuthentication(PeerAuthentication),
     Ingress(ingress::Ingress),
     IngressClass(ingress::IngressClass),
@@ -165,6 +170,7 @@ impl Resource {
             Resource::Gateway(r) => &r.metadata,
             Resource::VirtualService(r) => &r.metadata,
             Resource::DestinationRule(r) => &r.metadata,
+            Resource::ServiceEntry(r) => &r.metadata,
             Resource::PeerAuthentication(r) => &r.metadata,
             Resource::Ingress(r) => &r.metadata,
             Resource::IngressClass(r) => &r.metadata,
@@ -183,6 +189,7 @@ impl Resource {
             Resource::Gateway(_) => Kind::Gateway,
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
+            Resource::ServiceEntry(_) => Kind::ServiceEntry,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::Ingress(_) => Kind::Ingress,
             Resource::IngressClass(_) => Kind::IngressClass,

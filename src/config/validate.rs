@@ -4,7 +4,7 @@
 
 use super::istio::{
     ClientTlsSettings, Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
-    PeerAuthenticationSpec, Server, StringMatch, VirtualServiceSpec,
+    PeerAuthenticationSpec, Server, ServiceEntrySpec, StringMatch, VirtualServiceSpec,
 };
 use super::Resource;
 
@@ -24,6 +24,7 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
         Resource::VirtualService(vs) => virtual_service(&vs.spec),
         Resource::PeerAuthentication(pa) => peer_authentication(&pa.spec),
         Resource::DestinationRule(dr) => destination_rule(&dr.spec),
+        Resource::ServiceEntry(se) => service_entry(&se.spec),
         _ => Ok(()),
     };
     result.err()
@@ -159,6 +160,51 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Checked {
         if subset.name.is_empty() {
             return fail(format!("spec.subsets[{i}].name"), "is required");
         }
+    }
+    Ok(())
+}
+
+fn service_entry(spec: &ServiceEntrySpec) -> Checked {
+    if spec.hosts.is_empty() {
+        return fail("spec.hosts", "a ServiceEntry needs at least one host");
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        wildcard_host(&format!("spec.hosts[{i}]"), h)?;
+    }
+    if spec.ports.is_empty() {
+        return fail("spec.ports", "a ServiceEntry needs at least one port");
+    }
+    for (i, p) in spec.ports.iter().enumerate() {
+        if p.number == 0 || p.number > 65535 {
+            return fail(
+                format!("spec.ports[{i}].number"),
+                format!("{} is not a port number", p.number),
+            );
+        }
+    }
+    let resolution = spec.resolution.as_deref().unwrap_or("NONE");
+    if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(&resolution) {
+        return fail(
+            "spec.resolution",
+            format!("unknown resolution {resolution:?}; expected NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+        );
+    }
+    if let Some(location) = &spec.location {
+        if location != "MESH_EXTERNAL" && location != "MESH_INTERNAL" {
+            return fail(
+                "spec.location",
+                format!("unknown location {location:?}; expected MESH_EXTERNAL or MESH_INTERNAL"),
+            );
+        }
+    }
+    if resolution == "STATIC" && spec.endpoints.is_empty() && spec.workload_selector.is_none() {
+        return fail(
+            "spec.endpoints",
+            "STATIC resolution needs endpoints or a workloadSelector",
+        );
+    }
+    if resolution == "DNS_ROUND_ROBIN" && spec.endpoints.len() > 1 {
+        return fail("spec.endpoints", "DNS_ROUND_ROBIN takes at most one endpoint");
     }
     Ok(())
 }

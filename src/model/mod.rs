@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 pub use credential::{CredentialError, Credentials, ServerCredential};
 pub use proxy::{Proxy, ProxyError, Role};
-pub use service::{Endpoint, MeshService, ServicePort};
+pub use service::{Endpoint, MeshService, Resolution, ServicePort};
 
 use serde::Serialize;
 

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use super::{PodInfo, DOMAIN_SUFFIX};
-use crate::config::{ConfigSnapshot, Resource};
+use crate::config::{ConfigSnapshot, Resource, ServiceEntry};
 
 /// A Kubernetes Service as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -22,6 +22,23 @@ pub struct MeshService {
     /// `spec.clusterIP`; `None` for headless services.
     pub cluster_ip: Option<String>,
     pub ports: Vec<ServicePort>,
+    /// How its endpoints are found.
+    pub resolution: Resolution,
+    /// A ServiceEntry with `location: MESH_EXTERNAL` (the default).
+    pub external: bool,
+}
+
+/// How a service's endpoints are found (ServiceEntry `resolution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Resolution {
+    /// Known addresses, sent over EDS (Kubernetes services, STATIC).
+    Endpoints,
+    /// Envoy resolves the endpoints' names, every address an endpoint.
+    Dns,
+    /// Envoy resolves one name and uses one address at a time.
+    DnsRoundRobin,
+    /// To wherever the connection was going (NONE).
+    Passthrough,
 }
 
 /// One port of a Service and the endpoints behind it.
@@ -164,10 +181,119 @@ pub(super) fn build(
             selector,
             cluster_ip,
             ports,
+            resolution: Resolution::Endpoints,
+            external: false,
         };
         out.insert(hostname, Arc::new(service));
     }
+    for entry in config.resources.values() {
+        let Resource::ServiceEntry(se) = &*entry.resource else {
+            continue;
+        };
+        for svc in from_service_entry(se, pods) {
+            out.entry(svc.hostname.clone()).or_insert_with(|| Arc::new(svc));
+        }
+    }
     out
+}
+
+/// The services a ServiceEntry adds: one per host.
+fn from_service_entry(se: &ServiceEntry, pods: &BTreeMap<String, Arc<PodInfo>>) -> Vec<MeshService> {
+    let spec = &se.spec;
+    let resolution = match spec.resolution.as_deref() {
+        Some("STATIC") => Resolution::Endpoints,
+        Some("DNS") => Resolution::Dns,
+        Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+        _ => Resolution::Passthrough,
+    };
+    let ports: Vec<ServicePort> = spec
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let number = u16::try_from(p.number).ok()?;
+            let target = p
+                .target_port
+                .and_then(|t| u16::try_from(t).ok())
+                .unwrap_or(number);
+            let proto = p.protocol.to_ascii_lowercase();
+            Some(ServicePort {
+                name: p.name.clone(),
+                port: number,
+                target_port: Some(target.to_string()),
+                protocol: "TCP".into(),
+                app_protocol: Some(if proto.is_empty() { "tcp".into() } else { proto }),
+                endpoints: Vec::new(),
+            })
+        })
+        .collect();
+    let ns = se.namespace().to_string();
+    spec.hosts
+        .iter()
+        .map(|host| {
+            let ports = ports
+                .iter()
+                .map(|p| {
+                    let mut p = p.clone();
+                    let target = p.target_number().unwrap_or(p.port);
+                    let mut eps: BTreeSet<Endpoint> = spec
+                        .endpoints
+                        .iter()
+                        .map(|e| Endpoint {
+                            ip: e.address.clone(),
+                            port: e
+                                .ports
+                                .get(&p.name)
+                                .and_then(|n| u16::try_from(*n).ok())
+                                .unwrap_or(target),
+                            mesh: None,
+                            pod: None,
+                            labels: e.labels.clone(),
+                        })
+                        .collect();
+                    if let Some(sel) = &spec.workload_selector {
+                        for (ip, pod) in pods {
+                            if pod.namespace == ns && super::is_subset(&sel.labels, &pod.labels) {
+                                eps.insert(Endpoint {
+                                    ip: ip.clone(),
+                                    port: target,
+                                    mesh: pod
+                                        .mesh
+                                        .then(|| (pod.namespace.clone(), pod.service_account.clone())),
+                                    pod: None,
+                                    labels: pod.labels.clone(),
+                                });
+                            }
+                        }
+                    }
+                    if eps.is_empty() && matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+                        eps.insert(Endpoint {
+                            ip: host.clone(),
+                            port: target,
+                            mesh: None,
+                            pod: None,
+                            labels: BTreeMap::new(),
+                        });
+                    }
+                    p.endpoints = eps.into_iter().collect();
+                    p
+                })
+                .collect();
+            MeshService {
+                name: host.clone(),
+                namespace: ns.clone(),
+                hostname: host.clone(),
+                selector: BTreeMap::new(),
+                cluster_ip: spec
+                    .addresses
+                    .first()
+                    .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+                    .cloned(),
+                ports,
+                resolution,
+                external: spec.location.as_deref() != Some("MESH_INTERNAL"),
+            }
+        })
+        .collect()
 }
 
 fn service_ports(svc: &Service) -> Vec<ServicePort> {

@@ -30,7 +30,7 @@ use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds
 use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
 use crate::config::istio::{ClientTlsSettings, Subset};
 use crate::config::DestinationRule;
-use crate::model::{is_subset, MeshService, Proxy, PushContext, ServicePort};
+use crate::model::{is_subset, MeshService, Proxy, PushContext, Resolution, ServicePort};
 
 /// Istio's name for the cluster that drops traffic.
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -68,15 +68,24 @@ pub fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                 let name =
                     outbound_cluster_name(port.port, subset.map_or("", |s| s.name.as_str()), &svc.hostname);
                 let policy = policy::effective(dr, *subset, port.port);
-                let mut cluster = eds_cluster(&name);
+                let selected: Vec<&crate::model::Endpoint> = port
+                    .endpoints
+                    .iter()
+                    .filter(|e| subset.is_none_or(|s| is_subset(&s.labels, &e.labels)))
+                    .collect();
+                let mut cluster = match svc.resolution {
+                    Resolution::Endpoints => {
+                        out.endpoints.push(assignment(&name, selected.into_iter()));
+                        eds_cluster(&name)
+                    }
+                    Resolution::Dns | Resolution::DnsRoundRobin => {
+                        dns_cluster(&name, svc.resolution, selected)
+                    }
+                    Resolution::Passthrough => passthrough_cluster(&name),
+                };
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
                 transport(push, proxy, svc, port, dr, policy.tls, &mut cluster, out);
                 out.clusters.push(cluster);
-                let selected = port
-                    .endpoints
-                    .iter()
-                    .filter(|e| subset.is_none_or(|s| is_subset(&s.labels, &e.labels)));
-                out.endpoints.push(assignment(&name, selected));
             }
         }
     }
@@ -356,6 +365,37 @@ fn eds_cluster(name: &str) -> Cluster {
             eds_config: Some(ads()),
             service_name: name.to_string(),
         }),
+        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
+        ..Default::default()
+    }
+}
+
+/// A ServiceEntry with DNS resolution: Envoy resolves the endpoints'
+/// names itself (IPv4, as Istio asks for).
+fn dns_cluster(name: &str, resolution: Resolution, endpoints: Vec<&crate::model::Endpoint>) -> Cluster {
+    let kind = if resolution == Resolution::DnsRoundRobin {
+        cluster::DiscoveryType::LogicalDns
+    } else {
+        cluster::DiscoveryType::StrictDns
+    };
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
+        dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
+        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
+        load_assignment: Some(assignment(name, endpoints.into_iter())),
+        ..Default::default()
+    }
+}
+
+/// A ServiceEntry with resolution NONE: to the original destination.
+fn passthrough_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
         ..Default::default()
     }

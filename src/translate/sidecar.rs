@@ -226,9 +226,6 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
 fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
     let mut http_ports: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
     for svc in push.services.values() {
-        let Some(cluster_ip) = &svc.cluster_ip else {
-            continue;
-        };
         for sp in svc
             .ports
             .iter()
@@ -250,6 +247,11 @@ fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                 });
                 continue;
             }
+            // TCP is told apart by address: services without one are
+            // reached through the passthrough.
+            let Some(cluster_ip) = &svc.cluster_ip else {
+                continue;
+            };
             out.listeners.push(Listener {
                 name: format!("{cluster_ip}_{}", sp.port),
                 address: Some(socket(cluster_ip, sp.port)),
