@@ -476,7 +476,15 @@ fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {
     for f in &findings {
         println!("{f}");
     }
-    bail!("{} finding(s)", findings.len())
+    use meshd::analyze::Level;
+    let serious = findings
+        .iter()
+        .filter(|f| matches!(f.level, Level::Error | Level::Warning))
+        .count();
+    if serious == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    bail!("{serious} error(s) or warning(s)")
 }
 
 fn init_logging() {

@@ -74,6 +74,7 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
         });
     }
     sidecar_coverage(&push, config, &mut out);
+    traffic_references(&push, config, &mut out);
     for (key, entry) in &config.resources {
         let Resource::Ingress(ing) = &*entry.resource else {
             continue;
@@ -177,6 +178,135 @@ fn sidecar_coverage(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<F
             origin: None,
             message: format!("The pod is missing the Istio proxy{refused}"),
         });
+    }
+}
+
+/// Subsets routed to but not defined, subsets that select no endpoint,
+/// Gateways whose selector picks no known workload, and VirtualServices
+/// that share a host on one Gateway.
+fn traffic_references(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    let mut add = |level: Level, code: &'static str, key: &crate::config::ResourceKey, message: String| {
+        let origin = config.resources.get(key).map(|e| e.origin.clone());
+        out.push(Finding {
+            level,
+            code,
+            resource: key.to_string(),
+            origin,
+            message,
+        });
+    };
+    let key = |kind: Kind, ns: &str, name: &str| crate::config::ResourceKey {
+        kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    };
+    let mut on_gateway: std::collections::BTreeMap<(String, String, String), Vec<String>> =
+        Default::default();
+    for vs in &push.virtual_services {
+        let vs_key = key(Kind::VirtualService, vs.namespace(), vs.name());
+        if !config.resources.contains_key(&vs_key) {
+            continue; // made from an Ingress
+        }
+        let dests = vs
+            .spec
+            .http
+            .iter()
+            .flat_map(|h| h.route.iter().filter_map(|r| r.destination.as_ref()));
+        for d in dests {
+            let Some(subset) = &d.subset else { continue };
+            let host = resolve_host(&d.host, vs.namespace());
+            let svc_ns = push
+                .services
+                .get(&host)
+                .map(|s| s.namespace.clone())
+                .unwrap_or_default();
+            let defined = push
+                .destination_rule(vs.namespace(), &host, &svc_ns)
+                .is_some_and(|dr| dr.spec.subsets.iter().any(|s| &s.name == subset));
+            if !defined {
+                add(
+                    Level::Error,
+                    "IST0101",
+                    &vs_key,
+                    format!(
+                        "Referenced host+subset in destinationrule not found: \"{}+{subset}\"",
+                        d.host
+                    ),
+                );
+            }
+        }
+        for gw in &vs.spec.gateways {
+            if let Some((ns, name)) = resolve_gateway_ref(gw, vs.namespace()) {
+                for h in &vs.spec.hosts {
+                    on_gateway
+                        .entry((ns.clone(), name.clone(), h.clone()))
+                        .or_default()
+                        .push(format!("{}/{}", vs.namespace(), vs.name()));
+                }
+            }
+        }
+    }
+    for ((ns, name, host), vss) in on_gateway {
+        if vss.len() > 1 {
+            let first = vss[0].split_once('/').unwrap_or_default();
+            add(
+                Level::Warning,
+                "IST0109",
+                &key(Kind::VirtualService, first.0, first.1),
+                format!(
+                    "The VirtualServices {} on Gateway {ns}/{name} all define host {host}: their rules are merged oldest first, and a later rule may never match",
+                    vss.join(", ")
+                ),
+            );
+        }
+    }
+    for dr in &push.destination_rules {
+        let Some(svc) = push.services.get(&resolve_host(&dr.spec.host, dr.namespace())) else {
+            continue;
+        };
+        for subset in &dr.spec.subsets {
+            let selects = svc
+                .ports
+                .iter()
+                .flat_map(|p| p.endpoints.iter())
+                .any(|e| is_subset(&subset.labels, &e.labels));
+            if !selects {
+                add(
+                    Level::Warning,
+                    "IST0101",
+                    &key(Kind::DestinationRule, dr.namespace(), dr.name()),
+                    format!(
+                        "Referenced subset {:?} selects no endpoint of {} (no Pod carries its labels)",
+                        subset.name, svc.hostname
+                    ),
+                );
+            }
+        }
+    }
+    // Only where the config describes the Gateway's namespace's Pods:
+    // elsewhere the gateway workloads are simply not in the files.
+    {
+        for ((ns, name), gw) in &push.gateways {
+            let gw_key = key(Kind::Gateway, ns, name);
+            let pods_known = push.pods.values().any(|p| &p.namespace == ns);
+            if !config.resources.contains_key(&gw_key) || !pods_known {
+                continue;
+            }
+            if !push
+                .pods
+                .values()
+                .any(|p| is_subset(&gw.spec.selector, &p.labels))
+            {
+                let selector: Vec<String> =
+                    gw.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                add(
+                    Level::Error,
+                    "IST0101",
+                    &gw_key,
+                    format!("Referenced selector not found: \"{}\"", selector.join(",")),
+                );
+            }
+        }
     }
 }
 
@@ -424,6 +554,36 @@ mod tests {
             "{}",
             missing[0].message
         );
+    }
+
+    #[test]
+    fn subsets_selectors_and_shared_hosts() {
+        let docs = [
+            GW,
+            SVC,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: hw-1, labels: {app: helloworld, version: v1}}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: gw-1, namespace: istio-system, labels: {istio: other}}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.9}\n",
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: helloworld}\nsubsets:\n- addresses: [{ip: 10.0.0.1}]\n  ports: [{port: 8080}]\n",
+            "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: hw}\nspec:\n  host: helloworld\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [h.example.com]\n  gateways: [istio-system/ingressgateway]\n  http:\n  - route:\n    - destination: {host: helloworld, subset: v3}\n",
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: b}\nspec:\n  hosts: [h.example.com]\n  gateways: [istio-system/ingressgateway]\n  http:\n  - route:\n    - destination: {host: helloworld, subset: v1}\n",
+        ];
+        let f = findings(&docs);
+        let lines: Vec<String> = f
+            .iter()
+            .map(|f| format!("{} {} {}", f.code, f.resource, f.message))
+            .collect();
+        let has = |code: &str, text: &str| lines.iter().any(|l| l.starts_with(code) && l.contains(text));
+        assert!(has("IST0101", "\"helloworld+v3\""), "{lines:#?}");
+        assert!(has("IST0101", "subset \"v2\" selects no endpoint"), "{lines:#?}");
+        assert!(
+            has(
+                "IST0101",
+                "Referenced selector not found: \"istio=ingressgateway\""
+            ),
+            "{lines:#?}"
+        );
+        assert!(has("IST0109", "define host h.example.com"), "{lines:#?}");
     }
 
     #[test]
