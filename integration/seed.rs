@@ -402,3 +402,68 @@ fn seed_ingress_without_class_404s_and_analyze_says_why() {
     write(&s.config().join("ingress.yaml"), &annotated);
     s.wait_for("Hello, world! through the Ingress", 200, "Hello, world!");
 }
+
+#[test]
+fn gateway_api_httproute_serves_helloworld() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let backend = Backend::start("1.0.0");
+    let port = free_port();
+    let config = work.path().join("config");
+    write(&config.join("helloworld.yaml"), &helloworld_yaml(backend.port));
+    write(
+        &config.join("gateway-api.yaml"),
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web-istio}}
+spec:
+  selector: {{gateway.networking.k8s.io/gateway-name: web}}
+  ports: [{{name: http, port: 80, targetPort: {port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {{name: http, port: 80, protocol: HTTP}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: helloworld}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [helloworld.fireflyclass.com]
+  rules:
+  - backendRefs: [{{name: helloworld, port: 80}}]
+"#
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod {
+            role: "gateway",
+            name: "web-istio-6c9f",
+            namespace: "default",
+            labels: "gateway.networking.k8s.io/gateway-name=web",
+            delta: false,
+        },
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually(
+        "Hello, world! through the HTTPRoute",
+        Duration::from_secs(15),
+        || match curl(&["-H", HOST, &url]) {
+            Ok((200, body)) if body.contains("Hello, world!") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    let configz = meshd.json("/debug/configz");
+    let route = configz["resources"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["kind"] == "HttpRoute").cloned())
+        .expect("the HTTPRoute in configz");
+    assert_eq!(route["status"]["conditions"][0]["status"], "True", "{route}");
+}

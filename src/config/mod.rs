@@ -8,6 +8,7 @@
 //! index, kind/name and field path, and left out; the store then keeps
 //! serving the last good version of that resource.
 
+pub mod gateway_api;
 pub mod ingress;
 pub mod istio;
 mod parse;
@@ -44,6 +45,8 @@ pub enum Kind {
     PeerAuthentication,
     Ingress,
     IngressClass,
+    K8sGateway,
+    HttpRoute,
 }
 
 impl Kind {
@@ -64,6 +67,8 @@ impl Kind {
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
             ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
+            ("gateway.networking.k8s.io", "Gateway") => Some(Kind::K8sGateway),
+            ("gateway.networking.k8s.io", "HTTPRoute") => Some(Kind::HttpRoute),
             _ => None,
         }
     }
@@ -76,7 +81,11 @@ impl Kind {
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Kind::K8sGateway => f.write_str("Gateway.gateway.networking.k8s.io"),
+            Kind::HttpRoute => f.write_str("HTTPRoute"),
+            other => fmt::Debug::fmt(other, f),
+        }
     }
 }
 
@@ -132,6 +141,10 @@ pub type VirtualService = IstioObject<istio::VirtualServiceSpec>;
 pub type DestinationRule = IstioObject<istio::DestinationRuleSpec>;
 /// A ServiceEntry resource.
 pub type ServiceEntry = IstioObject<istio::ServiceEntrySpec>;
+/// A Gateway API Gateway.
+pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
+/// A Gateway API HTTPRoute.
+pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 
@@ -155,6 +168,8 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     Ingress(ingress::Ingress),
     IngressClass(ingress::IngressClass),
+    K8sGateway(K8sGateway),
+    HttpRoute(HttpRoute),
 }
 
 impl Resource {
@@ -174,6 +189,8 @@ impl Resource {
             Resource::PeerAuthentication(r) => &r.metadata,
             Resource::Ingress(r) => &r.metadata,
             Resource::IngressClass(r) => &r.metadata,
+            Resource::K8sGateway(r) => &r.metadata,
+            Resource::HttpRoute(r) => &r.metadata,
         }
     }
 
@@ -193,6 +210,8 @@ impl Resource {
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::Ingress(_) => Kind::Ingress,
             Resource::IngressClass(_) => Kind::IngressClass,
+            Resource::K8sGateway(_) => Kind::K8sGateway,
+            Resource::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 

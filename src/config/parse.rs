@@ -180,6 +180,8 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
         Kind::Ingress => Resource::Ingress(typed(value)?),
         Kind::IngressClass => Resource::IngressClass(typed(value)?),
+        Kind::K8sGateway => Resource::K8sGateway(typed(value)?),
+        Kind::HttpRoute => Resource::HttpRoute(typed(value)?),
     })
 }
 

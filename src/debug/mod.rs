@@ -278,14 +278,23 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
         .resources
         .iter()
         .map(|(key, entry)| {
-            json!({
+            let mut v = json!({
                 "kind": key.kind,
                 "namespace": key.namespace,
                 "name": key.name,
                 "file": entry.origin.file,
                 "document": entry.origin.document,
                 "resource": redacted(&entry.resource),
-            })
+            });
+            if let Resource::HttpRoute(hr) = &*entry.resource {
+                let (accepted, reason) = crate::model::gateway_api::route_status(&config, hr);
+                v["status"] = json!({"conditions": [{
+                    "type": "Accepted",
+                    "status": if accepted { "True" } else { "False" },
+                    "reason": reason,
+                }]});
+            }
+            v
         })
         .collect();
     let rejected: Vec<Value> = config

@@ -7,6 +7,7 @@
 //! resources; that is `translate`.
 
 mod credential;
+pub mod gateway_api;
 pub mod ingress;
 pub mod peer_auth;
 mod proxy;
@@ -129,22 +130,32 @@ impl PushContext {
             pods,
             trust_domain: "cluster.local".into(),
         };
-        let (gateway, ingress_routes) = ingress::convert(&push);
-        if let Some(gw) = gateway {
+        let (gateway, mut generated_routes) = ingress::convert(&push);
+        let (api_gateways, api_routes) = gateway_api::convert(&push.config);
+        generated_routes.extend(api_routes);
+        for gw in gateway.into_iter().chain(api_gateways) {
             let key = (gw.namespace().to_string(), gw.name().to_string());
             push.gateways.insert(key, Arc::new(gw));
+        }
+        if !generated_routes.is_empty() {
             let mut all = std::mem::take(&mut push.virtual_services);
-            all.extend(ingress_routes.into_iter().map(Arc::new));
+            all.extend(generated_routes.into_iter().map(Arc::new));
             push.virtual_services = oldest_first(all);
         }
         push
     }
 
-    /// The Gateways whose selector matches the proxy's labels.
+    /// The Gateways whose selector matches the proxy's labels (Gateway
+    /// API Gateways: in their own namespace only).
     pub fn gateways_for<'a>(&'a self, proxy: &'a Proxy) -> impl Iterator<Item = &'a Arc<Gateway>> {
-        self.gateways
-            .values()
-            .filter(|g| is_subset(&g.spec.selector, &proxy.labels))
+        self.gateways.values().filter(|g| {
+            let scoped = g
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(gateway_api::SCOPE_ANNOTATION));
+            is_subset(&g.spec.selector, &proxy.labels) && (!scoped || g.namespace() == proxy.namespace)
+        })
     }
 
     /// The Services in the proxy's namespace whose selector picks the proxy:
