@@ -42,6 +42,7 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     ServiceEntry,
+    Sidecar,
     PeerAuthentication,
     Ingress,
     IngressClass,
@@ -64,6 +65,7 @@ impl Kind {
             ("networking.istio.io", "VirtualService") => Some(Kind::VirtualService),
             ("networking.istio.io", "DestinationRule") => Some(Kind::DestinationRule),
             ("networking.istio.io", "ServiceEntry") => Some(Kind::ServiceEntry),
+            ("networking.istio.io", "Sidecar") => Some(Kind::Sidecar),
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
             ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
@@ -145,6 +147,8 @@ pub type ServiceEntry = IstioObject<istio::ServiceEntrySpec>;
 pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
 /// A Gateway API HTTPRoute.
 pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
+/// A Sidecar resource.
+pub type Sidecar = IstioObject<istio::SidecarSpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 
@@ -165,6 +169,7 @@ pub enum Resource {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
     ServiceEntry(ServiceEntry),
+    Sidecar(Sidecar),
     PeerAuthentication(PeerAuthentication),
     Ingress(ingress::Ingress),
     IngressClass(ingress::IngressClass),
@@ -186,6 +191,7 @@ impl Resource {
             Resource::VirtualService(r) => &r.metadata,
             Resource::DestinationRule(r) => &r.metadata,
             Resource::ServiceEntry(r) => &r.metadata,
+            Resource::Sidecar(r) => &r.metadata,
             Resource::PeerAuthentication(r) => &r.metadata,
             Resource::Ingress(r) => &r.metadata,
             Resource::IngressClass(r) => &r.metadata,
@@ -207,6 +213,7 @@ impl Resource {
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
             Resource::ServiceEntry(_) => Kind::ServiceEntry,
+            Resource::Sidecar(_) => Kind::Sidecar,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::Ingress(_) => Kind::Ingress,
             Resource::IngressClass(_) => Kind::IngressClass,

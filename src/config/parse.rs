@@ -177,6 +177,7 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::VirtualService => Resource::VirtualService(typed(value)?),
         Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
         Kind::ServiceEntry => Resource::ServiceEntry(typed(value)?),
+        Kind::Sidecar => Resource::Sidecar(typed(value)?),
         Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
         Kind::Ingress => Resource::Ingress(typed(value)?),
         Kind::IngressClass => Resource::IngressClass(typed(value)?),

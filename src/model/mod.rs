@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod peer_auth;
 mod proxy;
 mod service;
+pub mod sidecar_scope;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -30,6 +30,7 @@ use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds
 use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
 use crate::config::istio::{ClientTlsSettings, Subset};
 use crate::config::DestinationRule;
+use crate::model::sidecar_scope::SidecarScope;
 use crate::model::{is_subset, MeshService, Proxy, PushContext, Resolution, ServicePort};
 
 /// Istio's name for the cluster that drops traffic.
@@ -50,9 +51,9 @@ const SOCKET_MATCH: &str = "envoy.transport_socket_match";
 /// Every service port's cluster and endpoints, plus `BlackHoleCluster`.
 /// A DestinationRule's `tls` decides how a cluster talks to its endpoints;
 /// without one, a proxy with a workload certificate uses auto mTLS.
-pub fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     out.clusters.push(blackhole());
-    for svc in push.services.values() {
+    for svc in push.services.values().filter(|s| scope.visible(s)) {
         let dr = push.destination_rule(&proxy.namespace, &svc.hostname, &svc.namespace);
         if let Some(dr) = dr {
             not_applied(dr, &mut out.diagnostics);

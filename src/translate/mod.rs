@@ -37,6 +37,7 @@ use envoy_types::pb::google::protobuf::{BoolValue, Duration};
 use envoy_types::util::pack_any;
 use serde::Serialize;
 
+use crate::model::sidecar_scope::SidecarScope;
 use crate::model::{Proxy, PushContext, Role};
 
 /// Something in the config that translation could not honour, said in terms
@@ -65,10 +66,14 @@ pub struct Generated {
 /// Translates the push context for one proxy.
 pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
-    cluster::outbound(push, proxy, &mut out);
+    let scope = match proxy.role {
+        Role::Sidecar => SidecarScope::of(push, proxy),
+        Role::Router => SidecarScope::default(),
+    };
+    cluster::outbound(push, proxy, &scope, &mut out);
     match proxy.role {
         Role::Router => gateway::build(push, proxy, &mut out),
-        Role::Sidecar => sidecar::build(push, proxy, &mut out),
+        Role::Sidecar => sidecar::build(push, proxy, &scope, &mut out),
     }
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));

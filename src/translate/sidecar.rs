@@ -12,7 +12,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    route, route_action, route_match, DirectResponseAction, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
@@ -28,6 +29,7 @@ use super::{
     duration, http_connection_manager, outbound_cluster_name, rds, socket, tcp_proxy, Diagnostic, Generated,
 };
 use crate::model::peer_auth::{self, MtlsMode};
+use crate::model::sidecar_scope::SidecarScope;
 use crate::model::{resolve_host, MeshService, Proxy, PushContext, DOMAIN_SUFFIX};
 
 /// Istio's capture ports.
@@ -35,9 +37,9 @@ pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
 /// Adds a sidecar's listeners, routes and special clusters to `out`.
-pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+pub fn build(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     inbound(push, proxy, out);
-    outbound(push, proxy, out);
+    outbound(push, proxy, scope, out);
     out.clusters.extend(cluster::passthrough());
 }
 
@@ -223,9 +225,9 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
     out
 }
 
-fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     let mut http_ports: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
-    for svc in push.services.values() {
+    for svc in push.services.values().filter(|s| scope.visible(s)) {
         for sp in svc
             .ports
             .iter()
@@ -266,10 +268,30 @@ fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
     }
     for (port, mut vhosts) in http_ports {
         let name = port.to_string();
-        // Unknown hosts on a known port go where they were going (ALLOW_ANY).
-        let mut allow_any = all_to("allow_any", PASSTHROUGH).virtual_hosts.remove(0);
-        allow_any.name = "allow_any".into();
-        vhosts.push(allow_any);
+        // Unknown hosts on a known port go where they were going (ALLOW_ANY),
+        // or nowhere (REGISTRY_ONLY: 502, as Istio answers).
+        if scope.registry_only {
+            vhosts.push(VirtualHost {
+                name: "block_all".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::DirectResponse(DirectResponseAction {
+                        status: 502,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        } else {
+            let mut allow_any = all_to("allow_any", PASSTHROUGH).virtual_hosts.remove(0);
+            allow_any.name = "allow_any".into();
+            vhosts.push(allow_any);
+        }
         out.routes.push(RouteConfiguration {
             name: name.clone(),
             virtual_hosts: vhosts,
@@ -295,10 +317,18 @@ fn outbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
         name: "virtualOutbound".into(),
         address: Some(socket("0.0.0.0", OUTBOUND_CAPTURE_PORT)),
         use_original_dst: Some(BoolValue { value: true }),
-        filter_chains: vec![FilterChain {
-            name: "PassthroughFilterChain".into(),
-            filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH)],
-            ..Default::default()
+        filter_chains: vec![if scope.registry_only {
+            FilterChain {
+                name: "BlackHoleFilterChain".into(),
+                filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE)],
+                ..Default::default()
+            }
+        } else {
+            FilterChain {
+                name: "PassthroughFilterChain".into(),
+                filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH)],
+                ..Default::default()
+            }
         }],
         ..Default::default()
     });
