@@ -337,6 +337,7 @@ fn route_configuration(
                             gateway: Some((gw.namespace(), gw.name())),
                             port: bound.port,
                             proxy_namespace: &proxy.namespace,
+                            proxy_labels: &proxy.labels,
                         };
                         vhost.routes.extend(http_routes(push, vs, &scope, diags));
                     }

@@ -8,7 +8,9 @@ use envoy_types::pb::envoy::config::route::v3::{
     weighted_cluster, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route,
     RouteAction, RouteMatch, WeightedCluster,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
+};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::gateway::resolve_gateway_ref;
@@ -26,6 +28,8 @@ pub struct RouteScope<'a> {
     pub port: u16,
     /// The proxy's namespace: which DestinationRules it sees first.
     pub proxy_namespace: &'a str,
+    /// The proxy's labels, for `sourceLabels` matches.
+    pub proxy_labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// The Envoy routes of one VirtualService for one scope, in rule order.
@@ -80,7 +84,12 @@ fn applies(m: &HttpMatchRequest, vs_namespace: &str, scope: &RouteScope<'_>) -> 
                 _ => false,
             });
     let port_ok = m.port.is_none_or(|p| p == u32::from(scope.port));
-    gateway_ok && port_ok
+    // Source conditions are decided here, per proxy, as Istio decides them.
+    let source_ok = crate::model::is_subset(&m.source_labels, scope.proxy_labels)
+        && m.source_namespace
+            .as_deref()
+            .is_none_or(|ns| ns == scope.proxy_namespace);
+    gateway_ok && port_ok && source_ok
 }
 
 struct RuleContext<'a> {
@@ -208,6 +217,12 @@ impl RuleContext<'_> {
         route_policy::apply_to_action(rule, &mut action, mirrors);
         if let Some(rw) = &rule.rewrite {
             action.prefix_rewrite = rw.uri.clone().unwrap_or_default();
+            if let Some(re) = &rw.uri_regex_rewrite {
+                action.regex_rewrite = Some(RegexMatchAndSubstitute {
+                    pattern: Some(regex(&re.pattern)),
+                    substitution: re.rewrite.clone(),
+                });
+            }
             if let Some(a) = &rw.authority {
                 action.host_rewrite_specifier =
                     Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(a.clone()));
@@ -305,9 +320,15 @@ fn redirect(r: &HttpRedirect) -> RedirectAction {
         308 => Code::PermanentRedirect,
         _ => Code::MovedPermanently,
     };
+    // derivePort FROM_PROTOCOL_DEFAULT: the scheme's own port.
+    let derived = match (r.derive_port.as_deref(), r.scheme.as_deref()) {
+        (Some("FROM_PROTOCOL_DEFAULT"), Some("https")) => 443,
+        (Some("FROM_PROTOCOL_DEFAULT"), _) => 80,
+        _ => 0,
+    };
     RedirectAction {
         host_redirect: r.authority.clone().unwrap_or_default(),
-        port_redirect: r.port.unwrap_or_default(),
+        port_redirect: r.port.unwrap_or(derived),
         response_code: response_code as i32,
         scheme_rewrite_specifier: r
             .scheme

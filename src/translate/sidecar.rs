@@ -235,7 +235,7 @@ fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut G
         {
             let cluster = outbound_cluster_name(sp.port, "", &svc.hostname);
             if sp.is_http() {
-                let routes = mesh_routes(push, &proxy.namespace, svc, sp.port, &mut out.diagnostics);
+                let routes = mesh_routes(push, proxy, svc, sp.port, &mut out.diagnostics);
                 let routes = if routes.is_empty() {
                     all_to(&cluster, &cluster).virtual_hosts.remove(0).routes
                 } else {
@@ -338,7 +338,7 @@ fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut G
 /// `mesh` among them) for this service, merged oldest first.
 fn mesh_routes(
     push: &PushContext,
-    proxy_namespace: &str,
+    proxy: &Proxy,
     svc: &MeshService,
     port: u16,
     diags: &mut Vec<Diagnostic>,
@@ -347,6 +347,14 @@ fn mesh_routes(
     let mut routes = Vec::new();
     for vs in &push.virtual_services {
         let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+        // exportTo: "*" (the default), "." (its own namespace) or names.
+        let exported = vs.spec.export_to.is_empty()
+            || vs.spec.export_to.iter().any(|e| {
+                e == "*" || e == &proxy.namespace || (e == "." && vs.namespace() == proxy.namespace)
+            });
+        if !exported {
+            continue;
+        }
         let names_it = vs.spec.hosts.iter().any(|h| {
             resolve_host(h, vs.namespace()) == svc.hostname
                 || h == &format!("{}.{}.{DOMAIN_SUFFIX}", svc.name, svc.namespace)
@@ -355,7 +363,8 @@ fn mesh_routes(
             let scope = RouteScope {
                 gateway: None,
                 port,
-                proxy_namespace,
+                proxy_namespace: &proxy.namespace,
+                proxy_labels: &proxy.labels,
             };
             routes.extend(http_routes(push, vs, &scope, diags));
         }
