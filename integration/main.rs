@@ -3,9 +3,11 @@
 
 mod ca;
 mod common;
+mod goldens;
 mod identity;
 mod inject;
 mod mesh;
+mod netns;
 mod seed;
 mod tls;
 mod traffic;
