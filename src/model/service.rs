@@ -346,19 +346,7 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
             continue;
         };
         for addr in subset.addresses.iter().flatten() {
-            let pod = addr
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .map(|r| {
-                    (
-                        r.namespace
-                            .clone()
-                            .or_else(|| e.metadata.namespace.clone())
-                            .unwrap_or_default(),
-                        r.name.clone().unwrap_or_default(),
-                    )
-                });
+            let pod = pod_ref(addr.target_ref.as_ref(), &e.metadata.namespace);
             out.insert(Endpoint {
                 ip: addr.ip.clone(),
                 port,
@@ -369,6 +357,20 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
         }
     }
     out.into_iter().collect()
+}
+
+/// The (namespace, name) of the Pod an endpoint's `targetRef` names.
+fn pod_ref(
+    target: Option<&k8s_openapi::api::core::v1::ObjectReference>,
+    default_namespace: &Option<String>,
+) -> Option<(String, String)> {
+    let r = target.filter(|r| r.kind.as_deref() == Some("Pod"))?;
+    let ns = r
+        .namespace
+        .clone()
+        .or_else(|| default_namespace.clone())
+        .unwrap_or_default();
+    Some((ns, r.name.clone().unwrap_or_default()))
 }
 
 fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
@@ -389,19 +391,7 @@ fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
             if !ready {
                 continue;
             }
-            let pod = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .map(|r| {
-                    (
-                        r.namespace
-                            .clone()
-                            .or_else(|| slice.metadata.namespace.clone())
-                            .unwrap_or_default(),
-                        r.name.clone().unwrap_or_default(),
-                    )
-                });
+            let pod = pod_ref(ep.target_ref.as_ref(), &slice.metadata.namespace);
             for ip in &ep.addresses {
                 out.insert(Endpoint {
                     ip: ip.clone(),

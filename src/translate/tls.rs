@@ -100,6 +100,19 @@ fn file(path: &str) -> Option<DataSource> {
     })
 }
 
+/// The SDS Secret `kubernetes://NAME` holding a credential's certificate
+/// chain and key, inline.
+fn server_secret(name: &str, c: &crate::model::ServerCredential) -> Secret {
+    Secret {
+        name: format!("kubernetes://{name}"),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(&c.cert_chain),
+            private_key: inline(&c.key),
+            ..Default::default()
+        })),
+    }
+}
+
 /// The transport socket of a terminating server, adding the Secrets it
 /// names to `secrets`. `None` (with a diagnostic) when its certificate or
 /// CA is missing or unusable: the server is then left out.
@@ -125,15 +138,9 @@ pub fn downstream_transport(
     let cert_secret = match (&credential, &tls.server_certificate, &tls.private_key) {
         (Some(name), _, _) => match push.credentials.server(&proxy.namespace, name) {
             Ok(c) => {
-                let name = format!("kubernetes://{name}");
-                secrets.push(Secret {
-                    name: name.clone(),
-                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                        certificate_chain: inline(&c.cert_chain),
-                        private_key: inline(&c.key),
-                        ..Default::default()
-                    })),
-                });
+                let secret = server_secret(name, &c);
+                let name = secret.name.clone();
+                secrets.push(secret);
                 name
             }
             Err(e) => {
@@ -300,24 +307,12 @@ pub(super) fn credential_secrets(
     secrets: &mut Vec<Secret>,
     diags: &mut Vec<String>,
 ) -> Option<(Option<String>, String)> {
-    let inline = |b: &[u8]| {
-        Some(DataSource {
-            specifier: Some(data_source::Specifier::InlineBytes(b.to_vec())),
-            ..Default::default()
-        })
-    };
     let cert = if mutual {
         match push.credentials.server(&proxy.namespace, name) {
             Ok(c) => {
-                let sds_name = format!("kubernetes://{name}");
-                secrets.push(Secret {
-                    name: sds_name.clone(),
-                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                        certificate_chain: inline(&c.cert_chain),
-                        private_key: inline(&c.key),
-                        ..Default::default()
-                    })),
-                });
+                let secret = server_secret(name, &c);
+                let sds_name = secret.name.clone();
+                secrets.push(secret);
                 Some(sds_name)
             }
             Err(e) => {
