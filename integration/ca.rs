@@ -3,32 +3,12 @@
 //! plugged-in intermediate chains to its outside root.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::common::meshd;
-
-fn ok(out: std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    ok(out, &format!("openssl {args:?}"))
-}
+use crate::common::{meshd, openssl, succeeded};
 
 fn issue(ca_dir: &Path, out_dir: &Path, ns: &str, sa: &str) {
     let (ca, out) = (ca_dir.display().to_string(), out_dir.display().to_string());
-    ok(
+    succeeded(
         meshd(&[
             "ca",
             "issue",
@@ -50,7 +30,7 @@ fn issued_leaves_verify_and_carry_exactly_the_spiffe_id() {
     let work = tempfile::tempdir().expect("tmp");
     let ca_dir = work.path().join("ca");
     let ca = ca_dir.display().to_string();
-    ok(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init");
+    succeeded(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init");
     let root_before = std::fs::read(ca_dir.join("root-cert.pem")).expect("root");
     for (ns, sa) in [("default", "sleep"), ("shop", "cart")] {
         let out = work.path().join(format!("{ns}-{sa}"));
@@ -81,12 +61,12 @@ fn issued_leaves_verify_and_carry_exactly_the_spiffe_id() {
         );
     }
     // Running init again (a restart) keeps the root.
-    ok(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init again");
+    succeeded(meshd(&["ca", "init", "--ca-dir", &ca]), "meshd ca init again");
     assert_eq!(
         std::fs::read(ca_dir.join("root-cert.pem")).expect("root"),
         root_before
     );
-    let inspect = ok(meshd(&["ca", "inspect", "--ca-dir", &ca]), "meshd ca inspect");
+    let inspect = succeeded(meshd(&["ca", "inspect", "--ca-dir", &ca]), "meshd ca inspect");
     assert!(inspect.contains("CN=meshd root CA"), "{inspect}");
 }
 

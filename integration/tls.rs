@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 
-use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, OpenConnection, Pod, Proc};
+use crate::common::{
+    curl, eventually, free_port, openssl, write, Backend, Envoy, Meshd, OpenConnection, Pod, Proc,
+};
 
 const HOST: &str = "helloworld.fireflyclass.com";
 
@@ -64,19 +66,6 @@ subjectAltName         = @alt_names
 DNS.1   = *.fireflyclass.com
 DNS.2   = fireflyclass.com
 ";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The seed's CA and `*.fireflyclass.com` certificate, under `dir` with
 /// file names prefixed by `prefix` (so a second set can be made to rotate to).

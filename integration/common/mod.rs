@@ -426,3 +426,24 @@ impl Drop for OpenConnection {
         let _ = self.child.wait();
     }
 }
+
+/// Asserts a command succeeded; returns its stdout.
+pub fn succeeded(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `openssl ARGS` in `dir`, which must succeed; returns its stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl");
+    succeeded(out, &format!("openssl {args:?}"))
+}
