@@ -221,7 +221,7 @@ fn traffic_references(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec
                 .map(|s| s.namespace.clone())
                 .unwrap_or_default();
             let defined = push
-                .destination_rule(vs.namespace(), &host, &svc_ns)
+                .destination_rule(vs.namespace(), &Default::default(), &host, &svc_ns)
                 .is_some_and(|dr| dr.spec.subsets.iter().any(|s| &s.name == subset));
             if !defined {
                 add(

@@ -241,8 +241,21 @@ fn peer_authentication(spec: &PeerAuthenticationSpec) -> Checked {
 }
 
 fn virtual_service(spec: &VirtualServiceSpec) -> Checked {
+    // Without hosts it is a delegate: only another VirtualService's
+    // `delegate` uses it, and it cannot delegate again nor name gateways.
     if spec.hosts.is_empty() {
-        return fail("spec.hosts", "a VirtualService needs at least one host");
+        if !spec.gateways.is_empty() {
+            return fail(
+                "spec.gateways",
+                "a delegate VirtualService (no hosts) cannot name gateways",
+            );
+        }
+        if let Some(i) = spec.http.iter().position(|h| h.delegate.is_some()) {
+            return fail(
+                format!("spec.http[{i}].delegate"),
+                "a delegate VirtualService cannot delegate again",
+            );
+        }
     }
     for (i, host) in spec.hosts.iter().enumerate() {
         let field = format!("spec.hosts[{i}]");

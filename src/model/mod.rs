@@ -179,18 +179,38 @@ impl PushContext {
     }
 
     /// The DestinationRule that applies to `host` for a proxy in
-    /// `proxy_namespace`, as Istio picks it: one in the proxy's namespace,
-    /// else the host's namespace, else the root namespace; oldest first.
+    /// `proxy_namespace` with `proxy_labels`, as Istio picks it: one in the
+    /// proxy's namespace (a rule whose workloadSelector picks the proxy
+    /// first), else the host's namespace, else the root namespace; among
+    /// equals the oldest; rules not exported to the proxy's namespace are
+    /// skipped.
     pub fn destination_rule(
         &self,
         proxy_namespace: &str,
+        proxy_labels: &BTreeMap<String, String>,
         host: &str,
         service_namespace: &str,
     ) -> Option<&DestinationRule> {
         let matching = |dr: &&Arc<DestinationRule>| {
             let h = resolve_host(&dr.spec.host, dr.namespace());
-            h == host || h.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix))
+            let host_ok = h == host || h.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix));
+            let exported = dr.spec.export_to.is_empty()
+                || dr.spec.export_to.iter().any(|e| {
+                    e == "*" || e == proxy_namespace || (e == "." && dr.namespace() == proxy_namespace)
+                });
+            host_ok && exported
         };
+        let selected = |dr: &&Arc<DestinationRule>| {
+            dr.namespace() == proxy_namespace
+                && dr
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|w| is_subset(&w.match_labels, proxy_labels))
+        };
+        if let Some(dr) = self.destination_rules.iter().filter(selected).find(matching) {
+            return Some(dr);
+        }
         [proxy_namespace, service_namespace, peer_auth::ROOT_NAMESPACE]
             .iter()
             .find_map(|ns| {
@@ -268,5 +288,55 @@ pub fn resolve_host(host: &str, namespace: &str) -> String {
         host.to_string()
     } else {
         format!("{host}.{namespace}.{DOMAIN_SUFFIX}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_file;
+
+    fn dr(ns: &str, name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: reviews.default.svc.cluster.local\n{extra}"
+        )
+    }
+
+    #[test]
+    fn destination_rule_precedence_selector_and_export() {
+        let docs = [
+            dr("default", "svc-ns", ""),
+            dr("shop", "shop-ns", "  exportTo: [\".\"]\n"),
+            dr(
+                "shop",
+                "shop-selected",
+                "  workloadSelector: {matchLabels: {app: cart}}\n",
+            ),
+            dr("istio-system", "root", ""),
+        ];
+        let snapshot = ConfigSnapshot::from_files(vec![parse_file("dr.yaml", &docs.join("---\n"))]);
+        assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+        let push = PushContext::new(Arc::new(snapshot));
+        let pick = |ns: &str, app: &str| {
+            let labels: BTreeMap<String, String> = [("app".to_string(), app.to_string())].into();
+            push.destination_rule(ns, &labels, "reviews.default.svc.cluster.local", "default")
+                .map(|d| d.name().to_string())
+        };
+        assert_eq!(
+            pick("shop", "cart").as_deref(),
+            Some("shop-selected"),
+            "a selector picking the proxy wins"
+        );
+        assert_eq!(
+            pick("shop", "other").as_deref(),
+            Some("shop-ns"),
+            "then the proxy's namespace"
+        );
+        assert_eq!(
+            pick("web", "x").as_deref(),
+            Some("svc-ns"),
+            "then the service's namespace"
+        );
+        assert_eq!(pick("default", "x").as_deref(), Some("svc-ns"));
     }
 }

@@ -54,7 +54,7 @@ const SOCKET_MATCH: &str = "envoy.transport_socket_match";
 pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     out.clusters.push(blackhole());
     for svc in push.services.values().filter(|s| scope.visible(s)) {
-        let dr = push.destination_rule(&proxy.namespace, &svc.hostname, &svc.namespace);
+        let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
         if let Some(dr) = dr {
             not_applied(dr, &mut out.diagnostics);
         }

@@ -45,10 +45,32 @@ pub fn http_routes(
         diags,
         field: String::new(),
         proxy_namespace: scope.proxy_namespace,
+        proxy_labels: scope.proxy_labels,
     };
     let mut routes = Vec::new();
     for (i, rule) in vs.spec.http.iter().enumerate() {
         ctx.field = format!("spec.http[{i}]");
+        if let Some(d) = &rule.delegate {
+            let ns = d.namespace.as_deref().unwrap_or(vs.namespace());
+            let found = push
+                .virtual_services
+                .iter()
+                .find(|v| v.namespace() == ns && v.name() == d.name && v.spec.hosts.is_empty());
+            match found {
+                Some(delegate) => {
+                    let mut merged = (**delegate).clone();
+                    for r in &mut merged.spec.http {
+                        r.matches = merge_matches(&rule.matches, &r.matches);
+                    }
+                    routes.extend(http_routes(push, &merged, scope, ctx.diags));
+                }
+                None => ctx.diag(
+                    ".delegate",
+                    format!("delegate VirtualService {ns}/{} not found (a delegate has no hosts); the rule is left out", d.name),
+                ),
+            }
+            continue;
+        }
         ctx.unsupported(rule);
         let Some(action) = ctx.action(rule) else { continue };
         let matches: Vec<Option<&HttpMatchRequest>> = if rule.matches.is_empty() {
@@ -71,6 +93,41 @@ pub fn http_routes(
         }
     }
     routes
+}
+
+/// A delegate's matches under its root rule's, as Istio merges them: each
+/// root match with each delegate match, the delegate's conditions winning
+/// where both set one.
+fn merge_matches(root: &[HttpMatchRequest], delegate: &[HttpMatchRequest]) -> Vec<HttpMatchRequest> {
+    if root.is_empty() {
+        return delegate.to_vec();
+    }
+    if delegate.is_empty() {
+        return root.to_vec();
+    }
+    root.iter()
+        .flat_map(|r| {
+            delegate.iter().map(move |d| {
+                let mut m = d.clone();
+                m.uri = d.uri.clone().or_else(|| r.uri.clone());
+                m.scheme = d.scheme.clone().or_else(|| r.scheme.clone());
+                m.method = d.method.clone().or_else(|| r.method.clone());
+                m.authority = d.authority.clone().or_else(|| r.authority.clone());
+                m.port = d.port.or(r.port);
+                m.gateways = r.gateways.clone();
+                for (k, v) in &r.headers {
+                    m.headers.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                for (k, v) in &r.query_params {
+                    m.query_params.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                for (k, v) in &r.without_headers {
+                    m.without_headers.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                m
+            })
+        })
+        .collect()
 }
 
 /// Whether a match block applies to this gateway and port.
@@ -98,6 +155,7 @@ struct RuleContext<'a> {
     diags: &'a mut Vec<Diagnostic>,
     field: String,
     proxy_namespace: &'a str,
+    proxy_labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl RuleContext<'_> {
@@ -147,13 +205,6 @@ impl RuleContext<'_> {
                 body,
                 ..Default::default()
             }));
-        }
-        if rule.delegate.is_some() {
-            self.diag(
-                ".delegate",
-                "delegate VirtualServices are not supported yet; the rule is left out".into(),
-            );
-            return None;
         }
         let mut clusters = Vec::new();
         let mut hash = Vec::new();
@@ -297,7 +348,7 @@ impl RuleContext<'_> {
         };
         let dr = self
             .push
-            .destination_rule(self.proxy_namespace, &host, &svc.namespace);
+            .destination_rule(self.proxy_namespace, self.proxy_labels, &host, &svc.namespace);
         let subset = dr.and_then(|dr| {
             let name = d.subset.as_deref()?;
             dr.spec.subsets.iter().find(|s| s.name == name)
