@@ -47,6 +47,13 @@ spec:
     route:
     - destination: {{host: reviews, subset: v1}}
   - match:
+    - uri: {{prefix: /cors}}
+    corsPolicy:
+      allowOrigins: [{{exact: "https://ok.example"}}]
+      allowMethods: [GET]
+    route:
+    - destination: {{host: reviews, subset: v1}}
+  - match:
     - uri: {{prefix: /mirror}}
     route:
     - destination: {{host: reviews, subset: v1}}
@@ -322,6 +329,34 @@ fn canary_shift_header_routing_faults_and_mirror() {
         start.elapsed() >= Duration::from_millis(950),
         "delayed by {:?}",
         start.elapsed()
+    );
+
+    // CORS: a preflight from an allowed origin is answered for it.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Host: reviews.example.com",
+        ])
+        .args([
+            "-H",
+            "Origin: https://ok.example",
+            "-H",
+            "Access-Control-Request-Method: GET",
+        ])
+        .arg(t.url("/cors"))
+        .output()
+        .expect("curl");
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        headers.contains("access-control-allow-origin: https://ok.example"),
+        "{headers}"
     );
 
     // Mirroring: v1 answers, v2 gets a copy.

@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -123,6 +124,11 @@ fn http_connection_manager(
                 config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
                     HttpFault::default(),
                 ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.cors".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
                 ..Default::default()
             },
             HttpFilter {

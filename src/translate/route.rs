@@ -456,6 +456,10 @@ fn header(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
 }
 
 /// Istio's StringMatch as Envoy's; `None` for the empty (presence) match.
+pub(super) fn string_matcher_of(sm: &StringMatch) -> Option<StringMatcher> {
+    string_matcher(sm)
+}
+
 fn string_matcher(sm: &StringMatch) -> Option<StringMatcher> {
     let pattern = if let Some(e) = &sm.exact {
         string_matcher::MatchPattern::Exact(e.clone())

@@ -1,6 +1,6 @@
 //! The parts of a VirtualService HTTP rule beyond where it goes: retries
-//! (Istio's default when none is given), fault injection, mirroring, and
-//! header changes, as Envoy route settings.
+//! (Istio's default when none is given), fault injection, mirroring, CORS
+//! and header changes, as Envoy route settings.
 
 use std::collections::HashMap;
 
@@ -8,13 +8,14 @@ use envoy_types::pb::envoy::config::core::v3::{
     header_value_option, HeaderValue, HeaderValueOption, RuntimeFractionalPercent,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    retry_policy, route_action, RetryPolicy, Route, RouteAction,
+    retry_policy, route_action, CorsPolicy, RetryPolicy, Route, RouteAction,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{fault_delay, FaultDelay};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::envoy::r#type::v3::{fractional_percent, FractionalPercent};
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::duration;
@@ -81,8 +82,10 @@ fn percent(p: Option<&Percent>, legacy: Option<i32>) -> Option<FractionalPercent
     })
 }
 
-/// Retries, mirrors and timeouts on the route action.
+/// Retries, mirrors and CORS on the route action.
+#[allow(deprecated)]
 pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirror_clusters: Vec<String>) {
+    action.cors = cors(rule);
     action.retry_policy = Some(match &rule.retries {
         None => default_retries(),
         Some(r) if r.attempts <= 0 => RetryPolicy {
@@ -132,6 +135,40 @@ fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
         .iter()
         .map(|(k, v)| option(k, v, header_value_option::HeaderAppendAction::AppendIfExistsOrAdd));
     set.chain(add).collect()
+}
+
+/// Istio's corsPolicy as the route's CORS policy (read by the CORS filter
+/// every HTTP connection manager carries).
+pub fn cors(rule: &HttpRoute) -> Option<CorsPolicy> {
+    let c = rule.cors_policy.as_ref()?;
+    let origins = c
+        .allow_origins
+        .iter()
+        .filter_map(super::route::string_matcher_of)
+        .chain(c.allow_origin.iter().map(|o| StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(o.clone())),
+            ignore_case: false,
+        }))
+        .collect();
+    let max_age = c
+        .max_age
+        .as_deref()
+        .and_then(parse_duration)
+        .map(|d| d.as_secs().to_string())
+        .unwrap_or_default();
+    Some(CorsPolicy {
+        allow_origin_string_match: origins,
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age,
+        allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+        forward_not_matching_preflights: c
+            .unmatched_preflights
+            .as_deref()
+            .map(|u| BoolValue { value: u != "IGNORE" }),
+        ..Default::default()
+    })
 }
 
 /// Header changes and fault injection on the route.
