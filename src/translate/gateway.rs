@@ -40,6 +40,10 @@ enum ServerKind {
     Http,
     /// TLS, terminated or passed through.
     Tls(Mode),
+    /// Plain TCP, forwarded by VirtualService `tcp:` routes.
+    Tcp,
+    /// TLS terminated, then forwarded by `tcp:` routes.
+    TlsTcp(Mode),
 }
 
 impl BoundServer<'_> {
@@ -75,6 +79,9 @@ fn server_kind(server: &Server) -> Result<ServerKind, String> {
     if HTTP_PROTOCOLS.contains(&protocol.as_str()) {
         return Ok(ServerKind::Http);
     }
+    if ["TCP", "MONGO", "MYSQL", "REDIS"].contains(&protocol.as_str()) && server.tls.is_none() {
+        return Ok(ServerKind::Tcp);
+    }
     let tls = server
         .tls
         .as_ref()
@@ -87,7 +94,7 @@ fn server_kind(server: &Server) -> Result<ServerKind, String> {
     })?;
     match (protocol.as_str(), mode.terminates()) {
         ("HTTPS", _) | ("TLS", false) => Ok(ServerKind::Tls(mode)),
-        ("TLS", true) => Err("terminating TLS for TCP routes is not served yet".into()),
+        ("TLS", true) => Ok(ServerKind::TlsTcp(mode)),
         _ => Err(format!("{protocol} servers are not served yet")),
     }
 }
@@ -144,6 +151,12 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
             listener.add(chain, &http[0].resource(), &mut out.diagnostics);
         }
         for bound in &servers {
+            if matches!(bound.kind, ServerKind::Tcp | ServerKind::TlsTcp(_)) {
+                if let Some(chain) = tcp_chain(push, proxy, bound, out) {
+                    listener.add(chain, &bound.resource(), &mut out.diagnostics);
+                }
+                continue;
+            }
             let ServerKind::Tls(mode) = bound.kind else {
                 continue;
             };
@@ -194,6 +207,82 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
             out.listeners.push(l);
         }
     }
+}
+
+/// A TCP (or TLS-terminating) server's chain: the first VirtualService
+/// `tcp:` route bound to its Gateway and port, forwarding to its
+/// destinations by weight.
+fn tcp_chain(
+    push: &PushContext,
+    proxy: &Proxy,
+    bound: &BoundServer<'_>,
+    out: &mut Generated,
+) -> Option<FilterChain> {
+    let gw = bound.gateway;
+    for vs in push.virtual_services.iter().filter(|vs| binds(vs, gw)) {
+        for (i, rule) in vs.spec.tcp.iter().enumerate() {
+            let applies = rule.matches.is_empty()
+                || rule.matches.iter().any(|m| {
+                    let gw_ok = m.gateways.is_empty()
+                        || m.gateways.iter().any(|g| {
+                            resolve_gateway_ref(g, vs.namespace())
+                                == Some((gw.namespace().to_string(), gw.name().to_string()))
+                        });
+                    gw_ok && m.port.is_none_or(|p| p == u32::from(bound.port))
+                });
+            if !applies {
+                continue;
+            }
+            let clusters: Vec<(String, u32)> = rule
+                .route
+                .iter()
+                .enumerate()
+                .filter_map(|(j, d)| {
+                    let field = format!("spec.tcp[{i}].route[{j}].destination");
+                    let c = super::route::destination_cluster(
+                        push,
+                        vs,
+                        &field,
+                        d.destination.as_ref()?,
+                        &mut out.diagnostics,
+                    )?;
+                    Some((
+                        c,
+                        if rule.route.len() == 1 {
+                            1
+                        } else {
+                            d.weight.max(0) as u32
+                        },
+                    ))
+                })
+                .collect();
+            let mut chain = tls::tcp_chain(clusters)?;
+            if let ServerKind::TlsTcp(mode) = bound.kind {
+                chain.transport_socket = tls::downstream_transport(
+                    push,
+                    proxy,
+                    bound,
+                    mode,
+                    &mut out.diagnostics,
+                    &mut out.secrets,
+                );
+                chain.transport_socket.as_ref()?;
+                chain.filter_chain_match = Some(FilterChainMatch {
+                    server_names: sni_names(bound.server),
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                });
+            }
+            chain.name = format!("tcp.{}.{}.{}", bound.port, gw.name(), gw.namespace());
+            return Some(chain);
+        }
+    }
+    out.diagnostics.push(Diagnostic {
+        resource: bound.resource(),
+        field: format!("spec.servers[{}]", bound.index),
+        message: "no VirtualService tcp route is bound to this server; it is left out".into(),
+    });
+    None
 }
 
 /// SNI names of a server: its hosts without the namespace part; none when

@@ -71,7 +71,6 @@ pub fn http_routes(
             }
             continue;
         }
-        ctx.unsupported(rule);
         let Some(action) = ctx.action(rule) else { continue };
         let matches: Vec<Option<&HttpMatchRequest>> = if rule.matches.is_empty() {
             vec![None]
@@ -165,26 +164,6 @@ impl RuleContext<'_> {
             field: format!("{}{field}", self.field),
             message,
         });
-    }
-
-    fn unsupported(&mut self, rule: &HttpRoute) {
-        let present = [
-            ("corsPolicy", rule.cors_policy.is_some()),
-            (
-                "rewrite.uriRegexRewrite",
-                rule.rewrite
-                    .as_ref()
-                    .is_some_and(|r| r.uri_regex_rewrite.is_some()),
-            ),
-        ];
-        for (name, set) in present {
-            if set {
-                self.diag(
-                    &format!(".{name}"),
-                    format!("{name} is not applied yet; the rule is served without it"),
-                );
-            }
-        }
     }
 
     fn action(&mut self, rule: &HttpRoute) -> Option<route::Action> {

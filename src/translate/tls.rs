@@ -494,6 +494,17 @@ pub fn auto_passthrough_chains(push: &PushContext) -> Vec<FilterChain> {
         .collect()
 }
 
+/// A chain forwarding TCP to one cluster or several by weight; `None`
+/// without a cluster.
+pub(super) fn tcp_chain(clusters: Vec<(String, u32)>) -> Option<FilterChain> {
+    if clusters.is_empty() {
+        return None;
+    }
+    let mut chain = sni_chain(Vec::new(), clusters);
+    chain.filter_chain_match = None;
+    Some(chain)
+}
+
 fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u32)>) -> FilterChain {
     let stat_prefix = clusters.first().map(|c| c.0.clone()).unwrap_or_default();
     let specifier = if clusters.len() == 1 {
