@@ -578,3 +578,24 @@ async fn delta_reconnect_with_known_versions_sends_nothing() {
         names(&r)
     );
 }
+
+#[tokio::test]
+async fn sotw_endpoint_change_sends_only_that_assignment() {
+    let mut s = server().await;
+    let mut c = sotw_started(&mut s).await;
+    s.cache.update(config(
+        &[("helloworld", "10.0.0.9"), ("other", "10.0.0.2")],
+        "hello.example.com",
+    ));
+    let r = c.recv().await;
+    assert_eq!(r.type_url, EDS.url(), "an endpoint change is an EDS-only push");
+    assert_eq!(
+        names_sotw(&r, decoded_name),
+        vec![HELLO],
+        "only the changed ClusterLoadAssignment"
+    );
+    // Nothing else follows: the next message answers the next request.
+    c.ack(EDS, &[HELLO, OTHER], &r).await;
+    c.send(LDS, &[], "", "", None).await;
+    assert_eq!(c.recv().await.type_url, LDS.url());
+}

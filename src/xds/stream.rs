@@ -141,7 +141,7 @@ impl StreamState {
             }
         }
         if initial || changed {
-            Some(self.sotw_respond(t, snapshot))
+            Some(self.sotw_respond(t, snapshot, false))
         } else {
             None
         }
@@ -159,23 +159,45 @@ impl StreamState {
             let forced = !state.force.is_empty();
             let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
             let changed = state.sent_version.as_deref() != Some(version.as_str());
-            if (changed || forced) && !rejected {
-                out.push(self.sotw_respond(t, snapshot));
+            if !(changed || forced) || rejected {
+                continue;
             }
+            // Named subscriptions (EDS, RDS, SDS) get only what changed: the
+            // xDS protocol lets such a response carry a part of the set, and
+            // resending every endpoint set to every proxy is what makes
+            // control planes slow.
+            let partial = !state.wildcard;
+            if partial {
+                let (_, resources) = sotw_select(state, snapshot.of(t));
+                let any = resources.iter().any(|r| {
+                    state.force.contains(&r.name)
+                        || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
+                });
+                if !any {
+                    continue;
+                }
+            }
+            out.push(self.sotw_respond(t, snapshot, partial));
         }
         out
     }
 
-    fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot) -> Outgoing {
+    fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot, only_changed: bool) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
-        let (version, resources) = sotw_select(state, snapshot.of(t));
+        let (version, mut resources) = sotw_select(state, snapshot.of(t));
+        if only_changed {
+            resources.retain(|r| {
+                state.force.contains(&r.name)
+                    || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
+            });
+        }
         let before = state.sent_version.replace(version.clone());
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
         if state.wildcard {
             state.held.clear();
-        } else {
+        } else if !only_changed {
             let names = state.names.clone();
             state.held.retain(|n, _| names.contains(n));
         }
