@@ -199,6 +199,16 @@ struct ServeArgs {
     /// AdmissionReview in, JSON patch out), like istiod's 15017.
     #[arg(long, default_value = "127.0.0.1:15017")]
     webhook_addr: SocketAddr,
+    /// Serve a config change once the directory has been quiet this long.
+    #[arg(long, default_value = "100ms", value_parser = parse_validity)]
+    debounce_after: std::time::Duration,
+    /// ... but never later than this after the first change.
+    #[arg(long, default_value = "1s", value_parser = parse_validity)]
+    debounce_max: std::time::Duration,
+    /// Streams computing a push at once; a newer push replaces a queued
+    /// older one per stream, so a slow proxy delays no other.
+    #[arg(long, default_value_t = meshd::xds::server::DEFAULT_CONCURRENT_PUSHES)]
+    max_concurrent_pushes: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +290,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 token_audience: a.token_audience,
                 insecure_plaintext_identity: a.insecure_plaintext_identity,
                 webhook_addr: a.webhook_addr,
+                debounce: meshd::source::Debounce {
+                    quiet: a.debounce_after,
+                    max: a.debounce_max,
+                },
+                max_concurrent_pushes: a.max_concurrent_pushes,
             };
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(serve::run(opts, shutdown_signal()))?;

@@ -56,6 +56,10 @@ pub struct ServeOptions {
     pub insecure_plaintext_identity: bool,
     /// HTTPS address of the sidecar injection webhook (`POST /inject`).
     pub webhook_addr: SocketAddr,
+    /// When config changes are served.
+    pub debounce: source::Debounce,
+    /// Streams computing a push at once.
+    pub max_concurrent_pushes: usize,
 }
 
 /// Why `meshd serve` could not run.
@@ -173,7 +177,7 @@ pub async fn run(
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     match &opts.config_dir {
-        Some(dir) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx)?,
+        Some(dir) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx, opts.debounce)?,
         None => {
             tracing::info!("no --config-dir: serving the embedded demo configuration");
             config_tx.send_replace(source::embedded_demo());
@@ -211,7 +215,7 @@ pub async fn run(
         stopped(stop_rx.clone()),
     );
     tokio::spawn(webhook);
-    let ads = AdsServer::new(cache.clone(), registry.clone());
+    let ads = AdsServer::new(cache.clone(), registry.clone()).with_push_limit(opts.max_concurrent_pushes);
     let xds = tonic::transport::Server::builder()
         .add_service(AggregatedDiscoveryServiceServer::new(
             ads.clone().with_ca(ca.clone(), false),

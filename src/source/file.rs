@@ -11,9 +11,42 @@ use tokio::sync::{mpsc, watch};
 use super::SourceError;
 use crate::config::{parse_file, ConfigSnapshot, ConfigStore, FileLoad, Origin, Rejection};
 
-/// How long the directory must be quiet before it is re-read: editors write
-/// a file in several steps, and one reading should see all of them.
-const QUIET: Duration = Duration::from_millis(100);
+/// When a changed directory is re-read: after `quiet` without further
+/// events (editors write a file in several steps, and one reading should
+/// see all of them), but no later than `max` after the first event, so a
+/// steady stream of changes is still served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Debounce {
+    pub quiet: Duration,
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            quiet: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Debounce {
+    /// Waits, after a first event, until the events pause for `quiet` or
+    /// `max` has passed since the first; drains what arrived meanwhile.
+    pub async fn settle(&self, events: &mut mpsc::Receiver<()>) {
+        let deadline = tokio::time::Instant::now() + self.max;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match tokio::time::timeout(self.quiet.min(left), events.recv()).await {
+                Ok(Some(())) => continue,
+                _ => return,
+            }
+        }
+    }
+}
 
 /// Reads every config file under `dir`, recursively, in path order. Files
 /// are named relative to `dir`.
@@ -73,7 +106,7 @@ fn load_file(dir: &Path, shown_as: &Path, path: &Path) -> FileLoad {
 }
 
 /// Loads `dir` into `store`, publishes the generation, then keeps watching:
-/// every change is re-read after `QUIET` and published if it changed
+/// every change is re-read after the `debounce` and published if it changed
 /// anything. Rejections are logged once, when they first appear.
 ///
 /// Returns once the first generation is published; the watch runs on a
@@ -82,6 +115,7 @@ pub fn watch_dir(
     dir: PathBuf,
     mut store: ConfigStore,
     tx: watch::Sender<Arc<ConfigSnapshot>>,
+    debounce: Debounce,
 ) -> Result<(), SourceError> {
     let (events_tx, mut events) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -105,7 +139,7 @@ pub fn watch_dir(
     tokio::spawn(async move {
         let _watcher = watcher; // dropping it stops the watch
         while events.recv().await.is_some() {
-            while tokio::time::timeout(QUIET, events.recv()).await.is_ok() {}
+            debounce.settle(&mut events).await;
             if let Err(e) = publish(&mut store, &dir, &tx) {
                 tracing::error!("{e}; serving the last good config");
             }
@@ -145,4 +179,35 @@ fn publish(
     );
     tx.send_replace(next);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn debounce_waits_for_quiet_but_not_past_max() {
+        let d = Debounce {
+            quiet: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        // A single event: settled after the quiet period.
+        let (tx, mut rx) = mpsc::channel(16);
+        let start = tokio::time::Instant::now();
+        d.settle(&mut rx).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // Events every 50 ms for ever: settled at the max, not later.
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let start = tokio::time::Instant::now();
+        d.settle(&mut rx).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        feeder.abort();
+    }
 }

@@ -8,7 +8,7 @@
 
 mod file;
 
-pub use file::{load_dir, load_dir_named, watch_dir};
+pub use file::{load_dir, load_dir_named, watch_dir, Debounce};
 
 use std::sync::Arc;
 

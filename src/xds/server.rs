@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value as PbValue};
 use futures::Stream;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -31,6 +31,8 @@ use crate::model::Proxy;
 pub struct AdsServer {
     cache: Arc<SnapshotCache>,
     registry: Arc<Registry>,
+    /// Bounds how many streams compute a push at once.
+    push_permits: Arc<Semaphore>,
     ca: Option<Arc<WorkloadCa>>,
     /// Whether this instance serves the TLS port (callers must authenticate).
     tls: bool,
@@ -42,9 +44,17 @@ impl AdsServer {
         AdsServer {
             cache,
             registry,
+            push_permits: Arc::new(Semaphore::new(DEFAULT_CONCURRENT_PUSHES)),
             ca: None,
             tls: false,
         }
+    }
+
+    /// At most `n` streams compute a push at once (snapshot translation is
+    /// the CPU-heavy part; sending is per stream and never blocks others).
+    pub fn with_push_limit(mut self, n: usize) -> AdsServer {
+        self.push_permits = Arc::new(Semaphore::new(n.max(1)));
+        self
     }
 
     /// Authenticates callers with `ca` and gives authenticated proxies
@@ -210,6 +220,7 @@ fn control_plane() -> ControlPlane {
 struct Connection {
     cache: Arc<SnapshotCache>,
     registry: Arc<Registry>,
+    push_permits: Arc<Semaphore>,
     mode: &'static str,
     ca: Option<Arc<WorkloadCa>>,
     tls: bool,
@@ -223,6 +234,9 @@ struct Workload {
     renew_at: Instant,
 }
 
+/// Streams computing a push at once, by default.
+pub const DEFAULT_CONCURRENT_PUSHES: usize = 64;
+
 /// How long to wait before trying again when issuing fails.
 const ISSUE_RETRY: Duration = Duration::from_secs(10);
 
@@ -231,6 +245,7 @@ impl Connection {
         Connection {
             cache: server.cache.clone(),
             registry: server.registry.clone(),
+            push_permits: server.push_permits.clone(),
             mode,
             ca: server.ca.clone(),
             tls: server.tls,
@@ -332,6 +347,9 @@ impl Connection {
                         break;
                     }
                     let Some((p, _)) = &proxy else { continue };
+                    // A closed semaphore never happens; without a permit we
+                    // would still compute, so the error is only ignored.
+                    let _permit = self.push_permits.acquire().await;
                     let snapshot = self.snapshot(p, workload.as_ref());
                     (R::push(&mut state, &snapshot), snapshot)
                 }
