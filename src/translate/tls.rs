@@ -231,24 +231,7 @@ fn istio_mutual(
     let common = CommonTlsContext {
         tls_params: Some(tls_params(tls)),
         alpn_protocols: vec!["h2".into(), "http/1.1".into()],
-        tls_certificate_sds_secret_configs: vec![sds(DEFAULT_SECRET)],
-        validation_context_type: Some(
-            common_tls_context::ValidationContextType::CombinedValidationContext(
-                common_tls_context::CombinedCertificateValidationContext {
-                    default_validation_context: Some(CertificateValidationContext {
-                        match_typed_subject_alt_names: tls
-                            .subject_alt_names
-                            .iter()
-                            .flat_map(|s| san_matchers(s))
-                            .collect(),
-                        ..Default::default()
-                    }),
-                    validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
-                    ..Default::default()
-                },
-            ),
-        ),
-        ..Default::default()
+        ..istio_common_tls_context(Vec::new(), tls.subject_alt_names.clone())
     };
     let context = DownstreamTlsContext {
         common_tls_context: Some(common),
