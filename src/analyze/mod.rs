@@ -2,7 +2,8 @@
 //!
 //! Each finding carries Istio's message code (`IST0101`
 //! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
-//! InvalidGatewayCredential, `IST0103` PodMissingProxy), the
+//! InvalidGatewayCredential, `IST0103` PodMissingProxy; meshd's own
+//! `MSH0001` for a DestinationRule subset no route names), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -260,8 +261,33 @@ fn traffic_references(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec
             );
         }
     }
+    // Every (host, subset) a route, mirror or L4 route names.
+    let mut used: std::collections::BTreeSet<(String, String)> = Default::default();
+    for vs in &push.virtual_services {
+        for d in destinations(vs) {
+            if let Some(subset) = &d.subset {
+                used.insert((resolve_host(&d.host, vs.namespace()), subset.clone()));
+            }
+        }
+    }
     for dr in &push.destination_rules {
-        let Some(svc) = push.services.get(&resolve_host(&dr.spec.host, dr.namespace())) else {
+        let dr_host = resolve_host(&dr.spec.host, dr.namespace());
+        if !dr_host.starts_with('*') {
+            for subset in &dr.spec.subsets {
+                if !used.contains(&(dr_host.clone(), subset.name.clone())) {
+                    add(
+                        Level::Info,
+                        "MSH0001",
+                        &key(Kind::DestinationRule, dr.namespace(), dr.name()),
+                        format!(
+                            "Subset {:?} of {dr_host} is named by no VirtualService route: no traffic reaches it",
+                            subset.name
+                        ),
+                    );
+                }
+            }
+        }
+        let Some(svc) = push.services.get(&dr_host) else {
             continue;
         };
         for subset in &dr.spec.subsets {
@@ -422,7 +448,9 @@ fn gateway_refs(push: &PushContext, vs: &VirtualService, found: &mut impl FnMut(
     }
 }
 
-fn destination_hosts(push: &PushContext, vs: &VirtualService, found: &mut impl FnMut(String)) {
+/// Every destination a VirtualService names: HTTP routes and mirrors,
+/// then TLS and TCP routes.
+fn destinations(vs: &VirtualService) -> impl Iterator<Item = &Destination> {
     let spec = &vs.spec;
     let http = spec.http.iter().flat_map(|h| {
         h.route
@@ -437,7 +465,11 @@ fn destination_hosts(push: &PushContext, vs: &VirtualService, found: &mut impl F
         .flat_map(|t| t.route.iter())
         .chain(spec.tcp.iter().flat_map(|t| t.route.iter()))
         .filter_map(|r| r.destination.as_ref());
-    for dest in http.chain(l4) {
+    http.chain(l4)
+}
+
+fn destination_hosts(push: &PushContext, vs: &VirtualService, found: &mut impl FnMut(String)) {
+    for dest in destinations(vs) {
         check_destination(push, vs, dest, found);
     }
 }
@@ -584,6 +616,10 @@ mod tests {
             "{lines:#?}"
         );
         assert!(has("IST0109", "define host h.example.com"), "{lines:#?}");
+        let unused: Vec<&Finding> = f.iter().filter(|f| f.code == "MSH0001").collect();
+        assert_eq!(unused.len(), 1, "only v2 is named by no route: {lines:#?}");
+        assert_eq!(unused[0].level, Level::Info);
+        assert!(unused[0].message.contains("Subset \"v2\""), "{lines:#?}");
     }
 
     #[test]
