@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::DOMAIN_SUFFIX;
-use crate::config::gateway_api::{HeaderModifier, HttpRouteFilter, HttpRouteRule, PathModifier};
+use crate::config::gateway_api::{HeaderModifier, HttpRouteFilter, HttpRouteRule, ParentRef, PathModifier};
 use crate::config::istio::{
     Destination, GatewaySpec, HeaderOperations, Headers, HttpMatchRequest, HttpRedirect, HttpRewrite,
     HttpRoute as IstioHttpRoute, HttpRouteDestination, Port, PortSelector, Server, ServerTlsSettings,
@@ -36,9 +36,9 @@ fn gateways(config: &ConfigSnapshot) -> Vec<&K8sGateway> {
         .collect()
 }
 
-/// The Istio Gateway name a Gateway API Gateway becomes.
-pub fn converted_name(gateway: &str) -> String {
-    format!("{gateway}-{SUFFIX}")
+/// The Istio Gateway name a Gateway API Gateway's listener becomes.
+pub fn converted_name(gateway: &str, listener: &str) -> String {
+    format!("{gateway}-{SUFFIX}-{listener}")
 }
 
 fn meta(name: String, namespace: &str, annotations: Option<BTreeMap<String, String>>) -> ObjectMeta {
@@ -225,25 +225,51 @@ fn rule(route_ns: &str, r: &HttpRouteRule) -> IstioHttpRoute {
     out
 }
 
+/// The listeners of `gw` that `p` attaches to: those its `sectionName`
+/// (a listener name) and `port` both allow.
+fn attached_listeners<'a>(
+    gw: &'a K8sGateway,
+    p: &'a ParentRef,
+) -> impl Iterator<Item = &'a crate::config::gateway_api::Listener> + 'a {
+    gw.spec.listeners.iter().filter(move |l| {
+        p.section_name.as_ref().is_none_or(|s| *s == l.name) && p.port.is_none_or(|port| port == l.port)
+    })
+}
+
+/// The served Gateway a parentRef names, if any.
+fn parent_gateway<'a>(gws: &[&'a K8sGateway], route_ns: &str, p: &ParentRef) -> Option<&'a K8sGateway> {
+    if p.kind.as_deref().unwrap_or("Gateway") != "Gateway" {
+        return None;
+    }
+    let ns = p.namespace.as_deref().unwrap_or(route_ns);
+    gws.iter()
+        .copied()
+        .find(|g| g.namespace() == ns && g.name() == p.name)
+}
+
 /// The Istio Gateways and VirtualServices of every Gateway API Gateway of
-/// class `istio` and the HTTPRoutes attached to them.
+/// class `istio` and the HTTPRoutes attached to them: one Istio Gateway
+/// per listener, as Istio converts them, so that a route's `sectionName`
+/// or `port` binds it to those listeners only.
 pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
     let gws = gateways(config);
     let converted = gws
         .iter()
-        .map(|gw| Gateway {
-            api_version: "networking.istio.io/v1".into(),
-            kind: "Gateway".into(),
-            metadata: meta(
-                converted_name(gw.name()),
-                gw.namespace(),
-                Some([(SCOPE_ANNOTATION.to_string(), "true".to_string())].into()),
-            ),
-            spec: GatewaySpec {
-                servers: gw.spec.listeners.iter().map(|l| server(gw, l)).collect(),
-                selector: [(GATEWAY_NAME_LABEL.to_string(), gw.name().to_string())].into(),
-            },
-            status: None,
+        .flat_map(|gw| {
+            gw.spec.listeners.iter().map(|l| Gateway {
+                api_version: "networking.istio.io/v1".into(),
+                kind: "Gateway".into(),
+                metadata: meta(
+                    converted_name(gw.name(), &l.name),
+                    gw.namespace(),
+                    Some([(SCOPE_ANNOTATION.to_string(), "true".to_string())].into()),
+                ),
+                spec: GatewaySpec {
+                    servers: vec![server(gw, l)],
+                    selector: [(GATEWAY_NAME_LABEL.to_string(), gw.name().to_string())].into(),
+                },
+                status: None,
+            })
         })
         .collect();
     let routes = config
@@ -253,20 +279,18 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
             _ => None,
         })
         .filter_map(|hr: &HttpRoute| {
-            let parents: Vec<String> = hr
-                .spec
-                .parent_refs
-                .iter()
-                .filter(|p| p.kind.as_deref().unwrap_or("Gateway") == "Gateway")
-                .map(|p| {
-                    (
-                        p.namespace.clone().unwrap_or_else(|| hr.namespace().to_string()),
-                        p.name.clone(),
-                    )
-                })
-                .filter(|(ns, name)| gws.iter().any(|g| g.namespace() == ns && g.name() == name))
-                .map(|(ns, name)| format!("{ns}/{}", converted_name(&name)))
-                .collect();
+            let mut parents: Vec<String> = Vec::new();
+            for p in &hr.spec.parent_refs {
+                let Some(gw) = parent_gateway(&gws, hr.namespace(), p) else {
+                    continue;
+                };
+                for l in attached_listeners(gw, p) {
+                    let name = format!("{}/{}", gw.namespace(), converted_name(gw.name(), &l.name));
+                    if !parents.contains(&name) {
+                        parents.push(name);
+                    }
+                }
+            }
             if parents.is_empty() {
                 return None;
             }
@@ -299,28 +323,118 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
 /// status in `/debug/configz`.
 pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> (bool, String) {
     let gws = gateways(config);
-    let missing: Vec<String> = hr
-        .spec
-        .parent_refs
-        .iter()
-        .map(|p| {
-            (
-                p.namespace.clone().unwrap_or_else(|| hr.namespace().to_string()),
-                p.name.clone(),
-            )
-        })
-        .filter(|(ns, name)| !gws.iter().any(|g| g.namespace() == ns && g.name() == name))
-        .map(|(ns, name)| format!("{ns}/{name}"))
-        .collect();
-    if missing.is_empty() {
+    let mut problems: Vec<String> = Vec::new();
+    for p in &hr.spec.parent_refs {
+        let ns = p.namespace.as_deref().unwrap_or(hr.namespace());
+        match parent_gateway(&gws, hr.namespace(), p) {
+            None => problems.push(format!(
+                "NoMatchingParent: no Gateway of class istio named {ns}/{}",
+                p.name
+            )),
+            Some(gw) if attached_listeners(gw, p).next().is_none() => {
+                let mut wanted = Vec::new();
+                if let Some(s) = &p.section_name {
+                    wanted.push(format!("sectionName {s:?}"));
+                }
+                if let Some(port) = p.port {
+                    wanted.push(format!("port {port}"));
+                }
+                problems.push(format!(
+                    "NoMatchingParent: Gateway {ns}/{} has no listener with {}",
+                    p.name,
+                    wanted.join(" and ")
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
         (true, "Accepted".into())
     } else {
-        (
-            false,
-            format!(
-                "NoMatchingParent: no Gateway of class istio named {}",
-                missing.join(", ")
-            ),
-        )
+        (false, problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn golden_config() -> ConfigSnapshot {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/gateway-api/config");
+        ConfigSnapshot::from_files(crate::source::load_dir(&dir).expect("testdata"))
+    }
+
+    fn route<'a>(config: &'a ConfigSnapshot, name: &str) -> &'a HttpRoute {
+        config
+            .of_kind(Kind::HttpRoute)
+            .find_map(|r| match r {
+                Resource::HttpRoute(h) if h.name() == name => Some(h),
+                _ => None,
+            })
+            .expect("route in testdata")
+    }
+
+    #[test]
+    fn section_name_binds_a_route_to_its_listener_only() {
+        let config = golden_config();
+        let (gateways, services) = convert(&config);
+        let names: Vec<&str> = gateways.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "web-istio-autogenerated-k8s-gateway-http",
+                "web-istio-autogenerated-k8s-gateway-admin"
+            ]
+        );
+        let bound = |vs: &str| {
+            services
+                .iter()
+                .find(|v| v.name() == vs)
+                .map(|v| v.spec.gateways.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            bound("helloworld-httproute"),
+            ["default/web-istio-autogenerated-k8s-gateway-http"]
+        );
+        assert_eq!(
+            bound("admin-httproute"),
+            ["default/web-istio-autogenerated-k8s-gateway-admin"]
+        );
+        assert!(bound("no-such-listener-httproute").is_empty());
+    }
+
+    #[test]
+    fn status_names_the_missing_gateway_or_listener() {
+        let config = golden_config();
+        assert_eq!(
+            route_status(&config, route(&config, "admin")),
+            (true, "Accepted".into())
+        );
+        let (ok, reason) = route_status(&config, route(&config, "no-such-listener"));
+        assert!(!ok);
+        assert_eq!(
+            reason,
+            "NoMatchingParent: Gateway default/web has no listener with sectionName \"https\""
+        );
+        let (ok, reason) = route_status(&config, route(&config, "orphan"));
+        assert!(!ok);
+        assert!(
+            reason.contains("no Gateway of class istio named default/missing"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn port_narrows_the_listeners_too() {
+        let config = golden_config();
+        let gws = gateways(&config);
+        let p = ParentRef {
+            name: "web".into(),
+            port: Some(9000),
+            ..Default::default()
+        };
+        let names: Vec<&str> = attached_listeners(gws[0], &p).map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["admin"]);
     }
 }
