@@ -614,10 +614,25 @@ pub struct LoadBalancerSettings {
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb_setting: Option<serde_json::Value>,
+    /// Slow start for new endpoints (round robin and least request only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup: Option<serde_json::Value>,
+    pub warmup: Option<Warmup>,
+}
+
+/// How a new endpoint's share ramps up: over `duration`, from
+/// `minimumPercent` (10) of its weight, along a curve of `aggression` (1.0,
+/// linear).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Warmup {
+    #[serde(default)]
+    pub duration: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggression: Option<f64>,
 }
 
 /// What a consistent hash is computed from.

@@ -168,10 +168,6 @@ fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
                 "loadBalancer.localityLbSetting",
                 lb.is_some_and(|l| l.locality_lb_setting.is_some()),
             ),
-            (
-                "loadBalancer.warmup",
-                lb.is_some_and(|l| l.warmup.is_some() || l.warmup_duration_secs.is_some()),
-            ),
             ("tunnel", p.tunnel.is_some()),
             ("proxyProtocol", p.proxy_protocol.is_some()),
         ] {

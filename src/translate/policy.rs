@@ -7,7 +7,9 @@
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlier,
 };
+use envoy_types::pb::envoy::config::core::v3::RuntimeDouble;
 use envoy_types::pb::envoy::config::route::v3::route_action;
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::{duration, Diagnostic};
@@ -100,6 +102,30 @@ pub fn apply(e: &Effective<'_>, cluster: &mut Cluster, resource: &str, diags: &m
                     cluster::LbPolicy::RoundRobin as i32
                 }
             };
+            if let Some(slow_start) = slow_start(lb, resource, diags) {
+                cluster.lb_config = if cluster.lb_policy == cluster::LbPolicy::LeastRequest as i32 {
+                    Some(cluster::LbConfig::LeastRequestLbConfig(
+                        cluster::LeastRequestLbConfig {
+                            slow_start_config: Some(slow_start),
+                            ..Default::default()
+                        },
+                    ))
+                } else if cluster.lb_policy == cluster::LbPolicy::RoundRobin as i32 {
+                    Some(cluster::LbConfig::RoundRobinLbConfig(
+                        cluster::RoundRobinLbConfig {
+                            slow_start_config: Some(slow_start),
+                        },
+                    ))
+                } else {
+                    diags.push(Diagnostic {
+                        resource: resource.to_string(),
+                        field: "trafficPolicy.loadBalancer.warmup".into(),
+                        message: "warmup applies to ROUND_ROBIN and LEAST_REQUEST only; it is left out"
+                            .into(),
+                    });
+                    None
+                };
+            }
         }
     }
     if let Some(pool) = e.connection_pool {
@@ -140,6 +166,48 @@ pub fn apply(e: &Effective<'_>, cluster: &mut Cluster, resource: &str, diags: &m
     }
 }
 
+/// Envoy's slow start from `warmup` (or the older `warmupDurationSecs`),
+/// with Istio's defaults: 10% minimum weight, linear (aggression 1.0).
+fn slow_start(
+    lb: &LoadBalancerSettings,
+    resource: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<cluster::SlowStartConfig> {
+    let (field, window, min_percent, aggression) = match (&lb.warmup, &lb.warmup_duration_secs) {
+        (Some(w), _) => (
+            "trafficPolicy.loadBalancer.warmup.duration",
+            w.duration.as_str(),
+            w.minimum_percent,
+            w.aggression,
+        ),
+        (None, Some(secs)) => (
+            "trafficPolicy.loadBalancer.warmupDurationSecs",
+            secs.as_str(),
+            None,
+            None,
+        ),
+        (None, None) => return None,
+    };
+    let Some(window) = parse_duration(window).filter(|d| !d.is_zero()) else {
+        diags.push(Diagnostic {
+            resource: resource.to_string(),
+            field: field.into(),
+            message: format!("{window:?} is not a positive duration such as \"60s\"; warmup is left out"),
+        });
+        return None;
+    };
+    Some(cluster::SlowStartConfig {
+        slow_start_window: Some(duration(window)),
+        aggression: Some(RuntimeDouble {
+            default_value: aggression.unwrap_or(1.0),
+            runtime_key: String::new(),
+        }),
+        min_weight_percent: Some(Percent {
+            value: min_percent.unwrap_or(10.0),
+        }),
+    })
+}
+
 /// The route hash policy consistent hashing to this destination needs.
 pub fn hash_policy(lb: Option<&LoadBalancerSettings>) -> Vec<route_action::HashPolicy> {
     use route_action::hash_policy::{ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter};
@@ -169,4 +237,61 @@ pub fn hash_policy(lb: Option<&LoadBalancerSettings>) -> Vec<route_action::HashP
         policy_specifier: Some(specifier),
         terminal: false,
     }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::istio::Warmup;
+
+    fn cluster_with(lb: LoadBalancerSettings) -> (Cluster, Vec<Diagnostic>) {
+        let e = Effective {
+            load_balancer: Some(&lb),
+            ..Default::default()
+        };
+        let (mut cluster, mut diags) = (Cluster::default(), Vec::new());
+        apply(&e, &mut cluster, "DestinationRule default/r", &mut diags);
+        (cluster, diags)
+    }
+
+    #[test]
+    fn warmup_is_slow_start_with_istio_defaults() {
+        let (cluster, diags) = cluster_with(LoadBalancerSettings {
+            warmup_duration_secs: Some("45s".into()),
+            ..Default::default()
+        });
+        assert!(diags.is_empty(), "{diags:?}");
+        let Some(cluster::LbConfig::RoundRobinLbConfig(rr)) = cluster.lb_config else {
+            panic!("round robin slow start expected: {:?}", cluster.lb_config);
+        };
+        let ss = rr.slow_start_config.expect("slow start");
+        assert_eq!(ss.slow_start_window.map(|d| d.seconds), Some(45));
+        assert_eq!(ss.min_weight_percent.map(|p| p.value), Some(10.0));
+        assert_eq!(ss.aggression.map(|a| a.default_value), Some(1.0));
+    }
+
+    #[test]
+    fn bad_warmup_is_named_and_left_out() {
+        let (cluster, diags) = cluster_with(LoadBalancerSettings {
+            simple: Some("RANDOM".into()),
+            warmup: Some(Warmup {
+                duration: "30s".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(cluster.lb_config.is_none());
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].field, "trafficPolicy.loadBalancer.warmup");
+        let (cluster, diags) = cluster_with(LoadBalancerSettings {
+            warmup: Some(Warmup {
+                duration: "soon".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(cluster.lb_config.is_none());
+        assert_eq!(diags[0].field, "trafficPolicy.loadBalancer.warmup.duration");
+        assert!(diags[0].message.contains("\"soon\""), "{}", diags[0].message);
+    }
 }
