@@ -1,7 +1,7 @@
 //! Traffic management through a stock Envoy gateway: a 90/10 canary
 //! between DestinationRule subsets, the switch to 0/100 without a failed
 //! request, header routing, retries, injected faults, mirroring and
-//! consistent hashing. Backends listen on distinct loopback addresses, so
+//! consistent hashing, PROXY protocol to upstreams. Backends listen on distinct loopback addresses, so
 //! that Pods (and so subsets) tell them apart.
 
 use std::process::{Command, Stdio};
@@ -69,8 +69,9 @@ spec:
     )
 }
 
-fn config(port: u16, v1: u16, v2: u16, flaky: u16, sticky: (u16, u16)) -> String {
-    let (s1, s2) = sticky;
+/// The ingress gateway's Service (port 80 to the Envoy's `port`) and an
+/// HTTP Gateway on it for every host.
+fn ingress_gateway(port: u16) -> String {
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -88,7 +89,14 @@ spec:
   - port: {{number: 80, name: http, protocol: HTTP}}
     hosts: ["*"]
 ---
-apiVersion: v1
+"#
+    )
+}
+
+fn config(port: u16, v1: u16, v2: u16, flaky: u16, sticky: (u16, u16)) -> String {
+    let (s1, s2) = sticky;
+    format!(
+        r#"{gateway}apiVersion: v1
 kind: Service
 metadata: {{name: reviews}}
 spec:
@@ -187,7 +195,8 @@ spec:
   http:
   - route:
     - destination: {{host: sticky}}
-"#
+"#,
+        gateway = ingress_gateway(port)
     )
 }
 
@@ -425,23 +434,7 @@ fn service_entry_with_dns_resolution_reaches_an_external_service() {
     let port = free_port();
     let external = Backend::start("external");
     let config = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: istio-ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  ports: [{{name: http2, port: 80, targetPort: {port}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {{name: ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: ["*"]
----
-# An "external" service by name: Envoy resolves localhost itself.
+        r#"{gateway}# An "external" service by name: Envoy resolves localhost itself.
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
 metadata: {{name: api-external}}
@@ -463,6 +456,7 @@ spec:
   - route:
     - destination: {{host: api.external.example, port: {{number: 80}}}}
 "#,
+        gateway = ingress_gateway(port),
         backend = external.port
     );
     write(&work.path().join("config/mesh.yaml"), &config);
@@ -491,5 +485,117 @@ spec:
     assert!(
         clusters.contains("outbound|80||api.external.example"),
         "{clusters}"
+    );
+}
+
+/// A backend that speaks HTTP only after a PROXY protocol v1 header, and
+/// answers with that header: what a load balancer behind Envoy would see.
+fn proxy_protocol_backend() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let first = first.trim_end().to_string();
+            // The rest of the request head, up to the blank line.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let status = if first.starts_with("PROXY ") {
+                "200 OK"
+            } else {
+                "400 Bad Request"
+            };
+            let body = format!("{first}\n");
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tx.send(first);
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn proxy_protocol_header_opens_each_upstream_connection() {
+    let work = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let (backend, seen) = proxy_protocol_backend();
+    let config = format!(
+        r#"{gateway}apiVersion: v1
+kind: Service
+metadata: {{name: legacy}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: {backend}}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: legacy}}
+subsets:
+- addresses: [{{ip: 127.0.0.1}}]
+  ports: [{{name: http, port: {backend}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: legacy}}
+spec:
+  host: legacy
+  trafficPolicy:
+    proxyProtocol: {{version: V1}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: legacy}}
+spec:
+  hosts: [legacy.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - route:
+    - destination: {{host: legacy}}
+"#,
+        gateway = ingress_gateway(port)
+    );
+    write(&work.path().join("config/mesh.yaml"), &config);
+    let meshd = Meshd::start(&work.path().join("config"), work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod {
+            role: "gateway",
+            name: "istio-ingressgateway-3",
+            namespace: "istio-system",
+            labels: "istio=ingressgateway",
+            delta: false,
+        },
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let body = eventually(
+        "the backend answers behind a PROXY header",
+        Duration::from_secs(15),
+        || match curl(&["-H", "Host: legacy.example.com", &url]) {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    // The header carries curl's connection to the gateway, not Envoy's
+    // own: the backend learns the real client and the address it dialled.
+    assert!(body.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "), "{body}");
+    assert!(body.trim_end().ends_with(&format!(" {port}")), "{body}");
+    let first = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the backend saw a connection");
+    assert!(
+        first.starts_with("PROXY "),
+        "every connection opens with the header: {first}"
     );
 }

@@ -546,8 +546,17 @@ pub struct TrafficPolicy {
     pub port_level_settings: Vec<PortTrafficPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<serde_json::Value>,
+    /// PROXY protocol header sent ahead of every upstream connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy_protocol: Option<serde_json::Value>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `trafficPolicy.proxyProtocol`: V1 (text, the default) or V2 (binary).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyProtocol {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// A traffic policy for one port of the destination.

@@ -9,12 +9,14 @@
 use std::collections::{BTreeSet, HashMap};
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{proxy_protocol_config, ProxyProtocolConfig};
 use envoy_types::pb::envoy::config::core::v3::{
     transport_socket, BindConfig, Metadata, SocketAddress, TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::proxy_protocol::v3::ProxyProtocolUpstreamTransport;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use envoy_types::pb::google::protobuf::{value, Struct, Value};
@@ -28,7 +30,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use super::policy;
 use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds};
 use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
-use crate::config::istio::{ClientTlsSettings, Subset};
+use crate::config::istio::{ClientTlsSettings, ProxyProtocol, Subset};
 use crate::config::DestinationRule;
 use crate::model::sidecar_scope::SidecarScope;
 use crate::model::{is_subset, MeshService, Proxy, PushContext, Resolution, ServicePort};
@@ -86,6 +88,15 @@ pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &m
                 };
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
                 transport(push, proxy, svc, port, dr, policy.tls, &mut cluster, out);
+                let proxy_protocol = subset
+                    .and_then(|s| s.traffic_policy.as_ref())
+                    .and_then(|p| p.proxy_protocol.as_ref())
+                    .or(dr
+                        .and_then(|d| d.spec.traffic_policy.as_ref())
+                        .and_then(|p| p.proxy_protocol.as_ref()));
+                if let Some(pp) = proxy_protocol {
+                    with_proxy_protocol(pp, &mut cluster, &dr_name(dr), &mut out.diagnostics);
+                }
                 out.clusters.push(cluster);
             }
         }
@@ -169,7 +180,6 @@ fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
                 lb.is_some_and(|l| l.locality_lb_setting.is_some()),
             ),
             ("tunnel", p.tunnel.is_some()),
-            ("proxyProtocol", p.proxy_protocol.is_some()),
         ] {
             if set {
                 fields.push(format!("spec.trafficPolicy.{name}"));
@@ -182,6 +192,59 @@ fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
             field,
             message: "not applied yet; the rest of the rule is served".into(),
         });
+    }
+}
+
+/// Wraps every transport socket of `cluster` (plain text where it has
+/// none) so that a PROXY protocol header opens each upstream connection.
+fn with_proxy_protocol(
+    pp: &ProxyProtocol,
+    cluster: &mut Cluster,
+    resource: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let version = match pp.version.as_deref().unwrap_or("V1") {
+        "V1" => proxy_protocol_config::Version::V1,
+        "V2" => proxy_protocol_config::Version::V2,
+        other => {
+            diags.push(Diagnostic {
+                resource: resource.to_string(),
+                field: "spec.trafficPolicy.proxyProtocol.version".into(),
+                message: format!(
+                    "{other:?} is neither V1 nor V2; no PROXY header is sent to {}",
+                    cluster.name
+                ),
+            });
+            return;
+        }
+    };
+    let wrap = |inner: Option<TransportSocket>| TransportSocket {
+        name: "envoy.transport_sockets.upstream_proxy_protocol".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
+            ProxyProtocolUpstreamTransport {
+                config: Some(ProxyProtocolConfig {
+                    version: version as i32,
+                    ..Default::default()
+                }),
+                transport_socket: Some(inner.unwrap_or_else(raw_buffer)),
+                ..Default::default()
+            },
+        ))),
+    };
+    for m in &mut cluster.transport_socket_matches {
+        m.transport_socket = Some(wrap(m.transport_socket.take()));
+    }
+    if cluster.transport_socket_matches.is_empty() || cluster.transport_socket.is_some() {
+        cluster.transport_socket = Some(wrap(cluster.transport_socket.take()));
+    }
+}
+
+fn raw_buffer() -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.raw_buffer".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
+            RawBuffer::default(),
+        ))),
     }
 }
 
@@ -342,12 +405,7 @@ fn auto_mtls(
         cluster::TransportSocketMatch {
             name: "tlsMode-disabled".into(),
             r#match: Some(Struct::default()),
-            transport_socket: Some(TransportSocket {
-                name: "envoy.transport_sockets.raw_buffer".into(),
-                config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
-                    RawBuffer::default(),
-                ))),
-            }),
+            transport_socket: Some(raw_buffer()),
         },
     ]
 }
