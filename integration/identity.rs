@@ -19,7 +19,8 @@ use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::common::{
-    curl, eventually, free_port, meshd, write, Backend, Envoy, Meshd, MeshdPorts, OpenConnection, Pod,
+    curl, eventually, free_port, loopback_service, meshd, write, Backend, Envoy, Meshd, MeshdPorts,
+    OpenConnection, Pod,
 };
 
 const SECRET_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -35,20 +36,7 @@ struct Ca {
 
 fn config_yaml(gateway_port: u16, backend: u16) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: helloworld}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: {backend}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: helloworld}}
-subsets:
-- addresses: [{{ip: 127.0.0.1}}]
-  ports: [{{name: http, port: {backend}}}]
----
-# A gateway in the mesh: it serves with its own workload certificate and
+        r#"{helloworld}# A gateway in the mesh: it serves with its own workload certificate and
 # only lets in clients with a certificate from the mesh CA.
 apiVersion: networking.istio.io/v1beta1
 kind: Gateway
@@ -69,7 +57,8 @@ spec:
   http:
   - route:
     - destination: {{host: helloworld}}
-"#
+"#,
+        helloworld = loopback_service("helloworld", "http", 80, backend)
     )
 }
 

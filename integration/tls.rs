@@ -12,7 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 
 use crate::common::{
-    curl, eventually, free_port, openssl, write, Backend, Envoy, Meshd, OpenConnection, Pod, Proc,
+    curl, eventually, free_port, loopback_service, openssl, write, Backend, Envoy, Meshd, OpenConnection,
+    Pod, Proc,
 };
 
 const HOST: &str = "helloworld.fireflyclass.com";
@@ -298,33 +299,7 @@ spec:
 
 fn apps_yaml(backend: u16, secure_backend: u16) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: helloworld}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: {backend}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: helloworld}}
-subsets:
-- addresses: [{{ip: 127.0.0.1}}]
-  ports: [{{name: http, port: {backend}}}]
----
-apiVersion: v1
-kind: Service
-metadata: {{name: secure}}
-spec:
-  ports: [{{name: https, port: 443, targetPort: {secure_backend}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: secure}}
-subsets:
-- addresses: [{{ip: 127.0.0.1}}]
-  ports: [{{name: https, port: {secure_backend}}}]
----
-apiVersion: networking.istio.io/v1beta1
+        r#"{helloworld}{secure}apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata:
   name: helloworld
@@ -355,7 +330,9 @@ spec:
     - sniHosts: [secure.fireflyclass.com]
     route:
     - destination: {{host: secure, port: {{number: 443}}}}
-"#
+"#,
+        helloworld = loopback_service("helloworld", "http", 80, backend),
+        secure = loopback_service("secure", "https", 443, secure_backend)
     )
 }
 

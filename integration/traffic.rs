@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, Pod};
+use crate::common::{curl, eventually, free_port, loopback_service, write, Backend, Envoy, Meshd, Pod};
 
 struct Traffic {
     work: tempfile::TempDir,
@@ -532,20 +532,7 @@ fn proxy_protocol_header_opens_each_upstream_connection() {
     let port = free_port();
     let (backend, seen) = proxy_protocol_backend();
     let config = format!(
-        r#"{gateway}apiVersion: v1
-kind: Service
-metadata: {{name: legacy}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: {backend}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: legacy}}
-subsets:
-- addresses: [{{ip: 127.0.0.1}}]
-  ports: [{{name: http, port: {backend}}}]
----
-apiVersion: networking.istio.io/v1beta1
+        r#"{gateway}{legacy}apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata: {{name: legacy}}
 spec:
@@ -563,6 +550,7 @@ spec:
   - route:
     - destination: {{host: legacy}}
 "#,
+        legacy = loopback_service("legacy", "http", 80, backend),
         gateway = ingress_gateway(port)
     );
     write(&work.path().join("config/mesh.yaml"), &config);

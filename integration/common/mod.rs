@@ -355,6 +355,27 @@ impl Backend {
     }
 }
 
+/// A Service `name` whose `port` (named `port_name`) reaches one endpoint,
+/// 127.0.0.1:`backend`: YAML documents ending in `---`.
+pub fn loopback_service(name: &str, port_name: &str, port: u16, backend: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  ports: [{{name: {port_name}, port: {port}, targetPort: {backend}}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: {name}}}
+subsets:
+- addresses: [{{ip: 127.0.0.1}}]
+  ports: [{{name: {port_name}, port: {backend}}}]
+---
+"#
+    )
+}
+
 /// Writes a file, creating its directory.
 pub fn write(path: &Path, text: &str) {
     if let Some(dir) = path.parent() {
