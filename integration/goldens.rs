@@ -20,6 +20,7 @@ struct ProxySpec {
     namespace: String,
     labels: String,
     service_account: String,
+    interception_mode: String,
     id: String,
 }
 
@@ -58,6 +59,10 @@ fn proxies(scenario: &Path) -> (PathBuf, Vec<ProxySpec>) {
                     .as_str()
                     .unwrap_or("default")
                     .to_string(),
+                interception_mode: p["metadata"]["INTERCEPTION_MODE"]
+                    .as_str()
+                    .unwrap_or("REDIRECT")
+                    .to_string(),
                 id,
             }
         })
@@ -90,6 +95,9 @@ fn check(scenario: &Path) -> Result<(), String> {
     let envoy = crate::common::envoy_bin();
     for (i, p) in specs.iter().enumerate() {
         let ns = t.pod(&format!("p{i}"), &format!("10.254.0.{}", 10 + i));
+        // The pod also holds the address its node id claims, so listeners
+        // bound to the workload's own IP can bind.
+        run(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("{}/32", p.ip), "dev", "lo"]));
         let bootstrap = t.path(&format!("p{i}.yaml"));
         run(Command::new(meshd_bin())
             .args([
@@ -108,6 +116,8 @@ fn check(scenario: &Path) -> Result<(), String> {
                 &p.service_account,
                 "--ip",
                 &p.ip,
+                "--interception-mode",
+                &p.interception_mode,
             ])
             .args([
                 "--xds-addr",

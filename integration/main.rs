@@ -9,5 +9,6 @@ mod inject;
 mod mesh;
 mod netns;
 mod seed;
+mod sidecar;
 mod tls;
 mod traffic;

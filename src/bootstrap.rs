@@ -31,6 +31,10 @@ pub struct BootstrapOptions {
     /// Rewritten HTTP probes a sidecar answers on 15021: path → app port
     /// and path (from `meshd inject`).
     pub probes: Vec<ProbeRewrite>,
+    /// Istio's interception mode: `REDIRECT` (traffic is captured by the
+    /// rules of `meshd iptables`) or `NONE` (the app calls the sidecar's
+    /// bound listeners; a Sidecar resource gives its ingress ports).
+    pub interception_mode: String,
 }
 
 /// One rewritten probe: kubelet asks `path` on 15021, Envoy asks the app.
@@ -213,6 +217,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
                 "LABELS": o.labels,
                 "SERVICE_ACCOUNT": o.service_account,
                 "INSTANCE_IPS": o.ip,
+                "INTERCEPTION_MODE": o.interception_mode,
             },
         },
         "admin": {"address": socket(&admin_host, admin_port)},
@@ -285,6 +290,7 @@ mod tests {
             tls: None,
             token: None,
             probes: Vec::new(),
+            interception_mode: "REDIRECT".into(),
         }
     }
 

@@ -55,6 +55,10 @@ enum Command {
         /// Use incremental (delta) xDS.
         #[arg(long)]
         delta: bool,
+        /// REDIRECT (traffic captured by `meshd iptables`) or NONE (no
+        /// capture: the app calls the listeners a Sidecar resource binds).
+        #[arg(long, default_value = "REDIRECT", value_parser = ["REDIRECT", "TPROXY", "NONE"])]
+        interception_mode: String,
         /// Connect to meshd's TLS port (give it as --xds-addr), trusting
         /// the root in --root-cert.
         #[arg(long, requires = "root_cert")]
@@ -310,6 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             xds_addr,
             admin_addr,
             delta,
+            interception_mode,
             xds_tls,
             root_cert,
             xds_server_name,
@@ -347,6 +352,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tls,
                 token,
                 probes: probe,
+                interception_mode,
             };
             let text = serde_norway::to_string(&bootstrap(&opts)?)?;
             match output {

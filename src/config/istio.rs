@@ -37,7 +37,8 @@ pub struct Server {
     pub name: Option<String>,
 }
 
-/// A Gateway server port.
+/// A port: of a Gateway server, or of a Sidecar listener (for its
+/// workload on ingress, for what the workload calls on egress).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Port {
@@ -825,7 +826,7 @@ pub struct SidecarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<EntryWorkloadSelector>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ingress: Vec<serde_json::Value>,
+    pub ingress: Vec<IstioIngressListener>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<IstioEgressListener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -834,12 +835,33 @@ pub struct SidecarSpec {
     pub inbound_connection_pool: Option<serde_json::Value>,
 }
 
-/// The services a sidecar may reach (`NAMESPACE/HOST`).
+/// A port on which the sidecar accepts traffic for its workload and the
+/// address it forwards it to (`127.0.0.1:PORT`, `0.0.0.0:PORT` for the
+/// workload's own IP, or `unix://PATH`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioIngressListener {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Port>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+    #[serde(default)]
+    pub default_endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<serde_json::Value>,
+}
+
+/// The services a sidecar may reach (`NAMESPACE/HOST`), on one port or on
+/// all of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IstioEgressListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<serde_json::Value>,
+    pub port: Option<Port>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,7 +4,7 @@
 
 use super::istio::{
     ClientTlsSettings, Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
-    PeerAuthenticationSpec, Server, ServiceEntrySpec, StringMatch, VirtualServiceSpec,
+    PeerAuthenticationSpec, Port, Server, ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec,
 };
 use super::Resource;
 
@@ -25,6 +25,7 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
         Resource::PeerAuthentication(pa) => peer_authentication(&pa.spec),
         Resource::DestinationRule(dr) => destination_rule(&dr.spec),
         Resource::ServiceEntry(se) => service_entry(&se.spec),
+        Resource::Sidecar(sc) => sidecar(&sc.spec),
         _ => Ok(()),
     };
     result.err()
@@ -53,26 +54,11 @@ fn gateway(spec: &GatewaySpec) -> Checked {
 }
 
 fn gateway_server(at: &str, server: &Server) -> Checked {
-    let Some(port) = &server.port else {
+    let Some(p) = &server.port else {
         return fail(format!("{at}.port"), "is required");
     };
-    if port.number == 0 || port.number > 65535 {
-        return fail(
-            format!("{at}.port.number"),
-            format!("{} is not a port number (1-65535)", port.number),
-        );
-    }
-    let protocol = port.protocol.to_ascii_uppercase();
-    if !PROTOCOLS.contains(&protocol.as_str()) {
-        return fail(
-            format!("{at}.port.protocol"),
-            format!(
-                "unknown protocol {:?}; expected one of {}",
-                port.protocol,
-                PROTOCOLS.join(", ")
-            ),
-        );
-    }
+    port(&format!("{at}.port"), p)?;
+    let protocol = p.protocol.to_ascii_uppercase();
     if server.hosts.is_empty() {
         return fail(format!("{at}.hosts"), "a server needs at least one host");
     }
@@ -205,6 +191,130 @@ fn service_entry(spec: &ServiceEntrySpec) -> Checked {
     }
     if resolution == "DNS_ROUND_ROBIN" && spec.endpoints.len() > 1 {
         return fail("spec.endpoints", "DNS_ROUND_ROBIN takes at most one endpoint");
+    }
+    Ok(())
+}
+
+const CAPTURE_MODES: &[&str] = &["DEFAULT", "IPTABLES", "NONE"];
+
+fn port(at: &str, port: &Port) -> Checked {
+    if port.number == 0 || port.number > 65535 {
+        return fail(
+            format!("{at}.number"),
+            format!("{} is not a port number (1-65535)", port.number),
+        );
+    }
+    let protocol = port.protocol.to_ascii_uppercase();
+    if !PROTOCOLS.contains(&protocol.as_str()) {
+        return fail(
+            format!("{at}.protocol"),
+            format!(
+                "unknown protocol {:?}; expected one of {}",
+                port.protocol,
+                PROTOCOLS.join(", ")
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn capture_mode(at: &str, mode: Option<&String>) -> Checked {
+    match mode {
+        Some(m) if !CAPTURE_MODES.contains(&m.as_str()) => fail(
+            format!("{at}.captureMode"),
+            format!(
+                "unknown capture mode {m:?}; expected one of {}",
+                CAPTURE_MODES.join(", ")
+            ),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn sidecar(spec: &SidecarSpec) -> Checked {
+    let mut ingress_ports = std::collections::BTreeSet::new();
+    for (i, l) in spec.ingress.iter().enumerate() {
+        let at = format!("spec.ingress[{i}]");
+        let Some(p) = &l.port else {
+            return fail(format!("{at}.port"), "is required");
+        };
+        port(&format!("{at}.port"), p)?;
+        if !ingress_ports.insert(p.number) {
+            return fail(
+                format!("{at}.port.number"),
+                format!("port {} is already taken by another ingress listener", p.number),
+            );
+        }
+        capture_mode(&at, l.capture_mode.as_ref())?;
+        if let Some(bind) = &l.bind {
+            if bind.parse::<std::net::IpAddr>().is_err() {
+                return fail(format!("{at}.bind"), format!("{bind:?} is not an IP address"));
+            }
+        }
+        let endpoint = l.default_endpoint.as_str();
+        let ok = endpoint.starts_with("unix://")
+            || endpoint
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback() || a.ip().is_unspecified());
+        if !ok {
+            return fail(
+                format!("{at}.defaultEndpoint"),
+                format!(
+                    "{endpoint:?} must be 127.0.0.1:PORT, 0.0.0.0:PORT (the workload's own IP) or \
+                     unix://PATH"
+                ),
+            );
+        }
+    }
+    for (i, l) in spec.egress.iter().enumerate() {
+        let at = format!("spec.egress[{i}]");
+        match &l.port {
+            Some(p) => port(&format!("{at}.port"), p)?,
+            None if i + 1 != spec.egress.len() => {
+                return fail(
+                    format!("{at}.port"),
+                    "only the last egress listener may leave out the port (it catches all other ports)",
+                );
+            }
+            None => {}
+        }
+        capture_mode(&at, l.capture_mode.as_ref())?;
+        if let Some(bind) = &l.bind {
+            if !bind.starts_with("unix://") && bind.parse::<std::net::IpAddr>().is_err() {
+                return fail(
+                    format!("{at}.bind"),
+                    format!("{bind:?} is not an IP address or unix://PATH"),
+                );
+            }
+        }
+        if l.hosts.is_empty() {
+            return fail(
+                format!("{at}.hosts"),
+                "an egress listener needs at least one host",
+            );
+        }
+        for (j, host) in l.hosts.iter().enumerate() {
+            let field = format!("{at}.hosts[{j}]");
+            let Some((ns, dns)) = host.split_once('/') else {
+                return fail(field, format!("{host:?} is not NAMESPACE/HOST"));
+            };
+            if !["*", ".", "~"].contains(&ns) && !is_dns_label(ns) {
+                return fail(field, format!("{ns:?} is not a namespace, \".\", \"~\" or \"*\""));
+            }
+            wildcard_host(&field, dns)?;
+        }
+    }
+    if let Some(mode) = spec
+        .outbound_traffic_policy
+        .as_ref()
+        .and_then(|p| p.mode.as_ref())
+    {
+        if mode != "ALLOW_ANY" && mode != "REGISTRY_ONLY" {
+            return fail(
+                "spec.outboundTrafficPolicy.mode",
+                format!("unknown mode {mode:?}; expected ALLOW_ANY or REGISTRY_ONLY"),
+            );
+        }
     }
     Ok(())
 }
@@ -506,5 +616,31 @@ mod tests {
         assert!(gateway_ref("f", "istio-system/ingressgateway").is_ok());
         assert!(gateway_ref("f", "mesh").is_ok());
         assert!(gateway_ref("f", "a/b/c").is_err());
+    }
+
+    #[test]
+    fn sidecar_listeners_are_checked_as_istio_checks_them() {
+        let spec = |yaml: &str| -> SidecarSpec { serde_norway::from_str(yaml).expect("yaml") };
+        let ok = spec(
+            "ingress: [{port: {number: 9080, protocol: HTTP, name: http}, defaultEndpoint: '127.0.0.1:8080'}]\n\
+             egress: [{port: {number: 3306, protocol: TCP, name: db}, hosts: ['*/mysql.foo.com']}, {hosts: ['./*']}]",
+        );
+        assert!(sidecar(&ok).is_ok());
+        let field = |yaml: &str| sidecar(&spec(yaml)).expect_err("rejected").0;
+        assert_eq!(
+            field(
+                "egress: [{hosts: ['./*']}, {port: {number: 80, protocol: HTTP, name: h}, hosts: ['./*']}]"
+            ),
+            "spec.egress[0].port"
+        );
+        assert_eq!(
+            field("ingress: [{port: {number: 80, protocol: HTTP, name: h}, defaultEndpoint: '10.0.0.1:80'}]"),
+            "spec.ingress[0].defaultEndpoint"
+        );
+        assert_eq!(field("egress: [{hosts: ['reviews']}]"), "spec.egress[0].hosts[0]");
+        assert_eq!(
+            field("egress: [{captureMode: OFF, hosts: ['./*']}]"),
+            "spec.egress[0].captureMode"
+        );
     }
 }

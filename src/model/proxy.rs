@@ -49,6 +49,10 @@ pub struct Proxy {
     /// `--insecure-plaintext-identity`, claimed), set by the xDS server.
     /// Without one, nothing that needs a workload certificate is generated.
     pub identity: Option<String>,
+    /// No traffic capture (`INTERCEPTION_MODE: NONE` in the node metadata,
+    /// as Istio's agent sends it): the app calls the sidecar's listeners on
+    /// loopback and is called through the Sidecar resource's ingress ports.
+    pub capture_none: bool,
 }
 
 impl Proxy {
@@ -99,6 +103,7 @@ impl Proxy {
             labels,
             service_account: text("SERVICE_ACCOUNT").unwrap_or("default").to_string(),
             identity: None,
+            capture_none: text("INTERCEPTION_MODE") == Some("NONE"),
         })
     }
 

@@ -91,6 +91,17 @@ impl ServicePort {
         HTTP.contains(&prefix)
     }
 
+    /// Whether the port carries TLS the sidecar does not terminate
+    /// (`https`/`tls` by appProtocol or name prefix): told apart by SNI.
+    pub fn is_tls(&self) -> bool {
+        const TLS: &[&str] = &["https", "tls"];
+        if let Some(app) = &self.app_protocol {
+            return TLS.contains(&app.to_ascii_lowercase().as_str());
+        }
+        let name = self.name.to_ascii_lowercase();
+        TLS.contains(&name.split('-').next().unwrap_or_default())
+    }
+
     /// The targetPort as a number, when it is one (or unset: then the port).
     pub fn target_number(&self) -> Option<u16> {
         match &self.target_port {

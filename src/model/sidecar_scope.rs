@@ -4,13 +4,46 @@
 
 use super::peer_auth::ROOT_NAMESPACE;
 use super::{is_subset, MeshService, Proxy, PushContext};
+use crate::config::istio::{IstioIngressListener, Port};
 use crate::config::{Kind, Resource, Sidecar};
+
+/// One egress listener of a Sidecar resource: the hosts it may reach, on
+/// one port or (without a port) on every port no other listener takes.
+#[derive(Debug, Clone, Default)]
+pub struct EgressListener {
+    pub port: Option<Port>,
+    /// The address to bind; unset means the capture default.
+    pub bind: Option<String>,
+    /// `captureMode: NONE`: the listener binds for real instead of waiting
+    /// for captured connections.
+    pub capture_none: bool,
+    /// `NAMESPACE/HOST` patterns.
+    hosts: Vec<(String, String)>,
+}
+
+impl EgressListener {
+    /// Whether this listener may reach `svc`.
+    pub fn visible(&self, svc: &MeshService) -> bool {
+        self.hosts.iter().any(|(ns, host)| {
+            let ns_ok = ns == "*" || *ns == svc.namespace;
+            let host_ok = host == "*"
+                || *host == svc.hostname
+                || host
+                    .strip_prefix('*')
+                    .is_some_and(|suffix| svc.hostname.ends_with(suffix));
+            ns != "~" && ns_ok && host_ok
+        })
+    }
+}
 
 /// What one sidecar may reach.
 #[derive(Debug, Clone, Default)]
 pub struct SidecarScope {
-    /// `NAMESPACE/HOST` patterns; `None` means everything.
-    hosts: Option<Vec<(String, String)>>,
+    /// The egress listeners; empty means everything on every port.
+    pub egress: Vec<EgressListener>,
+    /// The ingress listeners; empty means the ports of the Services that
+    /// select the workload.
+    pub ingress: Vec<IstioIngressListener>,
     /// REGISTRY_ONLY: unknown destinations are dropped, not passed through.
     pub registry_only: bool,
     /// The Sidecar resource in force, for diagnostics.
@@ -47,19 +80,28 @@ impl SidecarScope {
         else {
             return SidecarScope::default();
         };
-        let hosts: Vec<(String, String)> = sc
+        let egress = sc
             .spec
             .egress
             .iter()
-            .flat_map(|e| e.hosts.iter())
-            .filter_map(|h| {
-                let (ns, host) = h.split_once('/')?;
-                let ns = if ns == "." { sc.namespace() } else { ns };
-                Some((ns.to_string(), host.to_string()))
+            .map(|e| EgressListener {
+                port: e.port.clone(),
+                bind: e.bind.clone(),
+                capture_none: e.capture_mode.as_deref() == Some("NONE"),
+                hosts: e
+                    .hosts
+                    .iter()
+                    .filter_map(|h| {
+                        let (ns, host) = h.split_once('/')?;
+                        let ns = if ns == "." { sc.namespace() } else { ns };
+                        Some((ns.to_string(), host.to_string()))
+                    })
+                    .collect(),
             })
             .collect();
         SidecarScope {
-            hosts: (!sc.spec.egress.is_empty()).then_some(hosts),
+            egress,
+            ingress: sc.spec.ingress.clone(),
             registry_only: sc
                 .spec
                 .outbound_traffic_policy
@@ -70,17 +112,20 @@ impl SidecarScope {
         }
     }
 
-    /// Whether the proxy may reach `svc`.
+    /// Whether the proxy may reach `svc` through any of its listeners.
     pub fn visible(&self, svc: &MeshService) -> bool {
-        let Some(hosts) = &self.hosts else { return true };
-        hosts.iter().any(|(ns, host)| {
-            let ns_ok = ns == "*" || *ns == svc.namespace;
-            let host_ok = host == "*"
-                || *host == svc.hostname
-                || host
-                    .strip_prefix('*')
-                    .is_some_and(|suffix| svc.hostname.ends_with(suffix));
-            ns != "~" && ns_ok && host_ok
-        })
+        self.egress.is_empty() || self.egress.iter().any(|l| l.visible(svc))
+    }
+
+    /// The listener that catches every port without a listener of its own
+    /// (the one without a port), if the Sidecar has one or has no egress.
+    pub fn catch_all(&self) -> Option<EgressListener> {
+        if self.egress.is_empty() {
+            return Some(EgressListener {
+                hosts: vec![("*".into(), "*".into())],
+                ..Default::default()
+            });
+        }
+        self.egress.iter().find(|l| l.port.is_none()).cloned()
     }
 }

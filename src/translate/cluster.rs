@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{proxy_protocol_config, ProxyProtocolConfig};
 use envoy_types::pb::envoy::config::core::v3::{
-    transport_socket, BindConfig, Metadata, SocketAddress, TransportSocket,
+    transport_socket, Address, BindConfig, Metadata, SocketAddress, TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -500,6 +500,12 @@ pub fn passthrough() -> Vec<Cluster> {
 /// `inbound|PORT||`: the app on the proxy's own address, reached from
 /// 127.0.0.6.
 pub fn inbound(ip: &str, port: u16) -> Cluster {
+    inbound_to(port, socket(ip, port), true)
+}
+
+/// `inbound|PORT||` to `address`; from 127.0.0.6 when traffic is captured
+/// (so that the capture rules let the connection through).
+pub fn inbound_to(port: u16, address: Address, captured: bool) -> Cluster {
     let name = format!("inbound|{port}||");
     Cluster {
         name: name.clone(),
@@ -507,13 +513,13 @@ pub fn inbound(ip: &str, port: u16) -> Cluster {
             cluster::DiscoveryType::Static as i32,
         )),
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        upstream_bind_config: bind_inbound_source(),
+        upstream_bind_config: if captured { bind_inbound_source() } else { None },
         load_assignment: Some(ClusterLoadAssignment {
             cluster_name: name,
             endpoints: vec![LocalityLbEndpoints {
                 lb_endpoints: vec![LbEndpoint {
                     host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(ip, port)),
+                        address: Some(address),
                         ..Default::default()
                     })),
                     ..Default::default()

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::config::core::v3::{transport_socket, TransportSocket};
+use envoy_types::pb::envoy::config::core::v3::{address, transport_socket, Address, Pipe, TransportSocket};
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
@@ -23,14 +23,21 @@ use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::cluster::{self, BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
-use super::route::{http_routes, RouteScope};
+use super::route::{destination_cluster, http_routes, RouteScope};
 use super::tls::istio_common_tls_context;
 use super::{
     duration, http_connection_manager, outbound_cluster_name, rds, socket, tcp_proxy, Diagnostic, Generated,
 };
+use crate::config::istio::RouteDestination;
+use crate::config::VirtualService;
 use crate::model::peer_auth::{self, MtlsMode};
-use crate::model::sidecar_scope::SidecarScope;
-use crate::model::{resolve_host, MeshService, Proxy, PushContext, DOMAIN_SUFFIX};
+use crate::model::sidecar_scope::{EgressListener, SidecarScope};
+use crate::model::{is_subset, resolve_host, MeshService, Proxy, PushContext, DOMAIN_SUFFIX};
+
+/// Where listeners bind: every address (captured), or loopback (bound, for
+/// the app to call).
+const ANY: &str = "0.0.0.0";
+const LOCALHOST: &str = "127.0.0.1";
 
 /// Istio's capture ports.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -38,7 +45,7 @@ pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
 /// Adds a sidecar's listeners, routes and special clusters to `out`.
 pub fn build(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
-    inbound(push, proxy, out);
+    inbound(push, proxy, scope, out);
     outbound(push, proxy, scope, out);
     out.clusters.extend(cluster::passthrough());
 }
@@ -56,6 +63,16 @@ fn workload_ports(push: &PushContext, proxy: &Proxy) -> BTreeMap<u16, bool> {
     ports
 }
 
+fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 fn original_dst_and_tls_inspector() -> Vec<ListenerFilter> {
     vec![
         ListenerFilter {
@@ -65,13 +82,7 @@ fn original_dst_and_tls_inspector() -> Vec<ListenerFilter> {
             ))),
             ..Default::default()
         },
-        ListenerFilter {
-            name: "envoy.filters.listener.tls_inspector".into(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
-                TlsInspector::default(),
-            ))),
-            ..Default::default()
-        },
+        tls_inspector(),
     ]
 }
 
@@ -166,10 +177,92 @@ fn chains_for(
     }
 }
 
-fn inbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     let labels = push.pods.get(&proxy.ip).map_or(&proxy.labels, |p| &p.labels);
     let mtls = peer_auth::resolve(push, &proxy.namespace, labels);
     let identity = proxy.identity.is_some();
+    let strict_without_identity = |port: u16, out: &mut Generated| {
+        out.diagnostics.push(Diagnostic {
+            resource: format!("proxy {}", proxy.id),
+            field: format!("inbound port {port}"),
+            message: "STRICT mutual TLS, but this sidecar has no workload certificate (connect it to the \
+                      TLS xDS port with a token): the port admits nothing"
+                .into(),
+        });
+    };
+    if !scope.ingress.is_empty() {
+        let mut chains = Vec::new();
+        for (i, listener) in scope.ingress.iter().enumerate() {
+            let Some(port) = listener.port.as_ref() else {
+                continue;
+            };
+            let Ok(number) = u16::try_from(port.number) else {
+                continue;
+            };
+            let resource = scope.source.clone().unwrap_or_default();
+            for (field, set) in [
+                ("tls", listener.tls.is_some()),
+                ("connectionPool", listener.connection_pool.is_some()),
+            ] {
+                if set {
+                    out.diagnostics.push(Diagnostic {
+                        resource: resource.clone(),
+                        field: format!("spec.ingress[{i}].{field}"),
+                        message: "not applied yet; the listener is served without it".into(),
+                    });
+                }
+            }
+            let none = proxy.capture_none || listener.capture_mode.as_deref() == Some("NONE");
+            let endpoint = listener.default_endpoint.as_str();
+            let unix = endpoint.starts_with("unix://");
+            let target = if unix {
+                socket_or_pipe(endpoint, 0)
+            } else {
+                let (host, app_port) = endpoint.rsplit_once(':').unwrap_or((LOCALHOST, "0"));
+                // 0.0.0.0 means the workload's own address.
+                let host = if host == ANY { proxy.ip.as_str() } else { host };
+                socket(host, app_port.parse().unwrap_or(0))
+            };
+            let cluster = format!("inbound|{number}||");
+            out.clusters
+                .push(cluster::inbound_to(number, target, !none && !unix));
+            let http =
+                ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].contains(&port.protocol.to_ascii_uppercase().as_str());
+            let mode = mtls.for_port(number);
+            if mode == MtlsMode::Strict && !identity {
+                strict_without_identity(number, out);
+            }
+            let port_chains = chains_for(Some(number), mode, identity, http, &cluster);
+            if none {
+                let bind = listener.bind.as_deref().unwrap_or(&proxy.ip);
+                out.listeners.push(Listener {
+                    name: format!("{bind}_{number}"),
+                    address: Some(socket(bind, number)),
+                    listener_filters: vec![tls_inspector()],
+                    filter_chains: port_chains,
+                    ..Default::default()
+                });
+            } else {
+                chains.extend(port_chains);
+            }
+        }
+        if !proxy.capture_none {
+            chains.extend(chains_for(None, mtls.mode, identity, false, INBOUND_PASSTHROUGH));
+            virtual_inbound(chains, out);
+        }
+        return;
+    }
+    if proxy.capture_none {
+        out.diagnostics.push(Diagnostic {
+            resource: format!("proxy {}", proxy.id),
+            field: "inbound".into(),
+            message:
+                "this sidecar captures no traffic (INTERCEPTION_MODE NONE) and no Sidecar resource gives \
+                      it ingress listeners: nothing reaches the workload through it"
+                    .into(),
+        });
+        return;
+    }
     let mut chains = Vec::new();
     for (port, http) in workload_ports(push, proxy) {
         let mode = mtls.for_port(port);
@@ -177,18 +270,16 @@ fn inbound(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
         chains.extend(chains_for(Some(port), mode, identity, http, &cluster));
         out.clusters.push(cluster::inbound(&proxy.ip, port));
         if mode == MtlsMode::Strict && !identity {
-            out.diagnostics.push(Diagnostic {
-                resource: format!("proxy {}", proxy.id),
-                field: format!("inbound port {port}"),
-                message:
-                    "STRICT mutual TLS, but this sidecar has no workload certificate (connect it to the \
-                          TLS xDS port with a token): the port admits nothing"
-                        .into(),
-            });
+            strict_without_identity(port, out);
         }
     }
     // Ports no Service names still reach the app, under the workload's mode.
     chains.extend(chains_for(None, mtls.mode, identity, false, INBOUND_PASSTHROUGH));
+    virtual_inbound(chains, out);
+}
+
+/// The listener captured inbound connections arrive on, with `chains`.
+fn virtual_inbound(chains: Vec<FilterChain>, out: &mut Generated) {
     out.listeners.push(Listener {
         name: "virtualInbound".into(),
         address: Some(socket("0.0.0.0", INBOUND_CAPTURE_PORT)),
@@ -225,117 +316,442 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
     out
 }
 
-fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
-    let mut http_ports: BTreeMap<u16, Vec<VirtualHost>> = BTreeMap::new();
-    for svc in push.services.values().filter(|s| scope.visible(s)) {
-        for sp in svc
-            .ports
-            .iter()
-            .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
-        {
-            let cluster = outbound_cluster_name(sp.port, "", &svc.hostname);
-            if sp.is_http() {
-                let routes = mesh_routes(push, proxy, svc, sp.port, &mut out.diagnostics);
-                let routes = if routes.is_empty() {
-                    all_to(&cluster, &cluster).virtual_hosts.remove(0).routes
-                } else {
-                    routes
-                };
-                http_ports.entry(sp.port).or_default().push(VirtualHost {
-                    name: format!("{}:{}", svc.hostname, sp.port),
-                    domains: domains(svc, sp.port, &proxy.namespace),
-                    routes,
-                    ..Default::default()
-                });
-                continue;
-            }
-            // TCP is told apart by address: services without one are
-            // reached through the passthrough.
-            let Some(cluster_ip) = &svc.cluster_ip else {
-                continue;
-            };
-            out.listeners.push(Listener {
-                name: format!("{cluster_ip}_{}", sp.port),
-                address: Some(socket(cluster_ip, sp.port)),
-                filter_chains: vec![FilterChain {
-                    filters: vec![tcp_proxy(&cluster, &cluster)],
-                    ..Default::default()
-                }],
-                bind_to_port: Some(BoolValue { value: false }),
-                ..Default::default()
-            });
+/// What the services one egress listener sees contribute to one port.
+#[derive(Default)]
+struct PortPlan {
+    vhosts: Vec<VirtualHost>,
+    /// Chains for TLS services told apart by SNI on the port's listener.
+    sni: Vec<FilterChain>,
+    /// Services told apart by address: their address (if any), host and
+    /// chains.
+    by_address: Vec<(Option<String>, String, Vec<FilterChain>)>,
+}
+
+/// How an outbound listener is reached: through capture (`bind_to_port`
+/// false, handed over by `virtualOutbound`) or bound for real
+/// (`captureMode: NONE`).
+#[derive(Clone, Copy)]
+struct Binding<'a> {
+    ip: &'a str,
+    bound: bool,
+}
+
+impl Binding<'_> {
+    fn apply(&self, port: u16, name: String, chains: Vec<FilterChain>, sni: bool) -> Listener {
+        Listener {
+            name,
+            address: Some(socket_or_pipe(self.ip, port)),
+            listener_filters: if sni { vec![tls_inspector()] } else { Vec::new() },
+            filter_chains: chains,
+            bind_to_port: (!self.bound).then_some(BoolValue { value: false }),
+            ..Default::default()
         }
     }
-    for (port, mut vhosts) in http_ports {
-        let name = port.to_string();
-        // Unknown hosts on a known port go where they were going (ALLOW_ANY),
-        // or nowhere (REGISTRY_ONLY: 502, as Istio answers).
-        if scope.registry_only {
-            vhosts.push(VirtualHost {
-                name: "block_all".into(),
-                domains: vec!["*".into()],
-                routes: vec![Route {
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                        ..Default::default()
-                    }),
-                    action: Some(route::Action::DirectResponse(DirectResponseAction {
-                        status: 502,
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }],
+}
+
+/// A socket address, or a Unix socket for `unix://PATH`.
+fn socket_or_pipe(bind: &str, port: u16) -> Address {
+    match bind.strip_prefix("unix://") {
+        Some(path) => Address {
+            address: Some(address::Address::Pipe(Pipe {
+                path: path.to_string(),
                 ..Default::default()
-            });
+            })),
+        },
+        None => socket(bind, port),
+    }
+}
+
+fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
+    let own_ports: BTreeSet<u16> = scope
+        .egress
+        .iter()
+        .filter_map(|l| u16::try_from(l.port.as_ref()?.number).ok())
+        .collect();
+    for listener in &scope.egress {
+        let Some(port) = listener.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else {
+            continue;
+        };
+        let none = proxy.capture_none || listener.capture_none;
+        let ip = listener
+            .bind
+            .as_deref()
+            .unwrap_or(if none { LOCALHOST } else { ANY });
+        let binding = Binding { ip, bound: none };
+        let name = if ip == ANY {
+            format!("{ANY}_{port}")
         } else {
-            let mut allow_any = all_to("allow_any", PASSTHROUGH).virtual_hosts.remove(0);
-            allow_any.name = "allow_any".into();
-            vhosts.push(allow_any);
+            format!("{ip}_{port}")
+        };
+        let plan = plan_port(push, proxy, scope, listener, port, true, out);
+        finish_port(scope, binding, port, &name, plan, true, out);
+    }
+    let catch_all = scope.catch_all();
+    let none = proxy.capture_none || catch_all.as_ref().is_some_and(|l| l.capture_none);
+    if let Some(listener) = &catch_all {
+        let ports: BTreeSet<u16> = push
+            .services
+            .values()
+            .filter(|s| listener.visible(s))
+            .flat_map(|s| s.ports.iter())
+            .filter(|p| p.protocol.eq_ignore_ascii_case("TCP") && !own_ports.contains(&p.port))
+            .map(|p| p.port)
+            .collect();
+        let ip = listener
+            .bind
+            .as_deref()
+            .unwrap_or(if none { LOCALHOST } else { ANY });
+        for port in ports {
+            let plan = plan_port(push, proxy, scope, listener, port, none, out);
+            let name = format!("{ip}_{port}");
+            finish_port(scope, Binding { ip, bound: none }, port, &name, plan, none, out);
         }
-        out.routes.push(RouteConfiguration {
-            name: name.clone(),
-            virtual_hosts: vhosts,
-            validate_clusters: Some(BoolValue { value: false }),
-            ..Default::default()
-        });
-        out.listeners.push(Listener {
-            name: format!("0.0.0.0_{port}"),
-            address: Some(socket("0.0.0.0", port)),
-            filter_chains: vec![FilterChain {
-                filters: vec![http_connection_manager(
-                    &format!("outbound_0.0.0.0_{port}"),
-                    rds(&name),
-                    false,
-                )],
-                ..Default::default()
-            }],
-            bind_to_port: Some(BoolValue { value: false }),
-            ..Default::default()
-        });
+    }
+    if none {
+        // Nothing is captured: the app calls the bound listeners itself.
+        return;
     }
     out.listeners.push(Listener {
         name: "virtualOutbound".into(),
-        address: Some(socket("0.0.0.0", OUTBOUND_CAPTURE_PORT)),
+        address: Some(socket(ANY, OUTBOUND_CAPTURE_PORT)),
         use_original_dst: Some(BoolValue { value: true }),
-        filter_chains: vec![if scope.registry_only {
-            FilterChain {
-                name: "BlackHoleFilterChain".into(),
-                filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE)],
-                ..Default::default()
-            }
-        } else {
-            FilterChain {
-                name: "PassthroughFilterChain".into(),
-                filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH)],
-                ..Default::default()
-            }
-        }],
+        filter_chains: vec![fallback_chain(scope)],
         ..Default::default()
     });
 }
 
-/// Routes of the VirtualServices bound to the mesh (no `gateways`, or
-/// `mesh` among them) for this service, merged oldest first.
+/// Where a connection to no known destination goes: nowhere under
+/// REGISTRY_ONLY, else where it was going.
+fn fallback_chain(scope: &SidecarScope) -> FilterChain {
+    if scope.registry_only {
+        FilterChain {
+            name: "BlackHoleFilterChain".into(),
+            filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE)],
+            ..Default::default()
+        }
+    } else {
+        FilterChain {
+            name: "PassthroughFilterChain".into(),
+            filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH)],
+            ..Default::default()
+        }
+    }
+}
+
+/// What the services `listener` sees on `port` need; with `single`, all
+/// of them on one listener.
+fn plan_port(
+    push: &PushContext,
+    proxy: &Proxy,
+    scope: &SidecarScope,
+    listener: &EgressListener,
+    port: u16,
+    single: bool,
+    out: &mut Generated,
+) -> PortPlan {
+    let mut plan = PortPlan::default();
+    for svc in push
+        .services
+        .values()
+        .filter(|s| listener.visible(s) && scope.visible(s))
+    {
+        let Some(sp) = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol.eq_ignore_ascii_case("TCP"))
+        else {
+            continue;
+        };
+        let cluster = outbound_cluster_name(port, "", &svc.hostname);
+        if sp.is_http() {
+            let routes = mesh_routes(push, proxy, svc, port, &mut out.diagnostics);
+            let routes = if routes.is_empty() {
+                all_to(&cluster, &cluster).virtual_hosts.remove(0).routes
+            } else {
+                routes
+            };
+            plan.vhosts.push(VirtualHost {
+                name: format!("{}:{port}", svc.hostname),
+                domains: domains(svc, port, &proxy.namespace),
+                routes,
+                ..Default::default()
+            });
+            continue;
+        }
+        let default = |diags: &mut Vec<Diagnostic>| {
+            tcp_route(push, proxy, svc, port, diags).unwrap_or_else(|| FilterChain {
+                filters: vec![tcp_proxy(&cluster, &cluster)],
+                ..Default::default()
+            })
+        };
+        let own_address = !single && svc.cluster_ip.is_some();
+        if sp.is_tls() {
+            let mut chains = tls_rule_chains(push, proxy, svc, port, &mut out.diagnostics);
+            if own_address {
+                // On its own address: what no rule names goes to the service.
+                chains.push(default(&mut out.diagnostics));
+                plan.by_address
+                    .push((svc.cluster_ip.clone(), svc.hostname.clone(), chains));
+            } else {
+                if !chains.iter().any(|c| names(c, &svc.hostname)) {
+                    chains.push(super::tls::sni_chain(
+                        vec![svc.hostname.clone()],
+                        vec![(cluster, 1)],
+                    ));
+                }
+                plan.sni.extend(chains);
+            }
+        } else {
+            let chain = default(&mut out.diagnostics);
+            plan.by_address
+                .push((svc.cluster_ip.clone(), svc.hostname.clone(), vec![chain]));
+        }
+    }
+    plan
+}
+
+/// Turns one port's plan into listeners and a route table. With `single`
+/// (a bound listener, or one an egress listener names) everything on the
+/// port shares one listener; otherwise TCP services get a listener on their
+/// own address, as capture tells them apart by it.
+fn finish_port(
+    scope: &SidecarScope,
+    binding: Binding<'_>,
+    port: u16,
+    name: &str,
+    plan: PortPlan,
+    single: bool,
+    out: &mut Generated,
+) {
+    let mut by_address = plan.by_address.into_iter();
+    if !single {
+        for (ip, _, chains) in by_address.by_ref() {
+            // Services without an address are reached through the
+            // passthrough.
+            if let Some(ip) = ip {
+                let at = Binding {
+                    ip: &ip,
+                    bound: false,
+                };
+                let sni = chains.len() > 1;
+                out.listeners
+                    .push(at.apply(port, format!("{ip}_{port}"), chains, sni));
+            }
+        }
+    }
+    let mut chains = plan.sni;
+    let sni = !chains.is_empty();
+    let route_name = if binding.ip == ANY {
+        port.to_string()
+    } else {
+        name.to_string()
+    };
+    if !plan.vhosts.is_empty() {
+        out.routes.push(route_table(scope, &route_name, plan.vhosts));
+        chains.push(FilterChain {
+            filter_chain_match: sni.then(|| FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+            filters: vec![http_connection_manager(
+                &format!("outbound_{}_{port}", binding.ip),
+                rds(&route_name),
+                false,
+            )],
+            ..Default::default()
+        });
+    }
+    let mut rest = by_address.map(|(_, host, chains)| (host, chains));
+    if chains.is_empty() {
+        if let Some((_, first)) = rest.next() {
+            chains = first;
+        }
+    } else if sni {
+        // TLS to a name no chain lists goes where other unknown traffic goes.
+        chains.push(fallback_chain(scope));
+    }
+    for (host, _) in rest {
+        out.diagnostics.push(Diagnostic {
+            resource: scope.source.clone().unwrap_or_else(|| "sidecar".into()),
+            field: format!("egress port {port}"),
+            message: format!(
+                "service {host} shares port {port} with another service on one listener and is told \
+                 apart by neither Host nor SNI; only the first is reachable there"
+            ),
+        });
+    }
+    if !chains.is_empty() {
+        let sni = chains.len() > 1;
+        out.listeners
+            .push(binding.apply(port, name.to_string(), chains, sni));
+    }
+}
+
+/// A port's route table: its services' virtual hosts, then where unknown
+/// hosts go (ALLOW_ANY: where they were going; REGISTRY_ONLY: 502, as
+/// Istio answers).
+fn route_table(scope: &SidecarScope, name: &str, mut vhosts: Vec<VirtualHost>) -> RouteConfiguration {
+    if scope.registry_only {
+        vhosts.push(VirtualHost {
+            name: "block_all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::DirectResponse(DirectResponseAction {
+                    status: 502,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    } else {
+        let mut allow_any = all_to("allow_any", PASSTHROUGH).virtual_hosts.remove(0);
+        allow_any.name = "allow_any".into();
+        vhosts.push(allow_any);
+    }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vhosts,
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+/// The VirtualServices bound to the mesh (no `gateways`, or `mesh` among
+/// them), exported to the proxy's namespace, that name `svc`, oldest first.
+fn mesh_virtual_services<'a>(
+    push: &'a PushContext,
+    proxy: &'a Proxy,
+    svc: &'a MeshService,
+) -> impl Iterator<Item = &'a VirtualService> + 'a {
+    let mut seen = BTreeSet::new();
+    push.virtual_services.iter().map(|vs| &**vs).filter(move |vs| {
+        let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+        // exportTo: "*" (the default), "." (its own namespace) or names.
+        let exported = vs.spec.export_to.is_empty()
+            || vs.spec.export_to.iter().any(|e| {
+                e == "*" || e == &proxy.namespace || (e == "." && vs.namespace() == proxy.namespace)
+            });
+        let names_it = vs.spec.hosts.iter().any(|h| {
+            resolve_host(h, vs.namespace()) == svc.hostname
+                || h == &format!("{}.{}.{DOMAIN_SUFFIX}", svc.name, svc.namespace)
+        });
+        for_mesh && exported && names_it && seen.insert((vs.namespace().to_string(), vs.name().to_string()))
+    })
+}
+
+/// Whether an L4 match (port, sourceLabels, gateways) applies to this
+/// sidecar's traffic on `port`.
+fn l4_applies(
+    port: Option<u32>,
+    source_labels: &BTreeMap<String, String>,
+    gateways: &[String],
+    proxy: &Proxy,
+    at: u16,
+) -> bool {
+    port.is_none_or(|p| p == u32::from(at))
+        && is_subset(source_labels, &proxy.labels)
+        && (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
+}
+
+/// The weighted clusters of a VirtualService's L4 destinations.
+fn l4_clusters(
+    push: &PushContext,
+    vs: &VirtualService,
+    field: &str,
+    route: &[RouteDestination],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<(String, u32)> {
+    route
+        .iter()
+        .enumerate()
+        .filter_map(|(j, d)| {
+            let field = format!("{field}.route[{j}].destination");
+            let c = destination_cluster(push, vs, &field, d.destination.as_ref()?, diags)?;
+            let weight = if route.len() == 1 {
+                1
+            } else {
+                d.weight.max(0) as u32
+            };
+            Some((c, weight))
+        })
+        .collect()
+}
+
+/// The chain of the first mesh VirtualService `tcp` rule that applies to
+/// `svc` on `port`, if any.
+fn tcp_route(
+    push: &PushContext,
+    proxy: &Proxy,
+    svc: &MeshService,
+    port: u16,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<FilterChain> {
+    for vs in mesh_virtual_services(push, proxy, svc) {
+        for (i, rule) in vs.spec.tcp.iter().enumerate() {
+            let applies = rule.matches.is_empty()
+                || rule
+                    .matches
+                    .iter()
+                    .any(|m| l4_applies(m.port, &m.source_labels, &m.gateways, proxy, port));
+            if applies {
+                let clusters = l4_clusters(push, vs, &format!("spec.tcp[{i}]"), &rule.route, diags);
+                let mut chain = super::tls::tcp_chain(clusters)?;
+                chain.name = format!("tcp:{}:{port}", svc.hostname);
+                return Some(chain);
+            }
+        }
+    }
+    None
+}
+
+/// The SNI chains of each mesh VirtualService `tls` rule that applies to
+/// `svc` on `port`, for its `sniHosts` (the first rule naming a host wins).
+fn tls_rule_chains(
+    push: &PushContext,
+    proxy: &Proxy,
+    svc: &MeshService,
+    port: u16,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<FilterChain> {
+    let mut chains = Vec::new();
+    let mut taken = BTreeSet::new();
+    for vs in mesh_virtual_services(push, proxy, svc) {
+        for (i, rule) in vs.spec.tls.iter().enumerate() {
+            for m in &rule.matches {
+                if !l4_applies(m.port, &m.source_labels, &m.gateways, proxy, port) {
+                    continue;
+                }
+                let names: Vec<String> = m
+                    .sni_hosts
+                    .iter()
+                    .filter(|h| taken.insert((*h).clone()))
+                    .cloned()
+                    .collect();
+                let clusters = l4_clusters(push, vs, &format!("spec.tls[{i}]"), &rule.route, diags);
+                if !names.is_empty() && !clusters.is_empty() {
+                    chains.push(super::tls::sni_chain(names, clusters));
+                }
+            }
+        }
+    }
+    chains
+}
+
+/// Whether `chain` matches the SNI `host`.
+fn names(chain: &FilterChain, host: &str) -> bool {
+    chain
+        .filter_chain_match
+        .as_ref()
+        .is_some_and(|m| m.server_names.iter().any(|n| n == host))
+}
+
+/// Routes of the mesh VirtualServices for this service, merged oldest
+/// first.
 fn mesh_routes(
     push: &PushContext,
     proxy: &Proxy,
@@ -343,31 +759,13 @@ fn mesh_routes(
     port: u16,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Route> {
-    let mut seen = BTreeSet::new();
-    let mut routes = Vec::new();
-    for vs in &push.virtual_services {
-        let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-        // exportTo: "*" (the default), "." (its own namespace) or names.
-        let exported = vs.spec.export_to.is_empty()
-            || vs.spec.export_to.iter().any(|e| {
-                e == "*" || e == &proxy.namespace || (e == "." && vs.namespace() == proxy.namespace)
-            });
-        if !exported {
-            continue;
-        }
-        let names_it = vs.spec.hosts.iter().any(|h| {
-            resolve_host(h, vs.namespace()) == svc.hostname
-                || h == &format!("{}.{}.{DOMAIN_SUFFIX}", svc.name, svc.namespace)
-        });
-        if for_mesh && names_it && seen.insert((vs.namespace(), vs.name())) {
-            let scope = RouteScope {
-                gateway: None,
-                port,
-                proxy_namespace: &proxy.namespace,
-                proxy_labels: &proxy.labels,
-            };
-            routes.extend(http_routes(push, vs, &scope, diags));
-        }
-    }
-    routes
+    let scope = RouteScope {
+        gateway: None,
+        port,
+        proxy_namespace: &proxy.namespace,
+        proxy_labels: &proxy.labels,
+    };
+    mesh_virtual_services(push, proxy, svc)
+        .flat_map(|vs| http_routes(push, vs, &scope, diags))
+        .collect()
 }

@@ -488,7 +488,7 @@ pub(super) fn tcp_chain(clusters: Vec<(String, u32)>) -> Option<FilterChain> {
     Some(chain)
 }
 
-fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u32)>) -> FilterChain {
+pub(super) fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u32)>) -> FilterChain {
     let stat_prefix = clusters.first().map(|c| c.0.clone()).unwrap_or_default();
     let specifier = if clusters.len() == 1 {
         tcp_proxy::ClusterSpecifier::Cluster(clusters.remove(0).0)
