@@ -21,6 +21,7 @@ struct ProxySpec {
     labels: String,
     service_account: String,
     interception_mode: String,
+    locality: String,
     id: String,
 }
 
@@ -63,6 +64,7 @@ fn proxies(scenario: &Path) -> (PathBuf, Vec<ProxySpec>) {
                     .as_str()
                     .unwrap_or("REDIRECT")
                     .to_string(),
+                locality: p["locality"].as_str().unwrap_or_default().to_string(),
                 id,
             }
         })
@@ -118,6 +120,8 @@ fn check(scenario: &Path) -> Result<(), String> {
                 &p.ip,
                 "--interception-mode",
                 &p.interception_mode,
+                "--locality",
+                &p.locality,
             ])
             .args([
                 "--xds-addr",

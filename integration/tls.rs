@@ -396,13 +396,7 @@ impl Setup {
         ];
         write(&config.join("secrets.yaml"), &secrets.join("---\n"));
         let meshd = Meshd::start(&config, dir);
-        let pod = Pod {
-            role: "gateway",
-            name: "istio-ingressgateway-7c9f",
-            namespace: "istio-system",
-            labels: "istio=ingressgateway",
-            delta: false,
-        };
+        let pod = Pod::ingress_gateway("istio-ingressgateway-7c9f");
         let envoy = Envoy::start(&meshd, dir, &pod);
         Setup {
             work,

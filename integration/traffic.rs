@@ -221,13 +221,7 @@ impl Traffic {
         let envoy = Envoy::start(
             &meshd,
             work.path(),
-            &Pod {
-                role: "gateway",
-                name: "istio-ingressgateway-1",
-                namespace: "istio-system",
-                labels: "istio=ingressgateway",
-                delta: false,
-            },
+            &Pod::ingress_gateway("istio-ingressgateway-1"),
         );
         let t = Traffic {
             work,
@@ -464,13 +458,7 @@ spec:
     let envoy = Envoy::start(
         &meshd,
         work.path(),
-        &Pod {
-            role: "gateway",
-            name: "istio-ingressgateway-2",
-            namespace: "istio-system",
-            labels: "istio=ingressgateway",
-            delta: false,
-        },
+        &Pod::ingress_gateway("istio-ingressgateway-2"),
     );
     let url = format!("http://127.0.0.1:{port}/");
     eventually(
@@ -558,13 +546,7 @@ spec:
     let envoy = Envoy::start(
         &meshd,
         work.path(),
-        &Pod {
-            role: "gateway",
-            name: "istio-ingressgateway-3",
-            namespace: "istio-system",
-            labels: "istio=ingressgateway",
-            delta: false,
-        },
+        &Pod::ingress_gateway("istio-ingressgateway-3"),
     );
     let url = format!("http://127.0.0.1:{port}/");
     let body = eventually(
@@ -585,5 +567,128 @@ spec:
     assert!(
         first.starts_with("PROXY "),
         "every connection opens with the header: {first}"
+    );
+}
+
+/// The gateway runs in us-east/z1. With outlier detection, the reviews
+/// endpoint on a us-east/z1 Node takes all traffic; when it starts failing
+/// it is ejected and the region `failover` names (eu-west) takes over,
+/// before the nearer-by-name but unlisted us-west.
+#[test]
+fn locality_failover_keeps_traffic_near_until_it_fails() {
+    let work = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let near = Backend::start_at("127.0.0.21", "near", false);
+    let failover = Backend::start_at("127.0.0.22", "failover", false);
+    let other = Backend::start_at("127.0.0.23", "other", false);
+    let node = |name: &str, region: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/region: {region}, topology.kubernetes.io/zone: z1}}\n---\n"
+        )
+    };
+    let pod = |name: &str, node: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: reviews}}}}\nspec: {{nodeName: {node}, containers: [{{name: app, image: reviews}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
+        )
+    };
+    let config = format!(
+        r#"{gateway}{n1}{n2}{n3}{p1}{p2}{p3}apiVersion: v1
+kind: Service
+metadata: {{name: reviews}}
+spec:
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 9080}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: reviews}}
+subsets:
+- addresses: [{{ip: 127.0.0.21}}]
+  ports: [{{name: http, port: {near}}}]
+- addresses: [{{ip: 127.0.0.22}}]
+  ports: [{{name: http, port: {failover}}}]
+- addresses: [{{ip: 127.0.0.23}}]
+  ports: [{{name: http, port: {other}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: reviews}}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}
+    loadBalancer:
+      localityLbSetting:
+        failover: [{{from: us-east, to: eu-west}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+  - route:
+    - destination: {{host: reviews}}
+    retries: {{attempts: 0}}
+"#,
+        gateway = ingress_gateway(port),
+        n1 = node("east", "us-east"),
+        n2 = node("eu", "eu-west"),
+        n3 = node("west", "us-west"),
+        p1 = pod("reviews-near", "east", "127.0.0.21"),
+        p2 = pod("reviews-failover", "eu", "127.0.0.22"),
+        p3 = pod("reviews-other", "west", "127.0.0.23"),
+        near = near.port,
+        failover = failover.port,
+        other = other.port,
+    );
+    write(&work.path().join("config/mesh.yaml"), &config);
+    let meshd = Meshd::start(&work.path().join("config"), work.path());
+    let envoy = Envoy::start_with_bootstrap_args(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-ingressgateway-3"),
+        &["--locality", "us-east/z1"],
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let version = || match curl(&["-H", "Host: reviews.example.com", &url]) {
+        Ok((code, body)) => body
+            .lines()
+            .find_map(|l| l.strip_prefix("Version: "))
+            .map_or(format!("status {code}"), str::to_string),
+        Err(e) => e,
+    };
+    eventually(
+        "reviews answers through the gateway",
+        Duration::from_secs(15),
+        || match version().as_str() {
+            "near" => Ok(()),
+            other => Err(format!("{other}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    let answers: Vec<String> = (0..40).map(|_| version()).collect();
+    assert!(
+        answers.iter().all(|v| v == "near"),
+        "the same-zone endpoint takes everything while healthy: {answers:?}"
+    );
+    near.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The first failure ejects it; from then on the failover region answers.
+    eventually(
+        "traffic moves to the failover region",
+        Duration::from_secs(15),
+        || {
+            let answers: Vec<String> = (0..20).map(|_| version()).collect();
+            if answers.iter().all(|v| v == "failover") {
+                Ok(())
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        },
+    );
+    assert_eq!(
+        other.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "us-west is never tried"
     );
 }

@@ -35,6 +35,9 @@ pub struct BootstrapOptions {
     /// rules of `meshd iptables`) or `NONE` (the app calls the sidecar's
     /// bound listeners; a Sidecar resource gives its ingress ports).
     pub interception_mode: String,
+    /// `REGION/ZONE/SUBZONE` of the proxy (Envoy's node locality), for
+    /// locality-aware load balancing; empty when unknown.
+    pub locality: String,
 }
 
 /// One rewritten probe: kubelet asks `path` on 15021, Envoy asks the app.
@@ -155,6 +158,13 @@ fn socket(host: &str, port: u16) -> Value {
     json!({"socket_address": {"address": host, "port_value": port}})
 }
 
+/// Envoy's node locality from `REGION/ZONE/SUBZONE`.
+fn locality(l: &str) -> serde_json::Value {
+    let mut parts = l.splitn(3, '/');
+    let mut next = || parts.next().unwrap_or_default().to_string();
+    json!({"region": next(), "zone": next(), "sub_zone": next()})
+}
+
 /// The bootstrap as a JSON value (Envoy reads it as YAML or JSON).
 pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
     let role = match o.role.as_str() {
@@ -211,6 +221,7 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         "node": {
             "id": node_id(role, &o.ip, &o.name, &o.namespace),
             "cluster": format!("{app}.{}", o.namespace),
+            "locality": locality(&o.locality),
             "metadata": {
                 "NAME": o.name,
                 "NAMESPACE": o.namespace,
@@ -291,6 +302,7 @@ mod tests {
             token: None,
             probes: Vec::new(),
             interception_mode: "REDIRECT".into(),
+            locality: String::new(),
         }
     }
 

@@ -59,6 +59,10 @@ enum Command {
         /// capture: the app calls the listeners a Sidecar resource binds).
         #[arg(long, default_value = "REDIRECT", value_parser = ["REDIRECT", "TPROXY", "NONE"])]
         interception_mode: String,
+        /// The proxy's locality, REGION/ZONE/SUBZONE (Envoy's node
+        /// locality), for locality-aware load balancing.
+        #[arg(long, default_value = "")]
+        locality: String,
         /// Connect to meshd's TLS port (give it as --xds-addr), trusting
         /// the root in --root-cert.
         #[arg(long, requires = "root_cert")]
@@ -315,6 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             admin_addr,
             delta,
             interception_mode,
+            locality,
             xds_tls,
             root_cert,
             xds_server_name,
@@ -353,6 +358,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 token,
                 probes: probe,
                 interception_mode,
+                locality,
             };
             let text = serde_norway::to_string(&bootstrap(&opts)?)?;
             match output {

@@ -41,6 +41,9 @@ struct ProxySpec {
     /// The SPIFFE identity the proxy authenticated as, if any.
     #[serde(default)]
     identity: Option<String>,
+    /// The node's locality, `REGION/ZONE/SUBZONE`.
+    #[serde(default)]
+    locality: Option<String>,
     #[serde(default)]
     metadata: serde_json::Map<String, Value>,
 }
@@ -152,6 +155,7 @@ fn golden_scenarios() {
         for spec in &scenario.proxies {
             let mut proxy = Proxy::parse(&spec.id, &spec.metadata).expect("proxy id");
             proxy.identity = spec.identity.clone();
+            proxy.locality = spec.locality.clone().unwrap_or_default();
             let g = generate(&push, &proxy);
             for (kind, value) in outputs(&g) {
                 let file = out_dir.join(format!("{}.{kind}.json", spec.name));

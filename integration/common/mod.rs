@@ -28,19 +28,25 @@ pub fn meshd_bin() -> &'static str {
 }
 
 /// A port nobody listens on right now, never the same twice in one run.
+/// Taken below Linux's ephemeral range (32768 and up), so that the ports
+/// the kernel hands to backends bound on port 0 and to outgoing
+/// connections never land on one a test has chosen but not bound yet.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("binding 127.0.0.1:0");
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_767;
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    // Start where another run at the same time is unlikely to be.
+    let mut port = next.unwrap_or(FIRST + (std::process::id() % 6_000) as u16);
+    for _ in FIRST..=LAST {
+        let candidate = port;
+        port = if port >= LAST { FIRST } else { port + 1 };
+        if TcpListener::bind(("0.0.0.0", candidate)).is_ok() {
+            *next = Some(port);
+            return candidate;
         }
     }
+    panic!("no free port between {FIRST} and {LAST}");
 }
 
 /// Polls `check` every 100 ms until it returns `Ok` or `timeout` passes.
@@ -204,6 +210,19 @@ pub struct Pod<'a> {
     pub delta: bool,
 }
 
+impl Pod<'_> {
+    /// An ingress gateway replica, as Istio's chart labels it.
+    pub fn ingress_gateway(name: &str) -> Pod<'_> {
+        Pod {
+            role: "gateway",
+            name,
+            namespace: "istio-system",
+            labels: "istio=ingressgateway",
+            delta: false,
+        }
+    }
+}
+
 /// A stock Envoy started from `meshd bootstrap`.
 pub struct Envoy {
     pub proc: Proc,
@@ -302,6 +321,8 @@ pub struct Backend {
     pub port: u16,
     /// Requests received.
     pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, every request is answered 503.
+    pub failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -315,6 +336,8 @@ impl Backend {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let hits = std::sync::Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let down = failing.clone();
         let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind backend");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
@@ -328,8 +351,9 @@ impl Backend {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 let app = axum::Router::new().fallback(move || {
                     let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let down = down.load(Ordering::SeqCst);
                     async move {
-                        let status = if flaky && n % 2 == 0 {
+                        let status = if down || (flaky && n % 2 == 0) {
                             axum::http::StatusCode::SERVICE_UNAVAILABLE
                         } else {
                             axum::http::StatusCode::OK
@@ -350,6 +374,7 @@ impl Backend {
         Backend {
             port,
             hits,
+            failing,
             _shutdown: tx,
         }
     }

@@ -623,12 +623,50 @@ pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locality_lb_setting: Option<serde_json::Value>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     /// Slow start for new endpoints (round robin and least request only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<Warmup>,
+}
+
+/// Locality-aware load balancing: shares by locality (`distribute`), or
+/// the order in which other localities take over (`failover`,
+/// `failoverPriority`). Localities are `REGION/ZONE/SUBZONE`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribute: Vec<LocalityDistribute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<LocalityFailover>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_priority: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// From proxies in `from` (wildcards allowed), traffic goes to the
+/// localities of `to` by weight (summing to 100).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityDistribute {
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
+}
+
+/// When region `from` has no healthy endpoint left, region `to` takes over
+/// before any other.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityFailover {
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
 }
 
 /// How a new endpoint's share ramps up: over `duration`, from

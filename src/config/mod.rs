@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,7 @@ pub use store::ConfigStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
     Namespace,
+    Node,
     Service,
     Endpoints,
     EndpointSlice,
@@ -56,6 +57,7 @@ impl Kind {
         let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
         match (group, kind) {
             ("", "Namespace") => Some(Kind::Namespace),
+            ("", "Node") => Some(Kind::Node),
             ("", "Service") => Some(Kind::Service),
             ("", "Endpoints") => Some(Kind::Endpoints),
             ("discovery.k8s.io", "EndpointSlice") => Some(Kind::EndpointSlice),
@@ -77,7 +79,7 @@ impl Kind {
 
     /// Whether resources of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::IngressClass)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::IngressClass)
     }
 }
 
@@ -160,6 +162,7 @@ pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
 #[serde(untagged)]
 pub enum Resource {
     Namespace(Namespace),
+    Node(Node),
     Service(Service),
     Endpoints(Endpoints),
     EndpointSlice(EndpointSlice),
@@ -182,6 +185,7 @@ impl Resource {
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Resource::Namespace(r) => &r.metadata,
+            Resource::Node(r) => &r.metadata,
             Resource::Service(r) => &r.metadata,
             Resource::Endpoints(r) => &r.metadata,
             Resource::EndpointSlice(r) => &r.metadata,
@@ -204,6 +208,7 @@ impl Resource {
     pub fn kind(&self) -> Kind {
         match self {
             Resource::Namespace(_) => Kind::Namespace,
+            Resource::Node(_) => Kind::Node,
             Resource::Service(_) => Kind::Service,
             Resource::Endpoints(_) => Kind::Endpoints,
             Resource::EndpointSlice(_) => Kind::EndpointSlice,

@@ -168,6 +168,7 @@ type DecodeError = (Option<String>, String);
 fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
     Ok(match kind {
         Kind::Namespace => Resource::Namespace(typed(value)?),
+        Kind::Node => Resource::Node(typed(value)?),
         Kind::Service => Resource::Service(typed(value)?),
         Kind::Endpoints => Resource::Endpoints(typed(value)?),
         Kind::EndpointSlice => Resource::EndpointSlice(typed(value)?),

@@ -4,7 +4,8 @@
 
 use super::istio::{
     ClientTlsSettings, Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
-    PeerAuthenticationSpec, Port, Server, ServiceEntrySpec, SidecarSpec, StringMatch, VirtualServiceSpec,
+    LocalityLbSetting, PeerAuthenticationSpec, Port, Server, ServiceEntrySpec, SidecarSpec, StringMatch,
+    VirtualServiceSpec,
 };
 use super::Resource;
 
@@ -126,6 +127,10 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Checked {
         if let Some(tls) = &policy.tls {
             client_tls(format!("{at}.tls.mode"), tls)?;
         }
+        let lb = policy.load_balancer.as_ref();
+        if let Some(l) = lb.and_then(|l| l.locality_lb_setting.as_ref()) {
+            locality_lb(&format!("{at}.loadBalancer.localityLbSetting"), l)?;
+        }
         for (i, port) in policy.port_level_settings.iter().enumerate() {
             if port
                 .port
@@ -146,6 +151,73 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Checked {
         if subset.name.is_empty() {
             return fail(format!("spec.subsets[{i}].name"), "is required");
         }
+    }
+    Ok(())
+}
+
+/// A locality pattern: `REGION[/ZONE[/SUBZONE]]`, `*` only as a whole
+/// trailing segment.
+fn locality_pattern(field: String, pattern: &str) -> Checked {
+    let parts: Vec<&str> = pattern.split('/').collect();
+    let wild = parts.iter().position(|p| p.contains('*'));
+    let bad = pattern.is_empty()
+        || parts.len() > 3
+        || parts.iter().any(|p| p.is_empty())
+        || wild.is_some_and(|i| parts[i] != "*" || i + 1 != parts.len());
+    if bad {
+        return fail(
+            field,
+            format!("{pattern:?} is not a locality (REGION/ZONE/SUBZONE, `*` only as the last part)"),
+        );
+    }
+    Ok(())
+}
+
+fn locality_lb(at: &str, l: &LocalityLbSetting) -> Checked {
+    if !l.distribute.is_empty() && !l.failover.is_empty() {
+        return fail(
+            format!("{at}.failover"),
+            "distribute and failover cannot be set together",
+        );
+    }
+    let mut froms = std::collections::BTreeSet::new();
+    for (i, d) in l.distribute.iter().enumerate() {
+        locality_pattern(format!("{at}.distribute[{i}].from"), &d.from)?;
+        if !froms.insert(d.from.as_str()) {
+            return fail(
+                format!("{at}.distribute[{i}].from"),
+                format!("{:?} is already distributed by an earlier entry", d.from),
+            );
+        }
+        for to in d.to.keys() {
+            locality_pattern(format!("{at}.distribute[{i}].to"), to)?;
+        }
+        let total: u32 = d.to.values().sum();
+        if total != 100 {
+            return fail(
+                format!("{at}.distribute[{i}].to"),
+                format!("the weights add up to {total}, not 100"),
+            );
+        }
+    }
+    for (i, f) in l.failover.iter().enumerate() {
+        for (name, v) in [("from", &f.from), ("to", &f.to)] {
+            if v.is_empty() || v.contains('*') {
+                return fail(
+                    format!("{at}.failover[{i}].{name}"),
+                    format!("{v:?} is not a region (nor a locality without wildcards)"),
+                );
+            }
+        }
+        if f.from == f.to {
+            return fail(
+                format!("{at}.failover[{i}].to"),
+                "a region cannot fail over to itself",
+            );
+        }
+    }
+    if let Some(i) = l.failover_priority.iter().position(String::is_empty) {
+        return fail(format!("{at}.failoverPriority[{i}]"), "is empty");
     }
     Ok(())
 }

@@ -66,6 +66,8 @@ pub struct PodInfo {
     /// Carries `security.istio.io/tlsMode: istio`: it has a sidecar that
     /// speaks Istio mutual TLS.
     pub mesh: bool,
+    /// `REGION/ZONE/SUBZONE`, empty when unknown.
+    pub locality: String,
 }
 
 impl PushContext {
@@ -77,11 +79,18 @@ impl PushContext {
     /// Builds the indexes, judging certificate validity at `now` (tests
     /// and goldens pin it).
     pub fn new_at(config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
+        let nodes: BTreeMap<String, &k8s_openapi::api::core::v1::Node> = config
+            .of_kind(Kind::Node)
+            .filter_map(|r| match r {
+                Resource::Node(n) => Some((n.metadata.name.clone().unwrap_or_default(), n)),
+                _ => None,
+            })
+            .collect();
         let mut pods = BTreeMap::new();
         let mut pods_by_name = BTreeMap::new();
         for r in config.of_kind(Kind::Pod) {
             let Resource::Pod(pod) = r else { continue };
-            let (ip, info) = pod_info(pod);
+            let (ip, info) = pod_info(pod, &nodes);
             let info = Arc::new(info);
             pods_by_name.insert((info.namespace.clone(), info.name.clone()), info.clone());
             if let Some(ip) = ip {
@@ -231,8 +240,56 @@ impl PushContext {
     }
 }
 
+/// A Pod's locality, as Istio finds it: its `istio-locality` label
+/// (`REGION.ZONE.SUBZONE`), else its Node's `topology.kubernetes.io/region`
+/// and `zone` labels with the Pod's `topology.istio.io/subzone`.
+fn pod_locality(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    labels: &BTreeMap<String, String>,
+    nodes: &BTreeMap<String, &k8s_openapi::api::core::v1::Node>,
+) -> String {
+    if let Some(l) = labels.get("istio-locality").filter(|l| !l.is_empty()) {
+        return l.replace('.', "/");
+    }
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .and_then(|n| nodes.get(n));
+    let Some(node_labels) = node.and_then(|n| n.metadata.labels.as_ref()) else {
+        return String::new();
+    };
+    let get = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| node_labels.get(*k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let region = get(&[
+        "topology.kubernetes.io/region",
+        "failure-domain.beta.kubernetes.io/region",
+    ]);
+    let zone = get(&[
+        "topology.kubernetes.io/zone",
+        "failure-domain.beta.kubernetes.io/zone",
+    ]);
+    let subzone = labels
+        .get("topology.istio.io/subzone")
+        .cloned()
+        .unwrap_or_default();
+    match (region.is_empty(), zone.is_empty(), subzone.is_empty()) {
+        (true, _, _) => String::new(),
+        (false, true, _) => region,
+        (false, false, true) => format!("{region}/{zone}"),
+        (false, false, false) => format!("{region}/{zone}/{subzone}"),
+    }
+}
+
 /// The Pod's IP (once it has one) and what the mesh needs of it.
-fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> (Option<String>, PodInfo) {
+fn pod_info(
+    pod: &k8s_openapi::api::core::v1::Pod,
+    nodes: &BTreeMap<String, &k8s_openapi::api::core::v1::Node>,
+) -> (Option<String>, PodInfo) {
     let ip = pod
         .status
         .as_ref()
@@ -256,6 +313,7 @@ fn pod_info(pod: &k8s_openapi::api::core::v1::Pod) -> (Option<String>, PodInfo) 
         PodInfo {
             name: pod.metadata.name.clone().unwrap_or_default(),
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            locality: pod_locality(pod, &labels, nodes),
             labels,
             service_account,
             mesh,

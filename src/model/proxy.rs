@@ -53,6 +53,9 @@ pub struct Proxy {
     /// as Istio's agent sends it): the app calls the sidecar's listeners on
     /// loopback and is called through the Sidecar resource's ingress ports.
     pub capture_none: bool,
+    /// `REGION/ZONE/SUBZONE` from the node's `locality` (as Istio's agent
+    /// fills it from the Pod's Node), empty when unknown.
+    pub locality: String,
 }
 
 impl Proxy {
@@ -104,6 +107,7 @@ impl Proxy {
             service_account: text("SERVICE_ACCOUNT").unwrap_or("default").to_string(),
             identity: None,
             capture_none: text("INTERCEPTION_MODE") == Some("NONE"),
+            locality: String::new(),
         })
     }
 

@@ -68,6 +68,9 @@ pub struct Endpoint {
     pub pod: Option<(String, String)>,
     /// The labels of the endpoint's Pod: what DestinationRule subsets select on.
     pub labels: BTreeMap<String, String>,
+    /// `REGION/ZONE/SUBZONE` (from its Pod, or a ServiceEntry endpoint's
+    /// `locality`), empty when unknown.
+    pub locality: String,
 }
 
 impl MeshService {
@@ -165,6 +168,7 @@ pub(super) fn build(
                         .get(&e.ip)
                         .or_else(|| e.pod.as_ref().and_then(|k| pods_by_name.get(k)));
                     e.labels = pod.map(|p| p.labels.clone()).unwrap_or_default();
+                    e.locality = pod.map(|p| p.locality.clone()).unwrap_or_default();
                     e.mesh = pod
                         .filter(|pod| pod.mesh)
                         .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
@@ -259,6 +263,7 @@ fn from_service_entry(se: &ServiceEntry, pods: &BTreeMap<String, Arc<PodInfo>>) 
                             mesh: None,
                             pod: None,
                             labels: e.labels.clone(),
+                            locality: e.locality.clone().unwrap_or_default(),
                         })
                         .collect();
                     if let Some(sel) = &spec.workload_selector {
@@ -272,6 +277,7 @@ fn from_service_entry(se: &ServiceEntry, pods: &BTreeMap<String, Arc<PodInfo>>) 
                                         .then(|| (pod.namespace.clone(), pod.service_account.clone())),
                                     pod: None,
                                     labels: pod.labels.clone(),
+                                    locality: pod.locality.clone(),
                                 });
                             }
                         }
@@ -283,6 +289,7 @@ fn from_service_entry(se: &ServiceEntry, pods: &BTreeMap<String, Arc<PodInfo>>) 
                             mesh: None,
                             pod: None,
                             labels: BTreeMap::new(),
+                            locality: String::new(),
                         });
                     }
                     p.endpoints = eps.into_iter().collect();
@@ -364,6 +371,7 @@ fn from_endpoints(sp: &ServicePort, e: &Endpoints) -> Vec<Endpoint> {
                 mesh: None,
                 pod,
                 labels: BTreeMap::new(),
+                locality: String::new(),
             });
         }
     }
@@ -410,6 +418,7 @@ fn from_slices(sp: &ServicePort, slices: &[&EndpointSlice]) -> Vec<Endpoint> {
                     mesh: None,
                     pod: pod.clone(),
                     labels: BTreeMap::new(),
+                    locality: String::new(),
                 });
             }
         }
@@ -467,6 +476,7 @@ mod tests {
                 mesh: None,
                 pod: None,
                 labels: BTreeMap::new(),
+                locality: String::new(),
             }]
         );
     }

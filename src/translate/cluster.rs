@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{common_lb_config, CommonLbConfig};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{proxy_protocol_config, ProxyProtocolConfig};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -27,6 +28,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CertificateValidationContext, CommonTlsContext, TlsCertificate,
 };
 
+use super::locality::{self, LocalityPolicy};
 use super::policy;
 use super::tls::{credential_secrets, istio_common_tls_context, san_matchers, sds};
 use super::{ads, duration, outbound_cluster_name, socket, Diagnostic, Generated};
@@ -55,6 +57,7 @@ const SOCKET_MATCH: &str = "envoy.transport_socket_match";
 /// without one, a proxy with a workload certificate uses auto mTLS.
 pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     out.clusters.push(blackhole());
+    let mesh_locality = locality::mesh_default();
     for svc in push.services.values().filter(|s| scope.visible(s)) {
         let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
         if let Some(dr) = dr {
@@ -76,16 +79,43 @@ pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &m
                     .iter()
                     .filter(|e| subset.is_none_or(|s| is_subset(&s.labels, &e.labels)))
                     .collect();
+                let setting = policy.load_balancer.and_then(|l| l.locality_lb_setting.as_ref());
+                if setting.is_some_and(|s| !s.failover.is_empty()) && policy.outlier_detection.is_none() {
+                    out.diagnostics.push(Diagnostic {
+                        resource: dr_name(dr),
+                        field: "spec.trafficPolicy.loadBalancer.localityLbSetting.failover".into(),
+                        message: format!(
+                            "failover needs outlierDetection to see endpoints fail; {name} balances over all localities"
+                        ),
+                    });
+                }
+                let localities = LocalityPolicy {
+                    proxy: &proxy.locality,
+                    proxy_labels: Some(&proxy.labels),
+                    setting: setting.or(Some(&mesh_locality)),
+                    outlier_detection: policy.outlier_detection.is_some(),
+                };
+                let (load_assignment, weighted) = assignment(&name, &selected, &localities);
                 let mut cluster = match svc.resolution {
                     Resolution::Endpoints => {
-                        out.endpoints.push(assignment(&name, selected.into_iter()));
+                        out.endpoints.push(load_assignment);
                         eds_cluster(&name)
                     }
                     Resolution::Dns | Resolution::DnsRoundRobin => {
-                        dns_cluster(&name, svc.resolution, selected)
+                        dns_cluster(&name, svc.resolution, load_assignment)
                     }
                     Resolution::Passthrough => passthrough_cluster(&name),
                 };
+                if weighted {
+                    cluster.common_lb_config = Some(CommonLbConfig {
+                        locality_config_specifier: Some(
+                            common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                                common_lb_config::LocalityWeightedLbConfig::default(),
+                            ),
+                        ),
+                        ..Default::default()
+                    });
+                }
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
                 transport(push, proxy, svc, port, dr, policy.tls, &mut cluster, out);
                 let proxy_protocol = subset
@@ -140,28 +170,28 @@ fn transport(
     }
 }
 
-fn assignment<'a>(
+/// The endpoints of a cluster in locality groups; `true` when the groups
+/// carry weights.
+fn assignment(
     name: &str,
-    endpoints: impl Iterator<Item = &'a crate::model::Endpoint>,
-) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .map(|e| LbEndpoint {
-            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                address: Some(socket(&e.ip, e.port)),
-                ..Default::default()
-            })),
-            metadata: e.mesh.as_ref().map(|_| mesh_metadata()),
+    endpoints: &[&crate::model::Endpoint],
+    localities: &LocalityPolicy<'_>,
+) -> (ClusterLoadAssignment, bool) {
+    let lb = |e: &crate::model::Endpoint| LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket(&e.ip, e.port)),
             ..Default::default()
-        })
-        .collect();
-    ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
+        })),
+        metadata: e.mesh.as_ref().map(|_| mesh_metadata()),
         ..Default::default()
-    }
+    };
+    let (groups, weighted) = locality::groups(endpoints, localities, lb);
+    let assignment = ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: groups,
+        ..Default::default()
+    };
+    (assignment, weighted)
 }
 
 fn dr_name(dr: Option<&DestinationRule>) -> String {
@@ -171,25 +201,15 @@ fn dr_name(dr: Option<&DestinationRule>) -> String {
 
 /// Says which of a DestinationRule's settings are not applied yet.
 fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
-    let mut fields = Vec::new();
-    if let Some(p) = &dr.spec.traffic_policy {
-        let lb = p.load_balancer.as_ref();
-        for (name, set) in [
-            (
-                "loadBalancer.localityLbSetting",
-                lb.is_some_and(|l| l.locality_lb_setting.is_some()),
-            ),
-            ("tunnel", p.tunnel.is_some()),
-        ] {
-            if set {
-                fields.push(format!("spec.trafficPolicy.{name}"));
-            }
-        }
-    }
-    for field in fields {
+    if dr
+        .spec
+        .traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.tunnel.is_some())
+    {
         diags.push(Diagnostic {
             resource: dr_name(Some(dr)),
-            field,
+            field: "spec.trafficPolicy.tunnel".into(),
             message: "not applied yet; the rest of the rule is served".into(),
         });
     }
@@ -427,7 +447,7 @@ fn eds_cluster(name: &str) -> Cluster {
 
 /// A ServiceEntry with DNS resolution: Envoy resolves the endpoints'
 /// names itself (IPv4, as Istio asks for).
-fn dns_cluster(name: &str, resolution: Resolution, endpoints: Vec<&crate::model::Endpoint>) -> Cluster {
+fn dns_cluster(name: &str, resolution: Resolution, load_assignment: ClusterLoadAssignment) -> Cluster {
     let kind = if resolution == Resolution::DnsRoundRobin {
         cluster::DiscoveryType::LogicalDns
     } else {
@@ -438,7 +458,7 @@ fn dns_cluster(name: &str, resolution: Resolution, endpoints: Vec<&crate::model:
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
         dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        load_assignment: Some(assignment(name, endpoints.into_iter())),
+        load_assignment: Some(load_assignment),
         ..Default::default()
     }
 }

@@ -8,6 +8,7 @@
 
 mod cluster;
 mod gateway;
+mod locality;
 
 pub use gateway::resolve_gateway_ref;
 mod policy;

@@ -385,6 +385,15 @@ impl Connection {
         let metadata = node.metadata.as_ref().map(struct_to_json).unwrap_or_default();
         let mut proxy =
             Proxy::parse(&node.id, &metadata).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(l) = &node.locality {
+            let parts = [&l.region, &l.zone, &l.sub_zone];
+            let known: Vec<&str> = parts
+                .iter()
+                .map(|p| p.as_str())
+                .take_while(|p| !p.is_empty())
+                .collect();
+            proxy.locality = known.join("/");
+        }
         let identity = match (&self.caller, &self.ca) {
             (Some(caller), _) => {
                 if caller.namespace != proxy.namespace || caller.service_account != proxy.service_account {
