@@ -465,5 +465,30 @@ spec:
         .as_array()
         .and_then(|r| r.iter().find(|r| r["kind"] == "HttpRoute").cloned())
         .expect("the HTTPRoute in configz");
-    assert_eq!(route["status"]["conditions"][0]["status"], "True", "{route}");
+    let accepted = &route["status"]["parents"][0]["conditions"][0];
+    assert_eq!(
+        (&accepted["type"], &accepted["status"]),
+        (&"Accepted".into(), &"True".into()),
+        "{route}"
+    );
+    // The Gateway is programmed once its proxy is connected; its listener
+    // counts the route.
+    let gateway = configz["resources"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["kind"] == "K8sGateway").cloned())
+        .expect("the Gateway in configz");
+    let conditions = gateway["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "Programmed" && c["status"] == "True"),
+        "{gateway}"
+    );
+    assert_eq!(
+        gateway["status"]["listeners"][0]["attachedRoutes"], 1,
+        "{gateway}"
+    );
 }

@@ -1,9 +1,21 @@
-//! Gateway API (`gateway.networking.k8s.io/v1`) Gateway and HTTPRoute: the
-//! core fields. Unknown fields are rejected as for Istio's kinds.
+//! Gateway API (`gateway.networking.k8s.io/v1`) GatewayClass, Gateway and
+//! HTTPRoute: the core fields. Unknown fields are rejected as for Istio's kinds.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// `spec` of a GatewayClass: which controller serves Gateways of the class.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayClassSpec {
+    #[serde(default)]
+    pub controller_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
 
 /// `spec` of a Gateway API Gateway.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -47,6 +47,7 @@ pub enum Kind {
     PeerAuthentication,
     Ingress,
     IngressClass,
+    GatewayClass,
     K8sGateway,
     HttpRoute,
 }
@@ -71,6 +72,7 @@ impl Kind {
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
             ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
             ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
+            ("gateway.networking.k8s.io", "GatewayClass") => Some(Kind::GatewayClass),
             ("gateway.networking.k8s.io", "Gateway") => Some(Kind::K8sGateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => Some(Kind::HttpRoute),
             _ => None,
@@ -79,7 +81,10 @@ impl Kind {
 
     /// Whether resources of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node | Kind::IngressClass)
+        !matches!(
+            self,
+            Kind::Namespace | Kind::Node | Kind::IngressClass | Kind::GatewayClass
+        )
     }
 }
 
@@ -146,6 +151,7 @@ pub type DestinationRule = IstioObject<istio::DestinationRuleSpec>;
 /// A ServiceEntry resource.
 pub type ServiceEntry = IstioObject<istio::ServiceEntrySpec>;
 /// A Gateway API Gateway.
+pub type GatewayClass = IstioObject<gateway_api::GatewayClassSpec>;
 pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
 /// A Gateway API HTTPRoute.
 pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
@@ -176,6 +182,7 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     Ingress(ingress::Ingress),
     IngressClass(ingress::IngressClass),
+    GatewayClass(GatewayClass),
     K8sGateway(K8sGateway),
     HttpRoute(HttpRoute),
 }
@@ -199,6 +206,7 @@ impl Resource {
             Resource::PeerAuthentication(r) => &r.metadata,
             Resource::Ingress(r) => &r.metadata,
             Resource::IngressClass(r) => &r.metadata,
+            Resource::GatewayClass(r) => &r.metadata,
             Resource::K8sGateway(r) => &r.metadata,
             Resource::HttpRoute(r) => &r.metadata,
         }
@@ -222,6 +230,7 @@ impl Resource {
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::Ingress(_) => Kind::Ingress,
             Resource::IngressClass(_) => Kind::IngressClass,
+            Resource::GatewayClass(_) => Kind::GatewayClass,
             Resource::K8sGateway(_) => Kind::K8sGateway,
             Resource::HttpRoute(_) => Kind::HttpRoute,
         }

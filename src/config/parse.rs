@@ -182,6 +182,7 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
         Kind::Ingress => Resource::Ingress(typed(value)?),
         Kind::IngressClass => Resource::IngressClass(typed(value)?),
+        Kind::GatewayClass => Resource::GatewayClass(typed(value)?),
         Kind::K8sGateway => Resource::K8sGateway(typed(value)?),
         Kind::HttpRoute => Resource::HttpRoute(typed(value)?),
     })

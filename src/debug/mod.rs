@@ -33,6 +33,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
 use crate::config::Resource;
+use crate::model::gateway_api::GATEWAY_NAME_LABEL;
+use crate::model::gateway_status;
 use crate::xds::status::{ConnectionStatus, TypeStatus};
 use crate::xds::{Registry, SnapshotCache, XdsType};
 
@@ -274,6 +276,7 @@ fn redacted(resource: &Resource) -> Value {
 
 async fn configz(State(s): State<DebugState>) -> Json<Value> {
     let config = s.cache.push_context().config.clone();
+    let proxies: Vec<crate::model::Proxy> = s.registry.list().into_iter().map(|c| c.proxy).collect();
     let resources: Vec<Value> = config
         .resources
         .iter()
@@ -286,13 +289,20 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
                 "document": entry.origin.document,
                 "resource": redacted(&entry.resource),
             });
-            if let Resource::HttpRoute(hr) = &*entry.resource {
-                let (accepted, reason) = crate::model::gateway_api::route_status(&config, hr);
-                v["status"] = json!({"conditions": [{
-                    "type": "Accepted",
-                    "status": if accepted { "True" } else { "False" },
-                    "reason": reason,
-                }]});
+            let status = match &*entry.resource {
+                Resource::HttpRoute(hr) => Some(gateway_status::route_status(&config, hr)),
+                Resource::K8sGateway(gw) => {
+                    let connected = proxies.iter().any(|p| {
+                        p.namespace == gw.namespace()
+                            && p.labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(gw.name())
+                    });
+                    gateway_status::gateway_status(&config, gw, connected)
+                }
+                Resource::GatewayClass(class) => gateway_status::class_status(class),
+                _ => None,
+            };
+            if let Some(status) = status {
+                v["status"] = status;
             }
             v
         })

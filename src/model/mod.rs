@@ -8,6 +8,7 @@
 
 mod credential;
 pub mod gateway_api;
+pub mod gateway_status;
 pub mod ingress;
 pub mod peer_auth;
 mod proxy;
