@@ -466,7 +466,7 @@ fn plan_port(
         if sp.is_http() {
             let routes = mesh_routes(push, proxy, svc, port, &mut out.diagnostics);
             let routes = if routes.is_empty() {
-                all_to(&cluster, &cluster).virtual_hosts.remove(0).routes
+                default_route(push, proxy, svc, port, &cluster)
             } else {
                 routes
             };
@@ -508,6 +508,26 @@ fn plan_port(
         }
     }
     plan
+}
+
+/// The route to a service no VirtualService routes: to its cluster, with
+/// the hash policy its DestinationRule's consistent hashing needs.
+fn default_route(
+    push: &PushContext,
+    proxy: &Proxy,
+    svc: &MeshService,
+    port: u16,
+    cluster: &str,
+) -> Vec<Route> {
+    let mut routes = all_to(cluster, cluster).virtual_hosts.remove(0).routes;
+    let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
+    let hash = super::policy::hash_policy(super::policy::effective(dr, None, port).load_balancer);
+    for r in &mut routes {
+        if let Some(route::Action::Route(action)) = &mut r.action {
+            action.hash_policy = hash.clone();
+        }
+    }
+    routes
 }
 
 /// Turns one port's plan into listeners and a route table. With `single`
