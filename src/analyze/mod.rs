@@ -3,7 +3,9 @@
 //! Each finding carries Istio's message code (`IST0101`
 //! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
 //! InvalidGatewayCredential, `IST0103` PodMissingProxy; meshd's own
-//! `MSH0001` for a DestinationRule subset no route names), the
+//! `MSH0001` for a DestinationRule subset no route names, `MSH0002` for an
+//! HTTPRoute parent it does not attach to, `MSH0003` for a Gateway API
+//! listener that is not served), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -76,6 +78,7 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     }
     sidecar_coverage(&push, config, &mut out);
     traffic_references(&push, config, &mut out);
+    gateway_api(config, &mut out);
     for (key, entry) in &config.resources {
         let Resource::Ingress(ing) = &*entry.resource else {
             continue;
@@ -133,6 +136,77 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     out.sort();
     out.dedup();
     out
+}
+
+/// Gateway API trouble, as the status conditions a controller writes say
+/// it: `MSH0002` for a route parent it does not attach to, `IST0101` for a
+/// backend Service that does not exist, `MSH0003` for a listener that is
+/// not served.
+fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    use crate::model::gateway_status::{gateway_status, route_status};
+    let failed = |conditions: &serde_json::Value, kind: &str| {
+        conditions.as_array().into_iter().flatten().find_map(|c| {
+            let bad = c["type"] == kind && c["status"] == if kind == "Conflicted" { "True" } else { "False" };
+            bad.then(|| {
+                format!(
+                    "{}: {}",
+                    c["reason"].as_str().unwrap_or_default(),
+                    c["message"].as_str().unwrap_or_default()
+                )
+            })
+        })
+    };
+    for (key, entry) in &config.resources {
+        let mut add = |level, code, message: String| {
+            out.push(Finding {
+                level,
+                code,
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message,
+            })
+        };
+        match &*entry.resource {
+            Resource::HttpRoute(hr) => {
+                let status = route_status(config, hr);
+                for parent in status["parents"].as_array().into_iter().flatten() {
+                    let name = parent["parentRef"]["name"].as_str().unwrap_or_default();
+                    if let Some(why) = failed(&parent["conditions"], "Accepted") {
+                        add(
+                            Level::Warning,
+                            "MSH0002",
+                            format!("Not attached to parent {name}: {why}"),
+                        );
+                    }
+                    if let Some(why) = failed(&parent["conditions"], "ResolvedRefs") {
+                        add(
+                            Level::Error,
+                            "IST0101",
+                            format!("Referenced backend not found: {why}"),
+                        );
+                    }
+                }
+            }
+            Resource::K8sGateway(gw) => {
+                let Some(status) = gateway_status(config, gw, true) else {
+                    continue;
+                };
+                for l in status["listeners"].as_array().into_iter().flatten() {
+                    let name = l["name"].as_str().unwrap_or_default();
+                    for kind in ["Accepted", "ResolvedRefs", "Conflicted"] {
+                        if let Some(why) = failed(&l["conditions"], kind) {
+                            add(
+                                Level::Warning,
+                                "MSH0003",
+                                format!("Listener {name} is not served: {why}"),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// IST0103 PodMissingProxy: a pod without a sidecar where the mesh expects
@@ -627,6 +701,24 @@ mod tests {
         let f = findings(&[GW, SVC, &vs("istio-system/ingressgateway", "hellowrld")]);
         assert!(
             f[0].message.contains("Referenced host not found: \"hellowrld\""),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn gateway_api_routes_and_listeners_that_are_not_served() {
+        let f = findings(&[
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
+             spec:\n  gatewayClassName: istio\n  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n  \
+             - {name: udp, port: 53, protocol: UDP}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: default}\n\
+             spec:\n  parentRefs: [{name: web, sectionName: admin}]\n  rules: [{backendRefs: [{name: nowhere, port: 80}]}]\n",
+        ]);
+        let codes: Vec<(&str, &str)> = f.iter().map(|f| (f.code, f.resource.as_str())).collect();
+        assert!(codes.contains(&("MSH0002", "HTTPRoute default/r")), "{f:?}");
+        assert!(codes.contains(&("IST0101", "HTTPRoute default/r")), "{f:?}");
+        assert!(
+            codes.contains(&("MSH0003", "Gateway.gateway.networking.k8s.io default/web")),
             "{f:?}"
         );
     }
