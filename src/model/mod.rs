@@ -53,6 +53,9 @@ pub struct PushContext {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Pods by IP (`status.podIP`): labels, identity, whether in the mesh.
     pub pods: BTreeMap<String, Arc<PodInfo>>,
+    /// The ports each workload IP serves as some service's endpoint, and
+    /// whether the port speaks HTTP.
+    pub workload_ports: BTreeMap<String, BTreeMap<u16, bool>>,
     /// The SPIFFE trust domain identities are issued in.
     pub trust_domain: String,
 }
@@ -139,8 +142,17 @@ impl PushContext {
             peer_authentications,
             destination_rules: oldest_first(destination_rules),
             pods,
+            workload_ports: BTreeMap::new(),
             trust_domain: "cluster.local".into(),
         };
+        for svc in push.services.values() {
+            for sp in &svc.ports {
+                for e in &sp.endpoints {
+                    let ports = push.workload_ports.entry(e.ip.clone()).or_default();
+                    *ports.entry(e.port).or_default() |= sp.is_http();
+                }
+            }
+        }
         let (gateway, mut generated_routes) = ingress::convert(&push);
         let (api_gateways, api_routes) = gateway_api::convert(&push.config);
         generated_routes.extend(api_routes);

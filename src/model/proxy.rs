@@ -111,22 +111,18 @@ impl Proxy {
         })
     }
 
-    /// The properties translation depends on. Proxies with equal keys get
-    /// the same resources, so they share one computed and encoded set. A
-    /// sidecar's inbound side is its own workload's (found by its IP), so
-    /// sidecars only share with themselves; gateway replicas share.
+    /// The node's properties translation depends on (the push context
+    /// adds the workload's: see `translate::config_key`).
     pub fn config_key(&self) -> String {
         let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let identity = if self.identity.is_some() { "id" } else { "-" };
-        let ip = match self.role {
-            Role::Sidecar => self.ip.as_str(),
-            Role::Router => "",
-        };
+        let capture = if self.capture_none { "none" } else { "-" };
         format!(
-            "{}|{}|{}|{identity}|{ip}",
+            "{}|{}|{}|{identity}|{capture}|{}",
             self.role,
             self.namespace,
-            labels.join(",")
+            labels.join(","),
+            self.locality
         )
     }
 }
@@ -148,21 +144,6 @@ mod tests {
         assert_eq!(p.namespace, "istio-system");
         assert_eq!(p.labels["istio"], "ingressgateway");
         assert_eq!(p.service_account, "default");
-    }
-
-    #[test]
-    fn sidecars_of_one_deployment_do_not_share_a_config_key() {
-        let meta = serde_json::json!({"LABELS": {"app": "web"}});
-        let meta = meta.as_object().expect("object");
-        let key = |id: &str| Proxy::parse(id, meta).expect("parses").config_key();
-        assert_ne!(
-            key("sidecar~10.0.0.1~web-a.default~default.svc.cluster.local"),
-            key("sidecar~10.0.0.2~web-b.default~default.svc.cluster.local")
-        );
-        assert_eq!(
-            key("router~10.0.0.1~gw-a.default~default.svc.cluster.local"),
-            key("router~10.0.0.2~gw-b.default~default.svc.cluster.local")
-        );
     }
 
     #[test]

@@ -517,10 +517,20 @@ pub fn passthrough() -> Vec<Cluster> {
     vec![original_dst(PASSTHROUGH), inbound]
 }
 
-/// `inbound|PORT||`: the app on the proxy's own address, reached from
-/// 127.0.0.6.
-pub fn inbound(ip: &str, port: u16) -> Cluster {
-    inbound_to(port, socket(ip, port), true)
+/// `inbound|PORT||`: the app, at the address the captured connection was
+/// going to (the workload's own), reached from 127.0.0.6; as Istio does,
+/// so that replicas of one workload share the cluster.
+pub fn inbound(port: u16) -> Cluster {
+    Cluster {
+        name: format!("inbound|{port}||"),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
+        upstream_bind_config: bind_inbound_source(),
+        ..Default::default()
+    }
 }
 
 /// `inbound|PORT||` to `address`; from 127.0.0.6 when traffic is captured

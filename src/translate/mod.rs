@@ -65,6 +65,37 @@ pub struct Generated {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// What a proxy's translation depends on: proxies with equal keys in one
+/// push context get the same resources, so they share one translated and
+/// encoded set. Replicas of a workload share: a sidecar's inbound side
+/// depends on the ports its workload serves (found through its IP) and
+/// its Pod's labels, not on the IP itself, unless a listener binds the IP
+/// (no capture, with ingress listeners) or forwards to it (an ingress
+/// `defaultEndpoint` of `0.0.0.0:PORT`).
+pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
+    let mut key = proxy.config_key();
+    if proxy.role == Role::Sidecar {
+        if let Some(pod) = push.pods.get(&proxy.ip) {
+            let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            key.push_str(&format!("|pod:{}", labels.join(",")));
+        }
+        let ports: Vec<String> = sidecar::workload_ports(push, proxy)
+            .map(|(p, http)| format!("{p}{}", if http { "h" } else { "t" }))
+            .collect();
+        key.push_str(&format!("|ports:{}", ports.join(",")));
+        let scope = SidecarScope::of(push, proxy);
+        let binds_ip = !scope.ingress.is_empty()
+            && (proxy.capture_none
+                || scope.ingress.iter().any(|l| {
+                    l.default_endpoint.starts_with("0.0.0.0:") || l.capture_mode.as_deref() == Some("NONE")
+                }));
+        if binds_ip {
+            key.push_str(&format!("|ip:{}", proxy.ip));
+        }
+    }
+    key
+}
+
 /// Translates the push context for one proxy.
 pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
@@ -183,5 +214,53 @@ fn duration(d: std::time::Duration) -> Duration {
     Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{parse_file, ConfigSnapshot};
+
+    const MESH: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+        spec:\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n\
+        apiVersion: v1\nkind: Endpoints\nmetadata: {name: web, namespace: shop}\nsubsets:\n\
+        - addresses: [{ip: 10.0.0.1}, {ip: 10.0.0.2}]\n  ports: [{name: http, port: 8080}]\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: admin, namespace: shop}\n\
+        spec:\n  ports: [{name: tcp, port: 9000}]\n---\n\
+        apiVersion: v1\nkind: Endpoints\nmetadata: {name: admin, namespace: shop}\nsubsets:\n\
+        - addresses: [{ip: 10.0.0.3}]\n  ports: [{name: tcp, port: 9000}]\n";
+
+    fn sidecar(ip: &str, pod: &str, meta: serde_json::Value) -> Proxy {
+        let id = format!("sidecar~{ip}~{pod}.shop~shop.svc.cluster.local");
+        Proxy::parse(&id, meta.as_object().expect("object")).expect("proxy")
+    }
+
+    #[test]
+    fn replicas_share_a_config_key_and_workloads_with_other_ports_do_not() {
+        let push = PushContext::new(Arc::new(ConfigSnapshot::from_files(vec![parse_file(
+            "m.yaml", MESH,
+        )])));
+        let labels = serde_json::json!({"LABELS": {"app": "web"}});
+        let a = config_key(&push, &sidecar("10.0.0.1", "web-a", labels.clone()));
+        let b = config_key(&push, &sidecar("10.0.0.2", "web-b", labels.clone()));
+        let other = config_key(&push, &sidecar("10.0.0.3", "web-c", labels));
+        assert_eq!(a, b, "replicas serving the same ports share");
+        assert_ne!(
+            a, other,
+            "a workload serving other ports gets its own inbound side"
+        );
+        // Sharing is sound: the shared resources name no replica's address.
+        let shared = generate(&push, &sidecar("10.0.0.1", "web-a", serde_json::json!({})));
+        let text = format!("{:?}{:?}", shared.clusters, shared.listeners);
+        assert!(!text.contains("10.0.0.1"), "{text}");
+        let none = serde_json::json!({"LABELS": {"app": "web"}, "INTERCEPTION_MODE": "NONE"});
+        assert_eq!(
+            config_key(&push, &sidecar("10.0.0.1", "web-a", none.clone())),
+            config_key(&push, &sidecar("10.0.0.2", "web-b", none)),
+            "without ingress listeners nothing binds the IP"
+        );
     }
 }

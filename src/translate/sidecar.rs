@@ -50,17 +50,17 @@ pub fn build(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut 
     out.clusters.extend(cluster::passthrough());
 }
 
-/// A workload port: what the app listens on, and whether it speaks HTTP.
-fn workload_ports(push: &PushContext, proxy: &Proxy) -> BTreeMap<u16, bool> {
-    let mut ports: BTreeMap<u16, bool> = BTreeMap::new();
-    for svc in push.services.values() {
-        for sp in &svc.ports {
-            for e in sp.endpoints.iter().filter(|e| e.ip == proxy.ip) {
-                *ports.entry(e.port).or_default() |= sp.is_http();
-            }
-        }
-    }
-    ports
+/// The workload's ports (what the app listens on, found through the
+/// endpoints with the proxy's IP), and whether each speaks HTTP.
+pub(super) fn workload_ports<'a>(
+    push: &'a PushContext,
+    proxy: &Proxy,
+) -> impl Iterator<Item = (u16, bool)> + 'a {
+    push.workload_ports
+        .get(&proxy.ip)
+        .into_iter()
+        .flatten()
+        .map(|(p, http)| (*p, *http))
 }
 
 fn tls_inspector() -> ListenerFilter {
@@ -183,7 +183,7 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
     let identity = proxy.identity.is_some();
     let strict_without_identity = |port: u16, out: &mut Generated| {
         out.diagnostics.push(Diagnostic {
-            resource: format!("proxy {}", proxy.id),
+            resource: format!("sidecar in {}", proxy.namespace),
             field: format!("inbound port {port}"),
             message: "STRICT mutual TLS, but this sidecar has no workload certificate (connect it to the \
                       TLS xDS port with a token): the port admits nothing"
@@ -254,7 +254,7 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
     }
     if proxy.capture_none {
         out.diagnostics.push(Diagnostic {
-            resource: format!("proxy {}", proxy.id),
+            resource: format!("sidecar in {}", proxy.namespace),
             field: "inbound".into(),
             message:
                 "this sidecar captures no traffic (INTERCEPTION_MODE NONE) and no Sidecar resource gives \
@@ -268,7 +268,7 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
         let mode = mtls.for_port(port);
         let cluster = format!("inbound|{port}||");
         chains.extend(chains_for(Some(port), mode, identity, http, &cluster));
-        out.clusters.push(cluster::inbound(&proxy.ip, port));
+        out.clusters.push(cluster::inbound(port));
         if mode == MtlsMode::Strict && !identity {
             strict_without_identity(port, out);
         }

@@ -132,7 +132,7 @@ impl SnapshotCache {
     /// encoded on first use by any proxy with the same config key.
     pub fn snapshot(&self, proxy: &Proxy) -> Arc<Snapshot> {
         let generation = self.generation();
-        let key = proxy.config_key();
+        let key = translate::config_key(&generation.push, proxy);
         if let Some(s) = generation.snapshots.get(&key) {
             return s.clone();
         }
@@ -177,7 +177,7 @@ impl Generation {
             add(XdsType::Secret, Encoded::new(s.name.clone(), s));
         }
         for d in &out.diagnostics {
-            tracing::warn!(proxies = %proxy.config_key(), resource = %d.resource, field = %d.field, "{}", d.message);
+            tracing::warn!(proxy = %proxy.id, resource = %d.resource, field = %d.field, "{}", d.message);
         }
         for t in XdsType::ALL {
             resources.entry(t).or_default();
