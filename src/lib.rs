@@ -21,6 +21,7 @@ pub mod capture;
 pub mod config;
 pub mod debug;
 pub mod inject;
+pub mod loadgen;
 pub mod model;
 pub mod serve;
 pub mod source;

@@ -103,6 +103,10 @@ enum Command {
         #[command(subcommand)]
         what: CaCommand,
     },
+    /// Drive a meshd with simulated proxies and measure a config change:
+    /// initial sync, per-client convergence, what was pushed, meshd's CPU
+    /// and memory.
+    Loadgen(LoadgenArgs),
     /// Add a stock Envoy sidecar to the Pods and workloads in FILE (like
     /// `istioctl kube-inject`); writes the result to stdout or -o.
     Inject {
@@ -217,6 +221,50 @@ struct ServeArgs {
     /// older one per stream, so a slow proxy delays no other.
     #[arg(long, default_value_t = meshd::xds::server::DEFAULT_CONCURRENT_PUSHES)]
     max_concurrent_pushes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadgenArgs {
+    /// Services in the synthetic mesh.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Endpoints per service.
+    #[arg(long, default_value_t = 2)]
+    endpoints: usize,
+    /// Simulated proxies (client 0 is an ingress gateway, the rest sidecars).
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// The scripted change.
+    #[arg(long, value_enum, default_value = "endpoint")]
+    change: meshd::loadgen::Change,
+    /// VirtualServices (each routes one service, on the mesh and the gateway).
+    #[arg(long, default_value_t = 100)]
+    virtual_services: usize,
+    /// Namespaces the services and sidecars are spread over.
+    #[arg(long, default_value_t = 10)]
+    namespaces: usize,
+    /// A Sidecar per namespace limiting its sidecars to their namespace.
+    #[arg(long)]
+    sidecar_scoping: bool,
+    /// Incremental (delta) xDS instead of state of the world.
+    #[arg(long)]
+    delta: bool,
+    /// Also fan the same responses out from a transport-only server.
+    #[arg(long)]
+    baseline: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Use a running meshd's plain xDS address instead of starting one;
+    /// needs --config-dir, the directory it watches.
+    #[arg(long, requires = "config_dir")]
+    xds_addr: Option<String>,
+    /// Where to write the mesh (default: a temporary directory).
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// The running meshd's process id, for its CPU and memory.
+    #[arg(long)]
+    meshd_pid: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +418,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Analyze { paths } => analyze(&paths),
+        Command::Loadgen(a) => {
+            let o = meshd::loadgen::Options {
+                mesh: meshd::loadgen::MeshSpec {
+                    services: a.services,
+                    endpoints: a.endpoints,
+                    virtual_services: a.virtual_services,
+                    namespaces: a.namespaces,
+                    sidecar_scoping: a.sidecar_scoping,
+                },
+                clients: a.clients,
+                change: a.change,
+                delta: a.delta,
+                baseline: a.baseline,
+                xds_addr: a.xds_addr,
+                config_dir: a.config_dir,
+                meshd_pid: a.meshd_pid,
+                meshd_bin: std::env::current_exe().context("finding the meshd binary")?,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let report = rt.block_on(meshd::loadgen::run(&o))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca { what } => ca(what),
         Command::Inject {
             file,

@@ -1,0 +1,79 @@
+//! `meshd loadgen` against a real meshd process: what each kind of change
+//! sends, and to whom. An endpoint change is EDS only, and only to the
+//! proxies whose scope holds that service; a VirtualService change is RDS
+//! only; a new service adds clusters and endpoints but no listener. (Times
+//! are measured by `make bench`, not asserted here.)
+
+use serde_json::Value;
+
+use crate::common::meshd;
+
+fn loadgen(args: &[&str]) -> Value {
+    let mut all = vec![
+        "loadgen",
+        "--services",
+        "30",
+        "--endpoints",
+        "2",
+        "--virtual-services",
+        "5",
+        "--clients",
+        "12",
+        "--namespaces",
+        "3",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    let out = meshd(&all);
+    assert!(
+        out.status.success(),
+        "meshd loadgen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+fn types(report: &Value) -> Vec<String> {
+    report["responses_by_type"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_endpoint_change_is_eds_only_and_only_where_the_service_is_seen() {
+    for delta in [false, true] {
+        let mut args = vec!["--change", "endpoint", "--sidecar-scoping"];
+        if delta {
+            args.push("--delta");
+        }
+        let r = loadgen(&args);
+        assert!(r["initial_sync_s"].as_f64().is_some_and(|s| s > 0.0), "{r}");
+        assert_eq!(types(&r), ["eds"], "{r}");
+        // The gateway and the sidecars of ns-0 (clients 3, 6 and 9) see svc-0.
+        assert_eq!(r["clients_pushed"], 4, "{r}");
+        assert_eq!(r["clients_changed"], 4, "{r}");
+        assert!(r["convergence_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+        assert!(r["meshd_peak_rss_mb"].as_f64().is_some_and(|mb| mb > 0.0), "{r}");
+        assert_eq!(r["delta"], delta, "{r}");
+    }
+}
+
+#[test]
+fn a_virtual_service_change_is_rds_only_and_a_new_service_adds_no_listener() {
+    let vs = loadgen(&["--change", "virtualservice"]);
+    assert_eq!(types(&vs), ["rds"], "{vs}");
+    assert_eq!(vs["clients_changed"], 12, "every proxy routes svc-0: {vs}");
+    let svc = loadgen(&["--change", "service", "--baseline"]);
+    let t = types(&svc);
+    assert!(
+        t.contains(&"cds".to_string()) && t.contains(&"eds".to_string()),
+        "{svc}"
+    );
+    assert!(
+        !t.contains(&"lds".to_string()),
+        "port 80 already has its listener: {svc}"
+    );
+    assert_eq!(svc["clients_changed"], 12, "{svc}");
+    assert!(svc["baseline_ratio"].as_f64().is_some(), "{svc}");
+}

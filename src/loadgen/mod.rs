@@ -1,0 +1,434 @@
+//! `meshd loadgen`: drives a meshd with simulated proxies and measures what
+//! a config change costs. It writes a synthetic mesh (see `mesh`) into a
+//! config directory, starts a meshd on it as a separate process (or uses a
+//! running one), connects P ADS clients over loopback that subscribe and
+//! ACK as Envoy does (see `client`), waits until all are in sync, then
+//! writes one scripted change and records, per client, the time from the
+//! write to its ACK of a response carrying the change; what each client
+//! received by type and in bytes; and meshd's CPU seconds and peak RSS
+//! (from /proc). With `--baseline` it also fans the same responses out
+//! over as many streams from a server that does no translation, so that
+//! meshd's overhead over pure transport is a ratio.
+
+pub mod baseline;
+pub mod client;
+pub mod mesh;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use self::client::{ClientStats, Identity, Shared};
+pub use self::mesh::{Change, MeshSpec};
+use crate::xds::XdsType;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mesh: MeshSpec,
+    pub clients: usize,
+    pub change: Change,
+    pub delta: bool,
+    pub baseline: bool,
+    /// A running meshd's plain xDS address; `config_dir` must be the
+    /// directory it watches.
+    pub xds_addr: Option<String>,
+    pub config_dir: Option<PathBuf>,
+    /// The running meshd's process id, for its CPU and memory.
+    pub meshd_pid: Option<u32>,
+    /// The meshd binary to start (default: this one).
+    pub meshd_bin: PathBuf,
+}
+
+/// The outcome, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub services: usize,
+    pub endpoints: usize,
+    pub clients: usize,
+    pub change: Change,
+    pub delta: bool,
+    pub sidecar_scoping: bool,
+    pub initial_sync_s: f64,
+    /// Clients that ACKed a response carrying the change.
+    pub clients_changed: usize,
+    pub convergence_p50_ms: f64,
+    pub convergence_p99_ms: f64,
+    pub convergence_max_ms: f64,
+    /// Responses received after the change, summed over clients.
+    pub responses_by_type: BTreeMap<String, u64>,
+    /// Clients that received anything after the change.
+    pub clients_pushed: usize,
+    pub bytes_after_change: u64,
+    pub meshd_peak_rss_mb: Option<f64>,
+    pub meshd_rss_mb: Option<f64>,
+    pub meshd_cpu_s: Option<f64>,
+    pub meshd_change_cpu_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_fan_out_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_ratio: Option<f64>,
+}
+
+impl Report {
+    /// The report as a two-column table.
+    pub fn table(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let by_type: Vec<String> = self
+            .responses_by_type
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
+        let rows = [
+            (
+                "services × endpoints",
+                format!("{} × {}", self.services, self.endpoints),
+            ),
+            (
+                "clients",
+                format!("{} ({})", self.clients, if self.delta { "delta" } else { "sotw" }),
+            ),
+            ("change", format!("{:?}", self.change).to_lowercase()),
+            ("initial sync", format!("{:.2} s", self.initial_sync_s)),
+            ("clients with the change", self.clients_changed.to_string()),
+            (
+                "convergence p50 / p99 / max",
+                format!(
+                    "{:.1} / {:.1} / {:.1} ms",
+                    self.convergence_p50_ms, self.convergence_p99_ms, self.convergence_max_ms
+                ),
+            ),
+            ("clients pushed", self.clients_pushed.to_string()),
+            ("responses after the change", by_type.join(" ")),
+            ("bytes after the change", self.bytes_after_change.to_string()),
+            ("meshd peak RSS (MB)", opt(self.meshd_peak_rss_mb)),
+            (
+                "meshd CPU total / change (s)",
+                format!("{} / {}", opt(self.meshd_cpu_s), opt(self.meshd_change_cpu_s)),
+            ),
+            (
+                "baseline fan-out (ms) / ratio",
+                format!("{} / {}", opt(self.baseline_fan_out_ms), opt(self.baseline_ratio)),
+            ),
+        ];
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter().map(|(k, v)| format!("{k:width$}  {v}\n")).collect()
+    }
+}
+
+/// A meshd started for the run; killed when dropped.
+struct Started {
+    child: Child,
+    _work: tempfile::TempDir,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// CPU seconds (user + system) of a process, from /proc (Linux's
+/// USER_HZ is 100).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// (current, peak) resident memory of a process in MB, from /proc.
+fn rss_mb(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = |key: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kb("VmRSS:")? / 1024.0, kb("VmHWM:")? / 1024.0))
+}
+
+async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("meshd exited before it was ready: {status}");
+        }
+        if let Ok(mut s) = tokio::net::TcpStream::connect(debug_addr).await {
+            let _ = s.write_all(b"GET /ready HTTP/1.0\r\nHost: meshd\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("meshd was not ready within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_meshd(bin: &Path, config_dir: &Path, work: tempfile::TempDir) -> Result<(Started, String, String)> {
+    let (xds, tls, debug, webhook) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+    let log = std::fs::File::create(work.path().join("meshd.log"))?;
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg("--config-dir")
+        .arg(config_dir)
+        .args(["--xds-addr", &xds, "--xds-tls-addr", &tls, "--debug-addr", &debug])
+        .args(["--webhook-addr", &webhook])
+        .arg("--ca-dir")
+        .arg(work.path().join("ca"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok((Started { child, _work: work }, xds, debug))
+}
+
+/// Who client `i` is: client 0 an ingress gateway, the others sidecars,
+/// spread over the namespaces, ten workloads per namespace.
+fn identity(i: usize, spec: &MeshSpec) -> Identity {
+    if i == 0 {
+        return Identity {
+            id: "router~10.253.0.1~istio-ingressgateway-0.istio-system~istio-system.svc.cluster.local".into(),
+            namespace: "istio-system".into(),
+            labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+        };
+    }
+    let ns = format!("ns-{}", i % spec.namespaces.max(1));
+    let ip = format!("10.254.{}.{}", i / 250, i % 250);
+    Identity {
+        id: format!("sidecar~{ip}~client-{i}.{ns}~{ns}.svc.cluster.local"),
+        namespace: ns,
+        labels: [(
+            "app".to_string(),
+            format!("client-{}", (i / spec.namespaces.max(1)) % 10),
+        )]
+        .into(),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Sum of what every client has received so far.
+fn total_responses(stats: &[Arc<Mutex<ClientStats>>]) -> u64 {
+    stats
+        .iter()
+        .map(|s| s.lock().map(|s| s.responses.values().sum::<u64>()).unwrap_or(0))
+        .sum()
+}
+
+/// Waits until no client has received anything for `quiet`, or `max`.
+async fn settle(stats: &[Arc<Mutex<ClientStats>>], quiet: Duration, max: Duration) {
+    let deadline = Instant::now() + max;
+    let mut seen = total_responses(stats);
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = total_responses(stats);
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
+/// Runs the load and reports.
+pub async fn run(o: &Options) -> Result<Report> {
+    let (config_dir, _started_dir) = match &o.config_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = tempfile::tempdir()?;
+            (dir.path().join("config"), Some(dir))
+        }
+    };
+    mesh::write(&config_dir, &o.mesh)
+        .with_context(|| format!("writing the mesh into {}", config_dir.display()))?;
+    let loaded = crate::config::ConfigSnapshot::from_files(crate::source::load_dir(&config_dir)?);
+    if let Some(r) = loaded.rejections.first() {
+        bail!("the generated mesh does not load: {r}");
+    }
+    let mut started = None;
+    let (xds_addr, pid) = match &o.xds_addr {
+        Some(addr) => (addr.clone(), o.meshd_pid),
+        None => {
+            let (mut s, xds, debug) = start_meshd(&o.meshd_bin, &config_dir, tempfile::tempdir()?)?;
+            wait_ready(&debug, &mut s.child).await?;
+            let pid = s.child.id();
+            started = Some(s);
+            (xds, Some(pid))
+        }
+    };
+    let cpu_at_start = pid.and_then(cpu_seconds);
+    let shared = Arc::new(Shared {
+        marker: o.change.marker().as_bytes().to_vec(),
+        changed: Mutex::new(None),
+    });
+    let start = Instant::now();
+    let mut stats = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..o.clients {
+        let channel: Channel = Endpoint::from_shared(format!("http://{xds_addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting client {i} to {xds_addr}"))?;
+        let s = Arc::new(Mutex::new(ClientStats {
+            capture: i == 0 && o.baseline,
+            ..Default::default()
+        }));
+        stats.push(s.clone());
+        let who = identity(i, &o.mesh);
+        let shared = shared.clone();
+        let delta = o.delta;
+        tasks.push(tokio::spawn(async move {
+            let result = if delta {
+                client::run_delta(channel, who, s.clone(), shared).await
+            } else {
+                client::run_sotw(channel, who, s.clone(), shared).await
+            };
+            if let (Err(e), Ok(mut st)) = (result, s.lock()) {
+                st.error = Some(e.to_string());
+            }
+        }));
+    }
+    // Initial sync: every client holds every type it subscribed to.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let synced = stats
+            .iter()
+            .filter(|s| s.lock().is_ok_and(|s| s.synced_at.is_some()))
+            .count();
+        if synced == o.clients {
+            break;
+        }
+        if let Some(e) = stats
+            .iter()
+            .find_map(|s| s.lock().ok().and_then(|s| s.error.clone()))
+        {
+            bail!("a client failed: {e}");
+        }
+        if Instant::now() > deadline {
+            bail!("only {synced} of {} clients in sync after 300 s", o.clients);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let synced_at = stats
+        .iter()
+        .filter_map(|s| s.lock().ok().and_then(|s| s.synced_at))
+        .max()
+        .unwrap_or(start);
+    let initial_sync = synced_at - start;
+    settle(&stats, Duration::from_millis(500), Duration::from_secs(30)).await;
+    // The change.
+    let cpu_before_change = pid.and_then(cpu_seconds);
+    let written = Instant::now();
+    if let Ok(mut c) = shared.changed.lock() {
+        *c = Some(written);
+    }
+    mesh::apply(&config_dir, &o.mesh, o.change)?;
+    // Until every client that got anything has been quiet for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let any = stats
+            .iter()
+            .any(|s| s.lock().is_ok_and(|s| s.changed_at.is_some()));
+        if any || Instant::now() > deadline {
+            break;
+        }
+    }
+    settle(&stats, Duration::from_millis(1500), Duration::from_secs(60)).await;
+    let cpu_end = pid.and_then(cpu_seconds);
+    let memory = pid.and_then(rss_mb);
+    let snapshot: Vec<ClientStats> = stats
+        .iter()
+        .filter_map(|s| s.lock().ok().map(|s| s.clone()))
+        .collect();
+    for t in &tasks {
+        t.abort();
+    }
+    let mut times: Vec<f64> = snapshot
+        .iter()
+        .filter_map(|s| s.changed_at.map(|t| (t - written).as_secs_f64() * 1e3))
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &snapshot {
+        for (t, n) in &s.since_change {
+            *by_type.entry(type_name(*t).into()).or_default() += n;
+        }
+    }
+    let mut report = Report {
+        services: o.mesh.services,
+        endpoints: o.mesh.endpoints,
+        clients: o.clients,
+        change: o.change,
+        delta: o.delta,
+        sidecar_scoping: o.mesh.sidecar_scoping,
+        initial_sync_s: initial_sync.as_secs_f64(),
+        clients_changed: times.len(),
+        convergence_p50_ms: percentile(&times, 50.0),
+        convergence_p99_ms: percentile(&times, 99.0),
+        convergence_max_ms: times.last().copied().unwrap_or(0.0),
+        responses_by_type: by_type,
+        clients_pushed: snapshot.iter().filter(|s| !s.since_change.is_empty()).count(),
+        bytes_after_change: snapshot.iter().map(|s| s.bytes_since_change).sum(),
+        meshd_peak_rss_mb: memory.map(|m| m.1),
+        meshd_rss_mb: memory.map(|m| m.0),
+        meshd_cpu_s: cpu_end.zip(cpu_at_start).map(|(e, s)| e - s),
+        meshd_change_cpu_s: cpu_end.zip(cpu_before_change).map(|(e, s)| e - s),
+        baseline_fan_out_ms: None,
+        baseline_ratio: None,
+    };
+    drop(started);
+    if o.baseline {
+        let captured = snapshot.first().map(|s| s.captured.clone()).unwrap_or_default();
+        if !captured.is_empty() && report.clients_changed > 0 {
+            let floor = baseline::fan_out(captured, report.clients_changed).await?;
+            let floor_ms = floor.as_secs_f64() * 1e3;
+            report.baseline_fan_out_ms = Some(floor_ms);
+            // meshd's fan-out: from the first client with the change to the last.
+            let first = times.first().copied().unwrap_or(0.0);
+            let fan_out = report.convergence_max_ms - first;
+            report.baseline_ratio = Some(if floor_ms > 0.0 { fan_out / floor_ms } else { 0.0 });
+        }
+    }
+    Ok(report)
+}
+
+fn type_name(t: XdsType) -> &'static str {
+    match t {
+        XdsType::Cluster => "cds",
+        XdsType::Endpoint => "eds",
+        XdsType::Listener => "lds",
+        XdsType::Route => "rds",
+        XdsType::Secret => "sds",
+    }
+}
