@@ -60,3 +60,4 @@ run: envoy build
 
 bench:
 	$(CARGO) bench --locked --bench translate
+	$(CARGO) bench --locked --bench fanout

@@ -1,11 +1,13 @@
 //! `make bench`: translation and snapshot cost as the mesh grows.
 //!
-//! For each mesh size it builds a config of N Services (with Endpoints and a
-//! VirtualService each, all bound to one Gateway), then measures: building
-//! the push context, translating and encoding one gateway's snapshot, and
-//! serving 1,000 gateway proxies with the same config key from the cache.
-//! Prints a table; run it twice to compare. Under `cargo test` it runs the
-//! smallest size once, as a check that the bench still works.
+//! For each mesh size it builds a config of N Services (with 10 Endpoints
+//! and a VirtualService each, all bound to one Gateway and the mesh), then
+//! measures: loading it (parse and validate), building the push context,
+//! translating and encoding one gateway's snapshot and one sidecar's (which
+//! sees every service), and serving 1,000 gateway proxies with the same
+//! config key from the cache. Prints a table; run it twice to compare.
+//! Under `cargo test` it runs the smallest size once, as a check that the
+//! bench still works.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use std::time::{Duration, Instant};
 use meshd::config::{parse_file, ConfigSnapshot};
 use meshd::model::{Proxy, PushContext};
 use meshd::xds::{SnapshotCache, XdsType};
+
+const ENDPOINTS: usize = 10;
 
 fn mesh(services: usize) -> Arc<ConfigSnapshot> {
     let mut docs = vec![
@@ -23,11 +27,13 @@ fn mesh(services: usize) -> Arc<ConfigSnapshot> {
     for i in 0..services {
         docs.push(format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
-             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nsubsets:\n- addresses: [{{ip: 10.{a}.{b}.1}}, {{ip: 10.{a}.{b}.2}}]\n  ports: [{{name: http, port: 8080}}]\n---\n\
-             apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  hosts: [svc-{i}.example.com]\n  gateways: [istio-system/gw]\n  http:\n  - match:\n    - uri: {{prefix: /api}}\n    route:\n    - destination: {{host: svc-{i}}}\n",
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nsubsets:\n- addresses: [{addresses}]\n  ports: [{{name: http, port: 8080}}]\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  hosts: [svc-{i}.example.com, svc-{i}]\n  gateways: [istio-system/gw, mesh]\n  http:\n  - match:\n    - uri: {{prefix: /api}}\n    route:\n    - destination: {{host: svc-{i}}}\n",
             ns = i % 20,
-            a = i / 250,
-            b = i % 250,
+            addresses = (0..ENDPOINTS)
+                .map(|j| format!("{{ip: 10.{}.{}.{}}}", i / 250, i % 250, j + 1))
+                .collect::<Vec<_>>()
+                .join(", "),
         ));
     }
     let snapshot = ConfigSnapshot::from_files(vec![parse_file("mesh.yaml", &docs.join("---\n"))]);
@@ -51,26 +57,40 @@ fn gateway(i: usize) -> Proxy {
     .expect("proxy")
 }
 
+fn sidecar() -> Proxy {
+    let meta = serde_json::json!({"LABELS": {"app": "client"}});
+    Proxy::parse(
+        "sidecar~10.250.0.1~client-0.ns-0~ns-0.svc.cluster.local",
+        meta.as_object().expect("object"),
+    )
+    .expect("proxy")
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let sizes: &[usize] = if full { &[10, 100, 1000, 5000] } else { &[10] };
+    let sizes: &[usize] = if full { &[100, 1000, 10000] } else { &[10] };
     let proxies = if full { 1000 } else { 10 };
     println!(
-        "{:>9} | {:>12} | {:>14} | {:>16} | {:>10} | {:>12}",
+        "{:>9} | {:>9} | {:>8} | {:>11} | {:>13} | {:>13} | {:>16} | {:>9} | {:>11}",
         "services",
+        "endpoints",
+        "load ms",
         "push ctx ms",
-        "1st snapshot ms",
+        "gateway 1st ms",
+        "sidecar 1st ms",
         format!("{proxies} cached ms"),
         "resources",
         "encoded KiB"
     );
-    println!("{}", "-".repeat(90));
+    println!("{}", "-".repeat(124));
     for &n in sizes {
+        let t = Instant::now();
         let config = mesh(n);
+        let load_time = t.elapsed();
         let t = Instant::now();
         let push = Arc::new(PushContext::new(config));
         let push_time = t.elapsed();
@@ -79,6 +99,13 @@ fn main() {
         let t = Instant::now();
         let first = cache.snapshot(&gateway(0));
         let first_time = t.elapsed();
+        let t = Instant::now();
+        let side = cache.snapshot(&sidecar());
+        let sidecar_time = t.elapsed();
+        assert!(
+            side.of(XdsType::Cluster).is_some_and(|c| c.len() > n),
+            "the sidecar sees every service"
+        );
 
         let t = Instant::now();
         for i in 1..=proxies {
@@ -102,9 +129,12 @@ fn main() {
             .map(|e| e.body.value.len())
             .sum();
         println!(
-            "{n:>9} | {:>12} | {:>14} | {:>16} | {resources:>10} | {:>12}",
+            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>13} | {:>13} | {:>16} | {resources:>9} | {:>11}",
+            n * ENDPOINTS,
+            ms(load_time),
             ms(push_time),
             ms(first_time),
+            ms(sidecar_time),
             ms(cached_time),
             bytes / 1024
         );

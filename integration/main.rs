@@ -9,6 +9,7 @@ mod inject;
 mod loadgen;
 mod mesh;
 mod netns;
+mod scale;
 mod seed;
 mod sidecar;
 mod tls;

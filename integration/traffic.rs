@@ -7,7 +7,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{curl, eventually, free_port, loopback_service, write, Backend, Envoy, Meshd, Pod};
+use crate::common::{
+    curl, eventually, free_port, ingress_gateway, loopback_service, write, Backend, Envoy, Meshd, Pod,
+};
 
 struct Traffic {
     work: tempfile::TempDir,
@@ -66,30 +68,6 @@ spec:
       weight: {}
 "#,
         weights.0, weights.1
-    )
-}
-
-/// The ingress gateway's Service (port 80 to the Envoy's `port`) and an
-/// HTTP Gateway on it for every host.
-fn ingress_gateway(port: u16) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: istio-ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  ports: [{{name: http2, port: 80, targetPort: {port}}}]
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {{name: ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: ["*"]
----
-"#
     )
 }
 

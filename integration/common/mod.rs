@@ -401,6 +401,31 @@ subsets:
     )
 }
 
+/// The ingress gateway's Service (port 80 to `port`, where the gateway
+/// Envoy listens) and a Gateway for every host on it: YAML documents ending
+/// in `---`.
+pub fn ingress_gateway(port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports: [{{name: http2, port: 80, targetPort: {port}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+---
+"#
+    )
+}
+
 /// Writes a file, creating its directory.
 pub fn write(path: &Path, text: &str) {
     if let Some(dir) = path.parent() {

@@ -301,9 +301,15 @@ impl ConfigSnapshot {
 
     /// Resources of one kind, in key order.
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
+        // Keys sort by kind first: the kind's resources are one range.
+        let first = ResourceKey {
+            kind,
+            namespace: String::new(),
+            name: String::new(),
+        };
         self.resources
-            .iter()
-            .filter(move |(k, _)| k.kind == kind)
+            .range(first..)
+            .take_while(move |(k, _)| k.kind == kind)
             .map(|(_, e)| e.resource.as_ref())
     }
 }

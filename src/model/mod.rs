@@ -43,6 +43,9 @@ pub struct PushContext {
     /// Every VirtualService in Istio's precedence order: oldest first
     /// (creationTimestamp), then namespace/name.
     pub virtual_services: Vec<Arc<VirtualService>>,
+    /// Indexes into `virtual_services` by each host a VirtualService names
+    /// (resolved to its FQDN), in precedence order.
+    pub virtual_services_by_host: std::collections::HashMap<String, Vec<usize>>,
     /// Namespaces that exist (declared or holding a resource).
     pub namespaces: BTreeSet<String>,
     /// TLS credentials from Secrets, checked at the generation's time.
@@ -51,6 +54,9 @@ pub struct PushContext {
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// Every DestinationRule, oldest first.
     pub destination_rules: Vec<Arc<DestinationRule>>,
+    /// Indexes into `destination_rules` by resolved host; wildcard hosts
+    /// under `*`.
+    destination_rules_by_host: std::collections::HashMap<String, Vec<usize>>,
     /// Pods by IP (`status.podIP`): labels, identity, whether in the mesh.
     pub pods: BTreeMap<String, Arc<PodInfo>>,
     /// The ports each workload IP serves as some service's endpoint, and
@@ -58,6 +64,11 @@ pub struct PushContext {
     pub workload_ports: BTreeMap<String, BTreeMap<u16, bool>>,
     /// The SPIFFE trust domain identities are issued in.
     pub trust_domain: String,
+    /// The label keys some resource selects sidecars by (Sidecar,
+    /// DestinationRule and PeerAuthentication selectors, VirtualService
+    /// `sourceLabels`, `failoverPriority`): no other label changes what a
+    /// sidecar gets.
+    pub sidecar_label_keys: BTreeSet<String>,
 }
 
 /// What the mesh needs to know of a Pod.
@@ -137,13 +148,16 @@ impl PushContext {
             services,
             gateways,
             virtual_services,
+            virtual_services_by_host: std::collections::HashMap::new(),
             namespaces,
             credentials: Credentials::new(secrets, now),
             peer_authentications,
             destination_rules: oldest_first(destination_rules),
+            destination_rules_by_host: std::collections::HashMap::new(),
             pods,
             workload_ports: BTreeMap::new(),
             trust_domain: "cluster.local".into(),
+            sidecar_label_keys: BTreeSet::new(),
         };
         for svc in push.services.values() {
             for sp in &svc.ports {
@@ -164,6 +178,27 @@ impl PushContext {
             let mut all = std::mem::take(&mut push.virtual_services);
             all.extend(generated_routes.into_iter().map(Arc::new));
             push.virtual_services = oldest_first(all);
+        }
+        push.sidecar_label_keys = sidecar_label_keys(&push);
+        for (i, dr) in push.destination_rules.iter().enumerate() {
+            let host = resolve_host(&dr.spec.host, dr.namespace());
+            let key = if host.starts_with('*') {
+                "*".to_string()
+            } else {
+                host
+            };
+            push.destination_rules_by_host.entry(key).or_default().push(i);
+        }
+        for (i, vs) in push.virtual_services.iter().enumerate() {
+            let hosts: BTreeSet<String> = vs
+                .spec
+                .hosts
+                .iter()
+                .map(|h| resolve_host(h, vs.namespace()))
+                .collect();
+            for host in hosts {
+                push.virtual_services_by_host.entry(host).or_default().push(i);
+            }
         }
         push
     }
@@ -213,6 +248,15 @@ impl PushContext {
         host: &str,
         service_namespace: &str,
     ) -> Option<&DestinationRule> {
+        // The rules naming this host exactly or by a wildcard, oldest first.
+        let mut candidates: Vec<usize> = [host, "*"]
+            .iter()
+            .filter_map(|h| self.destination_rules_by_host.get(*h))
+            .flatten()
+            .copied()
+            .collect();
+        candidates.sort_unstable();
+        let candidates = || candidates.iter().map(|i| &self.destination_rules[*i]);
         let matching = |dr: &&Arc<DestinationRule>| {
             let h = resolve_host(&dr.spec.host, dr.namespace());
             let host_ok = h == host || h.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix));
@@ -230,14 +274,13 @@ impl PushContext {
                     .as_ref()
                     .is_some_and(|w| is_subset(&w.match_labels, proxy_labels))
         };
-        if let Some(dr) = self.destination_rules.iter().filter(selected).find(matching) {
+        if let Some(dr) = candidates().filter(selected).find(matching) {
             return Some(dr);
         }
         [proxy_namespace, service_namespace, peer_auth::ROOT_NAMESPACE]
             .iter()
             .find_map(|ns| {
-                self.destination_rules
-                    .iter()
+                candidates()
                     .filter(|dr| dr.namespace() == *ns && dr.spec.workload_selector.is_none())
                     .find(matching)
             })
@@ -251,6 +294,80 @@ impl PushContext {
             self.trust_domain
         )
     }
+}
+
+/// The label keys that select sidecars anywhere in the config.
+fn sidecar_label_keys(push: &PushContext) -> BTreeSet<String> {
+    use crate::config::istio::TrafficPolicy;
+    let mut keys = BTreeSet::new();
+    for r in push.config.of_kind(Kind::Sidecar) {
+        if let Resource::Sidecar(sc) = r {
+            keys.extend(
+                sc.spec
+                    .workload_selector
+                    .iter()
+                    .flat_map(|w| w.labels.keys().cloned()),
+            );
+        }
+    }
+    for pa in &push.peer_authentications {
+        keys.extend(
+            pa.spec
+                .selector
+                .iter()
+                .flat_map(|w| w.match_labels.keys().cloned()),
+        );
+    }
+    let failover = |p: &TrafficPolicy| -> Vec<String> {
+        let lbs = p.load_balancer.iter().chain(
+            p.port_level_settings
+                .iter()
+                .filter_map(|pl| pl.load_balancer.as_ref()),
+        );
+        lbs.filter_map(|lb| lb.locality_lb_setting.as_ref())
+            .flat_map(|l| {
+                l.failover_priority
+                    .iter()
+                    .map(|k| k.split('=').next().unwrap_or(k).to_string())
+            })
+            .collect()
+    };
+    for dr in &push.destination_rules {
+        keys.extend(
+            dr.spec
+                .workload_selector
+                .iter()
+                .flat_map(|w| w.match_labels.keys().cloned()),
+        );
+        let policies = dr
+            .spec
+            .traffic_policy
+            .iter()
+            .chain(dr.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref()));
+        keys.extend(policies.flat_map(failover));
+    }
+    for vs in &push.virtual_services {
+        let http = vs
+            .spec
+            .http
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        let tcp = vs
+            .spec
+            .tcp
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        let tls = vs
+            .spec
+            .tls
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        keys.extend(http.chain(tcp).chain(tls).flat_map(|l| l.keys().cloned()));
+    }
+    keys
 }
 
 /// A Pod's locality, as Istio finds it: its `istio-locality` label

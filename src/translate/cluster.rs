@@ -57,8 +57,24 @@ const SOCKET_MATCH: &str = "envoy.transport_socket_match";
 /// without one, a proxy with a workload certificate uses auto mTLS.
 pub fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     out.clusters.push(blackhole());
+    outbound_of(push, proxy, scope, None, out);
+}
+
+/// The outbound clusters and endpoints of the services the proxy may
+/// reach; of those named by `only` when given.
+pub fn outbound_of(
+    push: &PushContext,
+    proxy: &Proxy,
+    scope: &SidecarScope,
+    only: Option<&BTreeSet<String>>,
+    out: &mut Generated,
+) {
     let mesh_locality = locality::mesh_default();
-    for svc in push.services.values().filter(|s| scope.visible(s)) {
+    let services = push
+        .services
+        .values()
+        .filter(|s| only.is_none_or(|o| o.contains(&s.hostname)) && scope.visible(s));
+    for svc in services {
         let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
         if let Some(dr) = dr {
             not_applied(dr, &mut out.diagnostics);

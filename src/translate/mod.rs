@@ -73,25 +73,41 @@ pub struct Generated {
 /// (no capture, with ingress listeners) or forwards to it (an ingress
 /// `defaultEndpoint` of `0.0.0.0:PORT`).
 pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
-    let mut key = proxy.config_key();
-    if proxy.role == Role::Sidecar {
-        if let Some(pod) = push.pods.get(&proxy.ip) {
-            let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            key.push_str(&format!("|pod:{}", labels.join(",")));
-        }
-        let ports: Vec<String> = sidecar::workload_ports(push, proxy)
-            .map(|(p, http)| format!("{p}{}", if http { "h" } else { "t" }))
-            .collect();
-        key.push_str(&format!("|ports:{}", ports.join(",")));
-        let scope = SidecarScope::of(push, proxy);
-        let binds_ip = !scope.ingress.is_empty()
-            && (proxy.capture_none
-                || scope.ingress.iter().any(|l| {
-                    l.default_endpoint.starts_with("0.0.0.0:") || l.capture_mode.as_deref() == Some("NONE")
-                }));
-        if binds_ip {
-            key.push_str(&format!("|ip:{}", proxy.ip));
-        }
+    if proxy.role == Role::Router {
+        return proxy.config_key();
+    }
+    // Only the labels something selects sidecars by.
+    let relevant = |labels: &std::collections::BTreeMap<String, String>| -> String {
+        labels
+            .iter()
+            .filter(|(k, _)| push.sidecar_label_keys.contains(*k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let identity = if proxy.identity.is_some() { "id" } else { "-" };
+    let capture = if proxy.capture_none { "none" } else { "-" };
+    let mut key = format!(
+        "sidecar|{}|{}|{identity}|{capture}|{}",
+        proxy.namespace,
+        relevant(&proxy.labels),
+        proxy.locality
+    );
+    if let Some(pod) = push.pods.get(&proxy.ip) {
+        key.push_str(&format!("|pod:{}", relevant(&pod.labels)));
+    }
+    let ports: Vec<String> = sidecar::workload_ports(push, proxy)
+        .map(|(p, http)| format!("{p}{}", if http { "h" } else { "t" }))
+        .collect();
+    key.push_str(&format!("|ports:{}", ports.join(",")));
+    let scope = SidecarScope::of(push, proxy);
+    let binds_ip = !scope.ingress.is_empty()
+        && (proxy.capture_none
+            || scope.ingress.iter().any(|l| {
+                l.default_endpoint.starts_with("0.0.0.0:") || l.capture_mode.as_deref() == Some("NONE")
+            }));
+    if binds_ip {
+        key.push_str(&format!("|ip:{}", proxy.ip));
     }
     key
 }
@@ -117,6 +133,22 @@ pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     out.diagnostics.sort();
     out.diagnostics.dedup();
     out
+}
+
+/// The ClusterLoadAssignments a proxy gets for the services `hosts`
+/// (those it may reach): what an endpoint-only change alters.
+pub fn endpoints_of(
+    push: &PushContext,
+    proxy: &Proxy,
+    hosts: &std::collections::BTreeSet<String>,
+) -> Vec<ClusterLoadAssignment> {
+    let scope = match proxy.role {
+        Role::Sidecar => SidecarScope::of(push, proxy),
+        Role::Router => SidecarScope::default(),
+    };
+    let mut out = Generated::default();
+    cluster::outbound_of(push, proxy, &scope, Some(hosts), &mut out);
+    out.endpoints
 }
 
 /// Istio's outbound cluster name: `outbound|PORT|SUBSET|HOST`.

@@ -32,7 +32,7 @@ use crate::config::istio::RouteDestination;
 use crate::config::VirtualService;
 use crate::model::peer_auth::{self, MtlsMode};
 use crate::model::sidecar_scope::{EgressListener, SidecarScope};
-use crate::model::{is_subset, resolve_host, MeshService, Proxy, PushContext, DOMAIN_SUFFIX};
+use crate::model::{is_subset, MeshService, Proxy, PushContext};
 
 /// Where listeners bind: every address (captured), or loopback (bound, for
 /// the app to call).
@@ -648,20 +648,20 @@ fn mesh_virtual_services<'a>(
     proxy: &'a Proxy,
     svc: &'a MeshService,
 ) -> impl Iterator<Item = &'a VirtualService> + 'a {
-    let mut seen = BTreeSet::new();
-    push.virtual_services.iter().map(|vs| &**vs).filter(move |vs| {
-        let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-        // exportTo: "*" (the default), "." (its own namespace) or names.
-        let exported = vs.spec.export_to.is_empty()
-            || vs.spec.export_to.iter().any(|e| {
-                e == "*" || e == &proxy.namespace || (e == "." && vs.namespace() == proxy.namespace)
-            });
-        let names_it = vs.spec.hosts.iter().any(|h| {
-            resolve_host(h, vs.namespace()) == svc.hostname
-                || h == &format!("{}.{}.{DOMAIN_SUFFIX}", svc.name, svc.namespace)
-        });
-        for_mesh && exported && names_it && seen.insert((vs.namespace().to_string(), vs.name().to_string()))
-    })
+    push.virtual_services_by_host
+        .get(&svc.hostname)
+        .into_iter()
+        .flatten()
+        .map(|i| &*push.virtual_services[*i])
+        .filter(move |vs| {
+            let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+            // exportTo: "*" (the default), "." (its own namespace) or names.
+            let exported = vs.spec.export_to.is_empty()
+                || vs.spec.export_to.iter().any(|e| {
+                    e == "*" || e == &proxy.namespace || (e == "." && vs.namespace() == proxy.namespace)
+                });
+            for_mesh && exported
+        })
 }
 
 /// Whether an L4 match (port, sourceLabels, gateways) applies to this

@@ -3,7 +3,7 @@
 //! encoded once. Resource versions are content hashes, so the same config
 //! gives the same versions across restarts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::XdsType;
-use crate::model::{Proxy, PushContext};
+use crate::config::{ConfigSnapshot, Kind, ResourceKey};
+use crate::model::{Proxy, PushContext, DOMAIN_SUFFIX};
 use crate::translate::{self, Diagnostic};
 
 /// One resource, encoded once: its name, its content version and the `Any`
@@ -73,6 +74,46 @@ struct Generation {
     snapshots: DashMap<String, Arc<Snapshot>>,
     /// Equal resources of different config keys share one encoding.
     interned: DashMap<(XdsType, String), Arc<Encoded>>,
+    /// When only endpoints changed since the previous generation: its
+    /// snapshots, which are patched instead of translated again.
+    base: Option<Base>,
+}
+
+/// The previous generation's snapshots and the services whose endpoints
+/// changed since.
+struct Base {
+    snapshots: std::collections::HashMap<String, Arc<Snapshot>>,
+    hosts: BTreeSet<String>,
+}
+
+/// The services (by hostname) whose Endpoints or EndpointSlices alone
+/// changed between two configs; `None` when anything else changed too.
+pub fn endpoint_only_change(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Option<BTreeSet<String>> {
+    let keys: BTreeSet<&ResourceKey> = prev.resources.keys().chain(next.resources.keys()).collect();
+    let mut hosts = BTreeSet::new();
+    for key in keys {
+        let (a, b) = (prev.resources.get(key), next.resources.get(key));
+        let same = match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.resource, &b.resource) || a.resource == b.resource,
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        let service = match key.kind {
+            Kind::Endpoints => key.name.clone(),
+            Kind::EndpointSlice => {
+                let label = |e: Option<&crate::config::Entry>| {
+                    e.and_then(|e| e.resource.metadata().labels.as_ref())
+                        .and_then(|l| l.get("kubernetes.io/service-name").cloned())
+                };
+                label(a).or_else(|| label(b))?
+            }
+            _ => return None,
+        };
+        hosts.insert(format!("{service}.{}.{DOMAIN_SUFFIX}", key.namespace));
+    }
+    Some(hosts)
 }
 
 /// The cache. Streams read it; `update` installs a new push context and
@@ -103,7 +144,17 @@ impl SnapshotCache {
     /// Installs a new push context; streams are woken and recompute.
     pub fn update(&self, push: Arc<PushContext>) {
         let generation = push.config.generation;
-        let next = Arc::new(Generation::new(push));
+        let prev = self.generation();
+        let mut next = Generation::new(push);
+        if let Some(hosts) = endpoint_only_change(&prev.push.config, &next.push.config) {
+            let snapshots = prev
+                .snapshots
+                .iter()
+                .map(|e| (e.key().clone(), e.value().clone()))
+                .collect();
+            next.base = Some(Base { snapshots, hosts });
+        }
+        let next = Arc::new(next);
         match self.current.write() {
             Ok(mut g) => *g = next,
             Err(poisoned) => *poisoned.into_inner() = next,
@@ -136,7 +187,14 @@ impl SnapshotCache {
         if let Some(s) = generation.snapshots.get(&key) {
             return s.clone();
         }
-        let snapshot = Arc::new(generation.build(proxy));
+        let snapshot = match generation
+            .base
+            .as_ref()
+            .and_then(|b| Some((b, b.snapshots.get(&key)?)))
+        {
+            Some((base, previous)) => Arc::new(generation.patch(proxy, previous, &base.hosts)),
+            None => Arc::new(generation.build(proxy)),
+        };
         let shared = generation.snapshots.entry(key).or_insert(snapshot).clone();
         shared
     }
@@ -148,6 +206,23 @@ impl Generation {
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
+            base: None,
+        }
+    }
+
+    /// The previous snapshot of a config key with the endpoints of `hosts`
+    /// translated again: all an endpoint-only change can alter.
+    fn patch(&self, proxy: &Proxy, previous: &Snapshot, hosts: &BTreeSet<String>) -> Snapshot {
+        let mut resources = previous.resources.clone();
+        let endpoints = resources.entry(XdsType::Endpoint).or_default();
+        for cla in translate::endpoints_of(&self.push, proxy, hosts) {
+            let e = self.intern(XdsType::Endpoint, Encoded::new(cla.cluster_name.clone(), &cla));
+            endpoints.insert(e.name.clone(), e);
+        }
+        Snapshot {
+            generation: self.push.config.generation,
+            resources,
+            diagnostics: previous.diagnostics.clone(),
         }
     }
 
@@ -198,5 +273,89 @@ impl Generation {
             return Arc::new(e);
         }
         self.interned.entry(key).or_insert_with(|| Arc::new(e)).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_file;
+
+    fn push(reviews_ips: &str, extra: &str) -> Arc<PushContext> {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw, namespace: istio-system}}\n\
+             spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 80, name: http, protocol: HTTP}}\n    hosts: ['*']\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 9080}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: reviews, namespace: default}}\nsubsets:\n- addresses: [{reviews_ips}]\n  ports: [{{name: http, port: 9080}}]\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: r1, namespace: default, labels: {{version: v1}}}}\nstatus: {{podIP: 10.0.0.1}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: r2, namespace: default, labels: {{version: v2}}}}\nstatus: {{podIP: 10.0.0.2}}\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\n\
+             spec:\n  host: reviews\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: ratings, namespace: default}}\nsubsets:\n- addresses: [{{ip: 10.0.1.1}}]\n  ports: [{{name: http, port: 80}}]\n{extra}"
+        );
+        let snapshot = ConfigSnapshot::from_files(vec![parse_file("m.yaml", &yaml)]);
+        assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+        Arc::new(PushContext::new(Arc::new(snapshot)))
+    }
+
+    fn proxies() -> Vec<Proxy> {
+        let gw = serde_json::json!({"LABELS": {"istio": "ingressgateway"}});
+        let sc = serde_json::json!({"LABELS": {"app": "sleep"}});
+        vec![
+            Proxy::parse(
+                "router~10.1.0.1~gw-1.istio-system~istio-system.svc.cluster.local",
+                gw.as_object().expect("object"),
+            )
+            .expect("gateway"),
+            Proxy::parse(
+                "sidecar~10.1.0.2~sleep-1.default~default.svc.cluster.local",
+                sc.as_object().expect("object"),
+            )
+            .expect("sidecar"),
+        ]
+    }
+
+    fn versions(s: &Snapshot) -> BTreeMap<(XdsType, String), String> {
+        s.resources
+            .iter()
+            .flat_map(|(t, m)| m.values().map(move |e| ((*t, e.name.clone()), e.version.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn an_endpoint_change_patches_the_previous_snapshots_to_what_a_full_translation_gives() {
+        let before = push("{ip: 10.0.0.1}", "");
+        let after = push("{ip: 10.0.0.1}, {ip: 10.0.0.2}", "");
+        assert_eq!(
+            endpoint_only_change(&before.config, &after.config),
+            Some(BTreeSet::from(["reviews.default.svc.cluster.local".to_string()]))
+        );
+        let other = push(
+            "{ip: 10.0.0.1}",
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        );
+        assert_eq!(endpoint_only_change(&before.config, &other.config), None);
+        for proxy in proxies() {
+            let cache = SnapshotCache::new(before.clone());
+            let old = cache.snapshot(&proxy);
+            cache.update(after.clone());
+            let patched = cache.snapshot(&proxy);
+            let fresh = SnapshotCache::new(after.clone()).snapshot(&proxy);
+            assert_eq!(versions(&patched), versions(&fresh), "{}", proxy.id);
+            // The patch reused the unchanged resources instead of encoding
+            // them again, and changed the subsets' endpoints.
+            let cluster = "outbound|80||ratings.default.svc.cluster.local";
+            let (o, p) = (
+                &old.resources[&XdsType::Cluster][cluster],
+                &patched.resources[&XdsType::Cluster][cluster],
+            );
+            assert!(Arc::ptr_eq(o, p), "{}", proxy.id);
+            let v2 = "outbound|80|v2|reviews.default.svc.cluster.local";
+            assert_ne!(
+                old.resources[&XdsType::Endpoint][v2].version,
+                patched.resources[&XdsType::Endpoint][v2].version
+            );
+        }
     }
 }
