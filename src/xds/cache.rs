@@ -54,17 +54,27 @@ pub fn content_hash(parts: &[&[u8]]) -> String {
     h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Resources of one type by name, shared: by the proxies of one config
+/// key, and by each stream as the record of what its proxy holds (copied
+/// only when a stream's record comes to differ).
+pub type Resources = Arc<BTreeMap<String, Arc<Encoded>>>;
+
 /// Everything one proxy is owed, by type and name.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    pub resources: BTreeMap<XdsType, BTreeMap<String, Arc<Encoded>>>,
+    pub resources: BTreeMap<XdsType, Resources>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
 impl Snapshot {
     /// The resources of one type.
     pub fn of(&self, t: XdsType) -> Option<&BTreeMap<String, Arc<Encoded>>> {
+        self.resources.get(&t).map(|m| &**m)
+    }
+
+    /// The resources of one type, as the shared map.
+    pub fn shared(&self, t: XdsType) -> Option<&Resources> {
         self.resources.get(&t)
     }
 }
@@ -214,7 +224,7 @@ impl Generation {
     /// translated again: all an endpoint-only change can alter.
     fn patch(&self, proxy: &Proxy, previous: &Snapshot, hosts: &BTreeSet<String>) -> Snapshot {
         let mut resources = previous.resources.clone();
-        let endpoints = resources.entry(XdsType::Endpoint).or_default();
+        let endpoints = Arc::make_mut(resources.entry(XdsType::Endpoint).or_default());
         for cla in translate::endpoints_of(&self.push, proxy, hosts) {
             let e = self.intern(XdsType::Endpoint, Encoded::new(cla.cluster_name.clone(), &cla));
             endpoints.insert(e.name.clone(), e);
@@ -254,9 +264,10 @@ impl Generation {
         for d in &out.diagnostics {
             tracing::warn!(proxy = %proxy.id, resource = %d.resource, field = %d.field, "{}", d.message);
         }
-        for t in XdsType::ALL {
-            resources.entry(t).or_default();
-        }
+        let resources = XdsType::ALL
+            .into_iter()
+            .map(|t| (t, Arc::new(resources.remove(&t).unwrap_or_default())))
+            .collect();
         Snapshot {
             generation: self.push.config.generation,
             resources,

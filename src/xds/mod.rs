@@ -16,7 +16,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use cache::{Encoded, Snapshot, SnapshotCache};
+pub use cache::{Encoded, Resources, Snapshot, SnapshotCache};
 pub use server::AdsServer;
 pub use status::Registry;
 

@@ -258,7 +258,7 @@ impl Connection {
         let shared = self.cache.snapshot(proxy);
         let Some(w) = workload else { return shared };
         let mut resources = shared.resources.clone();
-        let secrets = resources.entry(XdsType::Secret).or_default();
+        let secrets = Arc::make_mut(resources.entry(XdsType::Secret).or_default());
         for s in &w.secrets {
             secrets.insert(s.name.clone(), s.clone());
         }

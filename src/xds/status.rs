@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use dashmap::DashMap;
 
-use super::cache::Encoded;
+use super::cache::Resources;
 use super::stream::{Nack, StreamState};
 use super::XdsType;
 use crate::model::Proxy;
@@ -37,7 +36,7 @@ pub struct TypeStatus {
     pub nack: Option<Nack>,
     pub last_sent: Option<SystemTime>,
     /// What the proxy holds, as far as meshd knows.
-    pub held: BTreeMap<String, Arc<Encoded>>,
+    pub held: Resources,
 }
 
 /// Every connected stream.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::cache::{content_hash, Encoded, Snapshot};
+use super::cache::{content_hash, Encoded, Resources, Snapshot};
 use super::XdsType;
 
 /// A response the stream must send.
@@ -53,7 +53,7 @@ pub struct TypeState {
     pub acked_version: Option<String>,
     pub nack: Option<Nack>,
     /// What the proxy holds, as far as meshd knows: name → resource.
-    pub held: BTreeMap<String, Arc<Encoded>>,
+    pub held: Resources,
     /// Names to send again even if unchanged (their cluster changed, and
     /// Envoy warms a cluster only on a fresh ClusterLoadAssignment).
     pub force: BTreeSet<String>,
@@ -155,8 +155,11 @@ impl StreamState {
             if !state.subscribed {
                 continue;
             }
-            let (version, _) = sotw_select(state, snapshot.of(t));
             let forced = !state.force.is_empty();
+            if !forced && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
+                continue;
+            }
+            let (version, _) = sotw_select(state, snapshot.of(t));
             let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
             let changed = state.sent_version.as_deref() != Some(version.as_str());
             if !(changed || forced) || rejected {
@@ -196,13 +199,17 @@ impl StreamState {
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
         if state.wildcard {
-            state.held.clear();
-        } else if !only_changed {
-            let names = state.names.clone();
-            state.held.retain(|n, _| names.contains(n));
-        }
-        for r in &resources {
-            state.held.insert(r.name.clone(), r.clone());
+            // Everything the snapshot has was sent: the record is its map.
+            state.held = snapshot.shared(t).cloned().unwrap_or_default();
+        } else {
+            let held = Arc::make_mut(&mut state.held);
+            if !only_changed {
+                held.retain(|n, _| state.names.contains(n));
+            }
+            for r in &resources {
+                held.insert(r.name.clone(), r.clone());
+            }
+            share_if_equal(&mut state.held, snapshot.shared(t));
         }
         let changed = before.as_deref() != Some(version.as_str());
         self.mark_dependents(t, changed, &resources);
@@ -252,17 +259,16 @@ impl StreamState {
             state.subscribed = true;
             state.wildcard = req.subscribe.is_empty() && t.wildcard_by_default();
             for (name, version) in req.initial_versions {
-                if let Some(held) = snapshot.of(t).and_then(|m| m.get(name)) {
-                    if &held.version == version {
-                        state.held.insert(name.clone(), held.clone());
+                let held = Arc::make_mut(&mut state.held);
+                if let Some(current) = snapshot.of(t).and_then(|m| m.get(name)) {
+                    if &current.version == version {
+                        held.insert(name.clone(), current.clone());
                         continue;
                     }
                 }
                 // Envoy holds something else (or something gone): remember a
                 // placeholder so the diff replaces or removes it.
-                state
-                    .held
-                    .insert(name.clone(), Arc::new(placeholder(name, version)));
+                held.insert(name.clone(), Arc::new(placeholder(name, version)));
             }
         }
         let mut changed = first;
@@ -280,7 +286,7 @@ impl StreamState {
                 state.wildcard = false;
             } else {
                 state.names.remove(name);
-                state.held.remove(name);
+                Arc::make_mut(&mut state.held).remove(name);
             }
         }
         if !changed {
@@ -309,6 +315,9 @@ impl StreamState {
 
     fn delta_respond(&mut self, t: XdsType, snapshot: &Snapshot) -> Option<Outgoing> {
         let state = self.types.get(&t)?;
+        if state.force.is_empty() && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
+            return None;
+        }
         let all = snapshot.of(t);
         let exists = |n: &str| all.is_some_and(|m| m.contains_key(n));
         let desired = all
@@ -343,11 +352,15 @@ impl StreamState {
     ) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
-        for r in &send {
-            state.held.insert(r.name.clone(), r.clone());
-        }
-        for n in &removed {
-            state.held.remove(n);
+        if !send.is_empty() || !removed.is_empty() {
+            let held = Arc::make_mut(&mut state.held);
+            for r in &send {
+                held.insert(r.name.clone(), r.clone());
+            }
+            for n in &removed {
+                held.remove(n);
+            }
+            share_if_equal(&mut state.held, snapshot.shared(t));
         }
         let held: Vec<&[u8]> = state.held.values().map(|e| e.version.as_bytes()).collect();
         let version = content_hash(&held);
@@ -386,6 +399,30 @@ pub struct DeltaRequest<'a> {
 }
 
 /// The resources a SotW subscription gets, and the version of that set.
+/// Whether the proxy already holds exactly the snapshot's map of this
+/// type (the same shared map): then nothing can differ, and the stream
+/// skips the type without looking at its resources.
+fn unchanged(state: &TypeState, current: Option<&Resources>) -> bool {
+    current.is_some_and(|m| Arc::ptr_eq(m, &state.held))
+}
+
+/// Replaces a stream's record of what its proxy holds with the snapshot's
+/// own map when they hold the same resources, so that streams share one
+/// map instead of a copy each.
+fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
+    let Some(current) = current else { return };
+    if Arc::ptr_eq(held, current) || held.len() != current.len() {
+        return;
+    }
+    let same = held
+        .iter()
+        .zip(current.iter())
+        .all(|((a, x), (b, y))| a == b && (Arc::ptr_eq(x, y) || x.version == y.version));
+    if same {
+        *held = current.clone();
+    }
+}
+
 fn sotw_select(
     state: &TypeState,
     all: Option<&BTreeMap<String, Arc<Encoded>>>,
@@ -417,7 +454,7 @@ mod tests {
             .iter()
             .map(|(n, v)| (n.to_string(), encoded(n, v)))
             .collect();
-        s.resources.insert(t, map);
+        s.resources.insert(t, Arc::new(map));
         s
     }
 
@@ -490,17 +527,20 @@ mod tests {
     #[test]
     fn sotw_cluster_change_forces_endpoints_again() {
         let mut snap = snapshot(XdsType::Cluster, &[("c", "1")]);
-        snap.resources
-            .insert(XdsType::Endpoint, [("c".to_string(), encoded("c", "1"))].into());
+        snap.resources.insert(
+            XdsType::Endpoint,
+            Arc::new([("c".to_string(), encoded("c", "1"))].into()),
+        );
         let mut s = StreamState::default();
         s.sotw_request(XdsType::Cluster, &[], "", None, &snap)
             .expect("cds");
         s.sotw_request(XdsType::Endpoint, &["c".into()], "", None, &snap)
             .expect("eds");
         let mut changed = snapshot(XdsType::Cluster, &[("c", "2")]);
-        changed
-            .resources
-            .insert(XdsType::Endpoint, [("c".to_string(), encoded("c", "1"))].into());
+        changed.resources.insert(
+            XdsType::Endpoint,
+            Arc::new([("c".to_string(), encoded("c", "1"))].into()),
+        );
         let out: Vec<XdsType> = s.sotw_push(&changed).iter().map(|o| o.type_).collect();
         assert_eq!(out, vec![XdsType::Cluster, XdsType::Endpoint]);
     }
@@ -551,7 +591,7 @@ mod tests {
             ("b".to_string(), encoded("b", "1")),
         ]
         .into();
-        snap.resources.insert(XdsType::Endpoint, eds.clone());
+        snap.resources.insert(XdsType::Endpoint, Arc::new(eds.clone()));
         let none = BTreeMap::new();
         let mut s = StreamState::default();
         let mut req = DeltaRequest {
@@ -568,7 +608,7 @@ mod tests {
         req.subscribe = &names;
         s.delta_request(&req, &snap).expect("eds");
         let mut changed = snapshot(XdsType::Cluster, &[("a", "2"), ("b", "1")]);
-        changed.resources.insert(XdsType::Endpoint, eds);
+        changed.resources.insert(XdsType::Endpoint, Arc::new(eds));
         let out = s.delta_push(&changed);
         let sent: Vec<(XdsType, Vec<&str>)> = out
             .iter()
