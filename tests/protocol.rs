@@ -46,6 +46,10 @@ fn config(services: &[(&str, &str)], vs_host: &str) -> Arc<PushContext> {
 }
 
 fn config_on_ports(services: &[(&str, &str)], vs_host: &str, ports: &[u16]) -> Arc<PushContext> {
+    config_with(services, vs_host, ports, &[])
+}
+
+fn config_with(services: &[(&str, &str)], vs_host: &str, ports: &[u16], extra: &[&str]) -> Arc<PushContext> {
     let servers: String = ports
         .iter()
         .map(|p| format!("  - port: {{number: {p}, name: http-{p}, protocol: HTTP}}\n    hosts: ['*']\n"))
@@ -56,6 +60,7 @@ fn config_on_ports(services: &[(&str, &str)], vs_host: &str, ports: &[u16]) -> A
          apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: hw}}\nspec:\n  hosts: [{vs_host}]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {{host: helloworld}}\n"
     )];
     docs.extend(services.iter().map(|(n, ip)| service(n, ip)));
+    docs.extend(extra.iter().map(|d| d.to_string()));
     let snapshot = ConfigSnapshot::from_files(vec![parse_file("t.yaml", &docs.join("---\n"))]);
     assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
     Arc::new(PushContext::new(Arc::new(snapshot)))
@@ -280,9 +285,10 @@ async fn sotw_nack_is_recorded_and_not_resent() {
 async fn sotw_push_is_ordered_cds_eds_lds_rds() {
     let mut s = server().await;
     let mut c = sotw_started(&mut s).await;
-    // A new service (CDS+EDS), a new gateway port (LDS) and a new
-    // VirtualService host (RDS) at once.
-    s.cache.update(config_on_ports(
+    // A new service and a changed cluster (CDS, then the changed
+    // cluster's EDS), a new gateway port (LDS) and a new VirtualService
+    // host (RDS) at once.
+    s.cache.update(config_with(
         &[
             ("helloworld", "10.0.0.1"),
             ("other", "10.0.0.2"),
@@ -290,13 +296,17 @@ async fn sotw_push_is_ordered_cds_eds_lds_rds() {
         ],
         "hello2.example.com",
         &[80, 8081],
+        &["apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: hw}\n\
+           spec:\n  host: helloworld\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 10}\n"],
     ));
     let cds = c.recv().await;
     assert_eq!(cds.type_url, CDS.url());
     assert!(names_sotw(&cds, decoded_name).contains(&"outbound|80||third.default.svc.cluster.local".into()));
-    // The EDS subscription is unchanged, yet EDS is sent again so Envoy can warm.
+    // The EDS subscription is unchanged, yet the changed cluster's endpoints
+    // are sent again so Envoy can warm it; the unchanged cluster's are not.
     let eds = c.recv().await;
     assert_eq!(eds.type_url, EDS.url());
+    assert_eq!(names_sotw(&eds, decoded_name), vec![HELLO.to_string()]);
     let lds = c.recv().await;
     assert_eq!(lds.type_url, LDS.url());
     assert_eq!(names_sotw(&lds, decoded_name), vec!["0.0.0.0_80", "0.0.0.0_8081"]);

@@ -195,6 +195,13 @@ impl StreamState {
                     || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
             });
         }
+        // What the proxy did not hold in this version: only those
+        // resources' dependents are owed again.
+        let fresh: Vec<Arc<Encoded>> = resources
+            .iter()
+            .filter(|r| state.held.get(&r.name).is_none_or(|h| h.version != r.version))
+            .cloned()
+            .collect();
         let before = state.sent_version.replace(version.clone());
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
@@ -212,7 +219,7 @@ impl StreamState {
             share_if_equal(&mut state.held, snapshot.shared(t));
         }
         let changed = before.as_deref() != Some(version.as_str());
-        self.mark_dependents(t, changed, &resources);
+        self.mark_dependents(t, changed, &fresh);
         Outgoing {
             type_: t,
             version,
