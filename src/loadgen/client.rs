@@ -287,9 +287,9 @@ pub async fn run_delta(
         .await?
         .into_inner();
     let mut sync = Sync::default();
-    // The resources held per type, by name, to know what listeners and
-    // clusters name after a partial update.
-    let mut held: BTreeMap<XdsType, BTreeMap<String, Any>> = BTreeMap::new();
+    // Per held cluster and listener, what it names (its EDS cluster, its
+    // route tables), to know the subscriptions after a partial update.
+    let mut names: BTreeMap<XdsType, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     while let Some(resp) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
@@ -304,25 +304,25 @@ pub async fn run_delta(
         }
         let anys: Vec<Any> = resp.resources.iter().filter_map(|r| r.resource.clone()).collect();
         record(&stats, &shared, t, resp.encoded_len(), &anys);
-        let map = held.entry(t).or_default();
+        sync.received.insert(t);
+        let names_of = |a: &Any| match t {
+            XdsType::Cluster => eds_names(std::slice::from_ref(a)),
+            XdsType::Listener => rds_names(std::slice::from_ref(a)),
+            _ => BTreeSet::new(),
+        };
+        let held = names.entry(t).or_default();
         for r in &resp.resources {
             if let Some(any) = &r.resource {
-                map.insert(r.name.clone(), any.clone());
+                held.insert(r.name.clone(), names_of(any));
             }
         }
         for name in &resp.removed_resources {
-            map.remove(name);
+            held.remove(name);
         }
-        sync.received.insert(t);
+        let wanted = held.values().flatten().cloned().collect::<BTreeSet<String>>();
         let follow = match t {
-            XdsType::Cluster => Some((
-                XdsType::Endpoint,
-                eds_names(&map.values().cloned().collect::<Vec<_>>()),
-            )),
-            XdsType::Listener => Some((
-                XdsType::Route,
-                rds_names(&map.values().cloned().collect::<Vec<_>>()),
-            )),
+            XdsType::Cluster => Some((XdsType::Endpoint, wanted)),
+            XdsType::Listener => Some((XdsType::Route, wanted)),
             _ => None,
         };
         if let Some((dep, wanted)) = follow {

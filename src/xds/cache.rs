@@ -64,7 +64,24 @@ pub type Resources = Arc<BTreeMap<String, Arc<Encoded>>>;
 pub struct Snapshot {
     pub generation: u64,
     pub resources: BTreeMap<XdsType, Resources>,
+    /// The version of each type's whole set, computed once: what a stream
+    /// that takes in all of a type sends as its version.
+    pub versions: BTreeMap<XdsType, String>,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+/// The version of a set of resources: a hash of their names and versions,
+/// in name order. The same resources give the same version, across restarts.
+pub fn set_version(resources: &BTreeMap<String, Arc<Encoded>>) -> String {
+    let parts: Vec<&[u8]> = resources
+        .values()
+        .flat_map(|e| [e.name.as_bytes(), e.version.as_bytes()])
+        .collect();
+    content_hash(&parts)
+}
+
+fn versions_of(resources: &BTreeMap<XdsType, Resources>) -> BTreeMap<XdsType, String> {
+    resources.iter().map(|(t, m)| (*t, set_version(m))).collect()
 }
 
 impl Snapshot {
@@ -229,9 +246,12 @@ impl Generation {
             let e = self.intern(XdsType::Endpoint, Encoded::new(cla.cluster_name.clone(), &cla));
             endpoints.insert(e.name.clone(), e);
         }
+        let mut versions = previous.versions.clone();
+        versions.insert(XdsType::Endpoint, set_version(endpoints));
         Snapshot {
             generation: self.push.config.generation,
             resources,
+            versions,
             diagnostics: previous.diagnostics.clone(),
         }
     }
@@ -270,6 +290,7 @@ impl Generation {
             .collect();
         Snapshot {
             generation: self.push.config.generation,
+            versions: versions_of(&resources),
             resources,
             diagnostics: out.diagnostics,
         }

@@ -262,9 +262,12 @@ impl Connection {
         for s in &w.secrets {
             secrets.insert(s.name.clone(), s.clone());
         }
+        let mut versions = shared.versions.clone();
+        versions.insert(XdsType::Secret, super::cache::set_version(secrets));
         Arc::new(Snapshot {
             generation: shared.generation,
             resources,
+            versions,
             diagnostics: shared.diagnostics.clone(),
         })
     }

@@ -159,7 +159,7 @@ impl StreamState {
             if !forced && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
                 continue;
             }
-            let (version, _) = sotw_select(state, snapshot.of(t));
+            let (version, resources) = sotw_select(state, snapshot, t);
             let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
             let changed = state.sent_version.as_deref() != Some(version.as_str());
             if !(changed || forced) || rejected {
@@ -171,7 +171,6 @@ impl StreamState {
             // control planes slow.
             let partial = !state.wildcard;
             if partial {
-                let (_, resources) = sotw_select(state, snapshot.of(t));
                 let any = resources.iter().any(|r| {
                     state.force.contains(&r.name)
                         || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
@@ -180,15 +179,30 @@ impl StreamState {
                     continue;
                 }
             }
-            out.push(self.sotw_respond(t, snapshot, partial));
+            out.push(self.sotw_send(t, snapshot, (version, resources), partial));
         }
         out
     }
 
     fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot, only_changed: bool) -> Outgoing {
+        let state = self.types.entry(t).or_default();
+        let selected = sotw_select(state, snapshot, t);
+        self.sotw_send(t, snapshot, selected, only_changed)
+    }
+
+    /// Sends the `selected` resources of a type (only those the proxy does
+    /// not hold in this version, with `only_changed`).
+    fn sotw_send(
+        &mut self,
+        t: XdsType,
+        snapshot: &Snapshot,
+        selected: (String, Vec<Arc<Encoded>>),
+        only_changed: bool,
+    ) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
-        let (version, mut resources) = sotw_select(state, snapshot.of(t));
+        let (version, mut resources) = selected;
+        let covers = covers_all(state, snapshot.of(t));
         if only_changed {
             resources.retain(|r| {
                 state.force.contains(&r.name)
@@ -205,8 +219,9 @@ impl StreamState {
         let before = state.sent_version.replace(version.clone());
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
-        if state.wildcard {
-            // Everything the snapshot has was sent: the record is its map.
+        if state.wildcard || covers {
+            // The proxy now holds all the snapshot has of this type: the
+            // record is the snapshot's own map.
             state.held = snapshot.shared(t).cloned().unwrap_or_default();
         } else {
             let held = Arc::make_mut(&mut state.held);
@@ -430,10 +445,30 @@ fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
     }
 }
 
-fn sotw_select(
-    state: &TypeState,
-    all: Option<&BTreeMap<String, Arc<Encoded>>>,
-) -> (String, Vec<Arc<Encoded>>) {
+/// Whether a named subscription takes in every resource of the type the
+/// snapshot has (as a sidecar's EDS subscription does): one walk over the
+/// two sorted sets.
+fn covers_all(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>) -> bool {
+    let Some(all) = all else { return true };
+    if state.wildcard {
+        return true;
+    }
+    if state.names.len() < all.len() {
+        return false;
+    }
+    let mut names = state.names.iter();
+    all.keys().all(|k| names.by_ref().any(|n| n == k))
+}
+
+/// The resources of a type a stream subscribes to, and their version: the
+/// snapshot's own version of the type when the subscription takes in all
+/// of it.
+fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType) -> (String, Vec<Arc<Encoded>>) {
+    let all = snapshot.of(t);
+    if let Some(version) = snapshot.versions.get(&t).filter(|_| covers_all(state, all)) {
+        let resources = all.into_iter().flat_map(|m| m.values().cloned()).collect();
+        return (version.clone(), resources);
+    }
     let resources: Vec<Arc<Encoded>> = all
         .into_iter()
         .flatten()
