@@ -60,9 +60,15 @@ impl ConfigStore {
                                     });
                                     continue;
                                 }
+                                // An unchanged resource keeps its Arc, so later
+                                // stages see at once that it did not change.
+                                let resource = match prev.resources.get(&key) {
+                                    Some(old) if *old.resource == resource => old.resource.clone(),
+                                    _ => Arc::new(resource),
+                                };
                                 let entry = Entry {
                                     origin: doc.origin,
-                                    resource: Arc::new(resource),
+                                    resource,
                                 };
                                 resources.insert(key, entry);
                             }

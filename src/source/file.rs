@@ -89,19 +89,64 @@ fn load_file(dir: &Path, shown_as: &Path, path: &Path) -> FileLoad {
         .to_string();
     match std::fs::read_to_string(path) {
         Ok(text) => parse_file(&name, &text),
-        Err(e) => FileLoad {
-            file: name.clone(),
-            documents: Err(Rejection {
-                origin: Origin {
-                    file: name,
-                    document: 0,
-                },
-                key: None,
-                field: None,
-                reason: format!("cannot read: {e}"),
-                last_good_kept: false,
-            }),
-        },
+        Err(e) => unreadable(name, &e),
+    }
+}
+
+/// Parsed files by path, reused while a file's text is unchanged: a change
+/// to one file of a large directory parses that file only.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    files: std::collections::HashMap<PathBuf, (String, FileLoad)>,
+}
+
+impl ParseCache {
+    /// As `load_dir`, parsing only the files whose text changed.
+    pub fn load_dir(&mut self, dir: &Path) -> Result<Vec<FileLoad>, SourceError> {
+        let mut paths = Vec::new();
+        collect(dir, &mut paths).map_err(|source| SourceError::ReadDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        paths.sort();
+        self.files.retain(|p, _| paths.contains(p));
+        let mut loads = Vec::with_capacity(paths.len());
+        for path in paths {
+            let name = path.strip_prefix(dir).unwrap_or(&path).display().to_string();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) => {
+                    self.files.remove(&path);
+                    loads.push(unreadable(name, &e));
+                    continue;
+                }
+            };
+            match self.files.get(&path) {
+                Some((seen, load)) if *seen == text => loads.push(load.clone()),
+                _ => {
+                    let load = parse_file(&name, &text);
+                    loads.push(load.clone());
+                    self.files.insert(path, (text, load));
+                }
+            }
+        }
+        Ok(loads)
+    }
+}
+
+fn unreadable(name: String, e: &std::io::Error) -> FileLoad {
+    FileLoad {
+        file: name.clone(),
+        documents: Err(Rejection {
+            origin: Origin {
+                file: name,
+                document: 0,
+            },
+            key: None,
+            field: None,
+            reason: format!("cannot read: {e}"),
+            last_good_kept: false,
+        }),
     }
 }
 
@@ -135,12 +180,13 @@ pub fn watch_dir(
             source,
         })?;
 
-    publish(&mut store, &dir, &tx)?;
+    let mut cache = ParseCache::default();
+    publish(&mut store, &mut cache, &dir, &tx)?;
     tokio::spawn(async move {
         let _watcher = watcher; // dropping it stops the watch
         while events.recv().await.is_some() {
             debounce.settle(&mut events).await;
-            if let Err(e) = publish(&mut store, &dir, &tx) {
+            if let Err(e) = publish(&mut store, &mut cache, &dir, &tx) {
                 tracing::error!("{e}; serving the last good config");
             }
             if tx.is_closed() {
@@ -153,11 +199,12 @@ pub fn watch_dir(
 
 fn publish(
     store: &mut ConfigStore,
+    cache: &mut ParseCache,
     dir: &Path,
     tx: &watch::Sender<Arc<ConfigSnapshot>>,
 ) -> Result<(), SourceError> {
     let before = store.current();
-    let files = load_dir(dir)?;
+    let files = cache.load_dir(dir)?;
     let next = store.apply(files);
     if next.generation == before.generation && before.generation != 0 {
         return Ok(());
@@ -184,6 +231,28 @@ fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parse_cache_reads_like_load_dir_and_follows_changes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ns = |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        std::fs::write(dir.path().join("a.yaml"), ns("a")).expect("write");
+        std::fs::write(dir.path().join("b.yaml"), ns("b")).expect("write");
+        let mut cache = ParseCache::default();
+        let names = |loads: Vec<FileLoad>| -> Vec<String> {
+            let snapshot = ConfigSnapshot::from_files(loads);
+            snapshot.resources.keys().map(|k| k.name.clone()).collect()
+        };
+        assert_eq!(names(cache.load_dir(dir.path()).expect("load")), ["a", "b"]);
+        assert_eq!(
+            names(cache.load_dir(dir.path()).expect("load")),
+            names(load_dir(dir.path()).expect("load"))
+        );
+        std::fs::write(dir.path().join("b.yaml"), ns("c")).expect("write");
+        std::fs::remove_file(dir.path().join("a.yaml")).expect("rm");
+        assert_eq!(names(cache.load_dir(dir.path()).expect("load")), ["c"]);
+        assert_eq!(cache.files.len(), 1, "a removed file leaves the cache");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn debounce_waits_for_quiet_but_not_past_max() {
