@@ -46,7 +46,8 @@ pub struct Nack {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TypeState {
     pub wildcard: bool,
-    pub names: BTreeSet<String>,
+    /// Shared between streams subscribing to the same names (see `intern`).
+    pub names: Arc<BTreeSet<String>>,
     /// Version and nonce of the last response.
     pub sent_version: Option<String>,
     pub sent_nonce: Option<String>,
@@ -121,10 +122,12 @@ impl StreamState {
         }
         let wildcard = names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
         let wanted: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
-        let changed = !state.subscribed || wildcard != state.wildcard || wanted != state.names;
+        let changed = !state.subscribed || wildcard != state.wildcard || wanted != *state.names;
         state.subscribed = true;
         state.wildcard = wildcard;
-        state.names = wanted;
+        if wanted != *state.names {
+            state.names = intern(wanted);
+        }
         let initial = kind == RequestKind::Initial;
         match kind {
             RequestKind::Stale | RequestKind::Initial => {}
@@ -294,12 +297,18 @@ impl StreamState {
             }
         }
         let mut changed = first;
+        let edits = !req.subscribe.is_empty() || !req.unsubscribe.is_empty();
+        let mut names = if edits {
+            (*state.names).clone()
+        } else {
+            BTreeSet::new()
+        };
         for name in req.subscribe {
             changed = true;
             if name == "*" {
                 state.wildcard = true;
             } else {
-                state.names.insert(name.clone());
+                names.insert(name.clone());
             }
         }
         for name in req.unsubscribe {
@@ -307,9 +316,12 @@ impl StreamState {
             if name == "*" {
                 state.wildcard = false;
             } else {
-                state.names.remove(name);
+                names.remove(name);
                 Arc::make_mut(&mut state.held).remove(name);
             }
+        }
+        if edits && names != *state.names {
+            state.names = intern(names);
         }
         if !changed {
             return None;
@@ -443,6 +455,37 @@ fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
     if same {
         *held = current.clone();
     }
+}
+
+/// One shared copy of each set of subscribed names: the proxies of one
+/// config key subscribe to the same thousand cluster names, and a copy per
+/// stream is what a large mesh's memory would go to.
+fn intern(names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    use std::sync::{Mutex, OnceLock, Weak};
+    static SETS: OnceLock<Mutex<std::collections::HashMap<u64, Weak<BTreeSet<String>>>>> = OnceLock::new();
+    if names.is_empty() {
+        return Arc::new(names);
+    }
+    let mut h = DefaultHasher::new();
+    names.hash(&mut h);
+    let key = h.finish();
+    let Ok(mut sets) = SETS.get_or_init(Default::default).lock() else {
+        return Arc::new(names);
+    };
+    if let Some(shared) = sets.get(&key).and_then(Weak::upgrade) {
+        if *shared == names {
+            return shared;
+        }
+    }
+    let shared = Arc::new(names);
+    sets.insert(key, Arc::downgrade(&shared));
+    // Forget sets no stream holds any more, now and then.
+    if sets.len() > 1024 && sets.len().is_power_of_two() {
+        sets.retain(|_, w| w.strong_count() > 0);
+    }
+    shared
 }
 
 /// Whether a named subscription takes in every resource of the type the
