@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -217,9 +216,7 @@ pub async fn run(
     tokio::spawn(webhook);
     let ads = AdsServer::new(cache.clone(), registry.clone()).with_push_limit(opts.max_concurrent_pushes);
     let xds = tonic::transport::Server::builder()
-        .add_service(AggregatedDiscoveryServiceServer::new(
-            ads.clone().with_ca(ca.clone(), false),
-        ))
+        .add_service(ads.clone().with_ca(ca.clone(), false).into_service())
         .add_service(IstioCertificateServiceServer::new(CertificateService::new(
             ca.clone(),
             false,
@@ -228,9 +225,7 @@ pub async fn run(
     let xds_tls = tonic::transport::Server::builder()
         .tls_config(tls_config(&ca, &serving))
         .map_err(|e| ServeError::Tls(e.to_string()))?
-        .add_service(AggregatedDiscoveryServiceServer::new(
-            ads.with_ca(ca.clone(), true),
-        ))
+        .add_service(ads.with_ca(ca.clone(), true).into_service())
         .add_service(IstioCertificateServiceServer::new(CertificateService::new(
             ca, true,
         )))

@@ -25,6 +25,8 @@ pub struct Encoded {
     /// First 16 hex digits of the SHA-256 of the encoded bytes.
     pub version: String,
     pub body: Any,
+    /// `body` encoded, as it goes into every response that carries it.
+    pub wire: bytes::Bytes,
 }
 
 impl Encoded {
@@ -33,13 +35,15 @@ impl Encoded {
     /// resources give equal bytes.
     pub fn new<M: Message + Name>(name: String, message: &M) -> Encoded {
         let value = message.encode_to_vec();
+        let body = Any {
+            type_url: M::type_url(),
+            value,
+        };
         Encoded {
             name,
-            version: content_hash(&[&value]),
-            body: Any {
-                type_url: M::type_url(),
-                value,
-            },
+            version: content_hash(&[&body.value]),
+            wire: body.encode_to_vec().into(),
+            body,
         }
     }
 }

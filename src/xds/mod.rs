@@ -11,6 +11,7 @@ pub mod cache;
 pub mod server;
 pub mod status;
 pub mod stream;
+pub mod wire;
 
 use std::fmt;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 pub use cache::{Encoded, Resources, Snapshot, SnapshotCache};
 pub use server::AdsServer;
 pub use status::Registry;
+pub use wire::AdsService;
 
 /// The resource types meshd serves, in make-before-break push order:
 /// clusters before their endpoints, listeners before their routes.

@@ -2,26 +2,21 @@
 //! snapshots through `stream::StreamState` and sending what it decides.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value as PbValue};
-use futures::Stream;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 use super::cache::{Encoded, Snapshot, SnapshotCache};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
+use super::wire::Wire;
 use super::XdsType;
 use crate::ca::{SpiffeId, WorkloadCa};
 use crate::model::Proxy;
@@ -79,50 +74,44 @@ impl AdsServer {
     }
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
+impl AdsServer {
+    /// Starts a stream (`mode`: "sotw" or "delta"): authenticates the
+    /// caller, then serves it on its own task, writing responses to `tx`.
+    pub(super) fn start<R, B, D>(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        mode: &'static str,
+        request: Request<B>,
+        decoder: D,
+        tx: mpsc::Sender<Result<Wire, Status>>,
+    ) -> Result<(), Status>
+    where
+        R: XdsRequest,
+        Streaming<R>: Send,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        D: tonic::codec::Decoder<Item = R, Error = Status> + Send + 'static,
+    {
         let caller = self.caller(&request)?;
-        let (tx, rx) = mpsc::channel(16);
-        let conn = Connection::new(self, "sotw", caller);
-        tokio::spawn(conn.run(request.into_inner(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let caller = self.caller(&request)?;
-        let (tx, rx) = mpsc::channel(16);
-        let conn = Connection::new(self, "delta", caller);
-        tokio::spawn(conn.run(request.into_inner(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let requests = Streaming::new_request(decoder, request.into_inner(), None, None);
+        let conn = Connection::new(self, mode, caller);
+        tokio::spawn(conn.run(requests, tx));
+        Ok(())
     }
 }
 
 /// A request of either variant, as the loop needs it.
-trait XdsRequest: Send + 'static {
-    type Response: Send + 'static;
+pub(super) trait XdsRequest: Send + 'static {
     fn node(&self) -> Option<&Node>;
     fn type_url(&self) -> &str;
     /// Feeds the request to the state machine.
     fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing>;
     /// Feeds a new snapshot to the state machine.
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing>;
-    fn response(out: Outgoing) -> Self::Response;
+    /// The response carrying `out`.
+    fn wire(out: &Outgoing) -> Wire;
 }
 
 impl XdsRequest for DiscoveryRequest {
-    type Response = DiscoveryResponse;
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }
@@ -145,20 +134,12 @@ impl XdsRequest for DiscoveryRequest {
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.sotw_push(snapshot)
     }
-    fn response(out: Outgoing) -> DiscoveryResponse {
-        DiscoveryResponse {
-            version_info: out.version,
-            resources: out.resources.iter().map(|r| r.body.clone()).collect(),
-            type_url: out.type_.url().to_string(),
-            nonce: out.nonce,
-            control_plane: Some(control_plane()),
-            ..Default::default()
-        }
+    fn wire(out: &Outgoing) -> Wire {
+        Wire::sotw(out)
     }
 }
 
 impl XdsRequest for DeltaDiscoveryRequest {
-    type Response = DeltaDiscoveryResponse;
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }
@@ -188,31 +169,8 @@ impl XdsRequest for DeltaDiscoveryRequest {
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.delta_push(snapshot)
     }
-    fn response(out: Outgoing) -> DeltaDiscoveryResponse {
-        DeltaDiscoveryResponse {
-            system_version_info: out.version,
-            resources: out
-                .resources
-                .iter()
-                .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.body.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: out.type_.url().to_string(),
-            removed_resources: out.removed,
-            nonce: out.nonce,
-            control_plane: Some(control_plane()),
-            ..Default::default()
-        }
-    }
-}
-
-fn control_plane() -> ControlPlane {
-    ControlPlane {
-        identifier: format!("meshd {}", env!("CARGO_PKG_VERSION")),
+    fn wire(out: &Outgoing) -> Wire {
+        Wire::delta(out)
     }
 }
 
@@ -301,11 +259,8 @@ impl Connection {
         }
     }
 
-    async fn run<R: XdsRequest>(
-        self,
-        mut inbound: Streaming<R>,
-        tx: mpsc::Sender<Result<R::Response, Status>>,
-    ) where
+    async fn run<R: XdsRequest>(self, mut inbound: Streaming<R>, tx: mpsc::Sender<Result<Wire, Status>>)
+    where
         Streaming<R>: Send,
     {
         let mut generations = self.cache.subscribe();
@@ -369,7 +324,7 @@ impl Connection {
             self.registry
                 .update(*id, &state, &sent, snapshot.generation, &snapshot.diagnostics);
             for out in outgoing {
-                if tx.send(Ok(R::response(out))).await.is_err() {
+                if tx.send(Ok(R::wire(&out))).await.is_err() {
                     break;
                 }
             }

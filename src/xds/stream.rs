@@ -418,6 +418,7 @@ fn placeholder(name: &str, version: &str) -> Encoded {
         name: name.to_string(),
         version: version.to_string(),
         body: Default::default(),
+        wire: Default::default(),
     }
 }
 

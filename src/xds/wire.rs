@@ -1,0 +1,332 @@
+//! ADS responses written straight to the wire. Every resource is encoded
+//! once per generation (`Encoded::wire`, a shared `Bytes`); a response is
+//! the gRPC frame header, a few small fields, and those shared bytes, handed
+//! to HTTP/2 as separate chunks. Nothing of a resource is copied per
+//! stream, and no stream keeps an encode buffer the size of the largest
+//! response it ever sent (what tonic's per-stream encoder does).
+//!
+//! The two ADS methods are served by `AdsService`, a gRPC service written
+//! against tonic's request decoding and an `http_body::Body` of our own.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use http_body::Frame;
+use tokio::sync::mpsc;
+use tonic::codec::Codec;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
+use tonic::Status;
+
+use super::server::AdsServer;
+use super::stream::Outgoing;
+
+/// One encoded ADS response: its chunks, gRPC header first.
+#[derive(Debug, Default)]
+pub struct Wire {
+    pub chunks: Vec<Bytes>,
+}
+
+fn varint(buf: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        buf.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.put_u8(v as u8);
+}
+
+/// A length-delimited field's key and length.
+fn delimited(buf: &mut BytesMut, field: u32, len: usize) {
+    varint(buf, u64::from(field << 3 | 2));
+    varint(buf, len as u64);
+}
+
+fn string_field(buf: &mut BytesMut, field: u32, s: &str) {
+    if !s.is_empty() {
+        delimited(buf, field, s.len());
+        buf.put_slice(s.as_bytes());
+    }
+}
+
+fn varint_len(v: usize) -> usize {
+    let mut v = v as u64;
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// `ControlPlane { identifier }`, as a length-delimited field.
+fn control_plane(buf: &mut BytesMut, field: u32) {
+    let id = format!("meshd {}", env!("CARGO_PKG_VERSION"));
+    delimited(buf, field, 1 + varint_len(id.len()) + id.len());
+    string_field(buf, 1, &id);
+}
+
+impl Wire {
+    /// The gRPC frame of a message made of `parts`. Small parts are
+    /// gathered into chunks of up to `CHUNK` bytes (each chunk becomes an
+    /// HTTP/2 frame, which the connection queues until sent); a large
+    /// resource goes out as its own shared bytes, uncopied.
+    fn framed(parts: Vec<Bytes>) -> Wire {
+        const CHUNK: usize = 64 * 1024;
+        const SHARED: usize = 16 * 1024;
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        let mut chunks = Vec::new();
+        let mut current = BytesMut::with_capacity(CHUNK.min(len + 5));
+        current.put_u8(0);
+        current.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        for part in parts {
+            if part.len() >= SHARED {
+                if !current.is_empty() {
+                    chunks.push(current.split().freeze());
+                }
+                chunks.push(part);
+                continue;
+            }
+            current.put_slice(&part);
+            if current.len() >= CHUNK {
+                chunks.push(current.split().freeze());
+            }
+        }
+        if !current.is_empty() {
+            chunks.push(current.freeze());
+        }
+        Wire { chunks }
+    }
+
+    /// A `DiscoveryResponse`.
+    pub fn sotw(out: &Outgoing) -> Wire {
+        let mut parts = Vec::with_capacity(out.resources.len() * 2 + 2);
+        let mut head = BytesMut::new();
+        string_field(&mut head, 1, &out.version);
+        parts.push(head.freeze());
+        for r in &out.resources {
+            let mut key = BytesMut::with_capacity(6);
+            delimited(&mut key, 2, r.wire.len());
+            parts.push(key.freeze());
+            parts.push(r.wire.clone());
+        }
+        let mut tail = BytesMut::new();
+        string_field(&mut tail, 4, out.type_.url());
+        string_field(&mut tail, 5, &out.nonce);
+        control_plane(&mut tail, 6);
+        parts.push(tail.freeze());
+        Wire::framed(parts)
+    }
+
+    /// A `DeltaDiscoveryResponse`.
+    pub fn delta(out: &Outgoing) -> Wire {
+        let mut parts = Vec::with_capacity(out.resources.len() * 3 + 2);
+        let mut head = BytesMut::new();
+        string_field(&mut head, 1, &out.version);
+        parts.push(head.freeze());
+        for r in &out.resources {
+            // Resource { version = 1, resource = 2 (the Any), name = 3 }.
+            let mut fields = BytesMut::new();
+            string_field(&mut fields, 1, &r.version);
+            delimited(&mut fields, 2, r.wire.len());
+            let mut name = BytesMut::new();
+            string_field(&mut name, 3, &r.name);
+            let mut key = BytesMut::with_capacity(6);
+            delimited(&mut key, 2, fields.len() + r.wire.len() + name.len());
+            parts.push(key.freeze());
+            parts.push(fields.freeze());
+            parts.push(r.wire.clone());
+            parts.push(name.freeze());
+        }
+        let mut tail = BytesMut::new();
+        string_field(&mut tail, 4, out.type_.url());
+        string_field(&mut tail, 5, &out.nonce);
+        for removed in &out.removed {
+            string_field(&mut tail, 6, removed);
+        }
+        control_plane(&mut tail, 7);
+        parts.push(tail.freeze());
+        Wire::framed(parts)
+    }
+}
+
+/// The response body of one ADS stream: the chunks of each response as
+/// they come, then the gRPC status as trailers.
+struct ResponseBody {
+    rx: mpsc::Receiver<Result<Wire, Status>>,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            if let Some(chunk) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(wire))) => self.pending.extend(wire.chunks),
+                Poll::Ready(end) => {
+                    self.done = true;
+                    let status = match end {
+                        Some(Err(status)) => status,
+                        _ => Status::ok(""),
+                    };
+                    let mut trailers = http::HeaderMap::new();
+                    // A status whose message cannot be a header value is
+                    // sent without it.
+                    if status.add_header(&mut trailers).is_err() {
+                        let _ = Status::new(status.code(), "").add_header(&mut trailers);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+        }
+    }
+}
+
+/// The ADS gRPC service (state of the world and delta) on responses written
+/// as `Wire`.
+#[derive(Debug, Clone)]
+pub struct AdsService {
+    server: AdsServer,
+}
+
+impl AdsServer {
+    /// The gRPC service serving this server's streams.
+    pub fn into_service(self) -> AdsService {
+        AdsService { server: self }
+    }
+}
+
+impl NamedService for AdsService {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+fn grpc_response(body: ResponseBody) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+impl<B> Service<http::Request<B>> for AdsService
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let server = self.server.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let request = tonic::Request::from_http(req);
+            let (tx, rx) = mpsc::channel(16);
+            let body = ResponseBody {
+                rx,
+                pending: VecDeque::new(),
+                done: false,
+            };
+            let started = match path.rsplit('/').next() {
+                Some("StreamAggregatedResources") => {
+                    let mut codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryRequest>::default();
+                    server.start("sotw", request, codec.decoder(), tx)
+                }
+                Some("DeltaAggregatedResources") => {
+                    let mut codec =
+                        tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryRequest>::default();
+                    server.start("delta", request, codec.decoder(), tx)
+                }
+                _ => Err(Status::unimplemented(format!("no method {path}"))),
+            };
+            match started {
+                Ok(()) => Ok(grpc_response(body)),
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+    use prost::Message;
+
+    use super::*;
+    use crate::xds::{Encoded, XdsType};
+
+    fn outgoing() -> Outgoing {
+        let cluster = |name: &str| {
+            Arc::new(Encoded::new(
+                name.to_string(),
+                &Cluster {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+            ))
+        };
+        Outgoing {
+            type_: XdsType::Cluster,
+            version: "v1".into(),
+            nonce: "7".into(),
+            resources: vec![cluster("a"), cluster(&"b".repeat(300))],
+            removed: vec!["gone".into()],
+        }
+    }
+
+    fn message(wire: &Wire) -> Vec<u8> {
+        let all: Vec<u8> = wire.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(all[0], 0, "not compressed");
+        let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
+        assert_eq!(len, all.len() - 5, "the frame header gives the message length");
+        all[5..].to_vec()
+    }
+
+    #[test]
+    fn the_wire_encodings_decode_as_the_messages_they_stand_for() {
+        let out = outgoing();
+        let sotw = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
+        assert_eq!(sotw.version_info, "v1");
+        assert_eq!(sotw.nonce, "7");
+        assert_eq!(sotw.type_url, XdsType::Cluster.url());
+        assert_eq!(
+            sotw.resources,
+            out.resources.iter().map(|r| r.body.clone()).collect::<Vec<_>>()
+        );
+        assert!(sotw
+            .control_plane
+            .is_some_and(|c| c.identifier.starts_with("meshd ")));
+        let delta = DeltaDiscoveryResponse::decode(message(&Wire::delta(&out)).as_slice()).expect("decodes");
+        assert_eq!(delta.system_version_info, "v1");
+        assert_eq!(delta.removed_resources, ["gone"]);
+        let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b".repeat(300).as_str()]);
+        assert_eq!(delta.resources[1].version, out.resources[1].version);
+        assert_eq!(delta.resources[1].resource.as_ref(), Some(&out.resources[1].body));
+    }
+}
