@@ -126,7 +126,7 @@ fn main() {
             .iter()
             .filter_map(|t| first.of(*t))
             .flat_map(|m| m.values())
-            .map(|e| e.body.value.len())
+            .map(|e| e.wire.len())
             .sum();
         println!(
             "{n:>9} | {:>9} | {:>8} | {:>11} | {:>13} | {:>13} | {:>16} | {resources:>9} | {:>11}",

@@ -179,7 +179,7 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
             .values()
             .map(|e| clusters_config_dump::DynamicCluster {
                 version_info: version(cds),
-                cluster: Some(e.body.clone()),
+                cluster: Some(e.body()),
                 last_updated: stamp(cds),
                 ..Default::default()
             })
@@ -196,7 +196,7 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
                 name: e.name.clone(),
                 active_state: Some(listeners_config_dump::DynamicListenerState {
                     version_info: version(lds),
-                    listener: Some(e.body.clone()),
+                    listener: Some(e.body()),
                     last_updated: stamp(lds),
                 }),
                 ..Default::default()
@@ -211,7 +211,7 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
             .values()
             .map(|e| routes_config_dump::DynamicRouteConfig {
                 version_info: version(rds),
-                route_config: Some(e.body.clone()),
+                route_config: Some(e.body()),
                 last_updated: stamp(rds),
                 ..Default::default()
             })
@@ -225,7 +225,7 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
             .values()
             .map(|e| endpoints_config_dump::DynamicEndpointConfig {
                 version_info: version(eds),
-                endpoint_config: Some(e.body.clone()),
+                endpoint_config: Some(e.body()),
                 last_updated: stamp(eds),
                 ..Default::default()
             })
@@ -241,7 +241,7 @@ fn dump(conn: &ConnectionStatus) -> ConfigDump {
                 name: e.name.clone(),
                 version_info: version(sds),
                 last_updated: stamp(sds),
-                secret: Some(render::redacted_secret_any(&e.body)),
+                secret: Some(render::redacted_secret_any(&e.body())),
                 ..Default::default()
             })
             .collect(),

@@ -24,8 +24,8 @@ pub struct Encoded {
     pub name: String,
     /// First 16 hex digits of the SHA-256 of the encoded bytes.
     pub version: String,
-    pub body: Any,
-    /// `body` encoded, as it goes into every response that carries it.
+    /// The resource as an encoded `Any`, as it goes into every response
+    /// that carries it (shared, never copied per stream).
     pub wire: bytes::Bytes,
 }
 
@@ -35,16 +35,21 @@ impl Encoded {
     /// resources give equal bytes.
     pub fn new<M: Message + Name>(name: String, message: &M) -> Encoded {
         let value = message.encode_to_vec();
+        let version = content_hash(&[&value]);
         let body = Any {
             type_url: M::type_url(),
             value,
         };
         Encoded {
             name,
-            version: content_hash(&[&body.value]),
+            version,
             wire: body.encode_to_vec().into(),
-            body,
         }
+    }
+
+    /// The resource as an `Any` (decoded again: for debug dumps and tests).
+    pub fn body(&self) -> Any {
+        Any::decode(self.wire.clone()).unwrap_or_default()
     }
 }
 

@@ -417,7 +417,6 @@ fn placeholder(name: &str, version: &str) -> Encoded {
     Encoded {
         name: name.to_string(),
         version: version.to_string(),
-        body: Default::default(),
         wire: Default::default(),
     }
 }

@@ -316,7 +316,7 @@ mod tests {
         assert_eq!(sotw.type_url, XdsType::Cluster.url());
         assert_eq!(
             sotw.resources,
-            out.resources.iter().map(|r| r.body.clone()).collect::<Vec<_>>()
+            out.resources.iter().map(|r| r.body()).collect::<Vec<_>>()
         );
         assert!(sotw
             .control_plane
@@ -327,6 +327,9 @@ mod tests {
         let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["a", "b".repeat(300).as_str()]);
         assert_eq!(delta.resources[1].version, out.resources[1].version);
-        assert_eq!(delta.resources[1].resource.as_ref(), Some(&out.resources[1].body));
+        assert_eq!(
+            delta.resources[1].resource.as_ref(),
+            Some(&out.resources[1].body())
+        );
     }
 }
