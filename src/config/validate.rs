@@ -338,10 +338,23 @@ fn sidecar(spec: &SidecarSpec) -> Checked {
             );
         }
     }
+    let mut egress_binds = std::collections::BTreeSet::new();
     for (i, l) in spec.egress.iter().enumerate() {
         let at = format!("spec.egress[{i}]");
         match &l.port {
-            Some(p) => port(&format!("{at}.port"), p)?,
+            Some(p) => {
+                port(&format!("{at}.port"), p)?;
+                // Two listeners on one address and port would collide.
+                if !egress_binds.insert((l.bind.clone(), p.number)) {
+                    return fail(
+                        format!("{at}.port.number"),
+                        format!(
+                            "port {} is already taken by another egress listener on the same bind",
+                            p.number
+                        ),
+                    );
+                }
+            }
             None if i + 1 != spec.egress.len() => {
                 return fail(
                     format!("{at}.port"),
@@ -710,6 +723,13 @@ mod tests {
             "spec.ingress[0].defaultEndpoint"
         );
         assert_eq!(field("egress: [{hosts: ['reviews']}]"), "spec.egress[0].hosts[0]");
+        assert_eq!(
+            field(
+                "egress: [{port: {number: 80, protocol: HTTP, name: a}, hosts: ['./*']}, \
+                 {port: {number: 80, protocol: HTTP, name: b}, hosts: ['./*']}]"
+            ),
+            "spec.egress[1].port.number"
+        );
         assert_eq!(
             field("egress: [{captureMode: OFF, hosts: ['./*']}]"),
             "spec.egress[0].captureMode"
