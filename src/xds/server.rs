@@ -11,12 +11,12 @@ use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value 
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
-use tonic::{Request, Status, Streaming};
+use tonic::{Request, Status};
 
 use super::cache::{Encoded, Snapshot, SnapshotCache};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
-use super::wire::Wire;
+use super::wire::{Requests, Wire};
 use super::XdsType;
 use crate::ca::{SpiffeId, WorkloadCa};
 use crate::model::Proxy;
@@ -77,22 +77,19 @@ impl AdsServer {
 impl AdsServer {
     /// Starts a stream (`mode`: "sotw" or "delta"): authenticates the
     /// caller, then serves it on its own task, writing responses to `tx`.
-    pub(super) fn start<R, B, D>(
+    pub(super) fn start<R, B>(
         &self,
         mode: &'static str,
         request: Request<B>,
-        decoder: D,
         tx: mpsc::Sender<Result<Wire, Status>>,
     ) -> Result<(), Status>
     where
-        R: XdsRequest,
-        Streaming<R>: Send,
-        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        D: tonic::codec::Decoder<Item = R, Error = Status> + Send + 'static,
+        R: XdsRequest + prost::Message + Default,
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
     {
         let caller = self.caller(&request)?;
-        let requests = Streaming::new_request(decoder, request.into_inner(), None, None);
+        let requests = Requests::<B, R>::new(request.into_inner());
         let conn = Connection::new(self, mode, caller);
         tokio::spawn(conn.run(requests, tx));
         Ok(())
@@ -259,10 +256,11 @@ impl Connection {
         }
     }
 
-    async fn run<R: XdsRequest>(self, mut inbound: Streaming<R>, tx: mpsc::Sender<Result<Wire, Status>>)
-    where
-        Streaming<R>: Send,
-    {
+    async fn run<R: XdsRequest>(
+        self,
+        mut inbound: impl futures::Stream<Item = Result<R, Status>> + Send + Unpin,
+        tx: mpsc::Sender<Result<Wire, Status>>,
+    ) {
         let mut generations = self.cache.subscribe();
         let mut state = StreamState::default();
         let mut proxy: Option<(Proxy, u64)> = None;
@@ -270,11 +268,11 @@ impl Connection {
         loop {
             let renew_at = workload.as_ref().map(|w| w.renew_at);
             let outgoing = tokio::select! {
-                msg = inbound.message() => {
+                msg = futures::StreamExt::next(&mut inbound) => {
                     let req = match msg {
-                        Ok(Some(req)) => req,
-                        Ok(None) => break,
-                        Err(status) => {
+                        Some(Ok(req)) => req,
+                        None => break,
+                        Some(Err(status)) => {
                             tracing::debug!(%status, "stream closed");
                             break;
                         }

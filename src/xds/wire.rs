@@ -17,7 +17,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use http_body::Frame;
 use tokio::sync::mpsc;
-use tonic::codec::Codec;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::Status;
@@ -153,6 +152,114 @@ impl Wire {
     }
 }
 
+/// Requests largest accepted, as tonic's default.
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// The requests of one ADS stream, decoded from the gRPC frames of the
+/// request body. Between messages it keeps no buffer (a SotW EDS ACK
+/// repeats every subscribed name, and a buffer kept at that size per
+/// stream is what a large mesh's memory would go to).
+pub struct Requests<B, T> {
+    body: B,
+    buf: BytesMut,
+    /// The body has ended.
+    done: bool,
+    /// An error was returned: the stream is over.
+    failed: bool,
+    _message: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<B, T> Requests<B, T> {
+    pub fn new(body: B) -> Self {
+        Requests {
+            body,
+            buf: BytesMut::new(),
+            done: false,
+            failed: false,
+            _message: std::marker::PhantomData,
+        }
+    }
+
+    /// The next whole message in the buffer, if one has arrived.
+    fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::unimplemented("compressed requests are not supported"));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_REQUEST {
+            return Err(Status::resource_exhausted(format!(
+                "a request of {len} bytes is over the {MAX_REQUEST} byte limit"
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(5 + len);
+        // Whatever follows moves to a buffer of its own, so the message's
+        // allocation goes when the message does.
+        self.buf = BytesMut::from(&self.buf[..]);
+        Ok(Some(frame.split_off(5).freeze()))
+    }
+}
+
+impl<B, T> futures::Stream for Requests<B, T>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    T: prost::Message + Default,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.failed {
+                return Poll::Ready(None);
+            }
+            match self.next_message() {
+                Ok(Some(bytes)) => {
+                    return Poll::Ready(Some(
+                        T::decode(bytes).map_err(|e| Status::invalid_argument(format!("bad request: {e}"))),
+                    ));
+                }
+                Ok(None) => {}
+                Err(status) => return self.fail(status),
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    if !self.buf.is_empty() {
+                        return self.fail(Status::internal("the request stream ended inside a message"));
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return self.fail(Status::unavailable(format!("request stream: {e}")));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<B, T> Requests<B, T> {
+    /// Ends the stream with `status`.
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<T, Status>>> {
+        self.failed = true;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
 /// The response body of one ADS stream: the chunks of each response as
 /// they come, then the gRPC status as trailers.
 struct ResponseBody {
@@ -227,8 +334,8 @@ fn grpc_response(body: ResponseBody) -> http::Response<tonic::body::Body> {
 
 impl<B> Service<http::Request<B>> for AdsService
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display + Send,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
@@ -250,14 +357,9 @@ where
                 done: false,
             };
             let started = match path.rsplit('/').next() {
-                Some("StreamAggregatedResources") => {
-                    let mut codec = tonic_prost::ProstCodec::<DiscoveryRequest, DiscoveryRequest>::default();
-                    server.start("sotw", request, codec.decoder(), tx)
-                }
+                Some("StreamAggregatedResources") => server.start::<DiscoveryRequest, B>("sotw", request, tx),
                 Some("DeltaAggregatedResources") => {
-                    let mut codec =
-                        tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryRequest>::default();
-                    server.start("delta", request, codec.decoder(), tx)
+                    server.start::<DeltaDiscoveryRequest, B>("delta", request, tx)
                 }
                 _ => Err(Status::unimplemented(format!("no method {path}"))),
             };
@@ -275,6 +377,7 @@ mod tests {
 
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+    use http_body::Frame;
     use prost::Message;
 
     use super::*;
@@ -305,6 +408,64 @@ mod tests {
         let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
         assert_eq!(len, all.len() - 5, "the frame header gives the message length");
         all[5..].to_vec()
+    }
+
+    fn framed_request(r: &DiscoveryRequest) -> Vec<u8> {
+        let body = r.encode_to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn requests(chunks: Vec<Vec<u8>>) -> Vec<Result<DiscoveryRequest, Status>> {
+        use futures::StreamExt;
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c))));
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let reader = Requests::<_, DiscoveryRequest>::new(body);
+        futures::executor::block_on(reader.collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn requests_are_read_across_and_within_chunks() {
+        let a = DiscoveryRequest {
+            type_url: "a".into(),
+            resource_names: (0..500).map(|i| format!("outbound|80||svc-{i}")).collect(),
+            ..Default::default()
+        };
+        let b = DiscoveryRequest {
+            type_url: "b".into(),
+            ..Default::default()
+        };
+        let mut bytes = framed_request(&a);
+        bytes.extend(framed_request(&b));
+        // Split at awkward places: inside the header, inside a message.
+        let chunks = vec![
+            bytes[..3].to_vec(),
+            bytes[3..1000].to_vec(),
+            bytes[1000..].to_vec(),
+        ];
+        let got: Vec<DiscoveryRequest> = requests(chunks)
+            .into_iter()
+            .map(|r| r.expect("decodes"))
+            .collect();
+        assert_eq!(got, vec![a.clone(), b]);
+        // A message cut short, a compressed one, an oversized one.
+        let cut = framed_request(&a)[..10].to_vec();
+        assert!(requests(vec![cut]).last().is_some_and(Result::is_err));
+        let mut compressed = framed_request(&a);
+        compressed[0] = 1;
+        assert_eq!(
+            requests(vec![compressed])[0].as_ref().map_err(Status::code).err(),
+            Some(tonic::Code::Unimplemented)
+        );
+        let huge = vec![0, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(
+            requests(vec![huge])[0].as_ref().map_err(Status::code).err(),
+            Some(tonic::Code::ResourceExhausted)
+        );
     }
 
     #[test]
