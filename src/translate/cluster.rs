@@ -120,7 +120,7 @@ pub fn outbound_of(
                     Resolution::Dns | Resolution::DnsRoundRobin => {
                         dns_cluster(&name, svc.resolution, load_assignment)
                     }
-                    Resolution::Passthrough => passthrough_cluster(&name),
+                    Resolution::Passthrough => original_dst(&name),
                 };
                 if weighted {
                     cluster.common_lb_config = Some(CommonLbConfig {
@@ -479,8 +479,9 @@ fn dns_cluster(name: &str, resolution: Resolution, load_assignment: ClusterLoadA
     }
 }
 
-/// A ServiceEntry with resolution NONE: to the original destination.
-fn passthrough_cluster(name: &str) -> Cluster {
+/// A cluster to wherever each connection was going (a ServiceEntry with
+/// resolution NONE, the passthrough clusters, inbound clusters).
+fn original_dst(name: &str) -> Cluster {
     Cluster {
         name: name.to_string(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
@@ -519,15 +520,6 @@ fn bind_inbound_source() -> Option<BindConfig> {
 /// `PassthroughCluster` and `InboundPassthroughCluster`: to wherever the
 /// connection was going.
 pub fn passthrough() -> Vec<Cluster> {
-    let original_dst = |name: &str| Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::OriginalDst as i32,
-        )),
-        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        ..Default::default()
-    };
     let mut inbound = original_dst(INBOUND_PASSTHROUGH);
     inbound.upstream_bind_config = bind_inbound_source();
     vec![original_dst(PASSTHROUGH), inbound]
@@ -537,16 +529,9 @@ pub fn passthrough() -> Vec<Cluster> {
 /// going to (the workload's own), reached from 127.0.0.6; as Istio does,
 /// so that replicas of one workload share the cluster.
 pub fn inbound(port: u16) -> Cluster {
-    Cluster {
-        name: format!("inbound|{port}||"),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::OriginalDst as i32,
-        )),
-        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        upstream_bind_config: bind_inbound_source(),
-        ..Default::default()
-    }
+    let mut cluster = original_dst(&format!("inbound|{port}||"));
+    cluster.upstream_bind_config = bind_inbound_source();
+    cluster
 }
 
 /// `inbound|PORT||` to `address`; from 127.0.0.6 when traffic is captured

@@ -233,29 +233,13 @@ fn tcp_chain(
             if !applies {
                 continue;
             }
-            let clusters: Vec<(String, u32)> = rule
-                .route
-                .iter()
-                .enumerate()
-                .filter_map(|(j, d)| {
-                    let field = format!("spec.tcp[{i}].route[{j}].destination");
-                    let c = super::route::destination_cluster(
-                        push,
-                        vs,
-                        &field,
-                        d.destination.as_ref()?,
-                        &mut out.diagnostics,
-                    )?;
-                    Some((
-                        c,
-                        if rule.route.len() == 1 {
-                            1
-                        } else {
-                            d.weight.max(0) as u32
-                        },
-                    ))
-                })
-                .collect();
+            let clusters = super::route::l4_clusters(
+                push,
+                vs,
+                &format!("spec.tcp[{i}]"),
+                &rule.route,
+                &mut out.diagnostics,
+            );
             let mut chain = tls::tcp_chain(clusters)?;
             if let ServerKind::TlsTcp(mode) = bound.kind {
                 chain.transport_socket = tls::downstream_transport(

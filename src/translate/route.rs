@@ -318,6 +318,30 @@ pub(super) fn destination_cluster(
     Some(outbound_cluster_name(port, subset, &host))
 }
 
+/// The weighted clusters of a VirtualService's L4 destinations.
+pub(super) fn l4_clusters(
+    push: &PushContext,
+    vs: &VirtualService,
+    field: &str,
+    route: &[crate::config::istio::RouteDestination],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<(String, u32)> {
+    route
+        .iter()
+        .enumerate()
+        .filter_map(|(j, d)| {
+            let field = format!("{field}.route[{j}].destination");
+            let c = destination_cluster(push, vs, &field, d.destination.as_ref()?, diags)?;
+            let weight = if route.len() == 1 {
+                1
+            } else {
+                d.weight.max(0) as u32
+            };
+            Some((c, weight))
+        })
+        .collect()
+}
+
 impl RuleContext<'_> {
     /// The hash policy consistent hashing to this destination needs.
     fn hash_policy(&self, d: &Destination) -> Vec<route_action::HashPolicy> {

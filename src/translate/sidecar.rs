@@ -23,12 +23,11 @@ use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::cluster::{self, BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
-use super::route::{destination_cluster, http_routes, RouteScope};
+use super::route::{http_routes, l4_clusters, RouteScope};
 use super::tls::istio_common_tls_context;
 use super::{
     duration, http_connection_manager, outbound_cluster_name, rds, socket, tcp_proxy, Diagnostic, Generated,
 };
-use crate::config::istio::RouteDestination;
 use crate::config::VirtualService;
 use crate::model::peer_auth::{self, MtlsMode};
 use crate::model::sidecar_scope::{EgressListener, SidecarScope};
@@ -676,30 +675,6 @@ fn l4_applies(
     port.is_none_or(|p| p == u32::from(at))
         && is_subset(source_labels, &proxy.labels)
         && (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
-}
-
-/// The weighted clusters of a VirtualService's L4 destinations.
-fn l4_clusters(
-    push: &PushContext,
-    vs: &VirtualService,
-    field: &str,
-    route: &[RouteDestination],
-    diags: &mut Vec<Diagnostic>,
-) -> Vec<(String, u32)> {
-    route
-        .iter()
-        .enumerate()
-        .filter_map(|(j, d)| {
-            let field = format!("{field}.route[{j}].destination");
-            let c = destination_cluster(push, vs, &field, d.destination.as_ref()?, diags)?;
-            let weight = if route.len() == 1 {
-                1
-            } else {
-                d.weight.max(0) as u32
-            };
-            Some((c, weight))
-        })
-        .collect()
 }
 
 /// The chain of the first mesh VirtualService `tcp` rule that applies to
