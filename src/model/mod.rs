@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use credential::{CredentialError, Credentials, ServerCredential};
-pub use proxy::{Proxy, ProxyError, Role};
+pub use proxy::{label_list, Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, Resolution, ServicePort};
 
 use serde::Serialize;

@@ -114,17 +114,31 @@ impl Proxy {
     /// The node's properties translation depends on (the push context
     /// adds the workload's: see `translate::config_key`).
     pub fn config_key(&self) -> String {
-        let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.config_key_with(|_| true)
+    }
+
+    /// `config_key` with only the labels whose key `keep` accepts.
+    pub fn config_key_with(&self, keep: impl Fn(&str) -> bool) -> String {
         let identity = if self.identity.is_some() { "id" } else { "-" };
         let capture = if self.capture_none { "none" } else { "-" };
         format!(
             "{}|{}|{}|{identity}|{capture}|{}",
             self.role,
             self.namespace,
-            labels.join(","),
+            label_list(&self.labels, keep),
             self.locality
         )
     }
+}
+
+/// `k=v,k2=v2` of the labels whose key `keep` accepts, in key order.
+pub fn label_list(labels: &BTreeMap<String, String>, keep: impl Fn(&str) -> bool) -> String {
+    labels
+        .iter()
+        .filter(|(k, _)| keep(k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]

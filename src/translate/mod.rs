@@ -77,24 +77,13 @@ pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
         return proxy.config_key();
     }
     // Only the labels something selects sidecars by.
-    let relevant = |labels: &std::collections::BTreeMap<String, String>| -> String {
-        labels
-            .iter()
-            .filter(|(k, _)| push.sidecar_label_keys.contains(*k))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let identity = if proxy.identity.is_some() { "id" } else { "-" };
-    let capture = if proxy.capture_none { "none" } else { "-" };
-    let mut key = format!(
-        "sidecar|{}|{}|{identity}|{capture}|{}",
-        proxy.namespace,
-        relevant(&proxy.labels),
-        proxy.locality
-    );
+    let relevant = |k: &str| push.sidecar_label_keys.contains(k);
+    let mut key = proxy.config_key_with(relevant);
     if let Some(pod) = push.pods.get(&proxy.ip) {
-        key.push_str(&format!("|pod:{}", relevant(&pod.labels)));
+        key.push_str(&format!(
+            "|pod:{}",
+            crate::model::label_list(&pod.labels, relevant)
+        ));
     }
     let ports: Vec<String> = sidecar::workload_ports(push, proxy)
         .map(|(p, http)| format!("{p}{}", if http { "h" } else { "t" }))
