@@ -162,9 +162,9 @@ impl StreamState {
             if !forced && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
                 continue;
             }
-            let (version, resources) = sotw_select(state, snapshot, t);
-            let rejected = state.nack.as_ref().is_some_and(|n| n.version == version);
-            let changed = state.sent_version.as_deref() != Some(version.as_str());
+            let selected = sotw_select(state, snapshot, t);
+            let rejected = state.nack.as_ref().is_some_and(|n| n.version == selected.version);
+            let changed = state.sent_version.as_deref() != Some(selected.version.as_str());
             if !(changed || forced) || rejected {
                 continue;
             }
@@ -174,7 +174,7 @@ impl StreamState {
             // control planes slow.
             let partial = !state.wildcard;
             if partial {
-                let any = resources.iter().any(|r| {
+                let any = selected.resources.iter().any(|r| {
                     state.force.contains(&r.name)
                         || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
                 });
@@ -182,7 +182,7 @@ impl StreamState {
                     continue;
                 }
             }
-            out.push(self.sotw_send(t, snapshot, (version, resources), partial));
+            out.push(self.sotw_send(t, snapshot, selected, partial));
         }
         out
     }
@@ -199,13 +199,16 @@ impl StreamState {
         &mut self,
         t: XdsType,
         snapshot: &Snapshot,
-        selected: (String, Vec<Arc<Encoded>>),
+        selected: Selection,
         only_changed: bool,
     ) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
-        let (version, mut resources) = selected;
-        let covers = covers_all(state, snapshot.of(t));
+        let Selection {
+            version,
+            mut resources,
+            covers,
+        } = selected;
         if only_changed {
             resources.retain(|r| {
                 state.force.contains(&r.name)
@@ -503,14 +506,25 @@ fn covers_all(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>) -
     all.keys().all(|k| names.by_ref().any(|n| n == k))
 }
 
-/// The resources of a type a stream subscribes to, and their version: the
-/// snapshot's own version of the type when the subscription takes in all
-/// of it.
-fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType) -> (String, Vec<Arc<Encoded>>) {
+/// The resources of a type a stream subscribes to and their version.
+struct Selection {
+    version: String,
+    resources: Vec<Arc<Encoded>>,
+    /// The subscription takes in every resource the snapshot has of the type.
+    covers: bool,
+}
+
+/// What a stream subscribes to of a type: with the snapshot's own version
+/// of the type when the subscription takes in all of it.
+fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType) -> Selection {
     let all = snapshot.of(t);
-    if let Some(version) = snapshot.versions.get(&t).filter(|_| covers_all(state, all)) {
-        let resources = all.into_iter().flat_map(|m| m.values().cloned()).collect();
-        return (version.clone(), resources);
+    let covers = covers_all(state, all);
+    if let Some(version) = snapshot.versions.get(&t).filter(|_| covers) {
+        return Selection {
+            version: version.clone(),
+            resources: all.into_iter().flat_map(|m| m.values().cloned()).collect(),
+            covers,
+        };
     }
     let resources: Vec<Arc<Encoded>> = all
         .into_iter()
@@ -522,7 +536,11 @@ fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType) -> (String, V
         .iter()
         .flat_map(|e| [e.name.as_bytes(), e.version.as_bytes()])
         .collect();
-    (content_hash(&parts), resources)
+    Selection {
+        version: content_hash(&parts),
+        resources,
+        covers,
+    }
 }
 
 #[cfg(test)]
