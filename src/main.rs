@@ -217,6 +217,11 @@ struct ServeArgs {
     /// ... but never later than this after the first change.
     #[arg(long, default_value = "1s", value_parser = parse_validity)]
     debounce_max: std::time::Duration,
+    /// A change to endpoints alone is served after this much quiet (istiod
+    /// debounces endpoints like the rest unless PILOT_ENABLE_EDS_DEBOUNCE is
+    /// off). At --debounce-after or above, endpoints wait like the rest.
+    #[arg(long, default_value = "10ms", value_parser = parse_validity)]
+    debounce_endpoints: std::time::Duration,
     /// Streams computing a push at once; a newer push replaces a queued
     /// older one per stream, so a slow proxy delays no other.
     #[arg(long, default_value_t = meshd::xds::server::DEFAULT_CONCURRENT_PUSHES)]
@@ -349,6 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 debounce: meshd::source::Debounce {
                     quiet: a.debounce_after,
                     max: a.debounce_max,
+                    endpoints: a.debounce_endpoints,
                 },
                 max_concurrent_pushes: a.max_concurrent_pushes,
             };

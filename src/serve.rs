@@ -193,7 +193,10 @@ pub async fn run(
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let config = config_rx.borrow_and_update().clone();
+            let started = std::time::Instant::now();
+            let generation = config.generation;
             updater.update(Arc::new(PushContext::new(config)));
+            tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
         }
     });
 

@@ -17,7 +17,7 @@ mod validate;
 
 pub use validate::parse_duration;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -297,6 +297,37 @@ impl ConfigSnapshot {
     pub fn from_files(files: Vec<FileLoad>) -> ConfigSnapshot {
         let mut store = ConfigStore::default();
         Arc::unwrap_or_clone(store.apply(files))
+    }
+
+    /// When `next` differs from this generation only in endpoints
+    /// (Endpoints and EndpointSlices): the services, as (namespace, name),
+    /// whose endpoints changed. `None` when anything else changed.
+    pub fn endpoint_only_change(&self, next: &ConfigSnapshot) -> Option<BTreeSet<(String, String)>> {
+        let keys: BTreeSet<&ResourceKey> = self.resources.keys().chain(next.resources.keys()).collect();
+        let mut services = BTreeSet::new();
+        for key in keys {
+            let (a, b) = (self.resources.get(key), next.resources.get(key));
+            let same = match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(&a.resource, &b.resource) || a.resource == b.resource,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            let service = match key.kind {
+                Kind::Endpoints => key.name.clone(),
+                Kind::EndpointSlice => {
+                    let label = |e: Option<&Entry>| {
+                        e.and_then(|e| e.resource.metadata().labels.as_ref())
+                            .and_then(|l| l.get("kubernetes.io/service-name").cloned())
+                    };
+                    label(a).or_else(|| label(b))?
+                }
+                _ => return None,
+            };
+            services.insert((key.namespace.clone(), service));
+        }
+        Some(services)
     }
 
     /// Resources of one kind, in key order.

@@ -4,6 +4,8 @@
 //! holds many items; JSON files hold one document. Each document is decoded
 //! on its own, so one bad document never hides the good ones around it.
 
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -21,7 +23,8 @@ pub struct FileLoad {
 #[derive(Debug, Clone)]
 pub struct DocumentLoad {
     pub origin: Origin,
-    pub result: Result<Resource, Rejection>,
+    /// Shared: a file re-read unchanged hands on the same resources.
+    pub result: Result<Arc<Resource>, Rejection>,
 }
 
 /// Parses a file's text. `file` is the name used in reports.
@@ -43,11 +46,9 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
                     file: file.to_string(),
                     document: i + 1,
                 };
-                expand_list(v)
-                    .into_iter()
-                    .map(move |item| decode_document(origin.clone(), item))
+                expand_list(v).into_iter().map(move |item| (origin.clone(), item))
             })
-            .collect()),
+            .collect::<Vec<_>>()),
         Err(reason) => Err(Rejection {
             origin: Origin {
                 file: file.to_string(),
@@ -61,8 +62,49 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
     };
     FileLoad {
         file: file.to_string(),
-        documents,
+        documents: documents.map(decode_all),
     }
+}
+
+/// Below this many documents a file is decoded on the calling thread.
+const PARALLEL_DOCUMENTS: usize = 256;
+
+/// Decodes documents, a large file's on every core (decoding and validating
+/// is most of loading ten thousand services).
+fn decode_all(documents: Vec<(Origin, Value)>) -> Vec<DocumentLoad> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || documents.len() < PARALLEL_DOCUMENTS {
+        return documents
+            .into_iter()
+            .map(|(o, v)| decode_document(o, v))
+            .collect();
+    }
+    let per = documents.len().div_ceil(threads);
+    let mut chunks = Vec::new();
+    let mut rest = documents;
+    while rest.len() > per {
+        let tail = rest.split_off(per);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    std::thread::scope(|scope| {
+        let running: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(o, v)| decode_document(o, v))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .flat_map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
 }
 
 fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
@@ -151,7 +193,7 @@ fn decode_document(origin: Origin, mut value: Value) -> DocumentLoad {
         if let Some((field, reason)) = validate::validate(&resource) {
             return Err(reject(Some(key), Some(field), reason));
         }
-        Ok(resource)
+        Ok(Arc::new(resource))
     })();
     DocumentLoad { origin, result }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{ConfigSnapshot, Entry, FileLoad, Rejection, ResourceKey};
+use super::{ConfigSnapshot, Entry, FileLoad, Rejection, Resource, ResourceKey};
 
 /// Holds the last generation so the next one can fall back on it.
 #[derive(Debug, Default)]
@@ -25,6 +25,12 @@ impl ConfigStore {
     /// held. A good document always wins over a kept one. The generation
     /// number moves only when something changed.
     pub fn apply(&mut self, files: Vec<FileLoad>) -> Arc<ConfigSnapshot> {
+        let next = self.preview(files);
+        self.commit(next)
+    }
+
+    /// What `apply` would make the next generation, without making it so.
+    pub fn preview(&self, files: Vec<FileLoad>) -> Arc<ConfigSnapshot> {
         let prev = &self.last;
         let mut resources: BTreeMap<ResourceKey, Entry> = BTreeMap::new();
         let mut rejections = Vec::new();
@@ -63,8 +69,8 @@ impl ConfigStore {
                                 // An unchanged resource keeps its Arc, so later
                                 // stages see at once that it did not change.
                                 let resource = match prev.resources.get(&key) {
-                                    Some(old) if *old.resource == resource => old.resource.clone(),
-                                    _ => Arc::new(resource),
+                                    Some(old) if same(&old.resource, &resource) => old.resource.clone(),
+                                    _ => resource,
                                 };
                                 let entry = Entry {
                                     origin: doc.origin,
@@ -91,16 +97,32 @@ impl ConfigStore {
             }
         }
 
-        let changed = resources != prev.resources || rejections != prev.rejections;
-        if changed {
-            self.last = Arc::new(ConfigSnapshot {
-                generation: prev.generation + 1,
-                resources,
-                rejections,
-            });
+        let same_resources = resources.len() == prev.resources.len()
+            && resources
+                .iter()
+                .zip(prev.resources.iter())
+                .all(|((k, a), (l, b))| k == l && a.origin == b.origin && same(&a.resource, &b.resource));
+        let changed = !same_resources || rejections != prev.rejections;
+        if !changed {
+            return prev.clone();
         }
+        Arc::new(ConfigSnapshot {
+            generation: prev.generation + 1,
+            resources,
+            rejections,
+        })
+    }
+
+    /// Makes a generation from `preview` the current one.
+    pub fn commit(&mut self, next: Arc<ConfigSnapshot>) -> Arc<ConfigSnapshot> {
+        self.last = next;
         self.last.clone()
     }
+}
+
+/// Equal resources; the same `Arc` (an unchanged file's) without looking.
+fn same(a: &Arc<Resource>, b: &Arc<Resource>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 #[cfg(test)]

@@ -345,6 +345,10 @@ pub async fn run(o: &Options) -> Result<Report> {
         .max()
         .unwrap_or(start);
     let initial_sync = synced_at - start;
+    eprintln!(
+        "initial sync done in {:.2} s; the change follows once the clients are quiet",
+        initial_sync.as_secs_f64()
+    );
     settle(&stats, Duration::from_millis(500), Duration::from_secs(30)).await;
     // The change.
     let cpu_before_change = pid.and_then(cpu_seconds);

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::XdsType;
-use crate::config::{ConfigSnapshot, Kind, ResourceKey};
+use crate::config::ConfigSnapshot;
 use crate::model::{Proxy, PushContext, DOMAIN_SUFFIX};
 use crate::translate::{self, Diagnostic};
 
@@ -122,34 +122,16 @@ struct Base {
     hosts: BTreeSet<String>,
 }
 
-/// The services (by hostname) whose Endpoints or EndpointSlices alone
-/// changed between two configs; `None` when anything else changed too.
+/// When only endpoints changed between two generations: the hosts of the
+/// services whose endpoints changed.
 pub fn endpoint_only_change(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Option<BTreeSet<String>> {
-    let keys: BTreeSet<&ResourceKey> = prev.resources.keys().chain(next.resources.keys()).collect();
-    let mut hosts = BTreeSet::new();
-    for key in keys {
-        let (a, b) = (prev.resources.get(key), next.resources.get(key));
-        let same = match (a, b) {
-            (Some(a), Some(b)) => Arc::ptr_eq(&a.resource, &b.resource) || a.resource == b.resource,
-            _ => false,
-        };
-        if same {
-            continue;
-        }
-        let service = match key.kind {
-            Kind::Endpoints => key.name.clone(),
-            Kind::EndpointSlice => {
-                let label = |e: Option<&crate::config::Entry>| {
-                    e.and_then(|e| e.resource.metadata().labels.as_ref())
-                        .and_then(|l| l.get("kubernetes.io/service-name").cloned())
-                };
-                label(a).or_else(|| label(b))?
-            }
-            _ => return None,
-        };
-        hosts.insert(format!("{service}.{}.{DOMAIN_SUFFIX}", key.namespace));
-    }
-    Some(hosts)
+    let services = prev.endpoint_only_change(next)?;
+    Some(
+        services
+            .into_iter()
+            .map(|(namespace, name)| format!("{name}.{namespace}.{DOMAIN_SUFFIX}"))
+            .collect(),
+    )
 }
 
 /// The cache. Streams read it; `update` installs a new push context and
