@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value as PbValue};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -98,6 +98,10 @@ impl AdsServer {
 
 /// A request of either variant, as the loop needs it.
 pub(super) trait XdsRequest: Send + 'static {
+    /// What decoding alone does not check; an error ends the stream.
+    fn check(&self) -> Result<(), Status> {
+        Ok(())
+    }
     fn node(&self) -> Option<&Node>;
     fn type_url(&self) -> &str;
     /// Feeds the request to the state machine.
@@ -108,7 +112,38 @@ pub(super) trait XdsRequest: Send + 'static {
     fn wire(out: &Outgoing) -> Wire;
 }
 
-impl XdsRequest for DiscoveryRequest {
+/// A `DiscoveryRequest` as the server reads it: the subscribed names stay
+/// slices of the received message (a SotW ACK repeats every name, a
+/// thousand of them for a sidecar's EDS, and decoding each into a `String`
+/// was a large part of serving an endpoint change). Same wire format: a
+/// proto `string` is length-delimited bytes, checked for UTF-8 by `check`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SotwRequest {
+    #[prost(string, tag = "1")]
+    pub version_info: String,
+    #[prost(message, optional, tag = "2")]
+    pub node: Option<Node>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub resource_names: Vec<bytes::Bytes>,
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub response_nonce: String,
+    #[prost(message, optional, tag = "6")]
+    pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+impl XdsRequest for SotwRequest {
+    fn check(&self) -> Result<(), Status> {
+        match self
+            .resource_names
+            .iter()
+            .find(|n| std::str::from_utf8(n).is_err())
+        {
+            Some(_) => Err(Status::invalid_argument("a resource name is not valid UTF-8")),
+            None => Ok(()),
+        }
+    }
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }
@@ -120,13 +155,13 @@ impl XdsRequest for DiscoveryRequest {
             .error_detail
             .as_ref()
             .map(|s| format!("code {}: {}", s.code, s.message));
-        state.sotw_request(
-            t,
-            &self.resource_names,
-            &self.response_nonce,
-            error.as_deref(),
-            snapshot,
-        )
+        // `check` passed: every name is UTF-8.
+        let names: Vec<&str> = self
+            .resource_names
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok())
+            .collect();
+        state.sotw_request(t, &names, &self.response_nonce, error.as_deref(), snapshot)
     }
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.sotw_push(snapshot)
@@ -277,6 +312,10 @@ impl Connection {
                             break;
                         }
                     };
+                    if let Err(status) = req.check() {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
                     if proxy.is_none() {
                         match self.identify(req.node()) {
                             Ok((p, id, identity)) => {

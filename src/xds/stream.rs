@@ -108,7 +108,7 @@ impl StreamState {
     pub fn sotw_request(
         &mut self,
         t: XdsType,
-        names: &[String],
+        names: &[&str],
         nonce: &str,
         error: Option<&str>,
         snapshot: &Snapshot,
@@ -120,14 +120,25 @@ impl StreamState {
             // newer nonce, and the change is seen then.
             return None;
         }
-        let wildcard = names.iter().any(|n| n == "*") || (names.is_empty() && t.wildcard_by_default());
-        let wanted: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
-        let changed = !state.subscribed || wildcard != state.wildcard || wanted != *state.names;
+        let wildcard = names.contains(&"*") || (names.is_empty() && t.wildcard_by_default());
+        // An ACK repeats the subscription, in Envoy's (sorted) order: seen
+        // equal without building a set.
+        let same_names = names.iter().copied().eq(state.names.iter().map(String::as_str)) || {
+            let wanted: BTreeSet<String> = names
+                .iter()
+                .filter(|n| **n != "*")
+                .map(|n| n.to_string())
+                .collect();
+            if wanted == *state.names {
+                true
+            } else {
+                state.names = intern(wanted);
+                false
+            }
+        };
+        let changed = !state.subscribed || wildcard != state.wildcard || !same_names;
         state.subscribed = true;
         state.wildcard = wildcard;
-        if wanted != *state.names {
-            state.names = intern(wanted);
-        }
         let initial = kind == RequestKind::Initial;
         match kind {
             RequestKind::Stale | RequestKind::Initial => {}
@@ -162,59 +173,38 @@ impl StreamState {
             if !forced && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
                 continue;
             }
-            let selected = sotw_select(state, snapshot, t);
-            let rejected = state.nack.as_ref().is_some_and(|n| n.version == selected.version);
-            let changed = state.sent_version.as_deref() != Some(selected.version.as_str());
-            if !(changed || forced) || rejected {
-                continue;
-            }
             // Named subscriptions (EDS, RDS, SDS) get only what changed: the
             // xDS protocol lets such a response carry a part of the set, and
             // resending every endpoint set to every proxy is what makes
             // control planes slow.
             let partial = !state.wildcard;
-            if partial {
-                let any = selected.resources.iter().any(|r| {
-                    state.force.contains(&r.name)
-                        || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
-                });
-                if !any {
-                    continue;
-                }
+            let selected = sotw_select(state, snapshot, t, partial);
+            let rejected = state.nack.as_ref().is_some_and(|n| n.version == selected.version);
+            let changed = state.sent_version.as_deref() != Some(selected.version.as_str());
+            if !(changed || forced) || rejected || (partial && selected.resources.is_empty()) {
+                continue;
             }
-            out.push(self.sotw_send(t, snapshot, selected, partial));
+            out.push(self.sotw_send(t, snapshot, selected));
         }
         out
     }
 
     fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot, only_changed: bool) -> Outgoing {
         let state = self.types.entry(t).or_default();
-        let selected = sotw_select(state, snapshot, t);
-        self.sotw_send(t, snapshot, selected, only_changed)
+        let selected = sotw_select(state, snapshot, t, only_changed);
+        self.sotw_send(t, snapshot, selected)
     }
 
-    /// Sends the `selected` resources of a type (only those the proxy does
-    /// not hold in this version, with `only_changed`).
-    fn sotw_send(
-        &mut self,
-        t: XdsType,
-        snapshot: &Snapshot,
-        selected: Selection,
-        only_changed: bool,
-    ) -> Outgoing {
+    /// Sends the `selected` resources of a type.
+    fn sotw_send(&mut self, t: XdsType, snapshot: &Snapshot, selected: Selection) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
         let Selection {
             version,
-            mut resources,
+            resources,
             covers,
+            only_changed,
         } = selected;
-        if only_changed {
-            resources.retain(|r| {
-                state.force.contains(&r.name)
-                    || state.held.get(&r.name).is_none_or(|h| h.version != r.version)
-            });
-        }
         // What the proxy did not hold in this version: only those
         // resources' dependents are owed again.
         let fresh: Vec<Arc<Encoded>> = resources
@@ -355,22 +345,9 @@ impl StreamState {
         if state.force.is_empty() && state.sent_version.is_some() && unchanged(state, snapshot.shared(t)) {
             return None;
         }
-        let all = snapshot.of(t);
-        let exists = |n: &str| all.is_some_and(|m| m.contains_key(n));
-        let desired = all
-            .into_iter()
-            .flatten()
-            .filter(|(n, _)| state.wildcard || state.names.contains(*n));
         // A NACKed resource stays recorded as held, so the same version is
         // not sent again; new content has a new version and goes out.
-        let send: Vec<Arc<Encoded>> = desired
-            .filter(|(n, e)| {
-                let stale = state.held.get(*n).is_none_or(|h| h.version != e.version);
-                stale || state.force.contains(*n)
-            })
-            .map(|(_, e)| e.clone())
-            .collect();
-        let removed: Vec<String> = state.held.keys().filter(|n| !exists(n)).cloned().collect();
+        let Walk { send, removed, .. } = walk(state, snapshot.of(t), true);
         if send.is_empty() && removed.is_empty() {
             if let Some(s) = self.types.get_mut(&t) {
                 s.force.clear();
@@ -491,55 +468,85 @@ fn intern(names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
     shared
 }
 
-/// Whether a named subscription takes in every resource of the type the
-/// snapshot has (as a sidecar's EDS subscription does): one walk over the
-/// two sorted sets.
-fn covers_all(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>) -> bool {
-    let Some(all) = all else { return true };
-    if state.wildcard {
-        return true;
+/// One walk over a type's resources in the snapshot, the stream's
+/// subscription and what the proxy holds, all in name order (no lookup per
+/// resource: at a thousand clusters and thousands of proxies, the lookups
+/// were most of a push).
+struct Walk {
+    /// The subscribed resources: all of them, or with `only_changed` those
+    /// the proxy does not hold in this version and those forced again.
+    send: Vec<Arc<Encoded>>,
+    /// Held names the snapshot no longer has.
+    removed: Vec<String>,
+    /// The subscription takes in every resource the snapshot has of the type.
+    covers: bool,
+}
+
+fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_changed: bool) -> Walk {
+    let mut names = state.names.iter().peekable();
+    let mut held = state.held.iter().peekable();
+    let mut out = Walk {
+        send: Vec::new(),
+        removed: Vec::new(),
+        covers: true,
+    };
+    for (name, e) in all.into_iter().flatten() {
+        while let Some((h, _)) = held.next_if(|(h, _)| *h < name) {
+            out.removed.push(h.clone());
+        }
+        let wanted = state.wildcard || {
+            while names.next_if(|n| *n < name).is_some() {}
+            names.next_if(|n| *n == name).is_some()
+        };
+        let holds = held.next_if(|(h, _)| *h == name);
+        if !wanted {
+            out.covers = false;
+            continue;
+        }
+        let current = holds.is_some_and(|(_, x)| Arc::ptr_eq(x, e) || x.version == e.version);
+        if !only_changed || !current || (!state.force.is_empty() && state.force.contains(name)) {
+            out.send.push(e.clone());
+        }
     }
-    if state.names.len() < all.len() {
-        return false;
-    }
-    let mut names = state.names.iter();
-    all.keys().all(|k| names.by_ref().any(|n| n == k))
+    out.removed.extend(held.map(|(h, _)| h.clone()));
+    out
 }
 
 /// The resources of a type a stream subscribes to and their version.
 struct Selection {
     version: String,
+    /// All of them, or only the changed ones when `only_changed`.
     resources: Vec<Arc<Encoded>>,
     /// The subscription takes in every resource the snapshot has of the type.
     covers: bool,
+    only_changed: bool,
 }
 
-/// What a stream subscribes to of a type: with the snapshot's own version
-/// of the type when the subscription takes in all of it.
-fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType) -> Selection {
+/// What a stream subscribes to of a type, with the snapshot's own version of
+/// the type when the subscription takes in all of it; with `only_changed`,
+/// only the resources the proxy does not hold in their current version.
+fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed: bool) -> Selection {
     let all = snapshot.of(t);
-    let covers = covers_all(state, all);
-    if let Some(version) = snapshot.versions.get(&t).filter(|_| covers) {
-        return Selection {
-            version: version.clone(),
-            resources: all.into_iter().flat_map(|m| m.values().cloned()).collect(),
-            covers,
-        };
-    }
-    let resources: Vec<Arc<Encoded>> = all
-        .into_iter()
-        .flatten()
-        .filter(|(n, _)| state.wildcard || state.names.contains(*n))
-        .map(|(_, e)| e.clone())
-        .collect();
-    let parts: Vec<&[u8]> = resources
-        .iter()
-        .flat_map(|e| [e.name.as_bytes(), e.version.as_bytes()])
-        .collect();
+    let Walk { send, covers, .. } = walk(state, all, only_changed);
+    let version = match snapshot.versions.get(&t).filter(|_| covers) {
+        Some(version) => version.clone(),
+        None => {
+            // The version of the subscribed part (all of it, not only what
+            // is sent).
+            let parts: Vec<&[u8]> = all
+                .into_iter()
+                .flatten()
+                .filter(|(n, _)| state.wildcard || state.names.contains(*n))
+                .flat_map(|(n, e)| [n.as_bytes(), e.version.as_bytes()])
+                .collect();
+            content_hash(&parts)
+        }
+    };
     Selection {
-        version: content_hash(&parts),
-        resources,
+        version,
+        resources: send,
         covers,
+        only_changed,
     }
 }
 
@@ -589,12 +596,12 @@ mod tests {
         let snap = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "1")]);
         let mut s = StreamState::default();
         let first = s
-            .sotw_request(XdsType::Endpoint, &["a".into()], "", None, &snap)
+            .sotw_request(XdsType::Endpoint, &["a"], "", None, &snap)
             .expect("answered");
         let second = s.sotw_push(&snapshot(XdsType::Endpoint, &[("a", "2"), ("b", "1")]));
         assert_eq!(second.len(), 1);
         // A request answering the first response is stale, even with new names.
-        let names = ["a".to_string(), "b".to_string()];
+        let names = ["a", "b"];
         assert_eq!(
             s.sotw_request(XdsType::Endpoint, &names, &first.nonce, None, &snap),
             None
@@ -637,7 +644,7 @@ mod tests {
         let mut s = StreamState::default();
         s.sotw_request(XdsType::Cluster, &[], "", None, &snap)
             .expect("cds");
-        s.sotw_request(XdsType::Endpoint, &["c".into()], "", None, &snap)
+        s.sotw_request(XdsType::Endpoint, &["c"], "", None, &snap)
             .expect("eds");
         let mut changed = snapshot(XdsType::Cluster, &[("c", "2")]);
         changed.resources.insert(

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http_body::Frame;
 use tokio::sync::mpsc;
 use tonic::codegen::{http, Service};
@@ -357,7 +357,9 @@ where
                 done: false,
             };
             let started = match path.rsplit('/').next() {
-                Some("StreamAggregatedResources") => server.start::<DiscoveryRequest, B>("sotw", request, tx),
+                Some("StreamAggregatedResources") => {
+                    server.start::<super::server::SotwRequest, B>("sotw", request, tx)
+                }
                 Some("DeltaAggregatedResources") => {
                     server.start::<DeltaDiscoveryRequest, B>("delta", request, tx)
                 }
@@ -376,7 +378,11 @@ mod tests {
     use std::sync::Arc;
 
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    };
+    use envoy_types::pb::google::rpc;
     use http_body::Frame;
     use prost::Message;
 
@@ -491,6 +497,47 @@ mod tests {
         assert_eq!(
             delta.resources[1].resource.as_ref(),
             Some(&out.resources[1].body())
+        );
+    }
+
+    #[test]
+    fn the_server_reads_a_discovery_request_as_envoy_encodes_it() {
+        use crate::xds::server::{SotwRequest, XdsRequest};
+        let request = DiscoveryRequest {
+            version_info: "v3".into(),
+            node: Some(Node {
+                id: "sidecar~10.0.0.1~a.default~default.svc.cluster.local".into(),
+                ..Default::default()
+            }),
+            resource_names: vec!["outbound|80||a.default.svc.cluster.local".into(), "é".into()],
+            type_url: XdsType::Endpoint.url().into(),
+            response_nonce: "4".into(),
+            error_detail: Some(rpc::Status {
+                code: 3,
+                message: "rejected".into(),
+                details: vec![],
+            }),
+            resource_locators: vec![],
+        };
+        let read = SotwRequest::decode(request.encode_to_vec().as_slice()).expect("decodes");
+        assert!(read.check().is_ok());
+        assert_eq!(read.version_info, request.version_info);
+        assert_eq!(read.node, request.node);
+        assert_eq!(read.type_url, request.type_url);
+        assert_eq!(read.response_nonce, request.response_nonce);
+        assert_eq!(read.error_detail, request.error_detail);
+        let names: Vec<&[u8]> = read.resource_names.iter().map(|n| &n[..]).collect();
+        let sent: Vec<&[u8]> = request.resource_names.iter().map(|n| n.as_bytes()).collect();
+        assert_eq!(names, sent);
+        // A name that is not UTF-8 (prost would reject such a `string`).
+        let bad = SotwRequest {
+            resource_names: vec![Bytes::from_static(&[0xff, 0xfe])],
+            ..Default::default()
+        };
+        let read = SotwRequest::decode(bad.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(
+            read.check().map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
         );
     }
 }
