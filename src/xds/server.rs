@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::protobuf::{value::Kind as ValueKind, Struct, Value as PbValue};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -135,14 +134,7 @@ pub struct SotwRequest {
 
 impl XdsRequest for SotwRequest {
     fn check(&self) -> Result<(), Status> {
-        match self
-            .resource_names
-            .iter()
-            .find(|n| std::str::from_utf8(n).is_err())
-        {
-            Some(_) => Err(Status::invalid_argument("a resource name is not valid UTF-8")),
-            None => Ok(()),
-        }
+        check_names(&self.resource_names)
     }
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
@@ -155,12 +147,7 @@ impl XdsRequest for SotwRequest {
             .error_detail
             .as_ref()
             .map(|s| format!("code {}: {}", s.code, s.message));
-        // `check` passed: every name is UTF-8.
-        let names: Vec<&str> = self
-            .resource_names
-            .iter()
-            .filter_map(|n| std::str::from_utf8(n).ok())
-            .collect();
+        let names = names_of(&self.resource_names);
         state.sotw_request(t, &names, &self.response_nonce, error.as_deref(), snapshot)
     }
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
@@ -171,7 +158,47 @@ impl XdsRequest for SotwRequest {
     }
 }
 
-impl XdsRequest for DeltaDiscoveryRequest {
+/// A `DeltaDiscoveryRequest` as the server reads it, the names kept as
+/// slices of the message (see `SotwRequest`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeltaRequestMessage {
+    #[prost(message, optional, tag = "1")]
+    pub node: Option<Node>,
+    #[prost(string, tag = "2")]
+    pub type_url: String,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub resource_names_subscribe: Vec<bytes::Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    pub resource_names_unsubscribe: Vec<bytes::Bytes>,
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub initial_resource_versions: BTreeMap<String, String>,
+    #[prost(string, tag = "6")]
+    pub response_nonce: String,
+    #[prost(message, optional, tag = "7")]
+    pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+/// Names that are not all UTF-8 end the stream, as prost's `string` would.
+fn check_names<'a>(names: impl IntoIterator<Item = &'a bytes::Bytes>) -> Result<(), Status> {
+    match names.into_iter().find(|n| std::str::from_utf8(n).is_err()) {
+        Some(_) => Err(Status::invalid_argument("a resource name is not valid UTF-8")),
+        None => Ok(()),
+    }
+}
+
+/// The names, as `&str` (`check_names` passed).
+fn names_of(names: &[bytes::Bytes]) -> Vec<&str> {
+    names.iter().filter_map(|n| std::str::from_utf8(n).ok()).collect()
+}
+
+impl XdsRequest for DeltaRequestMessage {
+    fn check(&self) -> Result<(), Status> {
+        check_names(
+            self.resource_names_subscribe
+                .iter()
+                .chain(&self.resource_names_unsubscribe),
+        )
+    }
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
     }
@@ -183,16 +210,13 @@ impl XdsRequest for DeltaDiscoveryRequest {
             .error_detail
             .as_ref()
             .map(|s| format!("code {}: {}", s.code, s.message));
-        let initial: BTreeMap<String, String> = self
-            .initial_resource_versions
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let subscribe = names_of(&self.resource_names_subscribe);
+        let unsubscribe = names_of(&self.resource_names_unsubscribe);
         let req = DeltaRequest {
             type_: t,
-            subscribe: &self.resource_names_subscribe,
-            unsubscribe: &self.resource_names_unsubscribe,
-            initial_versions: &initial,
+            subscribe: &subscribe,
+            unsubscribe: &unsubscribe,
+            initial_versions: &self.initial_resource_versions,
             nonce: &self.response_nonce,
             error: error.as_deref(),
         };

@@ -124,17 +124,10 @@ impl StreamState {
         // An ACK repeats the subscription, in Envoy's (sorted) order: seen
         // equal without building a set.
         let same_names = names.iter().copied().eq(state.names.iter().map(String::as_str)) || {
-            let wanted: BTreeSet<String> = names
-                .iter()
-                .filter(|n| **n != "*")
-                .map(|n| n.to_string())
-                .collect();
-            if wanted == *state.names {
-                true
-            } else {
-                state.names = intern(wanted);
-                false
-            }
+            let wanted = intern_names(names);
+            let same = wanted == state.names;
+            state.names = wanted;
+            same
         };
         let changed = !state.subscribed || wildcard != state.wildcard || !same_names;
         state.subscribed = true;
@@ -291,30 +284,33 @@ impl StreamState {
         }
         let mut changed = first;
         let edits = !req.subscribe.is_empty() || !req.unsubscribe.is_empty();
-        let mut names = if edits {
-            (*state.names).clone()
-        } else {
-            BTreeSet::new()
-        };
-        for name in req.subscribe {
+        if edits {
             changed = true;
-            if name == "*" {
-                state.wildcard = true;
-            } else {
-                names.insert(name.clone());
+            let mut names: BTreeSet<&str> = state.names.iter().map(String::as_str).collect();
+            for name in req.subscribe {
+                match *name {
+                    "*" => state.wildcard = true,
+                    n => {
+                        names.insert(n);
+                    }
+                }
             }
-        }
-        for name in req.unsubscribe {
-            changed = true;
-            if name == "*" {
-                state.wildcard = false;
-            } else {
-                names.remove(name);
-                Arc::make_mut(&mut state.held).remove(name);
+            for name in req.unsubscribe {
+                match *name {
+                    "*" => state.wildcard = false,
+                    n => {
+                        names.remove(n);
+                        if state.held.contains_key(n) {
+                            Arc::make_mut(&mut state.held).remove(n);
+                        }
+                    }
+                }
             }
-        }
-        if edits && names != *state.names {
-            state.names = intern(names);
+            let names: Vec<&str> = names.into_iter().collect();
+            let wanted = intern_names(&names);
+            if wanted != state.names {
+                state.names = wanted;
+            }
         }
         if !changed {
             return None;
@@ -324,7 +320,7 @@ impl StreamState {
             Some(o) => Some(o),
             // The first answer is owed even when empty: Envoy finishes
             // initializing a wildcard type only on a response.
-            None if first => Some(self.delta_send(t, snapshot, Vec::new(), Vec::new())),
+            None if first => Some(self.delta_send(t, snapshot, Vec::new(), Vec::new(), false)),
             None => None,
         }
     }
@@ -347,37 +343,51 @@ impl StreamState {
         }
         // A NACKed resource stays recorded as held, so the same version is
         // not sent again; new content has a new version and goes out.
-        let Walk { send, removed, .. } = walk(state, snapshot.of(t), true);
+        let Walk {
+            send,
+            removed,
+            covers,
+        } = walk(state, snapshot.of(t), true);
         if send.is_empty() && removed.is_empty() {
             if let Some(s) = self.types.get_mut(&t) {
                 s.force.clear();
             }
             return None;
         }
-        Some(self.delta_send(t, snapshot, send, removed))
+        Some(self.delta_send(t, snapshot, send, removed, covers))
     }
 
+    /// Sends `send` and `removed`; with `covers` (the subscription takes in
+    /// every resource the snapshot has of the type), the proxy then holds
+    /// exactly the snapshot's resources, and the record is the shared map.
     fn delta_send(
         &mut self,
         t: XdsType,
         snapshot: &Snapshot,
         send: Vec<Arc<Encoded>>,
         removed: Vec<String>,
+        covers: bool,
     ) -> Outgoing {
         let nonce = self.next_nonce();
         let state = self.types.entry(t).or_default();
-        if !send.is_empty() || !removed.is_empty() {
-            let held = Arc::make_mut(&mut state.held);
-            for r in &send {
-                held.insert(r.name.clone(), r.clone());
+        match snapshot.shared(t) {
+            Some(all) if covers => state.held = all.clone(),
+            all if !send.is_empty() || !removed.is_empty() => {
+                let held = Arc::make_mut(&mut state.held);
+                for r in &send {
+                    held.insert(r.name.clone(), r.clone());
+                }
+                for n in &removed {
+                    held.remove(n);
+                }
+                share_if_equal(&mut state.held, all);
             }
-            for n in &removed {
-                held.remove(n);
-            }
-            share_if_equal(&mut state.held, snapshot.shared(t));
+            _ => {}
         }
-        let held: Vec<&[u8]> = state.held.values().map(|e| e.version.as_bytes()).collect();
-        let version = content_hash(&held);
+        let version = match snapshot.versions.get(&t) {
+            Some(v) if snapshot.shared(t).is_some_and(|m| Arc::ptr_eq(m, &state.held)) => v.clone(),
+            _ => super::cache::set_version(&state.held),
+        };
         state.sent_version = Some(version.clone());
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
@@ -405,14 +415,13 @@ fn placeholder(name: &str, version: &str) -> Encoded {
 #[derive(Debug)]
 pub struct DeltaRequest<'a> {
     pub type_: XdsType,
-    pub subscribe: &'a [String],
-    pub unsubscribe: &'a [String],
+    pub subscribe: &'a [&'a str],
+    pub unsubscribe: &'a [&'a str],
     pub initial_versions: &'a BTreeMap<String, String>,
     pub nonce: &'a str,
     pub error: Option<&'a str>,
 }
 
-/// The resources a SotW subscription gets, and the version of that set.
 /// Whether the proxy already holds exactly the snapshot's map of this
 /// type (the same shared map): then nothing can differ, and the stream
 /// skips the type without looking at its resources.
@@ -437,35 +446,61 @@ fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
     }
 }
 
-/// One shared copy of each set of subscribed names: the proxies of one
-/// config key subscribe to the same thousand cluster names, and a copy per
-/// stream is what a large mesh's memory would go to.
-fn intern(names: BTreeSet<String>) -> Arc<BTreeSet<String>> {
-    use std::collections::hash_map::DefaultHasher;
-    use std::hash::{Hash, Hasher};
-    use std::sync::{Mutex, OnceLock, Weak};
-    static SETS: OnceLock<Mutex<std::collections::HashMap<u64, Weak<BTreeSet<String>>>>> = OnceLock::new();
-    if names.is_empty() {
-        return Arc::new(names);
+/// One shared copy of each set of subscribed names (without "*"): the
+/// proxies of one config key subscribe to the same thousand cluster names,
+/// and a copy per stream is what a large mesh's memory would go to. No
+/// `String` is made when another stream already holds the same set.
+fn intern_names(names: &[&str]) -> Arc<BTreeSet<String>> {
+    let mut sorted: Vec<&str> = names.iter().copied().filter(|n| *n != "*").collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    match shared_names(&sorted) {
+        Ok(shared) => shared,
+        Err(key) => remember(key, Arc::new(sorted.iter().map(|n| n.to_string()).collect())),
     }
-    let mut h = DefaultHasher::new();
-    names.hash(&mut h);
+}
+
+type NameSets = std::sync::Mutex<std::collections::HashMap<u64, std::sync::Weak<BTreeSet<String>>>>;
+
+fn name_sets() -> &'static NameSets {
+    static SETS: std::sync::OnceLock<NameSets> = std::sync::OnceLock::new();
+    SETS.get_or_init(Default::default)
+}
+
+/// The shared set holding exactly `sorted` (sorted, without duplicates),
+/// or the key to remember a new one under.
+fn shared_names(sorted: &[&str]) -> Result<Arc<BTreeSet<String>>, u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for n in sorted {
+        n.hash(&mut h);
+    }
     let key = h.finish();
-    let Ok(mut sets) = SETS.get_or_init(Default::default).lock() else {
-        return Arc::new(names);
-    };
-    if let Some(shared) = sets.get(&key).and_then(Weak::upgrade) {
-        if *shared == names {
-            return shared;
+    if sorted.is_empty() {
+        return Err(key);
+    }
+    let shared = name_sets()
+        .lock()
+        .ok()
+        .and_then(|sets| sets.get(&key).and_then(|w| w.upgrade()));
+    match shared {
+        Some(set) if set.iter().map(String::as_str).eq(sorted.iter().copied()) => Ok(set),
+        _ => Err(key),
+    }
+}
+
+fn remember(key: u64, set: Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
+    if set.is_empty() {
+        return set;
+    }
+    if let Ok(mut sets) = name_sets().lock() {
+        sets.insert(key, Arc::downgrade(&set));
+        // Forget sets no stream holds any more, now and then.
+        if sets.len() > 1024 && sets.len().is_power_of_two() {
+            sets.retain(|_, w| w.strong_count() > 0);
         }
     }
-    let shared = Arc::new(names);
-    sets.insert(key, Arc::downgrade(&shared));
-    // Forget sets no stream holds any more, now and then.
-    if sets.len() > 1024 && sets.len().is_power_of_two() {
-        sets.retain(|_, w| w.strong_count() > 0);
-    }
-    shared
+    set
 }
 
 /// One walk over a type's resources in the snapshot, the stream's
@@ -713,7 +748,7 @@ mod tests {
             error: None,
         };
         s.delta_request(&req, &snap).expect("cds");
-        let names = ["a".to_string(), "b".to_string()];
+        let names = ["a", "b"];
         req.type_ = XdsType::Endpoint;
         req.subscribe = &names;
         s.delta_request(&req, &snap).expect("eds");

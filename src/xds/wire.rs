@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http_body::Frame;
 use tokio::sync::mpsc;
 use tonic::codegen::{http, Service};
@@ -61,94 +60,146 @@ fn varint_len(v: usize) -> usize {
     n
 }
 
-/// `ControlPlane { identifier }`, as a length-delimited field.
-fn control_plane(buf: &mut BytesMut, field: u32) {
-    let id = format!("meshd {}", env!("CARGO_PKG_VERSION"));
-    delimited(buf, field, 1 + varint_len(id.len()) + id.len());
-    string_field(buf, 1, &id);
+/// The size of a string field as `string_field` writes it (field numbers
+/// below 16 take one byte of key).
+fn string_len(s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        delimited_len(s.len())
+    }
+}
+
+/// The size of a length-delimited field holding `len` bytes.
+fn delimited_len(len: usize) -> usize {
+    1 + varint_len(len) + len
+}
+
+fn control_plane_id() -> String {
+    format!("meshd {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Writes one gRPC frame as chunks: small fields are written straight into
+/// a chunk of up to `CHUNK` bytes (each chunk becomes an HTTP/2 frame,
+/// which the connection queues until sent); a large resource goes out as
+/// its own shared bytes, uncopied.
+struct Framer {
+    chunks: Vec<Bytes>,
+    current: BytesMut,
+    /// Message bytes not yet written.
+    left: usize,
+}
+
+impl Framer {
+    const CHUNK: usize = 64 * 1024;
+    const SHARED: usize = 16 * 1024;
+
+    /// A frame for a message of `len` bytes.
+    fn new(len: usize) -> Framer {
+        let mut current = BytesMut::with_capacity(Self::CHUNK.min(len + 5));
+        current.put_u8(0);
+        current.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        Framer {
+            chunks: Vec::new(),
+            current,
+            left: len,
+        }
+    }
+
+    /// Writes small fields, closing the chunk when it is full.
+    fn put(&mut self, write: impl FnOnce(&mut BytesMut)) {
+        let start = self.current.len();
+        write(&mut self.current);
+        self.wrote(self.current.len() - start);
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.left = self.left.saturating_sub(n);
+        if self.current.len() >= Self::CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.current.is_empty() {
+            self.chunks.push(self.current.split().freeze());
+        }
+        self.current.reserve(Self::CHUNK.min(self.left));
+    }
+
+    /// Writes a resource's encoded bytes: shared if large, copied if small.
+    fn shared(&mut self, bytes: &Bytes) {
+        if bytes.len() >= Self::SHARED {
+            self.flush();
+            self.left = self.left.saturating_sub(bytes.len());
+            self.chunks.push(bytes.clone());
+            self.current.reserve(Self::CHUNK.min(self.left));
+        } else {
+            self.current.put_slice(bytes);
+            self.wrote(bytes.len());
+        }
+    }
+
+    fn finish(mut self) -> Wire {
+        if !self.current.is_empty() {
+            self.chunks.push(self.current.freeze());
+        }
+        Wire { chunks: self.chunks }
+    }
 }
 
 impl Wire {
-    /// The gRPC frame of a message made of `parts`. Small parts are
-    /// gathered into chunks of up to `CHUNK` bytes (each chunk becomes an
-    /// HTTP/2 frame, which the connection queues until sent); a large
-    /// resource goes out as its own shared bytes, uncopied.
-    fn framed(parts: Vec<Bytes>) -> Wire {
-        const CHUNK: usize = 64 * 1024;
-        const SHARED: usize = 16 * 1024;
-        let len: usize = parts.iter().map(Bytes::len).sum();
-        let mut chunks = Vec::new();
-        let mut current = BytesMut::with_capacity(CHUNK.min(len + 5));
-        current.put_u8(0);
-        current.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        for part in parts {
-            if part.len() >= SHARED {
-                if !current.is_empty() {
-                    chunks.push(current.split().freeze());
-                }
-                chunks.push(part);
-                continue;
-            }
-            current.put_slice(&part);
-            if current.len() >= CHUNK {
-                chunks.push(current.split().freeze());
-            }
-        }
-        if !current.is_empty() {
-            chunks.push(current.freeze());
-        }
-        Wire { chunks }
-    }
-
     /// A `DiscoveryResponse`.
     pub fn sotw(out: &Outgoing) -> Wire {
-        let mut parts = Vec::with_capacity(out.resources.len() * 2 + 2);
-        let mut head = BytesMut::new();
-        string_field(&mut head, 1, &out.version);
-        parts.push(head.freeze());
+        let id = control_plane_id();
+        let resources: usize = out.resources.iter().map(|r| delimited_len(r.wire.len())).sum();
+        let tail = string_len(out.type_.url()) + string_len(&out.nonce) + delimited_len(string_len(&id));
+        let mut f = Framer::new(string_len(&out.version) + resources + tail);
+        f.put(|buf| string_field(buf, 1, &out.version));
         for r in &out.resources {
-            let mut key = BytesMut::with_capacity(6);
-            delimited(&mut key, 2, r.wire.len());
-            parts.push(key.freeze());
-            parts.push(r.wire.clone());
+            f.put(|buf| delimited(buf, 2, r.wire.len()));
+            f.shared(&r.wire);
         }
-        let mut tail = BytesMut::new();
-        string_field(&mut tail, 4, out.type_.url());
-        string_field(&mut tail, 5, &out.nonce);
-        control_plane(&mut tail, 6);
-        parts.push(tail.freeze());
-        Wire::framed(parts)
+        f.put(|buf| {
+            string_field(buf, 4, out.type_.url());
+            string_field(buf, 5, &out.nonce);
+            delimited(buf, 6, string_len(&id));
+            string_field(buf, 1, &id);
+        });
+        f.finish()
     }
 
     /// A `DeltaDiscoveryResponse`.
     pub fn delta(out: &Outgoing) -> Wire {
-        let mut parts = Vec::with_capacity(out.resources.len() * 3 + 2);
-        let mut head = BytesMut::new();
-        string_field(&mut head, 1, &out.version);
-        parts.push(head.freeze());
+        let id = control_plane_id();
+        // Resource { version = 1, resource = 2 (the Any), name = 3 }.
+        let inner =
+            |r: &super::Encoded| string_len(&r.version) + delimited_len(r.wire.len()) + string_len(&r.name);
+        let resources: usize = out.resources.iter().map(|r| delimited_len(inner(r))).sum();
+        let removed: usize = out.removed.iter().map(|n| string_len(n)).sum();
+        let tail =
+            string_len(out.type_.url()) + string_len(&out.nonce) + removed + delimited_len(string_len(&id));
+        let mut f = Framer::new(string_len(&out.version) + resources + tail);
+        f.put(|buf| string_field(buf, 1, &out.version));
         for r in &out.resources {
-            // Resource { version = 1, resource = 2 (the Any), name = 3 }.
-            let mut fields = BytesMut::new();
-            string_field(&mut fields, 1, &r.version);
-            delimited(&mut fields, 2, r.wire.len());
-            let mut name = BytesMut::new();
-            string_field(&mut name, 3, &r.name);
-            let mut key = BytesMut::with_capacity(6);
-            delimited(&mut key, 2, fields.len() + r.wire.len() + name.len());
-            parts.push(key.freeze());
-            parts.push(fields.freeze());
-            parts.push(r.wire.clone());
-            parts.push(name.freeze());
+            f.put(|buf| {
+                delimited(buf, 2, inner(r));
+                string_field(buf, 1, &r.version);
+                delimited(buf, 2, r.wire.len());
+            });
+            f.shared(&r.wire);
+            f.put(|buf| string_field(buf, 3, &r.name));
         }
-        let mut tail = BytesMut::new();
-        string_field(&mut tail, 4, out.type_.url());
-        string_field(&mut tail, 5, &out.nonce);
-        for removed in &out.removed {
-            string_field(&mut tail, 6, removed);
-        }
-        control_plane(&mut tail, 7);
-        parts.push(tail.freeze());
-        Wire::framed(parts)
+        f.put(|buf| {
+            string_field(buf, 4, out.type_.url());
+            string_field(buf, 5, &out.nonce);
+            for removed in &out.removed {
+                string_field(buf, 6, removed);
+            }
+            delimited(buf, 7, string_len(&id));
+            string_field(buf, 1, &id);
+        });
+        f.finish()
     }
 }
 
@@ -361,7 +412,7 @@ where
                     server.start::<super::server::SotwRequest, B>("sotw", request, tx)
                 }
                 Some("DeltaAggregatedResources") => {
-                    server.start::<DeltaDiscoveryRequest, B>("delta", request, tx)
+                    server.start::<super::server::DeltaRequestMessage, B>("delta", request, tx)
                 }
                 _ => Err(Status::unimplemented(format!("no method {path}"))),
             };
@@ -380,7 +431,7 @@ mod tests {
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::{
-        DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     };
     use envoy_types::pb::google::rpc;
     use http_body::Frame;
@@ -502,7 +553,7 @@ mod tests {
 
     #[test]
     fn the_server_reads_a_discovery_request_as_envoy_encodes_it() {
-        use crate::xds::server::{SotwRequest, XdsRequest};
+        use crate::xds::server::{DeltaRequestMessage, SotwRequest, XdsRequest};
         let request = DiscoveryRequest {
             version_info: "v3".into(),
             node: Some(Node {
@@ -529,6 +580,34 @@ mod tests {
         let names: Vec<&[u8]> = read.resource_names.iter().map(|n| &n[..]).collect();
         let sent: Vec<&[u8]> = request.resource_names.iter().map(|n| n.as_bytes()).collect();
         assert_eq!(names, sent);
+        let delta = DeltaDiscoveryRequest {
+            node: request.node.clone(),
+            type_url: XdsType::Endpoint.url().into(),
+            resource_names_subscribe: vec!["a".into(), "b".into()],
+            resource_names_unsubscribe: vec!["c".into()],
+            initial_resource_versions: [("a".to_string(), "v1".to_string())].into(),
+            response_nonce: "5".into(),
+            error_detail: request.error_detail.clone(),
+            ..Default::default()
+        };
+        let read = DeltaRequestMessage::decode(delta.encode_to_vec().as_slice()).expect("decodes");
+        assert!(read.check().is_ok());
+        assert_eq!(read.node, delta.node);
+        assert_eq!(read.type_url, delta.type_url);
+        assert_eq!(
+            read.resource_names_subscribe,
+            [Bytes::from("a"), Bytes::from("b")]
+        );
+        assert_eq!(read.resource_names_unsubscribe, [Bytes::from("c")]);
+        assert_eq!(
+            read.initial_resource_versions,
+            delta
+                .initial_resource_versions
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        );
+        assert_eq!(read.response_nonce, delta.response_nonce);
+        assert_eq!(read.error_detail, delta.error_detail);
         // A name that is not UTF-8 (prost would reject such a `string`).
         let bad = SotwRequest {
             resource_names: vec![Bytes::from_static(&[0xff, 0xfe])],
@@ -539,5 +618,46 @@ mod tests {
             read.check().map_err(|s| s.code()),
             Err(tonic::Code::InvalidArgument)
         );
+    }
+
+    #[test]
+    fn large_responses_are_chunked_and_large_resources_shared_uncopied() {
+        let cluster = |name: String| {
+            Arc::new(Encoded::new(
+                name.clone(),
+                &Cluster {
+                    name,
+                    ..Default::default()
+                },
+            ))
+        };
+        let mut out = outgoing();
+        // Small resources past several chunks, and one past the sharing size.
+        out.resources = (0..3000)
+            .map(|i| cluster(format!("outbound|80||svc-{i}.ns.svc.cluster.local")))
+            .collect();
+        let big = cluster("x".repeat(20 * 1024));
+        out.resources.insert(1500, big.clone());
+        for wire in [Wire::sotw(&out), Wire::delta(&out)] {
+            assert!(wire.chunks.len() > 3, "{} chunks", wire.chunks.len());
+            assert!(wire
+                .chunks
+                .iter()
+                .all(|c| c.len() <= Framer::CHUNK + Framer::SHARED));
+            assert!(
+                wire.chunks.iter().any(|c| c.as_ptr() == big.wire.as_ptr()),
+                "the large resource is its own shared chunk"
+            );
+        }
+        let sotw = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
+        assert_eq!(
+            sotw.resources,
+            out.resources.iter().map(|r| r.body()).collect::<Vec<_>>()
+        );
+        let delta = DeltaDiscoveryResponse::decode(message(&Wire::delta(&out)).as_slice()).expect("decodes");
+        let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
+        let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, sent);
+        assert_eq!(delta.removed_resources, ["gone"]);
     }
 }
