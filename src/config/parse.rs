@@ -46,9 +46,11 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
                     file: file.to_string(),
                     document: i + 1,
                 };
-                expand_list(v).into_iter().map(move |item| (origin.clone(), item))
+                expand_list(v)
+                    .into_iter()
+                    .map(move |item| decode_document(origin.clone(), item))
             })
-            .collect::<Vec<_>>()),
+            .collect()),
         Err(reason) => Err(Rejection {
             origin: Origin {
                 file: file.to_string(),
@@ -62,49 +64,8 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
     };
     FileLoad {
         file: file.to_string(),
-        documents: documents.map(decode_all),
+        documents,
     }
-}
-
-/// Below this many documents a file is decoded on the calling thread.
-const PARALLEL_DOCUMENTS: usize = 256;
-
-/// Decodes documents, a large file's on every core (decoding and validating
-/// is most of loading ten thousand services).
-fn decode_all(documents: Vec<(Origin, Value)>) -> Vec<DocumentLoad> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || documents.len() < PARALLEL_DOCUMENTS {
-        return documents
-            .into_iter()
-            .map(|(o, v)| decode_document(o, v))
-            .collect();
-    }
-    let per = documents.len().div_ceil(threads);
-    let mut chunks = Vec::new();
-    let mut rest = documents;
-    while rest.len() > per {
-        let tail = rest.split_off(per);
-        chunks.push(rest);
-        rest = tail;
-    }
-    chunks.push(rest);
-    std::thread::scope(|scope| {
-        let running: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .into_iter()
-                        .map(|(o, v)| decode_document(o, v))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        running
-            .into_iter()
-            .flat_map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
-    })
 }
 
 fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
