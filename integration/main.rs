@@ -8,6 +8,7 @@ mod identity;
 mod inject;
 mod loadgen;
 mod mesh;
+mod metrics;
 mod netns;
 mod scale;
 mod seed;

@@ -5,35 +5,11 @@
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    eventually, free_port, ingress_gateway, loopback_service, write, Backend, Envoy, Meshd, Pod,
+    eventually, free_port, hello_virtual_service, ingress_gateway, loopback_service, write, Backend, Envoy,
+    Meshd, Pod,
 };
 
 const GATEWAYS: usize = 20;
-
-fn virtual_service(version: &str) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata: {{name: hello}}
-spec:
-  hosts: [hello.example.com]
-  gateways: [istio-system/ingressgateway]
-  http:
-  - route:
-    - destination: {{host: hello}}
-    headers:
-      request:
-        set: {{x-config-version: {version}}}
-"#
-    )
-}
-
-/// Whether an Envoy's own route configuration holds `version`.
-fn holds(envoy: &Envoy, version: &str) -> bool {
-    envoy
-        .admin("/config_dump?resource=dynamic_route_configs")
-        .is_ok_and(|(code, body)| code == 200 && body.contains(version))
-}
 
 #[test]
 fn a_virtual_service_change_is_active_in_twenty_envoys_within_two_seconds() {
@@ -50,7 +26,7 @@ fn a_virtual_service_change_is_active_in_twenty_envoys_within_two_seconds() {
             loopback_service("hello", "http", 80, backend.port)
         ),
     );
-    write(&config.join("vs.yaml"), &virtual_service("config-v1"));
+    write(&config.join("vs.yaml"), &hello_virtual_service("config-v1", None));
     let meshd = Meshd::start(&config, work.path());
     let names: Vec<String> = (0..GATEWAYS)
         .map(|i| format!("istio-ingressgateway-{i}"))
@@ -64,7 +40,7 @@ fn a_virtual_service_change_is_active_in_twenty_envoys_within_two_seconds() {
             "every gateway has the first route",
             Duration::from_secs(30),
             || {
-                if holds(envoy, "config-v1") {
+                if envoy.holds_route("config-v1") {
                     Ok(())
                 } else {
                     Err(envoy.proc.log_tail())
@@ -72,7 +48,7 @@ fn a_virtual_service_change_is_active_in_twenty_envoys_within_two_seconds() {
             },
         );
     }
-    write(&config.join("vs.yaml"), &virtual_service("config-v2"));
+    write(&config.join("vs.yaml"), &hello_virtual_service("config-v2", None));
     let written = Instant::now();
     let mut pending: Vec<&Envoy> = envoys.iter().collect();
     let mut last = Duration::ZERO;
@@ -80,7 +56,7 @@ fn a_virtual_service_change_is_active_in_twenty_envoys_within_two_seconds() {
         "every gateway has the changed route",
         Duration::from_secs(30),
         || {
-            pending.retain(|e| !holds(e, "config-v2"));
+            pending.retain(|e| !e.holds_route("config-v2"));
             last = written.elapsed();
             if pending.is_empty() {
                 Ok(())

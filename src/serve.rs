@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::ca::auth::{Authenticator, TokenVerifier};
@@ -195,6 +195,7 @@ pub async fn run(
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
+            count_changes(&updater.push_context().config, &config);
             updater.update(Arc::new(PushContext::new(config)));
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
         }
@@ -279,10 +280,64 @@ pub async fn run(
     tokio::try_join!(xds, xds_tls, debug).map(|_| ())
 }
 
+/// Counts the resources a new generation changed, as istiod counts the
+/// events of its registries (`pilot_k8s_reg_events`) and config stores
+/// (`pilot_k8s_cfg_events`).
+fn count_changes(before: &ConfigSnapshot, after: &ConfigSnapshot) {
+    use crate::config::Kind;
+    use crate::xds::metric;
+    for (key, change) in before.changes(after) {
+        let name = match key.kind {
+            Kind::Service
+            | Kind::Endpoints
+            | Kind::EndpointSlice
+            | Kind::Pod
+            | Kind::Node
+            | Kind::Namespace => metric::REG_EVENTS,
+            _ => metric::CFG_EVENTS,
+        };
+        metrics::counter!(name, "type" => kind_label(key.kind), "event" => change.label()).increment(1);
+    }
+}
+
+fn kind_label(kind: crate::config::Kind) -> &'static str {
+    use crate::config::Kind;
+    match kind {
+        Kind::Secret => "Secret",
+        Kind::Gateway => "Gateway",
+        Kind::VirtualService => "VirtualService",
+        Kind::DestinationRule => "DestinationRule",
+        Kind::ServiceEntry => "ServiceEntry",
+        Kind::Sidecar => "Sidecar",
+        Kind::PeerAuthentication => "PeerAuthentication",
+        Kind::Ingress => "Ingress",
+        Kind::IngressClass => "IngressClass",
+        Kind::GatewayClass => "GatewayClass",
+        Kind::K8sGateway => "KubernetesGateway",
+        Kind::HttpRoute => "HTTPRoute",
+        Kind::Namespace => "Namespaces",
+        Kind::Node => "Nodes",
+        Kind::Service => "Services",
+        Kind::Endpoints => "Endpoints",
+        Kind::EndpointSlice => "EndpointSlice",
+        Kind::Pod => "Pods",
+    }
+}
+
 /// Installs the Prometheus recorder (once per process) and returns what
 /// renders it.
 fn install_metrics() -> Option<PrometheusHandle> {
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in crate::xds::metric::BUCKETS {
+        builder = match builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("metric {name}: {e}");
+                return None;
+            }
+        };
+    }
+    let recorder = builder.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok().map(|_| handle)
 }

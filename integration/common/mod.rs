@@ -310,6 +310,13 @@ impl Envoy {
     }
 
     /// GET an admin path.
+    /// Whether the Envoy's own route configuration (its admin config
+    /// dump) holds `text`.
+    pub fn holds_route(&self, text: &str) -> bool {
+        self.admin("/config_dump?resource=dynamic_route_configs")
+            .is_ok_and(|(code, body)| code == 200 && body.contains(text))
+    }
+
     pub fn admin(&self, path: &str) -> Result<(u16, String), String> {
         curl(&[&format!("http://127.0.0.1:{}{path}", self.admin_port)])
     }
@@ -422,6 +429,30 @@ spec:
   - port: {{number: 80, name: http, protocol: HTTP}}
     hosts: ["*"]
 ---
+"#
+    )
+}
+
+/// The VirtualService `hello` on the ingress gateway: every request to
+/// hello.example.com goes to `hello` with header `x-config-version:
+/// VERSION`, and with `uri_regex` a first route matching it.
+pub fn hello_virtual_service(version: &str, uri_regex: Option<&str>) -> String {
+    let matching = uri_regex
+        .map(|re| format!("  - match:\n    - uri: {{regex: \"{re}\"}}\n    route:\n    - destination: {{host: hello}}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: hello}}
+spec:
+  hosts: [hello.example.com]
+  gateways: [istio-system/ingressgateway]
+  http:
+{matching}  - route:
+    - destination: {{host: hello}}
+    headers:
+      request:
+        set: {{x-config-version: {version}}}
 "#
     )
 }

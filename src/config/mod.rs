@@ -282,6 +282,25 @@ pub struct Entry {
     pub resource: Arc<Resource>,
 }
 
+/// How a resource changed from one generation to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Updated,
+    Deleted,
+}
+
+impl Change {
+    /// The `event` label istiod's registry metrics use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Change::Added => "add",
+            Change::Updated => "update",
+            Change::Deleted => "delete",
+        }
+    }
+}
+
 /// One generation of configuration: every good resource, by key, and every
 /// rejected document. Immutable once built; shared through `Arc`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -299,21 +318,36 @@ impl ConfigSnapshot {
         Arc::unwrap_or_clone(store.apply(files))
     }
 
+    /// Every resource that differs between this generation and `next`, in
+    /// key order (one walk over both; unchanged files share their `Arc`s).
+    pub fn changes<'a>(&'a self, next: &'a ConfigSnapshot) -> Vec<(&'a ResourceKey, Change)> {
+        let mut out = Vec::new();
+        let mut before = self.resources.iter().peekable();
+        for (key, entry) in &next.resources {
+            while let Some((k, _)) = before.next_if(|(k, _)| *k < key) {
+                out.push((k, Change::Deleted));
+            }
+            match before.next_if(|(k, _)| *k == key) {
+                Some((_, old)) => {
+                    let same = Arc::ptr_eq(&old.resource, &entry.resource) || old.resource == entry.resource;
+                    if !same {
+                        out.push((key, Change::Updated));
+                    }
+                }
+                None => out.push((key, Change::Added)),
+            }
+        }
+        out.extend(before.map(|(k, _)| (k, Change::Deleted)));
+        out
+    }
+
     /// When `next` differs from this generation only in endpoints
     /// (Endpoints and EndpointSlices): the services, as (namespace, name),
     /// whose endpoints changed. `None` when anything else changed.
     pub fn endpoint_only_change(&self, next: &ConfigSnapshot) -> Option<BTreeSet<(String, String)>> {
-        let keys: BTreeSet<&ResourceKey> = self.resources.keys().chain(next.resources.keys()).collect();
         let mut services = BTreeSet::new();
-        for key in keys {
+        for (key, _) in self.changes(next) {
             let (a, b) = (self.resources.get(key), next.resources.get(key));
-            let same = match (a, b) {
-                (Some(a), Some(b)) => Arc::ptr_eq(&a.resource, &b.resource) || a.resource == b.resource,
-                _ => false,
-            };
-            if same {
-                continue;
-            }
             let service = match key.kind {
                 Kind::Endpoints => key.name.clone(),
                 Kind::EndpointSlice => {

@@ -26,7 +26,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use self::client::{ClientStats, Identity, Shared};
 pub use self::mesh::{Change, MeshSpec};
-use crate::xds::XdsType;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -386,7 +385,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     for s in &snapshot {
         for (t, n) in &s.since_change {
-            *by_type.entry(type_name(*t).into()).or_default() += n;
+            *by_type.entry(t.short_name().into()).or_default() += n;
         }
     }
     let mut report = Report {
@@ -425,14 +424,4 @@ pub async fn run(o: &Options) -> Result<Report> {
         }
     }
     Ok(report)
-}
-
-fn type_name(t: XdsType) -> &'static str {
-    match t {
-        XdsType::Cluster => "cds",
-        XdsType::Endpoint => "eds",
-        XdsType::Listener => "lds",
-        XdsType::Route => "rds",
-        XdsType::Secret => "sds",
-    }
 }

@@ -113,6 +113,8 @@ struct Generation {
     /// When only endpoints changed since the previous generation: its
     /// snapshots, which are patched instead of translated again.
     base: Option<Base>,
+    /// When the generation was installed: where convergence is timed from.
+    installed: std::time::Instant,
 }
 
 /// The previous generation's snapshots and the services whose endpoints
@@ -190,6 +192,11 @@ impl SnapshotCache {
         self.generation().push.clone()
     }
 
+    /// When the current generation was installed.
+    pub fn installed_at(&self) -> std::time::Instant {
+        self.generation().installed
+    }
+
     fn generation(&self) -> Arc<Generation> {
         match self.current.read() {
             Ok(g) => g.clone(),
@@ -225,6 +232,7 @@ impl Generation {
             snapshots: DashMap::new(),
             interned: DashMap::new(),
             base: None,
+            installed: std::time::Instant::now(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! gRPC loop around them; `status` is what the debug endpoints read.
 
 pub mod cache;
+pub mod metric;
 pub mod server;
 pub mod status;
 pub mod stream;
@@ -42,6 +43,18 @@ impl XdsType {
         XdsType::Route,
         XdsType::Secret,
     ];
+
+    /// The short name istiod and Envoy's stats use: `cds`, `eds`, `lds`,
+    /// `rds`, `sds`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            XdsType::Cluster => "cds",
+            XdsType::Endpoint => "eds",
+            XdsType::Listener => "lds",
+            XdsType::Route => "rds",
+            XdsType::Secret => "sds",
+        }
+    }
 
     /// The type URL Envoy uses for this type.
     pub fn url(self) -> &'static str {

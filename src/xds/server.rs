@@ -16,7 +16,7 @@ use super::cache::{Encoded, Snapshot, SnapshotCache};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
 use super::wire::{Requests, Wire};
-use super::XdsType;
+use super::{metric, XdsType};
 use crate::ca::{SpiffeId, WorkloadCa};
 use crate::model::Proxy;
 
@@ -103,6 +103,9 @@ pub(super) trait XdsRequest: Send + 'static {
     }
     fn node(&self) -> Option<&Node>;
     fn type_url(&self) -> &str;
+    fn response_nonce(&self) -> &str;
+    /// Set when the request rejects the last response (a NACK).
+    fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status>;
     /// Feeds the request to the state machine.
     fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing>;
     /// Feeds a new snapshot to the state machine.
@@ -141,6 +144,12 @@ impl XdsRequest for SotwRequest {
     }
     fn type_url(&self) -> &str {
         &self.type_url
+    }
+    fn response_nonce(&self) -> &str {
+        &self.response_nonce
+    }
+    fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status> {
+        self.error_detail.as_ref()
     }
     fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
         let error = self
@@ -204,6 +213,12 @@ impl XdsRequest for DeltaRequestMessage {
     }
     fn type_url(&self) -> &str {
         &self.type_url
+    }
+    fn response_nonce(&self) -> &str {
+        &self.response_nonce
+    }
+    fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status> {
+        self.error_detail.as_ref()
     }
     fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
         let error = self
@@ -326,6 +341,9 @@ impl Connection {
         let mut workload: Option<Workload> = None;
         loop {
             let renew_at = workload.as_ref().map(|w| w.renew_at);
+            // Set when a new config generation is pushed: when its
+            // computation started.
+            let mut pushed: Option<Instant> = None;
             let outgoing = tokio::select! {
                 msg = futures::StreamExt::next(&mut inbound) => {
                     let req = match msg {
@@ -357,6 +375,16 @@ impl Connection {
                         continue;
                     };
                     let Some((p, _)) = &proxy else { break };
+                    if let Some(error) = req.error_detail() {
+                        metrics::counter!(metric::REJECTS, "type" => t.short_name()).increment(1);
+                        tracing::warn!(
+                            proxy = %p.id,
+                            r#type = t.short_name(),
+                            nonce = req.response_nonce(),
+                            "proxy rejected the config: {}",
+                            error.message
+                        );
+                    }
                     let snapshot = self.snapshot(p, workload.as_ref());
                     let out = req.apply(t, &mut state, &snapshot);
                     (out.into_iter().collect::<Vec<_>>(), snapshot)
@@ -369,6 +397,7 @@ impl Connection {
                     // A closed semaphore never happens; without a permit we
                     // would still compute, so the error is only ignored.
                     let _permit = self.push_permits.acquire().await;
+                    pushed = Some(Instant::now());
                     let snapshot = self.snapshot(p, workload.as_ref());
                     (R::push(&mut state, &snapshot), snapshot)
                 }
@@ -380,14 +409,32 @@ impl Connection {
                 }
             };
             let (outgoing, snapshot) = outgoing;
-            let Some((_, id)) = &proxy else { break };
+            let Some((p, id)) = &proxy else { break };
             let sent: Vec<XdsType> = outgoing.iter().map(|o| o.type_).collect();
             self.registry
                 .update(*id, &state, &sent, snapshot.generation, &snapshot.diagnostics);
+            let push_time = pushed.map(|started| started.elapsed().as_secs_f64());
             for out in outgoing {
-                if tx.send(Ok(R::wire(&out))).await.is_err() {
+                let wire = R::wire(&out);
+                let label = out.type_.short_name();
+                metrics::counter!(metric::PUSHES, "type" => label).increment(1);
+                metrics::histogram!(metric::CONFIG_SIZE, "type" => label).record(wire.len() as f64);
+                if let Some(seconds) = push_time {
+                    metrics::histogram!(metric::PUSH_TIME, "type" => label).record(seconds);
+                }
+                if tx.send(Ok(wire)).await.is_err() {
                     break;
                 }
+            }
+            if pushed.is_some() && !sent.is_empty() {
+                let since = self.cache.installed_at().elapsed();
+                metrics::histogram!(metric::CONVERGENCE).record(since.as_secs_f64());
+                tracing::debug!(
+                    proxy = %p.id,
+                    generation = snapshot.generation,
+                    types = ?sent,
+                    "pushed"
+                );
             }
         }
         if let Some((p, id)) = proxy {

@@ -50,6 +50,7 @@ impl Registry {
     /// Records a new stream for `proxy`; returns its id.
     pub fn register(&self, proxy: Proxy, mode: &'static str) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(super::metric::XDS, "type" => role_label(&proxy)).increment(1.0);
         self.connections.insert(
             id,
             ConnectionStatus {
@@ -98,7 +99,9 @@ impl Registry {
 
     /// Forgets a closed stream.
     pub fn remove(&self, id: u64) {
-        self.connections.remove(&id);
+        if let Some((_, conn)) = self.connections.remove(&id) {
+            metrics::gauge!(super::metric::XDS, "type" => role_label(&conn.proxy)).decrement(1.0);
+        }
     }
 
     /// Every stream, oldest first.
@@ -111,5 +114,13 @@ impl Registry {
     /// The newest stream of the proxy with this node id.
     pub fn find(&self, proxy_id: &str) -> Option<ConnectionStatus> {
         self.list().into_iter().rev().find(|c| c.proxy.id == proxy_id)
+    }
+}
+
+/// The `type` label of `pilot_xds`.
+fn role_label(proxy: &Proxy) -> &'static str {
+    match proxy.role {
+        crate::model::Role::Router => "router",
+        crate::model::Role::Sidecar => "sidecar",
     }
 }

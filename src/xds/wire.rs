@@ -149,6 +149,15 @@ impl Framer {
 }
 
 impl Wire {
+    /// Bytes on the wire (the gRPC frame, header included).
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
     /// A `DiscoveryResponse`.
     pub fn sotw(out: &Outgoing) -> Wire {
         let id = control_plane_id();

@@ -1,0 +1,134 @@
+//! `/metrics` as Prometheus reads it, with a stock Envoy gateway connected:
+//! parsed with a Prometheus text parser, the xDS metrics (named as istiod
+//! names them) move after a push and after Envoy rejects a config.
+
+use std::time::Duration;
+
+use prometheus_parse::{Scrape, Value};
+
+use crate::common::{
+    eventually, free_port, hello_virtual_service, ingress_gateway, loopback_service, write, Backend, Envoy,
+    Meshd, Pod,
+};
+
+fn scrape(meshd: &Meshd) -> Scrape {
+    let (code, body) = meshd.get("/metrics").expect("scrape");
+    assert_eq!(code, 200, "{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format")
+}
+
+/// The value of a counter or gauge, or the count of a histogram, summed
+/// over the samples carrying `labels`; 0 when there is none.
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(buckets) => buckets.iter().map(|b| b.count).fold(0.0, f64::max),
+            Value::Summary(_) => panic!("{name} is a summary, not a histogram"),
+        })
+        .sum()
+}
+
+#[test]
+fn xds_metrics_count_pushes_config_events_and_rejections() {
+    let work = tempfile::tempdir().expect("tmp");
+    let backend = Backend::start("hello");
+    let config = work.path().join("config");
+    write(
+        &config.join("mesh.yaml"),
+        &format!(
+            "{}{}",
+            ingress_gateway(free_port()),
+            loopback_service("hello", "http", 80, backend.port)
+        ),
+    );
+    write(&config.join("vs.yaml"), &hello_virtual_service("config-v1", None));
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-ingressgateway-0"),
+    );
+    let wait_for = |version: &str| {
+        eventually(&format!("Envoy holds {version}"), Duration::from_secs(30), || {
+            if envoy.holds_route(version) {
+                Ok(())
+            } else {
+                Err(envoy.proc.log_tail())
+            }
+        })
+    };
+    wait_for("config-v1");
+
+    let first = scrape(&meshd);
+    assert_eq!(
+        value(&first, "pilot_xds", &[("type", "router")]),
+        1.0,
+        "one gateway connected"
+    );
+    for t in ["cds", "eds", "lds", "rds"] {
+        assert!(
+            value(&first, "pilot_xds_pushes", &[("type", t)]) >= 1.0,
+            "{t} sent"
+        );
+        assert!(
+            value(&first, "pilot_xds_config_size_bytes", &[("type", t)]) >= 1.0,
+            "{t} size recorded"
+        );
+    }
+    assert_eq!(value(&first, "pilot_total_xds_rejects", &[]), 0.0);
+
+    // A routing change: one more RDS push, timed, and counted as a config event.
+    write(&config.join("vs.yaml"), &hello_virtual_service("config-v2", None));
+    wait_for("config-v2");
+    let second = eventually("the push is counted", Duration::from_secs(10), || {
+        let s = scrape(&meshd);
+        let rds = value(&s, "pilot_xds_pushes", &[("type", "rds")]);
+        if rds > value(&first, "pilot_xds_pushes", &[("type", "rds")]) {
+            Ok(s)
+        } else {
+            Err(format!("rds pushes still {rds}"))
+        }
+    });
+    assert!(
+        value(
+            &second,
+            "pilot_k8s_cfg_events",
+            &[("type", "VirtualService"), ("event", "update")]
+        ) >= 1.0
+    );
+    assert!(value(&second, "pilot_proxy_convergence_time", &[]) >= 1.0);
+    assert!(value(&second, "pilot_xds_push_time", &[("type", "rds")]) >= 1.0);
+    assert_eq!(value(&second, "pilot_total_xds_rejects", &[]), 0.0);
+
+    // A regex meshd accepts but Envoy's RE2 refuses as too large (its
+    // program-size limit): Envoy NACKs, meshd counts it, and Envoy keeps
+    // serving the routes it had.
+    write(
+        &config.join("vs.yaml"),
+        &hello_virtual_service("config-v3", Some("/(a{200}){5}")),
+    );
+    let rejected = eventually("the NACK is counted", Duration::from_secs(30), || {
+        let s = scrape(&meshd);
+        if value(&s, "pilot_total_xds_rejects", &[("type", "rds")]) >= 1.0 {
+            Ok(s)
+        } else {
+            Err(envoy.proc.log_tail())
+        }
+    });
+    assert!(value(&rejected, "pilot_total_xds_rejects", &[("type", "rds")]) >= 1.0);
+    assert!(
+        envoy.holds_route("config-v2") && !envoy.holds_route("config-v3"),
+        "Envoy keeps the last good routes"
+    );
+    let sync = meshd.json("/debug/syncz");
+    let nack = &sync["proxies"][0]["types"]["rds"]["nack"];
+    assert!(
+        nack["error"].as_str().is_some_and(|e| e.contains("program size")),
+        "{sync}"
+    );
+}
