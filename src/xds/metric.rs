@@ -1,6 +1,8 @@
 //! The xDS server's Prometheus metrics, named and labelled as istiod's, so
 //! dashboards built for Istio read them.
 
+use super::XdsType;
+
 /// Gauge: connected ADS streams, by proxy `type` (`sidecar`, `router`).
 pub const XDS: &str = "pilot_xds";
 /// Counter: responses sent, by xDS `type` (`cds`, `eds`, `lds`, `rds`, `sds`).
@@ -29,3 +31,56 @@ pub const BUCKETS: [(&str, &[f64]); 3] = [
         &[1.0, 10000.0, 1000000.0, 4000000.0, 10000000.0, 40000000.0],
     ),
 ];
+
+/// One stream's handles on the per-type metrics, looked up once when the
+/// stream starts rather than on every push.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pushes: [metrics::Counter; 5],
+    rejects: [metrics::Counter; 5],
+    sizes: [metrics::Histogram; 5],
+    push_times: [metrics::Histogram; 5],
+    convergence: metrics::Histogram,
+}
+
+impl StreamMetrics {
+    pub fn new() -> StreamMetrics {
+        let label = |i: usize| XdsType::ALL[i].short_name();
+        StreamMetrics {
+            pushes: std::array::from_fn(|i| metrics::counter!(PUSHES, "type" => label(i))),
+            rejects: std::array::from_fn(|i| metrics::counter!(REJECTS, "type" => label(i))),
+            sizes: std::array::from_fn(|i| metrics::histogram!(CONFIG_SIZE, "type" => label(i))),
+            push_times: std::array::from_fn(|i| metrics::histogram!(PUSH_TIME, "type" => label(i))),
+            convergence: metrics::histogram!(CONVERGENCE),
+        }
+    }
+
+    /// A response of `bytes` went out; `push_time` when a new generation's
+    /// push was computed for it.
+    pub fn sent(&self, t: XdsType, bytes: usize, push_time: Option<f64>) {
+        let i = index(t);
+        self.pushes[i].increment(1);
+        self.sizes[i].record(bytes as f64);
+        if let Some(seconds) = push_time {
+            self.push_times[i].record(seconds);
+        }
+    }
+
+    pub fn rejected(&self, t: XdsType) {
+        self.rejects[index(t)].increment(1);
+    }
+
+    pub fn converged(&self, seconds: f64) {
+        self.convergence.record(seconds);
+    }
+}
+
+impl Default for StreamMetrics {
+    fn default() -> Self {
+        StreamMetrics::new()
+    }
+}
+
+fn index(t: XdsType) -> usize {
+    XdsType::ALL.iter().position(|a| *a == t).unwrap_or(0)
+}

@@ -339,6 +339,7 @@ impl Connection {
         let mut state = StreamState::default();
         let mut proxy: Option<(Proxy, u64)> = None;
         let mut workload: Option<Workload> = None;
+        let stream_metrics = metric::StreamMetrics::new();
         loop {
             let renew_at = workload.as_ref().map(|w| w.renew_at);
             // Set when a new config generation is pushed: when its
@@ -376,7 +377,7 @@ impl Connection {
                     };
                     let Some((p, _)) = &proxy else { break };
                     if let Some(error) = req.error_detail() {
-                        metrics::counter!(metric::REJECTS, "type" => t.short_name()).increment(1);
+                        stream_metrics.rejected(t);
                         tracing::warn!(
                             proxy = %p.id,
                             r#type = t.short_name(),
@@ -416,19 +417,14 @@ impl Connection {
             let push_time = pushed.map(|started| started.elapsed().as_secs_f64());
             for out in outgoing {
                 let wire = R::wire(&out);
-                let label = out.type_.short_name();
-                metrics::counter!(metric::PUSHES, "type" => label).increment(1);
-                metrics::histogram!(metric::CONFIG_SIZE, "type" => label).record(wire.len() as f64);
-                if let Some(seconds) = push_time {
-                    metrics::histogram!(metric::PUSH_TIME, "type" => label).record(seconds);
-                }
+                stream_metrics.sent(out.type_, wire.len(), push_time);
                 if tx.send(Ok(wire)).await.is_err() {
                     break;
                 }
             }
             if pushed.is_some() && !sent.is_empty() {
                 let since = self.cache.installed_at().elapsed();
-                metrics::histogram!(metric::CONVERGENCE).record(since.as_secs_f64());
+                stream_metrics.converged(since.as_secs_f64());
                 tracing::debug!(
                     proxy = %p.id,
                     generation = snapshot.generation,
