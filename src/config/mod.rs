@@ -299,6 +299,14 @@ impl Change {
             Change::Deleted => "delete",
         }
     }
+
+    pub fn past_tense(self) -> &'static str {
+        match self {
+            Change::Added => "added",
+            Change::Updated => "updated",
+            Change::Deleted => "deleted",
+        }
+    }
 }
 
 /// One generation of configuration: every good resource, by key, and every

@@ -8,6 +8,9 @@
 //! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
 //!   of Envoy's own `/config_dump` (private keys redacted, as Envoy does).
 //! - `/debug/configz`: every resource as loaded, and the rejected documents.
+//! - `/debug/registryz`: every service, its ports and endpoints (with their
+//!   mesh TLS mode).
+//! - `/debug/push_status`: the last pushes: trigger, proxies, duration.
 //! - `/metrics`: Prometheus text, with Istio's metric names where Istio has one.
 
 pub mod render;
@@ -58,6 +61,8 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/syncz", get(syncz))
         .route("/debug/config_dump", get(config_dump))
         .route("/debug/configz", get(configz))
+        .route("/debug/registryz", get(registryz))
+        .route("/debug/push_status", get(push_status))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -127,6 +132,80 @@ async fn syncz(State(s): State<DebugState>) -> Json<Value> {
         "warnings": s.warnings,
         "proxies": proxies,
     }))
+}
+
+/// Every service with its ports and endpoints, as the current generation
+/// sees them; `tls_mode` is `istio` for endpoints whose Pod is in the mesh.
+async fn registryz(State(s): State<DebugState>) -> Json<Value> {
+    let push = s.cache.push_context();
+    let services: Vec<Value> = push
+        .services
+        .values()
+        .map(|svc| {
+            let ports: Vec<Value> = svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let endpoints: Vec<Value> = p
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "address": e.ip,
+                                "port": e.port,
+                                "tls_mode": if e.mesh.is_some() { "istio" } else { "disabled" },
+                                "service_account": e.mesh.as_ref().map(|(ns, sa)| format!("{ns}/{sa}")),
+                                "labels": e.labels,
+                                "locality": e.locality,
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "name": p.name,
+                        "port": p.port,
+                        "protocol": p.protocol,
+                        "app_protocol": p.app_protocol,
+                        "target_port": p.target_port,
+                        "endpoints": endpoints,
+                    })
+                })
+                .collect();
+            json!({
+                "hostname": svc.hostname,
+                "namespace": svc.namespace,
+                "name": svc.name,
+                "cluster_ip": svc.cluster_ip,
+                "resolution": svc.resolution,
+                "mesh_external": svc.external,
+                "ports": ports,
+            })
+        })
+        .collect();
+    Json(json!({
+        "generation": push.config.generation,
+        "services": services,
+    }))
+}
+
+/// The last pushes, newest first: what triggered each, how many proxies
+/// it reached and when the last of them was written.
+async fn push_status(State(s): State<DebugState>) -> Json<Value> {
+    let pushes: Vec<Value> = s
+        .cache
+        .push_history()
+        .iter()
+        .map(|p| {
+            json!({
+                "generation": p.generation,
+                "installed": unix(p.installed),
+                "trigger": p.trigger,
+                "endpoint_only": p.endpoint_only,
+                "proxies": p.proxies(),
+                "last_push_ms": p.last_push().as_secs_f64() * 1000.0,
+            })
+        })
+        .collect();
+    Json(json!({ "pushes": pushes }))
 }
 
 #[derive(Debug, serde::Deserialize)]

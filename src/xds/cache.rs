@@ -113,8 +113,8 @@ struct Generation {
     /// When only endpoints changed since the previous generation: its
     /// snapshots, which are patched instead of translated again.
     base: Option<Base>,
-    /// When the generation was installed: where convergence is timed from.
-    installed: std::time::Instant,
+    /// Its push, as `/debug/push_status` shows it.
+    stats: Arc<PushStats>,
 }
 
 /// The previous generation's snapshots and the services whose endpoints
@@ -141,6 +141,68 @@ pub fn endpoint_only_change(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Opt
 pub struct SnapshotCache {
     current: RwLock<Arc<Generation>>,
     notify: watch::Sender<u64>,
+    /// The last pushes, newest last.
+    history: std::sync::Mutex<std::collections::VecDeque<Arc<PushStats>>>,
+}
+
+/// Pushes `/debug/push_status` remembers.
+const PUSH_HISTORY: usize = 20;
+
+/// Changes named in a push's trigger, at most.
+const TRIGGER_NAMES: usize = 10;
+
+/// One config generation's push: what triggered it, how many proxies it
+/// reached and how long the last of them took.
+#[derive(Debug)]
+pub struct PushStats {
+    pub generation: u64,
+    pub installed: std::time::SystemTime,
+    installed_at: std::time::Instant,
+    /// The changed resources ("VirtualService default/hello updated").
+    pub trigger: Vec<String>,
+    /// Only endpoints changed: an EDS-only push.
+    pub endpoint_only: bool,
+    proxies: std::sync::atomic::AtomicU64,
+    /// Microseconds from installation to the last proxy's push written.
+    last_push_us: std::sync::atomic::AtomicU64,
+}
+
+impl PushStats {
+    fn new(generation: u64, trigger: Vec<String>, endpoint_only: bool) -> PushStats {
+        PushStats {
+            generation,
+            installed: std::time::SystemTime::now(),
+            installed_at: std::time::Instant::now(),
+            trigger,
+            endpoint_only,
+            proxies: Default::default(),
+            last_push_us: Default::default(),
+        }
+    }
+
+    /// Proxies pushed this generation so far.
+    pub fn proxies(&self) -> u64 {
+        self.proxies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// From installation to the last proxy's push written.
+    pub fn last_push(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.last_push_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// What changed between two generations, as a push's trigger.
+fn trigger(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Vec<String> {
+    let changes = prev.changes(next);
+    let mut out: Vec<String> = changes
+        .iter()
+        .take(TRIGGER_NAMES)
+        .map(|(key, change)| format!("{key} {}", change.past_tense()))
+        .collect();
+    if changes.len() > TRIGGER_NAMES {
+        out.push(format!("and {} more", changes.len() - TRIGGER_NAMES));
+    }
+    out
 }
 
 impl std::fmt::Debug for SnapshotCache {
@@ -155,9 +217,11 @@ impl SnapshotCache {
     /// A cache serving `push`.
     pub fn new(push: Arc<PushContext>) -> SnapshotCache {
         let generation = push.config.generation;
+        let stats = Arc::new(PushStats::new(generation, vec!["first config".into()], false));
         SnapshotCache {
-            current: RwLock::new(Arc::new(Generation::new(push))),
+            current: RwLock::new(Arc::new(Generation::new(push, stats.clone()))),
             notify: watch::Sender::new(generation),
+            history: std::sync::Mutex::new([stats].into()),
         }
     }
 
@@ -165,8 +229,20 @@ impl SnapshotCache {
     pub fn update(&self, push: Arc<PushContext>) {
         let generation = push.config.generation;
         let prev = self.generation();
-        let mut next = Generation::new(push);
-        if let Some(hosts) = endpoint_only_change(&prev.push.config, &next.push.config) {
+        let hosts = endpoint_only_change(&prev.push.config, &push.config);
+        let stats = Arc::new(PushStats::new(
+            generation,
+            trigger(&prev.push.config, &push.config),
+            hosts.is_some(),
+        ));
+        if let Ok(mut history) = self.history.lock() {
+            if history.len() == PUSH_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(stats.clone());
+        }
+        let mut next = Generation::new(push, stats);
+        if let Some(hosts) = hosts {
             let snapshots = prev
                 .snapshots
                 .iter()
@@ -192,9 +268,29 @@ impl SnapshotCache {
         self.generation().push.clone()
     }
 
-    /// When the current generation was installed.
-    pub fn installed_at(&self) -> std::time::Instant {
-        self.generation().installed
+    /// Records a push of `generation` written to a proxy; returns the time
+    /// since that generation was installed (its convergence), or `None`
+    /// when the generation is no longer the current one.
+    pub fn pushed(&self, generation: u64) -> Option<std::time::Duration> {
+        let g = self.generation();
+        if g.stats.generation != generation {
+            return None;
+        }
+        let since = g.stats.installed_at.elapsed();
+        g.stats.proxies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let us = u64::try_from(since.as_micros()).unwrap_or(u64::MAX);
+        g.stats
+            .last_push_us
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        Some(since)
+    }
+
+    /// The last pushes, newest first.
+    pub fn push_history(&self) -> Vec<Arc<PushStats>> {
+        match self.history.lock() {
+            Ok(h) => h.iter().rev().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     fn generation(&self) -> Arc<Generation> {
@@ -226,13 +322,13 @@ impl SnapshotCache {
 }
 
 impl Generation {
-    fn new(push: Arc<PushContext>) -> Generation {
+    fn new(push: Arc<PushContext>, stats: Arc<PushStats>) -> Generation {
         Generation {
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
             base: None,
-            installed: std::time::Instant::now(),
+            stats,
         }
     }
 

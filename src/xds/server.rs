@@ -423,8 +423,9 @@ impl Connection {
                 }
             }
             if pushed.is_some() && !sent.is_empty() {
-                let since = self.cache.installed_at().elapsed();
-                stream_metrics.converged(since.as_secs_f64());
+                if let Some(since) = self.cache.pushed(snapshot.generation) {
+                    stream_metrics.converged(since.as_secs_f64());
+                }
                 tracing::debug!(
                     proxy = %p.id,
                     generation = snapshot.generation,

@@ -1,6 +1,7 @@
-//! `/metrics` as Prometheus reads it, with a stock Envoy gateway connected:
-//! parsed with a Prometheus text parser, the xDS metrics (named as istiod
-//! names them) move after a push and after Envoy rejects a config.
+//! What operators read, with a stock Envoy gateway connected: `/metrics`
+//! parsed with a Prometheus text parser (the xDS metrics, named as istiod
+//! names them, move after a push and after Envoy rejects a config),
+//! `/debug/push_status` and `/debug/registryz`.
 
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 #[test]
-fn xds_metrics_count_pushes_config_events_and_rejections() {
+fn metrics_and_push_status_follow_pushes_and_rejections() {
     let work = tempfile::tempdir().expect("tmp");
     let backend = Backend::start("hello");
     let config = work.path().join("config");
@@ -104,6 +105,31 @@ fn xds_metrics_count_pushes_config_events_and_rejections() {
     assert!(value(&second, "pilot_proxy_convergence_time", &[]) >= 1.0);
     assert!(value(&second, "pilot_xds_push_time", &[("type", "rds")]) >= 1.0);
     assert_eq!(value(&second, "pilot_total_xds_rejects", &[]), 0.0);
+
+    // The push is on /debug/push_status, with what triggered it.
+    let status = meshd.json("/debug/push_status");
+    let latest = &status["pushes"][0];
+    assert_eq!(
+        latest["trigger"],
+        serde_json::json!(["VirtualService default/hello updated"]),
+        "{status}"
+    );
+    assert_eq!(latest["endpoint_only"], false);
+    assert!(latest["proxies"].as_u64() >= Some(1), "{status}");
+    // The registry as meshd sees it.
+    let registry = meshd.json("/debug/registryz");
+    let hello = registry["services"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|s| s["hostname"] == "hello.default.svc.cluster.local")
+        })
+        .unwrap_or_else(|| panic!("{registry}"));
+    let port = &hello["ports"][0];
+    assert_eq!(port["port"], 80);
+    assert_eq!(port["endpoints"][0]["address"], "127.0.0.1");
+    assert_eq!(port["endpoints"][0]["port"], backend.port);
+    assert_eq!(port["endpoints"][0]["tls_mode"], "disabled");
 
     // A regex meshd accepts but Envoy's RE2 refuses as too large (its
     // program-size limit): Envoy NACKs, meshd counts it, and Envoy keeps
