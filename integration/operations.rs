@@ -158,3 +158,55 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
         "{sync}"
     );
 }
+
+#[test]
+fn logs_are_json_lines_at_the_level_asked_for() {
+    let work = tempfile::tempdir().expect("tmp");
+    let config = work.path().join("config");
+    write(
+        &config.join("mesh.yaml"),
+        &loopback_service("hello", "http", 80, free_port()),
+    );
+    let meshd = Meshd::start_with(
+        &config,
+        work.path(),
+        crate::common::MeshdPorts::free(),
+        &["--log-format", "json", "--log-level", "warn,meshd::serve=debug"],
+    );
+    // A change: the push context is rebuilt, which meshd::serve logs at debug.
+    write(&config.join("vs.yaml"), &hello_virtual_service("config-v1", None));
+    let lines: Vec<serde_json::Value> = eventually("the rebuild is logged", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&meshd.proc.log).map_err(|e| e.to_string())?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON: {l}: {e}")))
+            .collect::<Result<_, _>>()?;
+        if lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "push context built")
+        {
+            Ok(lines)
+        } else {
+            Err(text)
+        }
+    });
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string() && line["target"].is_string(),
+            "{line}"
+        );
+        let level = line["level"].as_str().unwrap_or_default();
+        let debug_here = line["target"] == "meshd::serve";
+        assert!(
+            matches!(level, "WARN" | "ERROR") || debug_here,
+            "only warnings, and meshd::serve at debug: {line}"
+        );
+    }
+
+    // A filter that does not parse stops meshd with the flag named.
+    let out = crate::common::meshd(&["serve", "--log-level", "meshd=loudest"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--log-level"), "{err}");
+}

@@ -222,6 +222,14 @@ struct ServeArgs {
     /// off). At --debounce-after or above, endpoints wait like the rest.
     #[arg(long, default_value = "10ms", value_parser = parse_validity)]
     debounce_endpoints: std::time::Duration,
+    /// Log lines as `text` or `json` (one object per line: timestamp,
+    /// level, target, fields).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// What to log, in RUST_LOG syntax: a level, or per module
+    /// (`info,meshd::xds=debug`). Without it, RUST_LOG, else `info`.
+    #[arg(long)]
+    log_level: Option<String>,
     /// Streams computing a push at once; a newer push replaces a queued
     /// older one per stream, so a slow proxy delays no other.
     #[arg(long, default_value_t = meshd::xds::server::DEFAULT_CONCURRENT_PUSHES)]
@@ -336,7 +344,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(a) => {
-            init_logging();
+            init_logging(a.log_format, a.log_level.as_deref())?;
             let opts = ServeOptions {
                 config_dir: a.config_dir,
                 kube: a.kube,
@@ -595,12 +603,28 @@ fn analyze(paths: &[PathBuf]) -> Result<ExitCode> {
     bail!("{serious} error(s) or warning(s)")
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr as `format`, filtered by `level` (RUST_LOG syntax), else
+/// by RUST_LOG, else at `info`.
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    };
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
