@@ -366,6 +366,19 @@ fn csr_is_signed_for_the_authenticated_identity_only() {
             .expect_err("refused without credentials");
         assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
     });
+    let certz = ca.meshd.json("/debug/certz");
+    assert_eq!(certz["trust_domain"], "cluster.local");
+    let issued = certz["certificates"].as_array().cloned().unwrap_or_default();
+    assert_eq!(issued.len(), 1, "only the authenticated request got one: {certz}");
+    assert_eq!(
+        issued[0]["identity"],
+        "spiffe://cluster.local/ns/default/sa/sleep"
+    );
+    assert_eq!(issued[0]["via"], "csr");
+    assert_eq!(issued[0]["count"], 1);
+    let expires_in = issued[0]["expires_in_s"].as_u64().unwrap_or_default();
+    assert!((3500..=3600).contains(&expires_in), "asked for an hour: {certz}");
+    assert!(!certz.to_string().contains("PRIVATE KEY"), "no key on certz");
     let (_, metrics) = ca.meshd.get("/metrics").expect("metrics");
     assert!(metrics.contains("citadel_server_csr_count 2"), "{metrics}");
     assert!(

@@ -218,6 +218,7 @@ pub async fn run(
         stopped(stop_rx.clone()),
     );
     tokio::spawn(webhook);
+    let authority = ca.authority.clone();
     let ads = AdsServer::new(cache.clone(), registry.clone()).with_push_limit(opts.max_concurrent_pushes);
     let xds = tonic::transport::Server::builder()
         .add_service(ads.clone().with_ca(ca.clone(), false).into_service())
@@ -247,6 +248,7 @@ pub async fn run(
         ready: ready.clone(),
         metrics,
         warnings,
+        authority,
     };
     let debug = axum::serve(debug_listener, debug::router(state)).with_graceful_shutdown(stopped(stop_rx));
 

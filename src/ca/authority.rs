@@ -36,6 +36,22 @@ pub struct Authority {
     /// The root (`root-cert.pem`).
     root_pem: String,
     root_not_after: SystemTime,
+    /// The last certificate issued to each identity.
+    issued: dashmap::DashMap<String, IssuedRecord>,
+}
+
+/// What `/debug/certz` shows of an identity's certificates (never a key).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IssuedRecord {
+    pub identity: String,
+    /// `sds` (meshd made the key and sent it over SDS) or `csr` (signed a
+    /// request from istio-agent or another client).
+    pub via: &'static str,
+    /// Of the last one.
+    pub issued: SystemTime,
+    pub not_after: SystemTime,
+    /// Certificates issued to this identity since meshd started.
+    pub count: u64,
 }
 
 impl std::fmt::Debug for Authority {
@@ -65,7 +81,30 @@ impl Authority {
             intermediates,
             root_pem,
             root_not_after,
+            issued: Default::default(),
         }
+    }
+
+    /// The last certificate issued to each identity, by identity.
+    pub fn issued(&self) -> Vec<IssuedRecord> {
+        let mut all: Vec<IssuedRecord> = self.issued.iter().map(|r| r.value().clone()).collect();
+        all.sort_by(|a, b| a.identity.cmp(&b.identity));
+        all
+    }
+
+    fn record(&self, id: &SpiffeId, via: &'static str, validity: Duration) {
+        let now = SystemTime::now();
+        let mut entry = self.issued.entry(id.to_string()).or_insert_with(|| IssuedRecord {
+            identity: id.to_string(),
+            via,
+            issued: now,
+            not_after: now,
+            count: 0,
+        });
+        entry.via = via;
+        entry.issued = now;
+        entry.not_after = now + validity;
+        entry.count += 1;
     }
 
     /// The trust domain identities are issued in.
@@ -146,6 +185,7 @@ impl Authority {
     pub fn issue(&self, id: &SpiffeId, validity: Duration) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let cert_chain = self.sign(id, &key, validity)?;
+        self.record(id, "sds", validity);
         Ok(Issued {
             identity: id.clone(),
             cert_chain,
@@ -233,6 +273,7 @@ impl Authority {
         let spki = SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
             .map_err(|e| CaError::Csr(format!("unsupported public key: {e}")))?;
         let chain = self.sign(id, &spki, validity)?;
+        self.record(id, "csr", validity);
         let mut out: Vec<String> = split_pem(&chain);
         out.push(ensure_newline(&self.root_pem));
         Ok(out)

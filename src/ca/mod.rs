@@ -13,7 +13,7 @@ pub mod workload;
 
 use std::fmt;
 
-pub use authority::{Authority, Issued};
+pub use authority::{Authority, Issued, IssuedRecord};
 pub use store::{ephemeral, load_or_create, CaFiles};
 pub use workload::WorkloadCa;
 

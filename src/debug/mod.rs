@@ -11,6 +11,7 @@
 //! - `/debug/registryz`: every service, its ports and endpoints (with their
 //!   mesh TLS mode).
 //! - `/debug/push_status`: the last pushes: trigger, proxies, duration.
+//! - `/debug/certz`: the CA's root and the certificates issued, by identity.
 //! - `/metrics`: Prometheus text, with Istio's metric names where Istio has one.
 
 pub mod render;
@@ -52,6 +53,8 @@ pub struct DebugState {
     pub metrics: Option<PrometheusHandle>,
     /// Things an operator must know, shown on `/debug/syncz`.
     pub warnings: Vec<String>,
+    /// The CA, for `/debug/certz`.
+    pub authority: Arc<crate::ca::Authority>,
 }
 
 /// The debug router.
@@ -63,6 +66,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/configz", get(configz))
         .route("/debug/registryz", get(registryz))
         .route("/debug/push_status", get(push_status))
+        .route("/debug/certz", get(certz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -206,6 +210,36 @@ async fn push_status(State(s): State<DebugState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "pushes": pushes }))
+}
+
+/// The CA's root and the last certificate issued to each identity (never
+/// a key).
+async fn certz(State(s): State<DebugState>) -> Json<Value> {
+    let now = SystemTime::now();
+    let left = |t: SystemTime| t.duration_since(now).map(|d| d.as_secs()).unwrap_or(0);
+    let certificates: Vec<Value> = s
+        .authority
+        .issued()
+        .iter()
+        .map(|r| {
+            json!({
+                "identity": r.identity,
+                "via": r.via,
+                "issued": unix(r.issued),
+                "not_after": unix(r.not_after),
+                "expires_in_s": left(r.not_after),
+                "count": r.count,
+            })
+        })
+        .collect();
+    Json(json!({
+        "trust_domain": s.authority.trust_domain(),
+        "root": {
+            "not_after": unix(s.authority.root_not_after()),
+            "expires_in_s": left(s.authority.root_not_after()),
+        },
+        "certificates": certificates,
+    }))
 }
 
 #[derive(Debug, serde::Deserialize)]
