@@ -437,4 +437,38 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
             "http://helloworld.default.svc.cluster.local:90/",
         ],
     );
+
+    // The seed's "how do I check mTLS?", answered by meshd: helloworld's
+    // sidecar accepts mutual TLS only, but plain text on 8080; curltest's
+    // sidecar reaches helloworld with mutual TLS to its mesh endpoints.
+    let debug = |path: &str| -> serde_json::Value {
+        let body =
+            m.t.curl(&m.meshd_ns, &[&format!("http://127.0.0.1:15014{path}")])
+                .unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    };
+    let sync = debug("/debug/syncz");
+    let proxy_at = |ip: &str| -> String {
+        sync["proxies"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["ip"] == ip))
+            .and_then(|p| p["proxy"].as_str())
+            .unwrap_or_else(|| panic!("no proxy at {ip}: {sync}"))
+            .to_string()
+    };
+    let hello_authn = debug(&format!("/debug/authenticationz?proxy={}", proxy_at(HELLO_IP)));
+    assert_eq!(hello_authn["inbound"]["mode"], "STRICT", "{hello_authn}");
+    assert_eq!(
+        hello_authn["inbound"]["ports"]["8080"], "PERMISSIVE",
+        "{hello_authn}"
+    );
+    let curl_authn = debug(&format!("/debug/authenticationz?proxy={}", proxy_at(CURL_IP)));
+    let to_hello = curl_authn["outbound"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|c| c["cluster"] == "outbound|80||helloworld.default.svc.cluster.local")
+        })
+        .unwrap_or_else(|| panic!("{curl_authn}"));
+    assert_eq!(to_hello["tls"], "AUTO", "{curl_authn}");
 }

@@ -12,6 +12,8 @@
 //!   mesh TLS mode).
 //! - `/debug/push_status`: the last pushes: trigger, proxies, duration.
 //! - `/debug/certz`: the CA's root and the certificates issued, by identity.
+//! - `/debug/authenticationz?proxy=ID`: the mutual TLS a proxy's workload
+//!   accepts per port, and whether each of its outbound clusters uses it.
 //! - `/metrics`: Prometheus text, with Istio's metric names where Istio has one.
 
 pub mod render;
@@ -67,6 +69,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/registryz", get(registryz))
         .route("/debug/push_status", get(push_status))
         .route("/debug/certz", get(certz))
+        .route("/debug/authenticationz", get(authenticationz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -242,26 +245,108 @@ async fn certz(State(s): State<DebugState>) -> Json<Value> {
     }))
 }
 
+/// "How do I check mTLS?": what the proxy's workload accepts (the
+/// PeerAuthentications in force, per port) and how each of its outbound
+/// clusters connects.
+async fn authenticationz(State(s): State<DebugState>, Query(q): Query<ProxyQuery>) -> Response {
+    let conn = match connection(&s, q.proxy) {
+        Ok(conn) => conn,
+        Err(response) => return response,
+    };
+    let push = s.cache.push_context();
+    let proxy = &conn.proxy;
+    let labels = push.pods.get(&proxy.ip).map_or(&proxy.labels, |p| &p.labels);
+    let mtls = crate::model::peer_auth::resolve(&push, &proxy.namespace, labels);
+    let clusters: Vec<Value> = conn
+        .types
+        .get(&XdsType::Cluster)
+        .map(|t| {
+            t.held
+                .values()
+                .map(|e| json!({"cluster": e.name, "tls": upstream_tls(&e.body())}))
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(json!({
+        "proxy": proxy.id,
+        "identity": proxy.identity,
+        "inbound": {
+            "mode": mtls.mode,
+            "ports": mtls.ports,
+        },
+        "outbound": clusters,
+    }))
+    .into_response()
+}
+
+/// How a cluster connects upstream: `ISTIO_MUTUAL` (the workload
+/// certificate, over SDS `default`), `AUTO` (mutual TLS to the endpoints
+/// whose Pods are in the mesh, plain text to the others), `TLS` (other
+/// certificates), or `DISABLE`.
+fn upstream_tls(cluster: &envoy_types::pb::google::protobuf::Any) -> &'static str {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{transport_socket, TransportSocket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+    use prost::Message;
+    let Ok(cluster) = Cluster::decode(cluster.value.as_slice()) else {
+        return "UNKNOWN";
+    };
+    let tls = |socket: &TransportSocket| {
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            return None;
+        };
+        let ctx = UpstreamTlsContext::decode(any.value.as_slice()).ok()?;
+        let common = ctx.common_tls_context.unwrap_or_default();
+        let workload = common
+            .tls_certificate_sds_secret_configs
+            .iter()
+            .any(|c| c.name == crate::ca::workload::DEFAULT_SECRET);
+        Some(if workload { "ISTIO_MUTUAL" } else { "TLS" })
+    };
+    if let Some(kind) = cluster.transport_socket.as_ref().and_then(tls) {
+        return kind;
+    }
+    let auto = cluster
+        .transport_socket_matches
+        .iter()
+        .filter_map(|m| m.transport_socket.as_ref())
+        .any(|t| tls(t) == Some("ISTIO_MUTUAL"));
+    if auto {
+        "AUTO"
+    } else {
+        "DISABLE"
+    }
+}
+
+/// The connected proxy a `?proxy=ID` names, or the response saying why not.
+#[allow(clippy::result_large_err)]
+fn connection(s: &DebugState, proxy: Option<String>) -> Result<ConnectionStatus, Response> {
+    let Some(id) = proxy else {
+        let ids: Vec<String> = s.registry.list().into_iter().map(|c| c.proxy.id).collect();
+        return Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "give ?proxy=ID; connected proxies are listed", "proxies": ids})),
+        )
+            .into_response());
+    };
+    s.registry.find(&id).ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no connected proxy {id}")})),
+        )
+            .into_response()
+    })
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct ProxyQuery {
     proxy: Option<String>,
 }
 
 async fn config_dump(State(s): State<DebugState>, Query(q): Query<ProxyQuery>) -> Response {
-    let Some(id) = q.proxy else {
-        let ids: Vec<String> = s.registry.list().into_iter().map(|c| c.proxy.id).collect();
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "give ?proxy=ID; connected proxies are listed", "proxies": ids})),
-        )
-            .into_response();
-    };
-    let Some(conn) = s.registry.find(&id) else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": format!("no connected proxy {id}")})),
-        )
-            .into_response();
+    let conn = match connection(&s, q.proxy) {
+        Ok(conn) => conn,
+        Err(response) => return response,
     };
     match render::message_to_json(&dump(&conn)) {
         Ok(v) => Json(v).into_response(),
