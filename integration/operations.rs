@@ -106,6 +106,33 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
     assert!(value(&second, "pilot_xds_push_time", &[("type", "rds")]) >= 1.0);
     assert_eq!(value(&second, "pilot_total_xds_rejects", &[]), 0.0);
 
+    // `meshd dump`: the proxy is in sync, as its own admin dump shows.
+    let debug_addr = format!("127.0.0.1:{}", meshd.debug_port);
+    let admin = format!("127.0.0.1:{}", envoy.admin_port);
+    let dump = |args: &[&str]| {
+        let mut all = vec!["dump", "--debug-addr", &debug_addr];
+        all.extend_from_slice(args);
+        let out = crate::common::meshd(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, diff) = dump(&["diff", &envoy.node_id, "--admin", &admin]);
+    assert!(
+        ok && diff.contains("in sync") && diff.contains("routes: 1 in sync"),
+        "{diff}"
+    );
+    let (_, table) = dump(&["proxies"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&envoy.node_id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("router") && row.contains("SYNCED") && !row.contains("NACK"),
+        "{table}"
+    );
+
     // The push is on /debug/push_status, with what triggered it.
     let status = meshd.json("/debug/push_status");
     let latest = &status["pushes"][0];
@@ -150,6 +177,22 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
     assert!(
         envoy.holds_route("config-v2") && !envoy.holds_route("config-v3"),
         "Envoy keeps the last good routes"
+    );
+    // `meshd dump` shows the rejection: the route differs from what meshd
+    // sent, and the proxy's RDS is NACK.
+    let (ok, diff) = dump(&["diff", &envoy.node_id, "--admin", &admin]);
+    assert!(!ok, "{diff}");
+    assert!(
+        diff.lines()
+            .any(|l| l.starts_with("routes ") && l.contains("differs")),
+        "{diff}"
+    );
+    let (_, table) = dump(&["proxies"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&envoy.node_id) && l.contains("NACK")),
+        "{table}"
     );
     let sync = meshd.json("/debug/syncz");
     let nack = &sync["proxies"][0]["types"]["rds"]["nack"];

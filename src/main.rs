@@ -322,12 +322,43 @@ fn parse_validity(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Debug, Subcommand)]
 enum DumpWhat {
-    /// Connected proxies and their sync state (/debug/syncz).
+    /// Connected proxies and the sync state of each type, like `istioctl
+    /// proxy-status`: SYNCED (acked), STALE (sent, not acked yet), NACK,
+    /// NOT SENT.
+    Proxies {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: DumpFormat,
+    },
+    /// Connected proxies and their sync state (/debug/syncz, JSON).
     Syncz,
     /// Loaded and rejected config (/debug/configz).
     Configz,
     /// What one proxy was sent, as Envoy's config dump.
     Config { proxy: String },
+    /// Services, ports and endpoints (/debug/registryz).
+    Registry,
+    /// The last pushes: trigger, proxies, duration (/debug/push_status).
+    Pushes,
+    /// Certificates issued, by identity (/debug/certz).
+    Certs,
+    /// The mutual TLS in force for one proxy (/debug/authenticationz).
+    Authn { proxy: String },
+    /// Compares what meshd sent PROXY with what that Envoy holds (its admin
+    /// `/config_dump`): clusters, listeners and routes. Exits 1 when they
+    /// differ.
+    Diff {
+        proxy: String,
+        /// The Envoy's admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DumpFormat {
+    Table,
+    Json,
+    Yaml,
 }
 
 fn main() -> ExitCode {
@@ -510,18 +541,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dump { debug_addr, what } => {
-            let path = match what {
-                DumpWhat::Syncz => "/debug/syncz".to_string(),
-                DumpWhat::Configz => "/debug/configz".to_string(),
-                DumpWhat::Config { proxy } => format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
-            };
-            let rt = tokio::runtime::Runtime::new()?;
-            let body = rt.block_on(http_get(debug_addr, &path))?;
-            println!("{body}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Dump { debug_addr, what } => dump(debug_addr, what),
     }
+}
+
+fn dump(debug_addr: SocketAddr, what: DumpWhat) -> Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let get = |addr: SocketAddr, path: &str| rt.block_on(http_get(addr, path));
+    let json = |text: &str| -> Result<serde_json::Value> { Ok(serde_json::from_str(text)?) };
+    let path = match what {
+        DumpWhat::Proxies { output } => {
+            let syncz = json(&get(debug_addr, "/debug/syncz")?)?;
+            match output {
+                DumpFormat::Table => print!("{}", meshd::debug::dump::proxies_table(&syncz)),
+                DumpFormat::Json => println!("{}", serde_json::to_string_pretty(&syncz)?),
+                DumpFormat::Yaml => print!("{}", serde_norway::to_string(&syncz)?),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        DumpWhat::Diff { proxy, admin } => {
+            let sent = json(&get(
+                debug_addr,
+                &format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
+            )?)?;
+            let held = json(
+                &get(admin, "/config_dump")
+                    .with_context(|| format!("reading the Envoy's admin /config_dump at {admin}"))?,
+            )?;
+            let diff = meshd::debug::dump::diff(&sent, &held).map_err(anyhow::Error::msg)?;
+            print!("{diff}");
+            return Ok(if diff.in_sync() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        DumpWhat::Syncz => "/debug/syncz".to_string(),
+        DumpWhat::Configz => "/debug/configz".to_string(),
+        DumpWhat::Config { proxy } => format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
+        DumpWhat::Registry => "/debug/registryz".to_string(),
+        DumpWhat::Pushes => "/debug/push_status".to_string(),
+        DumpWhat::Certs => "/debug/certz".to_string(),
+        DumpWhat::Authn { proxy } => format!("/debug/authenticationz?proxy={}", encode_query(&proxy)),
+    };
+    println!("{}", get(debug_addr, &path)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ca(what: CaCommand) -> Result<ExitCode> {

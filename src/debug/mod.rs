@@ -16,6 +16,7 @@
 //!   accepts per port, and whether each of its outbound clusters uses it.
 //! - `/metrics`: Prometheus text, with Istio's metric names where Istio has one.
 
+pub mod dump;
 pub mod render;
 
 use std::collections::BTreeMap;

@@ -38,6 +38,28 @@ pub fn any_to_json(any: &Any) -> Result<Value, String> {
     Ok(value)
 }
 
+/// A message's JSON (with its `@type`) as `any_to_json` renders it: read
+/// into the message type and written out again, so that two renderings of
+/// the same message (meshd's and Envoy's admin) compare equal.
+pub fn canonical(json: &Value) -> Result<Value, String> {
+    let pool = pool()?;
+    let type_url = json["@type"].as_str().ok_or("a resource without @type")?;
+    let name = type_url.rsplit('/').next().unwrap_or_default();
+    let desc = pool
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("unknown message type {name}"))?;
+    let mut body = json.clone();
+    if let Value::Object(map) = &mut body {
+        map.remove("@type");
+    }
+    let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
+    let msg = DynamicMessage::deserialize_with_options(desc, body, &options).map_err(|e| e.to_string())?;
+    any_to_json(&Any {
+        type_url: type_url.to_string(),
+        value: msg.encode_to_vec(),
+    })
+}
+
 /// The JSON form of a typed message.
 pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, String> {
     any_to_json(&Any {

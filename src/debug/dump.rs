@@ -1,0 +1,171 @@
+//! What `meshd dump` prints: the proxies as a table (like `istioctl
+//! proxy-status`), and the difference between what meshd sent a proxy and
+//! what that proxy's own admin `/config_dump` holds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::Value;
+
+use super::render;
+
+/// The sync state of one type, as `istioctl proxy-status` words it.
+fn type_state(t: &Value) -> &'static str {
+    let sent = t["sent_version"].as_str();
+    let nacked = t["nack"]["version"].as_str();
+    match sent {
+        None => "NOT SENT",
+        Some(v) if nacked == Some(v) => "NACK",
+        Some(v) if t["acked_version"].as_str() == Some(v) => "SYNCED",
+        Some(_) => "STALE",
+    }
+}
+
+/// `/debug/syncz` as a table: one row per proxy, the state of each type.
+pub fn proxies_table(syncz: &Value) -> String {
+    let types = ["cds", "eds", "lds", "rds", "sds"];
+    let mut rows = vec![[
+        "NAME",
+        "ROLE",
+        "MODE",
+        "CDS",
+        "EDS",
+        "LDS",
+        "RDS",
+        "SDS",
+        "GENERATION",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for p in syncz["proxies"].as_array().into_iter().flatten() {
+        let mut row = vec![
+            p["proxy"].as_str().unwrap_or_default().to_string(),
+            p["role"].as_str().unwrap_or_default().to_lowercase(),
+            p["mode"].as_str().unwrap_or_default().to_string(),
+        ];
+        for t in types {
+            let state = match p["types"].get(t) {
+                Some(s) => type_state(s),
+                None => "-",
+            };
+            row.push(state.to_string());
+        }
+        row.push(p["generation"].to_string());
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The types `diff` compares, as `istioctl proxy-status PROXY` does:
+/// (name in the dump, where the resources are, the resource's field, its
+/// name field).
+const COMPARED: [(&str, &str, &str, &str); 3] = [
+    ("clusters", "dynamic_active_clusters", "cluster", "name"),
+    ("listeners", "dynamic_listeners", "listener", "name"),
+    ("routes", "dynamic_route_configs", "route_config", "name"),
+];
+
+/// How what meshd sent and what the proxy holds differ.
+#[derive(Debug, Default, PartialEq)]
+pub struct Diff {
+    /// Resources equal on both sides, per type.
+    pub same: BTreeMap<&'static str, usize>,
+    /// (type, name) sent by meshd, not held by the proxy.
+    pub only_sent: Vec<(&'static str, String)>,
+    /// (type, name) held by the proxy, not in what meshd sent.
+    pub only_held: Vec<(&'static str, String)>,
+    /// (type, name) on both sides, with different contents.
+    pub differ: Vec<(&'static str, String)>,
+}
+
+impl Diff {
+    pub fn in_sync(&self) -> bool {
+        self.only_sent.is_empty() && self.only_held.is_empty() && self.differ.is_empty()
+    }
+}
+
+impl fmt::Display for Diff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (t, n) in self.same.iter() {
+            writeln!(f, "{t}: {n} in sync")?;
+        }
+        for (t, name) in &self.differ {
+            writeln!(
+                f,
+                "{t} {name}: differs (the proxy holds another version than meshd sent; a NACK?)"
+            )?;
+        }
+        for (t, name) in &self.only_sent {
+            writeln!(f, "{t} {name}: sent by meshd, not held by the proxy")?;
+        }
+        for (t, name) in &self.only_held {
+            writeln!(f, "{t} {name}: held by the proxy, not sent by meshd")?;
+        }
+        if self.in_sync() {
+            writeln!(f, "in sync")?;
+        }
+        Ok(())
+    }
+}
+
+/// The resources of one type in a ConfigDump (meshd's or Envoy's), by
+/// name, in a canonical JSON form (so that the two renderings compare).
+fn resources(
+    dump: &Value,
+    section: &str,
+    field: &str,
+    name_field: &str,
+) -> Result<BTreeMap<String, Value>, String> {
+    let mut out = BTreeMap::new();
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for item in config[section].as_array().into_iter().flatten() {
+            // A listener sits in its active (or warming) state.
+            let resource = [
+                &item[field],
+                &item["active_state"][field],
+                &item["warming_state"][field],
+            ]
+            .into_iter()
+            .find(|v| v.is_object());
+            let Some(resource) = resource else { continue };
+            let name = resource[name_field].as_str().unwrap_or_default().to_string();
+            out.insert(name, render::canonical(resource)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Compares meshd's `/debug/config_dump?proxy=ID` with the proxy's own
+/// admin `/config_dump`: clusters, listeners and routes.
+pub fn diff(sent: &Value, held: &Value) -> Result<Diff, String> {
+    let mut d = Diff::default();
+    for (t, section, field, name_field) in COMPARED {
+        let ours = resources(sent, section, field, name_field)?;
+        let theirs = resources(held, section, field, name_field)?;
+        let mut same = 0;
+        for (name, value) in &ours {
+            match theirs.get(name) {
+                Some(v) if v == value => same += 1,
+                Some(_) => d.differ.push((t, name.clone())),
+                None => d.only_sent.push((t, name.clone())),
+            }
+        }
+        d.only_held.extend(
+            theirs
+                .keys()
+                .filter(|n| !ours.contains_key(*n))
+                .map(|n| (t, n.clone())),
+        );
+        d.same.insert(t, same);
+    }
+    Ok(d)
+}
