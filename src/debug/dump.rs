@@ -169,3 +169,62 @@ pub fn diff(sent: &Value, held: &Value) -> Result<Diff, String> {
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn type_states_read_as_proxy_status_words_them() {
+        let cases = [
+            (json!({}), "NOT SENT"),
+            (json!({"sent_version": "a", "acked_version": "a"}), "SYNCED"),
+            (json!({"sent_version": "b", "acked_version": "a"}), "STALE"),
+            (
+                json!({"sent_version": "b", "acked_version": "a", "nack": {"version": "b"}}),
+                "NACK",
+            ),
+        ];
+        for (t, want) in cases {
+            assert_eq!(type_state(&t), want, "{t}");
+        }
+        let syncz = json!({"proxies": [{"proxy": "router~1", "role": "Router", "mode": "sotw", "generation": 3,
+            "types": {"cds": {"sent_version": "a", "acked_version": "a"}}}]});
+        let table = proxies_table(&syncz);
+        let row = table.lines().nth(1).expect("a row");
+        assert!(
+            row.starts_with("router~1") && row.contains("SYNCED") && row.contains("router"),
+            "{table}"
+        );
+    }
+
+    fn cluster_dump(clusters: Vec<Value>) -> Value {
+        let items: Vec<Value> = clusters.into_iter().map(|c| json!({"cluster": c})).collect();
+        json!({"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            "dynamic_active_clusters": items}]})
+    }
+
+    #[test]
+    fn diff_compares_the_messages_not_their_renderings() {
+        const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+        // The same cluster, written two ways (field order, a default left out
+        // or spelled out, a duration's digits).
+        let ours = cluster_dump(vec![
+            json!({"@type": CLUSTER, "name": "a", "connect_timeout": "5s", "type": "EDS"}),
+            json!({"@type": CLUSTER, "name": "b", "connect_timeout": "1s"}),
+        ]);
+        let theirs = cluster_dump(vec![
+            json!({"connect_timeout": "5.000s", "name": "a", "@type": CLUSTER, "type": "EDS", "per_connection_buffer_limit_bytes": null}),
+            json!({"@type": CLUSTER, "name": "b", "connect_timeout": "2s"}),
+            json!({"@type": CLUSTER, "name": "c"}),
+        ]);
+        let d = diff(&ours, &theirs).expect("diff");
+        assert_eq!(d.same.get("clusters"), Some(&1));
+        assert_eq!(d.differ, [("clusters", "b".to_string())]);
+        assert_eq!(d.only_held, [("clusters", "c".to_string())]);
+        assert!(!d.in_sync());
+        assert!(diff(&ours, &ours).expect("diff").in_sync());
+    }
+}
