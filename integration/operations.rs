@@ -123,6 +123,20 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
         ok && diff.contains("in sync") && diff.contains("routes: 1 in sync"),
         "{diff}"
     );
+    let (ok, routes) = dump(&[
+        "routes",
+        &envoy.node_id,
+        "--host",
+        "hello.example.com",
+        "--path",
+        "/hi",
+    ]);
+    assert!(
+        ok && routes.contains("→ cluster outbound|80||hello.default.svc.cluster.local"),
+        "{routes}"
+    );
+    let (_, routes) = dump(&["routes", &envoy.node_id, "--host", "nope.example.com"]);
+    assert!(routes.contains("404: no virtual host"), "{routes}");
     let (_, table) = dump(&["proxies"]);
     let row = table
         .lines()

@@ -343,6 +343,21 @@ enum DumpWhat {
     Certs,
     /// The mutual TLS in force for one proxy (/debug/authenticationz).
     Authn { proxy: String },
+    /// Which virtual host and route a request would take through each
+    /// route configuration PROXY was sent, or why it would get a 404.
+    Routes {
+        proxy: String,
+        /// The request's Host (`:authority`).
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
     /// Compares what meshd sent PROXY with what that Envoy holds (its admin
     /// `/config_dump`): clusters, listeners and routes. Exits 1 when they
     /// differ.
@@ -575,6 +590,36 @@ fn dump(debug_addr: SocketAddr, what: DumpWhat) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        DumpWhat::Routes {
+            proxy,
+            host,
+            path,
+            method,
+            headers,
+        } => {
+            let sent = json(&get(
+                debug_addr,
+                &format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
+            )?)?;
+            let headers = headers
+                .iter()
+                .map(|h| match h.split_once(':') {
+                    Some((k, v)) => Ok((k.trim().to_ascii_lowercase(), v.trim().to_string())),
+                    None => Err(anyhow::anyhow!("-H {h:?}: expected `name: value`")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let req = meshd::translate::simulate::Request {
+                host,
+                path,
+                method,
+                headers,
+            };
+            print!(
+                "{}",
+                meshd::debug::dump::explain_routes(&sent, &req).map_err(anyhow::Error::msg)?
+            );
+            return Ok(ExitCode::SUCCESS);
         }
         DumpWhat::Syncz => "/debug/syncz".to_string(),
         DumpWhat::Configz => "/debug/configz".to_string(),

@@ -170,6 +170,53 @@ pub fn diff(sent: &Value, held: &Value) -> Result<Diff, String> {
     Ok(d)
 }
 
+/// Where a request to `req` would go through each route configuration
+/// meshd sent (its `/debug/config_dump?proxy=ID`), one line each: the
+/// virtual host it picks and the route's outcome, or why Envoy would
+/// answer 404.
+pub fn explain_routes(sent: &Value, req: &crate::translate::simulate::Request) -> Result<String, String> {
+    use crate::translate::simulate::{route, Outcome};
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    let mut out = String::new();
+    for config in sent["configs"].as_array().into_iter().flatten() {
+        for item in config["dynamic_route_configs"].as_array().into_iter().flatten() {
+            let rc: RouteConfiguration = render::message_from_json(&item["route_config"])?;
+            let line = match route(&rc, req) {
+                Outcome::Cluster {
+                    virtual_host,
+                    cluster,
+                } => {
+                    format!("virtual host {virtual_host} → cluster {cluster}")
+                }
+                Outcome::Weighted {
+                    virtual_host,
+                    clusters,
+                } => {
+                    let split: Vec<String> = clusters.iter().map(|(c, w)| format!("{c} ({w})")).collect();
+                    format!("virtual host {virtual_host} → split: {}", split.join(", "))
+                }
+                Outcome::Redirect {
+                    virtual_host,
+                    status,
+                    location,
+                } => format!("virtual host {virtual_host} → {status} redirect to {location}"),
+                Outcome::Direct { virtual_host, status } => {
+                    format!("virtual host {virtual_host} → direct response {status}")
+                }
+                Outcome::RequireTls { virtual_host } => {
+                    format!("virtual host {virtual_host} → 301 to https (the server requires TLS)")
+                }
+                Outcome::NotFound { reason } => format!("404: {reason}"),
+            };
+            out.push_str(&format!("{}: {line}\n", rc.name));
+        }
+    }
+    if out.is_empty() {
+        return Err("the proxy was sent no route configuration".into());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -60,6 +60,22 @@ pub fn canonical(json: &Value) -> Result<Value, String> {
     })
 }
 
+/// A typed message from its JSON (as `any_to_json` or Envoy's admin
+/// render it).
+pub fn message_from_json<M: Message + prost::Name + Default>(json: &Value) -> Result<M, String> {
+    let pool = pool()?;
+    let desc = pool
+        .get_message_by_name(&M::full_name())
+        .ok_or_else(|| format!("unknown message type {}", M::full_name()))?;
+    let mut body = json.clone();
+    if let Value::Object(map) = &mut body {
+        map.remove("@type");
+    }
+    let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
+    let msg = DynamicMessage::deserialize_with_options(desc, body, &options).map_err(|e| e.to_string())?;
+    M::decode(msg.encode_to_vec().as_slice()).map_err(|e| e.to_string())
+}
+
 /// The JSON form of a typed message.
 pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, String> {
     any_to_json(&Any {
