@@ -46,7 +46,10 @@ fn every_dashboard_query_names_a_metric_meshd_exports() {
             let found: Vec<&str> = names.find_iter(expr).map(|m| m.as_str()).collect();
             assert!(!found.is_empty(), "{expr} names no metric");
             for series in found {
-                assert!(exported(series), "{series} (in {expr}) is not a metric meshd exports");
+                assert!(
+                    exported(series),
+                    "{series} (in {expr}) is not a metric meshd exports"
+                );
                 seen.insert(series.to_string());
             }
         }
