@@ -267,3 +267,35 @@ fn logs_are_json_lines_at_the_level_asked_for() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--log-level"), "{err}");
 }
+
+#[test]
+fn analyze_prints_json_and_takes_suppressions() {
+    let work = tempfile::tempdir().expect("tmp");
+    let config = work.path().join("config");
+    // The gateway's Service exposes port 80 only; the Gateway also serves 8080.
+    let gateway = ingress_gateway(free_port()).replace(
+        "    hosts: [\"*\"]\n",
+        "    hosts: [\"*\"]\n  - port: {number: 8080, name: http-alt, protocol: HTTP}\n    hosts: [\"*\"]\n",
+    );
+    write(&config.join("gateway.yaml"), &gateway);
+    let dir = config.display().to_string();
+    let out = crate::common::meshd(&["analyze", "-o", "json", &dir]);
+    assert!(!out.status.success(), "a warning fails the run");
+    let findings: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(findings.as_array().map(Vec::len), Some(1), "{findings}");
+    assert_eq!(findings[0]["code"], "IST0104");
+    assert_eq!(findings[0]["resource"], "Gateway istio-system/ingressgateway");
+    assert_eq!(findings[0]["origin"]["file"], format!("{dir}/gateway.yaml"));
+
+    let out = crate::common::meshd(&[
+        "analyze",
+        "-o",
+        "json",
+        "-S",
+        "IST0104=Gateway istio-system/*",
+        &dir,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let findings: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(findings, serde_json::json!([]));
+}

@@ -2,10 +2,13 @@
 //!
 //! Each finding carries Istio's message code (`IST0101`
 //! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
-//! InvalidGatewayCredential, `IST0103` PodMissingProxy; meshd's own
+//! InvalidGatewayCredential, `IST0103` PodMissingProxy, `IST0104`
+//! GatewayPortNotOnWorkload, `IST0128`/`IST0129` a DestinationRule
+//! originating TLS without verifying the server; meshd's own
 //! `MSH0001` for a DestinationRule subset no route names, `MSH0002` for an
 //! HTTPRoute parent it does not attach to, `MSH0003` for a Gateway API
-//! listener that is not served), the
+//! listener that is not served, `MSH0004` for `httpsRedirect` on an HTTPS
+//! server, where it does nothing), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -50,6 +53,58 @@ impl fmt::Display for Finding {
     }
 }
 
+/// A `--suppress CODE=RESOURCE` rule, as `istioctl analyze` takes them:
+/// RESOURCE as findings name it (`Kind namespace/name`), where `*` matches
+/// any run of characters (`IST0104=Gateway istio-system/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppression {
+    code: String,
+    resource: String,
+}
+
+impl std::str::FromStr for Suppression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((code, resource)) if !code.trim().is_empty() && !resource.trim().is_empty() => {
+                Ok(Suppression {
+                    code: code.trim().to_string(),
+                    resource: resource.trim().to_string(),
+                })
+            }
+            _ => Err(format!(
+                "{s:?}: expected CODE=RESOURCE, like \"IST0104=Gateway istio-system/*\""
+            )),
+        }
+    }
+}
+
+impl Suppression {
+    pub fn matches(&self, f: &Finding) -> bool {
+        (self.code == "*" || self.code == f.code) && glob(&self.resource, &f.resource)
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(first) = parts.next() else { return true };
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        }
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
 /// Runs every analyzer; findings sorted by level, then resource.
 pub fn analyze(config: &ConfigSnapshot) -> Vec<Finding> {
     analyze_at(config, std::time::SystemTime::now())
@@ -78,6 +133,8 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     }
     sidecar_coverage(&push, config, &mut out);
     traffic_references(&push, config, &mut out);
+    gateway_servers(config, &mut out);
+    destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
     for (key, entry) in &config.resources {
         let Resource::Ingress(ing) = &*entry.resource else {
@@ -142,6 +199,126 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
 /// it: `MSH0002` for a route parent it does not attach to, `IST0101` for a
 /// backend Service that does not exist, `MSH0003` for a listener that is
 /// not served.
+/// A Gateway's servers: `httpsRedirect` where it does nothing (MSH0004),
+/// ports the gateway workload's Service does not expose (IST0104).
+fn gateway_servers(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    for (key, entry) in &config.resources {
+        let Resource::Gateway(gw) = &*entry.resource else {
+            continue;
+        };
+        let mut found = |code: &'static str, message: String| {
+            out.push(Finding {
+                level: Level::Warning,
+                code,
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message,
+            })
+        };
+        // The Services in front of the gateway's pods: what selects them.
+        let services: Vec<(String, Vec<i32>)> = config
+            .of_kind(Kind::Service)
+            .filter_map(|r| match r {
+                Resource::Service(svc) => Some(svc),
+                _ => None,
+            })
+            .filter_map(|svc| {
+                let spec = svc.spec.as_ref()?;
+                let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+                let selects = is_subset(selector, &gw.spec.selector)
+                    || (!gw.spec.selector.is_empty() && is_subset(&gw.spec.selector, selector));
+                selects.then(|| {
+                    let name = format!(
+                        "{}/{}",
+                        svc.metadata.namespace.as_deref().unwrap_or("default"),
+                        svc.metadata.name.as_deref().unwrap_or_default()
+                    );
+                    let ports = spec.ports.iter().flatten().map(|p| p.port).collect();
+                    (name, ports)
+                })
+            })
+            .collect();
+        for (i, server) in gw.spec.servers.iter().enumerate() {
+            let Some(port) = &server.port else { continue };
+            let https = ["HTTPS", "TLS"].contains(&port.protocol.to_ascii_uppercase().as_str());
+            if https && server.tls.as_ref().is_some_and(|t| t.https_redirect) {
+                found(
+                    "MSH0004",
+                    format!(
+                        "spec.servers[{i}].tls.httpsRedirect is set on the {} server on port {}, where it does \
+                         nothing: requests there are already TLS. Set it on the HTTP server (port 80) of the \
+                         hosts you want redirected to https",
+                        port.protocol, port.number
+                    ),
+                );
+            }
+            let exposed = services
+                .iter()
+                .any(|(_, ports)| ports.iter().any(|p| i64::from(*p) == i64::from(port.number)));
+            if !services.is_empty() && !exposed {
+                let selector: Vec<String> =
+                    gw.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let names: Vec<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
+                found(
+                    "IST0104",
+                    format!(
+                        "The gateway refers to a port that is not exposed on the workload (pod selector {}; port \
+                         {}): add port {} to Service {}, or use one of its ports",
+                        selector.join(","),
+                        port.number,
+                        port.number,
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// DestinationRules that originate TLS without verifying the server:
+/// IST0128 (the rule's policy), IST0129 (a port's).
+fn destination_rule_tls(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    for (key, entry) in &config.resources {
+        let Resource::DestinationRule(dr) = &*entry.resource else {
+            continue;
+        };
+        let Some(policy) = &dr.spec.traffic_policy else {
+            continue;
+        };
+        let unverified = |tls: &crate::config::istio::ClientTlsSettings| {
+            let mode = tls.mode.as_deref().unwrap_or_default();
+            ["SIMPLE", "MUTUAL"].contains(&mode)
+                && tls.ca_certificates.as_deref().unwrap_or_default().is_empty()
+                && tls.credential_name.as_deref().unwrap_or_default().is_empty()
+                && tls.insecure_skip_verify != Some(true)
+        };
+        let mut found = |code: &'static str, mode: &str, port: Option<u32>| {
+            let at = port.map(|p| format!(" on port {p}")).unwrap_or_default();
+            out.push(Finding {
+                level: Level::Warning,
+                code,
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message: format!(
+                    "TLS mode is {mode}{at} but no caCertificates (or credentialName) are set to validate the \
+                     server identity of host {}: the proxy connects to whatever answers. Set caCertificates, \
+                     or insecureSkipVerify: true if that is meant",
+                    dr.spec.host
+                ),
+            });
+        };
+        if let Some(tls) = policy.tls.as_ref().filter(|t| unverified(t)) {
+            found("IST0128", tls.mode.as_deref().unwrap_or_default(), None);
+        }
+        for p in &policy.port_level_settings {
+            if let Some(tls) = p.tls.as_ref().filter(|t| unverified(t)) {
+                let number = p.port.as_ref().map(|p| p.number);
+                found("IST0129", tls.mode.as_deref().unwrap_or_default(), number);
+            }
+        }
+    }
+}
+
 fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
     use crate::model::gateway_status::{gateway_status, route_status};
     let failed = |conditions: &serde_json::Value, kind: &str| {
@@ -635,7 +812,17 @@ mod tests {
         let files = crate::source::load_dir(&dir).expect("testdata");
         let in_2030 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000);
         let f = analyze_at(&ConfigSnapshot::from_files(files), in_2030);
-        let lines: Vec<String> = f.iter().map(|f| format!("{} {}", f.code, f.message)).collect();
+        // The broken servers' ports are not on the gateway's Service either
+        // (IST0104), and the HTTPS server carries the seed's httpsRedirect
+        // (MSH0004): only the credential findings are looked at here.
+        assert!(f
+            .iter()
+            .any(|f| f.code == "MSH0004" && f.message.starts_with("spec.servers[0]")));
+        let lines: Vec<String> = f
+            .iter()
+            .filter(|f| !["IST0104", "MSH0004"].contains(&f.code))
+            .map(|f| format!("{} {}", f.code, f.message))
+            .collect();
         let has = |code: &str, text: &str| lines.iter().any(|l| l.starts_with(code) && l.contains(text));
         assert!(has("IST0101", "\"missing-credential\""), "{lines:#?}");
         assert!(has("IST0101", "noca-credential-cacert"), "{lines:#?}");
@@ -721,5 +908,96 @@ mod tests {
             codes.contains(&("MSH0003", "Gateway.gateway.networking.k8s.io default/web")),
             "{f:?}"
         );
+    }
+
+    const GW_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: istio-ingressgateway, namespace: istio-system}\n\
+        spec:\n  selector: {istio: ingressgateway}\n  ports: [{name: http2, port: 80}, {name: https, port: 443}]\n";
+
+    fn gateway(servers: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {{name: gw, namespace: istio-system}}\n\
+             spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n{servers}"
+        )
+    }
+
+    fn codes(f: &[Finding]) -> Vec<&'static str> {
+        f.iter().map(|f| f.code).collect()
+    }
+
+    #[test]
+    fn a_gateway_port_the_service_does_not_expose_is_ist0104() {
+        let http = "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n";
+        assert_eq!(codes(&findings(&[GW_SVC, &gateway(http)])), Vec::<&str>::new());
+        let odd = "  - port: {number: 8080, name: http, protocol: HTTP}\n    hosts: ['*']\n";
+        let f = findings(&[GW_SVC, &gateway(odd)]);
+        assert_eq!(codes(&f), ["IST0104"], "{f:?}");
+        assert!(
+            f[0].message.contains("port 8080") && f[0].message.contains("istio-system/istio-ingressgateway")
+        );
+        // Without a Service in front of the gateway there is nothing to compare.
+        assert_eq!(codes(&findings(&[&gateway(odd)])), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn https_redirect_on_the_https_server_is_msh0004() {
+        let tls = "    tls: {mode: SIMPLE, credentialName: cert, httpsRedirect: true}\n";
+        let on_https =
+            format!("  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: ['*']\n{tls}");
+        let f = findings(&[GW_SVC, &gateway(&on_https)]);
+        let redirect: Vec<&Finding> = f.iter().filter(|f| f.code == "MSH0004").collect();
+        assert_eq!(redirect.len(), 1, "{f:?}");
+        assert!(
+            redirect[0].message.contains("HTTP server (port 80)"),
+            "{}",
+            redirect[0].message
+        );
+        // Where it belongs, on the HTTP server, it is fine.
+        let on_http = "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*']\n    tls: {httpsRedirect: true}\n";
+        assert!(!codes(&findings(&[GW_SVC, &gateway(on_http)])).contains(&"MSH0004"));
+    }
+
+    #[test]
+    fn tls_origination_without_a_ca_is_ist0128_or_ist0129_per_port() {
+        let dr = |policy: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {{name: ext}}\n\
+                 spec:\n  host: api.example.com\n  trafficPolicy:\n{policy}"
+            )
+        };
+        let se = "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: ext}\n\
+                  spec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n";
+        let f = findings(&[se, &dr("    tls: {mode: SIMPLE}\n")]);
+        assert_eq!(codes(&f), ["IST0128"], "{f:?}");
+        assert!(f[0].message.contains("api.example.com"));
+        let f = findings(&[
+            se,
+            &dr("    portLevelSettings:\n    - port: {number: 443}\n      tls: {mode: SIMPLE}\n"),
+        ]);
+        assert_eq!(codes(&f), ["IST0129"], "{f:?}");
+        assert!(f[0].message.contains("on port 443"));
+        let verified = dr("    tls: {mode: SIMPLE, caCertificates: /etc/certs/ca.pem}\n");
+        assert_eq!(codes(&findings(&[se, &verified])), Vec::<&str>::new());
+        let mesh = dr("    tls: {mode: ISTIO_MUTUAL}\n");
+        assert_eq!(codes(&findings(&[se, &mesh])), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn suppressions_match_code_and_resource_globs() {
+        let f = Finding {
+            level: Level::Warning,
+            code: "IST0104",
+            resource: "Gateway istio-system/gw".into(),
+            origin: None,
+            message: String::new(),
+        };
+        let rule = |s: &str| s.parse::<Suppression>().expect("rule");
+        assert!(rule("IST0104=Gateway istio-system/*").matches(&f));
+        assert!(rule("IST0104=*").matches(&f));
+        assert!(rule("*=Gateway */gw").matches(&f));
+        assert!(rule("IST0104=Gateway istio-system/gw").matches(&f));
+        assert!(!rule("IST0101=*").matches(&f));
+        assert!(!rule("IST0104=Gateway default/*").matches(&f));
+        assert!(!rule("IST0104=Gateway istio-system/g").matches(&f));
+        assert!("IST0104".parse::<Suppression>().is_err());
     }
 }
