@@ -232,22 +232,31 @@ fn logs_are_json_lines_at_the_level_asked_for() {
     );
     // A change: the push context is rebuilt, which meshd::serve logs at debug.
     write(&config.join("vs.yaml"), &hello_virtual_service("config-v1", None));
-    let lines: Vec<serde_json::Value> = eventually("the rebuild is logged", Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(&meshd.proc.log).map_err(|e| e.to_string())?;
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON: {l}: {e}")))
-            .collect::<Result<_, _>>()?;
-        if lines
-            .iter()
-            .any(|l| l["fields"]["message"] == "push context built")
-        {
-            Ok(lines)
-        } else {
-            Err(text)
-        }
-    });
+    let lines: Vec<serde_json::Value> = eventually(
+        "the rebuild and the analysis are logged",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&meshd.proc.log).map_err(|e| e.to_string())?;
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON: {l}: {e}")))
+                .collect::<Result<_, _>>()?;
+            let rebuilt = lines
+                .iter()
+                .any(|l| l["fields"]["message"] == "push context built");
+            // The analyzers run on what is served: the VirtualService names a
+            // Gateway this config does not have.
+            let analyzed = lines
+                .iter()
+                .any(|l| l["fields"]["code"] == "IST0101" && l["level"] == "WARN");
+            if rebuilt && analyzed {
+                Ok(lines)
+            } else {
+                Err(text)
+            }
+        },
+    );
     for line in &lines {
         assert!(
             line["timestamp"].is_string() && line["target"].is_string(),

@@ -190,14 +190,18 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     let updater = cache.clone();
+    let analyzer = Analyzer::default();
+    analyzer.run(cache.push_context());
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
             count_changes(&updater.push_context().config, &config);
-            updater.update(Arc::new(PushContext::new(config)));
+            let push = Arc::new(PushContext::new(config));
+            updater.update(push.clone());
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
+            analyzer.run(push);
         }
     });
 
@@ -280,6 +284,58 @@ pub async fn run(
     };
     // The first server to fail ends `meshd serve`; on shutdown both finish.
     tokio::try_join!(xds, xds_tls, debug).map(|_| ())
+}
+
+/// Runs the analyzers over each new generation off the push path, and logs
+/// the findings that were not there before (so a mistake is reported once,
+/// when it is made), at warn for errors and warnings, info otherwise.
+#[derive(Default, Clone)]
+struct Analyzer {
+    state: Arc<std::sync::Mutex<AnalyzerState>>,
+}
+
+#[derive(Default)]
+struct AnalyzerState {
+    running: bool,
+    /// The generation to analyze next, when one arrived while running.
+    pending: Option<Arc<PushContext>>,
+    reported: std::collections::BTreeSet<String>,
+}
+
+impl Analyzer {
+    fn run(&self, push: Arc<PushContext>) {
+        let Ok(mut state) = self.state.lock() else { return };
+        if state.running {
+            state.pending = Some(push); // the latest wins
+            return;
+        }
+        state.running = true;
+        drop(state);
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut next = Some(push);
+            while let Some(push) = next.take() {
+                let findings = crate::analyze::analyze_push(&push);
+                let Ok(mut state) = me.state.lock() else { return };
+                let now: std::collections::BTreeSet<String> =
+                    findings.iter().map(ToString::to_string).collect();
+                for f in findings
+                    .iter()
+                    .filter(|f| !state.reported.contains(&f.to_string()))
+                {
+                    match f.level {
+                        crate::analyze::Level::Info => tracing::info!(code = f.code, "{f}"),
+                        _ => tracing::warn!(code = f.code, "{f}"),
+                    }
+                }
+                state.reported = now;
+                next = state.pending.take();
+                if next.is_none() {
+                    state.running = false;
+                }
+            }
+        });
+    }
 }
 
 /// Counts the resources a new generation changed, as istiod counts the

@@ -112,7 +112,13 @@ pub fn analyze(config: &ConfigSnapshot) -> Vec<Finding> {
 
 /// `analyze`, judging certificate validity at `now`.
 pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Finding> {
-    let push = PushContext::new_at(std::sync::Arc::new(config.clone()), now);
+    analyze_push(&PushContext::new_at(std::sync::Arc::new(config.clone()), now))
+}
+
+/// `analyze` over a push context already built (what `meshd serve` runs
+/// on each new generation).
+pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
+    let config = &*push.config;
     let mut out = Vec::new();
     for r in &config.rejections {
         out.push(Finding {
@@ -131,8 +137,8 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
             ),
         });
     }
-    sidecar_coverage(&push, config, &mut out);
-    traffic_references(&push, config, &mut out);
+    sidecar_coverage(push, config, &mut out);
+    traffic_references(push, config, &mut out);
     gateway_servers(config, &mut out);
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
@@ -169,7 +175,7 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
                     message,
                 })
             };
-            gateway_credentials(&push, config, gw, &mut found);
+            gateway_credentials(push, config, gw, &mut found);
             continue;
         }
         if key.kind != Kind::VirtualService {
@@ -187,8 +193,8 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
                 message,
             })
         };
-        gateway_refs(&push, vs, &mut found);
-        destination_hosts(&push, vs, &mut found);
+        gateway_refs(push, vs, &mut found);
+        destination_hosts(push, vs, &mut found);
     }
     out.sort();
     out.dedup();
