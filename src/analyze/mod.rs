@@ -3,7 +3,8 @@
 //! Each finding carries Istio's message code (`IST0101`
 //! ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0161`
 //! InvalidGatewayCredential, `IST0103` PodMissingProxy, `IST0104`
-//! GatewayPortNotOnWorkload, `IST0128`/`IST0129` a DestinationRule
+//! GatewayPortNotOnWorkload, `IST0132` a VirtualService host its Gateway
+//! does not accept, `IST0128`/`IST0129` a DestinationRule
 //! originating TLS without verifying the server; meshd's own
 //! `MSH0001` for a DestinationRule subset no route names, `MSH0002` for an
 //! HTTPRoute parent it does not attach to, `MSH0003` for a Gateway API
@@ -140,6 +141,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
     sidecar_coverage(push, config, &mut out);
     traffic_references(push, config, &mut out);
     gateway_servers(config, &mut out);
+    hosts_on_gateways(push, config, &mut out);
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
     for (key, entry) in &config.resources {
@@ -277,6 +279,56 @@ fn gateway_servers(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// VirtualService hosts that no server of a Gateway it binds to accepts
+/// (IST0132): the route exists but that gateway never serves it.
+fn hosts_on_gateways(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    for (key, entry) in &config.resources {
+        let Resource::VirtualService(vs) = &*entry.resource else {
+            continue;
+        };
+        for reference in &vs.spec.gateways {
+            let Some(gw_key) = resolve_gateway_ref(reference, vs.namespace()) else {
+                continue; // mesh
+            };
+            let Some(gw) = push.gateways.get(&gw_key) else {
+                continue; // IST0101 says so
+            };
+            let missing: Vec<&str> = vs
+                .spec
+                .hosts
+                .iter()
+                .filter(|h| {
+                    !gw.spec.servers.iter().any(|server| {
+                        server
+                            .hosts
+                            .iter()
+                            .any(|sh| crate::translate::gateway_host_intersect(vs, h, gw, sh).is_some())
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            out.push(Finding {
+                level: Level::Warning,
+                code: "IST0132",
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message: format!(
+                    "one or more host [{}] defined in VirtualService {}/{} not found in Gateway {}/{}: add \
+                     it to the hosts of one of the Gateway's servers, or fix the host",
+                    missing.join(", "),
+                    vs.namespace(),
+                    vs.name(),
+                    gw_key.0,
+                    gw_key.1
+                ),
+            });
         }
     }
 }
@@ -819,14 +871,16 @@ mod tests {
         let in_2030 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000);
         let f = analyze_at(&ConfigSnapshot::from_files(files), in_2030);
         // The broken servers' ports are not on the gateway's Service either
-        // (IST0104), and the HTTPS server carries the seed's httpsRedirect
-        // (MSH0004): only the credential findings are looked at here.
+        // (IST0104), the HTTPS server carries the seed's httpsRedirect
+        // (MSH0004), and one VirtualService binds a gateway that accepts
+        // only one of its hosts (IST0132): only the credential findings are
+        // looked at here.
         assert!(f
             .iter()
             .any(|f| f.code == "MSH0004" && f.message.starts_with("spec.servers[0]")));
         let lines: Vec<String> = f
             .iter()
-            .filter(|f| !["IST0104", "MSH0004"].contains(&f.code))
+            .filter(|f| !["IST0104", "IST0132", "MSH0004"].contains(&f.code))
             .map(|f| format!("{} {}", f.code, f.message))
             .collect();
         let has = |code: &str, text: &str| lines.iter().any(|l| l.starts_with(code) && l.contains(text));
@@ -1005,5 +1059,24 @@ mod tests {
         assert!(!rule("IST0104=Gateway default/*").matches(&f));
         assert!(!rule("IST0104=Gateway istio-system/g").matches(&f));
         assert!("IST0104".parse::<Suppression>().is_err());
+    }
+
+    #[test]
+    fn a_host_the_gateway_does_not_accept_is_ist0132() {
+        let gw =
+            gateway("  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: ['*.example.com']\n");
+        let vs = |host: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {{name: web}}\nspec:\n  \
+                 hosts: [{host}]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {{host: helloworld}}\n"
+            )
+        };
+        let f = findings(&[GW_SVC, SVC, &gw, &vs("www.example.com")]);
+        assert_eq!(codes(&f), Vec::<&str>::new(), "{f:?}");
+        let f = findings(&[GW_SVC, SVC, &gw, &vs("www.example.org")]);
+        assert_eq!(codes(&f), ["IST0132"], "{f:?}");
+        assert!(
+            f[0].message.contains("[www.example.org]") && f[0].message.contains("Gateway istio-system/gw")
+        );
     }
 }

@@ -484,12 +484,7 @@ pub fn resolve_gateway_ref(reference: &str, vs_namespace: &str) -> Option<(Strin
 /// Gateway server host `server_host` (`[NS/]HOST`): the more specific of the
 /// two, or `None` when they do not overlap or the namespace part excludes
 /// the VirtualService.
-pub(super) fn intersect(
-    vs: &VirtualService,
-    vs_host: &str,
-    gw: &Gateway,
-    server_host: &str,
-) -> Option<String> {
+pub fn intersect(vs: &VirtualService, vs_host: &str, gw: &Gateway, server_host: &str) -> Option<String> {
     let (ns, host) = server_host.split_once('/').unwrap_or(("*", server_host));
     let ns_ok = match ns {
         "*" => true,

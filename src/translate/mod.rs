@@ -10,7 +10,7 @@ mod cluster;
 mod gateway;
 mod locality;
 
-pub use gateway::resolve_gateway_ref;
+pub use gateway::{intersect as gateway_host_intersect, resolve_gateway_ref};
 mod policy;
 mod route;
 mod route_policy;
