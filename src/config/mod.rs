@@ -253,11 +253,16 @@ pub struct Origin {
     pub file: String,
     /// 1-based index of the document in its file.
     pub document: usize,
+    /// 1-based line the document starts on; 0 when not known.
+    pub line: usize,
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.file, self.document)
+        match self.line {
+            0 => write!(f, "{}: document {}", self.file, self.document),
+            line => write!(f, "{}:{line}: document {}", self.file, self.document),
+        }
     }
 }
 

@@ -36,6 +36,11 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
     } else {
         yaml_documents(text)
     };
+    let lines = if file.ends_with(".json") {
+        vec![1]
+    } else {
+        document_lines(text)
+    };
     let documents = match values {
         Ok(values) => Ok(values
             .into_iter()
@@ -45,6 +50,7 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
                 let origin = Origin {
                     file: file.to_string(),
                     document: i + 1,
+                    line: lines.get(i).copied().unwrap_or(0),
                 };
                 expand_list(v)
                     .into_iter()
@@ -55,6 +61,7 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
             origin: Origin {
                 file: file.to_string(),
                 document: 0,
+                line: 0,
             },
             key: None,
             field: None,
@@ -66,6 +73,45 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
         file: file.to_string(),
         documents,
     }
+}
+
+/// The line each document of a YAML stream starts on (its first line
+/// that is not blank or a comment), in the order the parser yields them:
+/// `---` ends a document (an empty one too), except a `---` before any
+/// content, which only opens the first.
+fn document_lines(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut start = 1;
+    let mut content = false;
+    let mut opened = false;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let rest = line
+            .strip_prefix("---")
+            .filter(|r| r.is_empty() || r.starts_with([' ', '\t']));
+        if let Some(rest) = rest {
+            if opened || content {
+                starts.push(start);
+            }
+            opened = true;
+            start = n;
+            let inline = rest.trim();
+            content = !inline.is_empty() && !inline.starts_with('#');
+            continue;
+        }
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') || t == "..." {
+            continue;
+        }
+        if !content {
+            start = n;
+        }
+        content = true;
+    }
+    if content {
+        starts.push(start);
+    }
+    starts
 }
 
 fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
@@ -202,6 +248,31 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, DecodeError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn documents_know_the_line_they_start_on() {
+        let text = "# a comment\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n---\n\n\
+                    apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
+        let load = parse_file("ns.yaml", text);
+        let origins: Vec<(usize, usize)> = load
+            .documents
+            .expect("parses")
+            .iter()
+            .map(|d| (d.origin.document, d.origin.line))
+            .collect();
+        // The empty document between the two separators is counted, as the
+        // parser counts it.
+        assert_eq!(origins, [(1, 3), (3, 9)]);
+        assert_eq!(
+            Origin {
+                file: "ns.yaml".into(),
+                document: 3,
+                line: 9
+            }
+            .to_string(),
+            "ns.yaml:9: document 3"
+        );
+    }
     use super::*;
 
     fn rejection(text: &str) -> Rejection {

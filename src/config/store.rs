@@ -174,6 +174,6 @@ mod tests {
         assert_eq!(snap.resources.len(), 1);
         assert!(snap.rejections[0]
             .reason
-            .contains("also defined at a.yaml: document 1"));
+            .contains("also defined at a.yaml:1: document 1"));
     }
 }

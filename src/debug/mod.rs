@@ -486,6 +486,7 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
                 "name": key.name,
                 "file": entry.origin.file,
                 "document": entry.origin.document,
+                "line": entry.origin.line,
                 "resource": redacted(&entry.resource),
             });
             let status = match &*entry.resource {
@@ -513,6 +514,7 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
             json!({
                 "file": r.origin.file,
                 "document": r.origin.document,
+                "line": r.origin.line,
                 "kind": r.key.as_ref().map(|k| k.kind),
                 "namespace": r.key.as_ref().map(|k| k.namespace.clone()),
                 "name": r.key.as_ref().map(|k| k.name.clone()),

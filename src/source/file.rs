@@ -172,6 +172,7 @@ fn unreadable(name: String, e: &std::io::Error) -> FileLoad {
             origin: Origin {
                 file: name,
                 document: 0,
+                line: 0,
             },
             key: None,
             field: None,
