@@ -173,6 +173,20 @@ fn golden_scenarios() {
             }
             generated.insert(spec.name.clone(), g);
         }
+        // What `meshd analyze -o json` says of the scenario's config.
+        let findings = meshd::analyze::analyze_push(&push);
+        let file = out_dir.join("analyze.json");
+        let text = serde_json::to_string_pretty(&findings).expect("json") + "\n";
+        written.insert(file.clone());
+        if update {
+            std::fs::create_dir_all(&out_dir).expect("mkdir out");
+            std::fs::write(&file, &text).expect("write golden");
+        } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+            failures.push(format!(
+                "{} differs (run `make golden` and review the diff)",
+                file.display()
+            ));
+        }
         if update {
             for entry in std::fs::read_dir(&out_dir).expect("out").flatten() {
                 if !written.contains(&entry.path()) {
