@@ -82,6 +82,12 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
         );
     }
     assert_eq!(value(&first, "pilot_total_xds_rejects", &[]), 0.0);
+    assert!(
+        value(&first, "process_resident_memory_bytes", &[]) > 1e6,
+        "meshd's RSS"
+    );
+    assert!(value(&first, "process_open_fds", &[]) >= 3.0);
+    assert!(value(&first, "process_start_time_seconds", &[]) > 1.6e9);
 
     // A routing change: one more RDS push, timed, and counted as a config event.
     write(&config.join("vs.yaml"), &hello_virtual_service("config-v2", None));

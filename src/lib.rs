@@ -23,6 +23,7 @@ pub mod debug;
 pub mod inject;
 pub mod loadgen;
 pub mod model;
+pub mod process;
 pub mod serve;
 pub mod source;
 pub mod translate;

@@ -396,6 +396,8 @@ fn install_metrics() -> Option<PrometheusHandle> {
         };
     }
     let recorder = builder.build_recorder();
+    // Fixes process_start_time_seconds at start-up.
+    crate::process::record_metrics();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok().map(|_| handle)
 }

@@ -3,6 +3,7 @@
 //! code records them under).
 
 use meshd::ca::metric as ca;
+use meshd::process;
 use meshd::xds::metric as xds;
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/meshd-dashboard.json");
@@ -22,6 +23,10 @@ fn every_dashboard_query_names_a_metric_meshd_exports() {
         ca::ISSUED,
         ca::SIGN_ERRORS,
         ca::ROOT_EXPIRY,
+        process::CPU,
+        process::RSS,
+        process::OPEN_FDS,
+        process::START_TIME,
     ];
     let histograms = [xds::CONVERGENCE, xds::PUSH_TIME, xds::CONFIG_SIZE];
     let exported = |series: &str| {

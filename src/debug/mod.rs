@@ -85,11 +85,14 @@ async fn ready(State(s): State<DebugState>) -> Response {
 
 async fn metrics(State(s): State<DebugState>) -> Response {
     match &s.metrics {
-        Some(handle) => (
-            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            crate::process::record_metrics();
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
+        }
         None => (StatusCode::NOT_FOUND, "no metrics recorder\n").into_response(),
     }
 }

@@ -139,28 +139,6 @@ fn free_addr() -> Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
-/// CPU seconds (user + system) of a process, from /proc (Linux's
-/// USER_HZ is 100).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start after ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
-/// (current, peak) resident memory of a process in MB, from /proc.
-fn rss_mb(pid: u32) -> Option<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = |key: &str| -> Option<f64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    };
-    Some((kb("VmRSS:")? / 1024.0, kb("VmHWM:")? / 1024.0))
-}
-
 async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -285,7 +263,7 @@ pub async fn run(o: &Options) -> Result<Report> {
             (xds, Some(pid))
         }
     };
-    let cpu_at_start = pid.and_then(cpu_seconds);
+    let cpu_at_start = pid.and_then(crate::process::cpu_seconds);
     let shared = Arc::new(Shared {
         marker: o.change.marker().as_bytes().to_vec(),
         changed: Mutex::new(None),
@@ -350,7 +328,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     );
     settle(&stats, Duration::from_millis(500), Duration::from_secs(30)).await;
     // The change.
-    let cpu_before_change = pid.and_then(cpu_seconds);
+    let cpu_before_change = pid.and_then(crate::process::cpu_seconds);
     let written = Instant::now();
     if let Ok(mut c) = shared.changed.lock() {
         *c = Some(written);
@@ -368,8 +346,8 @@ pub async fn run(o: &Options) -> Result<Report> {
         }
     }
     settle(&stats, Duration::from_millis(1500), Duration::from_secs(60)).await;
-    let cpu_end = pid.and_then(cpu_seconds);
-    let memory = pid.and_then(rss_mb);
+    let cpu_end = pid.and_then(crate::process::cpu_seconds);
+    let memory = pid.and_then(crate::process::rss_mb);
     let snapshot: Vec<ClientStats> = stats
         .iter()
         .filter_map(|s| s.lock().ok().map(|s| s.clone()))
