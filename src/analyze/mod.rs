@@ -9,7 +9,8 @@
 //! `MSH0001` for a DestinationRule subset no route names, `MSH0002` for an
 //! HTTPRoute parent it does not attach to, `MSH0003` for a Gateway API
 //! listener that is not served, `MSH0004` for `httpsRedirect` on an HTTPS
-//! server, where it does nothing), the
+//! server, where it does nothing, `MSH0005` for an HTTP probe STRICT mutual
+//! TLS refuses), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -141,6 +142,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
     sidecar_coverage(push, config, &mut out);
     traffic_references(push, config, &mut out);
     gateway_servers(config, &mut out);
+    probes_under_strict(push, config, &mut out);
     hosts_on_gateways(push, config, &mut out);
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
@@ -278,6 +280,66 @@ fn gateway_servers(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
                         names.join(", ")
                     ),
                 );
+            }
+        }
+    }
+}
+
+/// HTTP probes the kubelet sends in plain text to a port where STRICT
+/// mutual TLS refuses them (MSH0005): the pod never becomes ready, or is
+/// restarted, and nothing in the app's logs says why.
+fn probes_under_strict(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    for (key, entry) in &config.resources {
+        let Resource::Pod(pod) = &*entry.resource else {
+            continue;
+        };
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let meshed = labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
+        let Some(spec) = pod.spec.as_ref().filter(|_| meshed) else {
+            continue;
+        };
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let mtls = peer_auth::resolve(push, namespace, &labels);
+        for c in spec.containers.iter().filter(|c| c.name != "istio-proxy") {
+            let probes = [
+                ("liveness", &c.liveness_probe),
+                ("readiness", &c.readiness_probe),
+                ("startup", &c.startup_probe),
+            ];
+            for (kind, probe) in probes {
+                let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
+                    continue;
+                };
+                let port = match &get.port {
+                    IntOrString::Int(n) => u16::try_from(*n).ok(),
+                    IntOrString::String(name) => c
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.name.as_deref() == Some(name))
+                        .and_then(|p| u16::try_from(p.container_port).ok()),
+                };
+                let Some(port) = port.filter(|p| *p != crate::inject::PROBE_PORT) else {
+                    continue;
+                };
+                if mtls.for_port(port) != MtlsMode::Strict {
+                    continue;
+                }
+                out.push(Finding {
+                    level: Level::Warning,
+                    code: "MSH0005",
+                    resource: key.to_string(),
+                    origin: Some(entry.origin.clone()),
+                    message: format!(
+                        "container {}: the kubelet's {kind} probe (HTTP, port {port}) is plain text, and STRICT \
+                         mutual TLS on that port refuses it, so the pod never passes it. Inject the pod with \
+                         `meshd inject` (it rewrites HTTP probes to the sidecar's {}), or give port {port} a \
+                         PERMISSIVE portLevelMtls",
+                        c.name,
+                        crate::inject::PROBE_PORT
+                    ),
+                });
             }
         }
     }
@@ -1078,5 +1140,41 @@ mod tests {
         assert!(
             f[0].message.contains("[www.example.org]") && f[0].message.contains("Gateway istio-system/gw")
         );
+    }
+
+    #[test]
+    fn probes_strict_mtls_refuses_are_msh0005() {
+        let pod = |port: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels: {{app: web, security.istio.io/tlsMode: istio}}\n\
+                 spec:\n  containers:\n  - name: app\n    image: web\n    ports: [{{name: http, containerPort: 8080}}]\n\
+                 \x20   readinessProbe:\n      httpGet: {{path: /ready, port: {port}}}\n  - name: istio-proxy\n    image: envoy\n\
+                 status: {{podIP: 10.0.0.5}}\n"
+            )
+        };
+        let pa = |mode: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: default}}\n\
+                 spec:\n  mtls: {{mode: {mode}}}\n"
+            )
+        };
+        let probe_findings = |docs: &[&str]| -> Vec<Finding> {
+            findings(docs)
+                .into_iter()
+                .filter(|f| f.code == "MSH0005")
+                .collect()
+        };
+        let f = probe_findings(&[&pod("8080"), &pa("STRICT")]);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].message.contains("readiness probe (HTTP, port 8080)"),
+            "{}",
+            f[0].message
+        );
+        // A named port resolves through the container's ports.
+        assert_eq!(probe_findings(&[&pod("http"), &pa("STRICT")]).len(), 1);
+        // Rewritten to the sidecar's health port, or not STRICT: fine.
+        assert!(probe_findings(&[&pod("15021"), &pa("STRICT")]).is_empty());
+        assert!(probe_findings(&[&pod("8080"), &pa("PERMISSIVE")]).is_empty());
     }
 }
