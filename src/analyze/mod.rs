@@ -776,8 +776,20 @@ fn gateway_credentials(
                 report(e);
             }
             if mode != "SIMPLE" {
-                if let Err(e) = push.credentials.client_ca(&ns, name) {
-                    report(e);
+                match push.credentials.client_ca(&ns, name) {
+                    Err(e) => report(e),
+                    Ok((source, bundle)) => {
+                        if let Some(problem) = crate::model::not_a_ca(&bundle) {
+                            found(
+                                "IST0161",
+                                format!(
+                                    "InvalidGatewayCredential: spec.servers[{i}].tls.credentialName: Secret {ns}/{source}: \
+                                     {problem}: client certificates are checked against it and none will verify. Put \
+                                     the CA that signs the clients' certificates there (not the server's own certificate)"
+                                ),
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -1176,5 +1188,51 @@ mod tests {
         // Rewritten to the sidecar's health port, or not STRICT: fine.
         assert!(probe_findings(&[&pod("15021"), &pa("STRICT")]).is_empty());
         assert!(probe_findings(&[&pod("8080"), &pa("PERMISSIVE")]).is_empty());
+    }
+
+    #[test]
+    fn a_cacert_that_is_not_a_ca_is_ist0161() {
+        use base64::Engine;
+        let key = rcgen::KeyPair::generate().expect("key");
+        let server = rcgen::CertificateParams::new(vec!["gw.example.com".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("server cert");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "clients CA");
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        let secret = |cacert: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: gw-cred, namespace: istio-system}}\ntype: Opaque\n\
+                 data: {{cert: {}, key: {}, cacert: {}}}\n",
+                b64(&server.pem()),
+                b64(&key.serialize_pem()),
+                b64(cacert)
+            )
+        };
+        let gw = gateway(
+            "  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: ['*']\n    \
+             tls: {mode: MUTUAL, credentialName: gw-cred}\n",
+        );
+        let invalid = |docs: &[&str]| -> Vec<Finding> {
+            findings(docs)
+                .into_iter()
+                .filter(|f| f.code == "IST0161")
+                .collect()
+        };
+        // The seed's mistake: the server's own certificate as the CA.
+        let f = invalid(&[GW_SVC, &gw, &secret(&server.pem())]);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].message.contains("holds no CA certificate"),
+            "{}",
+            f[0].message
+        );
+        assert!(invalid(&[GW_SVC, &gw, &secret(&ca.pem())]).is_empty());
     }
 }

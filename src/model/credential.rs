@@ -167,6 +167,29 @@ fn missing_keys(secret: &Secret, namespace: &str, name: &str, wanted: &'static s
     }
 }
 
+/// Why a CA bundle cannot verify anything, when none of its certificates
+/// is a CA (basicConstraints CA:TRUE): the seed put the server's own
+/// certificate under `cacert`.
+pub fn not_a_ca(bundle: &[u8]) -> Option<String> {
+    let mut subjects = Vec::new();
+    for der in CertificateDer::pem_slice_iter(bundle).flatten() {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        if cert.is_ca() {
+            return None;
+        }
+        subjects.push(cert.subject().to_string());
+    }
+    if subjects.is_empty() {
+        return None; // nothing parsed: reported elsewhere
+    }
+    Some(format!(
+        "the CA bundle holds no CA certificate ({} is not a CA)",
+        subjects.join(", ")
+    ))
+}
+
 /// Checks that `cert` (PEM chain) and `key` (PEM) belong together and that
 /// the leaf is valid at `now` (Unix seconds).
 fn check_pair(cert: &[u8], key: &[u8], now: u64) -> Result<(), String> {

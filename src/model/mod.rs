@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use credential::{CredentialError, Credentials, ServerCredential};
+pub use credential::{not_a_ca, CredentialError, Credentials, ServerCredential};
 pub use proxy::{label_list, Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, Resolution, ServicePort};
 
