@@ -49,10 +49,14 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
     );
     write(&config.join("vs.yaml"), &hello_virtual_service("config-v1", None));
     let meshd = Meshd::start(&config, work.path());
-    let envoy = Envoy::start(
+    // Envoy's own stats on a port Prometheus can scrape, as Istio's 15090.
+    let stats_port = free_port();
+    let stats_addr = format!("127.0.0.1:{stats_port}");
+    let envoy = Envoy::start_with_bootstrap_args(
         &meshd,
         work.path(),
         &Pod::ingress_gateway("istio-ingressgateway-0"),
+        &["--stats-addr", &stats_addr],
     );
     let wait_for = |version: &str| {
         eventually(&format!("Envoy holds {version}"), Duration::from_secs(30), || {
@@ -64,6 +68,18 @@ fn metrics_and_push_status_follow_pushes_and_rejections() {
         })
     };
     wait_for("config-v1");
+
+    let (code, envoy_stats) =
+        crate::common::curl(&[&format!("http://{stats_addr}/stats/prometheus")]).expect("Envoy's stats");
+    assert_eq!(code, 200);
+    let envoy_scrape =
+        Scrape::parse(envoy_stats.lines().map(|l| Ok(l.to_string()))).expect("Envoy's Prometheus text");
+    // Its connection to meshd, as Envoy counts it.
+    let xds = [("envoy_cluster_name", "xds-grpc")];
+    assert!(
+        value(&envoy_scrape, "envoy_cluster_upstream_cx_total", &xds) >= 1.0,
+        "{envoy_stats}"
+    );
 
     let first = scrape(&meshd);
     assert_eq!(

@@ -38,6 +38,9 @@ pub struct BootstrapOptions {
     /// `REGION/ZONE/SUBZONE` of the proxy (Envoy's node locality), for
     /// locality-aware load balancing; empty when unknown.
     pub locality: String,
+    /// Where Envoy serves its own stats for Prometheus (`/stats/prometheus`,
+    /// Istio's 15090), `IP:PORT`; none when `None`.
+    pub stats_addr: Option<String>,
 }
 
 /// One rewritten probe: kubelet asks `path` on 15021, Envoy asks the app.
@@ -217,6 +220,17 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         listeners.push(listener);
         clusters.extend(probe_clusters);
     }
+    if let Some(addr) = &o.stats_addr {
+        let (host, port) = split_addr("--stats-addr", addr)?;
+        let admin = if admin_host == "0.0.0.0" {
+            "127.0.0.1"
+        } else {
+            admin_host.as_str()
+        };
+        let (listener, cluster) = prometheus_stats(&host, port, admin, admin_port);
+        listeners.push(listener);
+        clusters.push(cluster);
+    }
     Ok(json!({
         "node": {
             "id": node_id(role, &o.ip, &o.name, &o.namespace),
@@ -246,6 +260,41 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
             "listeners": listeners,
         },
     }))
+}
+
+/// Istio's stats listener: `/stats/prometheus` of Envoy's admin, on an
+/// address Prometheus can reach (the admin itself stays on loopback).
+fn prometheus_stats(host: &str, port: u16, admin_host: &str, admin_port: u16) -> (Value, Value) {
+    let cluster = json!({
+        "name": "prometheus_stats",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "prometheus_stats",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(admin_host, admin_port)}}]}],
+        },
+    });
+    let listener = json!({
+        "name": "prometheus_stats",
+        "address": socket(host, port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "stats",
+                "route_config": {"virtual_hosts": [{
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [{"match": {"path": "/stats/prometheus"}, "route": {"cluster": "prometheus_stats"}}],
+                }]},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    });
+    (listener, cluster)
 }
 
 fn upstream_tls(tls: &XdsTls) -> Value {
@@ -297,6 +346,7 @@ mod tests {
             ip: "127.0.0.1".into(),
             xds_addr: "127.0.0.1:15010".into(),
             admin_addr: "127.0.0.1:15000".into(),
+            stats_addr: None,
             delta: false,
             tls: None,
             token: None,

@@ -51,6 +51,9 @@ const WORKLOAD_KINDS: &[&str] = &[
 
 /// The port Envoy answers rewritten probes on (not captured inbound).
 pub const PROBE_PORT: u16 = crate::bootstrap::HEALTH_PORT;
+/// Where an injected sidecar serves Envoy's stats for Prometheus, as Istio's
+/// do (the pod is annotated for scraping there).
+pub const STATS_PORT: u16 = 15090;
 
 /// Injects every workload in a YAML stream; other documents pass through.
 pub fn inject_yaml(text: &str, o: &InjectOptions) -> Result<String, InjectError> {
@@ -199,6 +202,18 @@ fn inject_pod(pod: &mut Value, o: &InjectOptions) {
     annotations["sidecar.istio.io/status"] = json!(
         r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["meshd-envoy","istio-token","istio-ca-root-cert"]}"#
     );
+    // Where Prometheus finds the sidecar's stats, as Istio annotates its
+    // pods. An app's own prometheus.io annotations are kept (Istio would
+    // merge the app's metrics into the sidecar's; meshd does not).
+    for (key, value) in [
+        ("prometheus.io/scrape", "true".to_string()),
+        ("prometheus.io/port", STATS_PORT.to_string()),
+        ("prometheus.io/path", "/stats/prometheus".to_string()),
+    ] {
+        if annotations.get(key).is_none() {
+            annotations[key] = json!(value);
+        }
+    }
     if !pod.get("spec").is_some_and(Value::is_object) {
         pod["spec"] = json!({});
     }
@@ -210,6 +225,7 @@ fn inject_pod(pod: &mut Value, o: &InjectOptions) {
         "--service-account \"$SERVICE_ACCOUNT\"".into(),
         format!("--labels '{}'", labels.join(",")),
         format!("--xds-addr {} --xds-tls", o.xds_addr),
+        format!("--stats-addr 0.0.0.0:{STATS_PORT}"),
         "--root-cert /var/run/secrets/istio/root-cert.pem".into(),
         "--token-file /var/run/secrets/tokens/istio-token".into(),
     ];
@@ -246,7 +262,10 @@ fn inject_pod(pod: &mut Value, o: &InjectOptions) {
         "name": "istio-proxy",
         "image": o.proxy_image,
         "args": ["-c", "/etc/meshd/envoy.yaml", "--disable-hot-restart", "-l", "warning"],
-        "ports": [{"name": "health", "containerPort": PROBE_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "health", "containerPort": PROBE_PORT, "protocol": "TCP"},
+            {"name": "http-envoy-prom", "containerPort": STATS_PORT, "protocol": "TCP"},
+        ],
         "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": PROBE_PORT}, "periodSeconds": 2},
         "securityContext": {
             "runAsUser": 1337,

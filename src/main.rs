@@ -52,6 +52,10 @@ enum Command {
         /// Envoy's admin listener.
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin_addr: String,
+        /// Serve Envoy's stats for Prometheus (`/stats/prometheus`) here,
+        /// as Istio's proxies do on 0.0.0.0:15090 (injected sidecars do).
+        #[arg(long)]
+        stats_addr: Option<String>,
         /// Use incremental (delta) xDS.
         #[arg(long)]
         delta: bool,
@@ -433,6 +437,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ip,
             xds_addr,
             admin_addr,
+            stats_addr,
             delta,
             interception_mode,
             locality,
@@ -469,6 +474,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ip,
                 xds_addr,
                 admin_addr,
+                stats_addr,
                 delta,
                 tls,
                 token,
