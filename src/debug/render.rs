@@ -38,14 +38,10 @@ pub fn any_to_json(any: &Any) -> Result<Value, String> {
     Ok(value)
 }
 
-/// A message's JSON (with its `@type`) as `any_to_json` renders it: read
-/// into the message type and written out again, so that two renderings of
-/// the same message (meshd's and Envoy's admin) compare equal.
-pub fn canonical(json: &Value) -> Result<Value, String> {
-    let pool = pool()?;
-    let type_url = json["@type"].as_str().ok_or("a resource without @type")?;
-    let name = type_url.rsplit('/').next().unwrap_or_default();
-    let desc = pool
+/// Reads a message of type `name` from its JSON (an `@type` in it is
+/// ignored; fields unknown to these descriptors are skipped).
+fn dynamic_from_json(name: &str, json: &Value) -> Result<DynamicMessage, String> {
+    let desc = pool()?
         .get_message_by_name(name)
         .ok_or_else(|| format!("unknown message type {name}"))?;
     let mut body = json.clone();
@@ -53,7 +49,16 @@ pub fn canonical(json: &Value) -> Result<Value, String> {
         map.remove("@type");
     }
     let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
-    let msg = DynamicMessage::deserialize_with_options(desc, body, &options).map_err(|e| e.to_string())?;
+    DynamicMessage::deserialize_with_options(desc, body, &options).map_err(|e| e.to_string())
+}
+
+/// A message's JSON (with its `@type`) as `any_to_json` renders it: read
+/// into the message type and written out again, so that two renderings of
+/// the same message (meshd's and Envoy's admin) compare equal.
+pub fn canonical(json: &Value) -> Result<Value, String> {
+    let type_url = json["@type"].as_str().ok_or("a resource without @type")?;
+    let name = type_url.rsplit('/').next().unwrap_or_default();
+    let msg = dynamic_from_json(name, json)?;
     any_to_json(&Any {
         type_url: type_url.to_string(),
         value: msg.encode_to_vec(),
@@ -63,16 +68,7 @@ pub fn canonical(json: &Value) -> Result<Value, String> {
 /// A typed message from its JSON (as `any_to_json` or Envoy's admin
 /// render it).
 pub fn message_from_json<M: Message + prost::Name + Default>(json: &Value) -> Result<M, String> {
-    let pool = pool()?;
-    let desc = pool
-        .get_message_by_name(&M::full_name())
-        .ok_or_else(|| format!("unknown message type {}", M::full_name()))?;
-    let mut body = json.clone();
-    if let Value::Object(map) = &mut body {
-        map.remove("@type");
-    }
-    let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(false);
-    let msg = DynamicMessage::deserialize_with_options(desc, body, &options).map_err(|e| e.to_string())?;
+    let msg = dynamic_from_json(&M::full_name(), json)?;
     M::decode(msg.encode_to_vec().as_slice()).map_err(|e| e.to_string())
 }
 
