@@ -130,6 +130,26 @@ fn outputs(g: &Generated) -> Vec<(&'static str, Value)> {
     ]
 }
 
+/// Writes `value` as the golden `file` (`update`), or records a failure
+/// when the file holds something else.
+fn check_golden(
+    file: &std::path::Path,
+    value: &impl serde::Serialize,
+    update: bool,
+    failures: &mut Vec<String>,
+) {
+    let text = serde_json::to_string_pretty(value).expect("json") + "\n";
+    if update {
+        std::fs::create_dir_all(file.parent().expect("out dir")).expect("mkdir out");
+        std::fs::write(file, &text).expect("write golden");
+    } else if std::fs::read_to_string(file).ok().as_deref() != Some(text.as_str()) {
+        failures.push(format!(
+            "{} differs (run `make golden` and review the diff)",
+            file.display()
+        ));
+    }
+}
+
 #[test]
 fn golden_scenarios() {
     let update = std::env::var_os("MESHD_UPDATE_GOLDEN").is_some();
@@ -159,34 +179,16 @@ fn golden_scenarios() {
             let g = generate(&push, &proxy);
             for (kind, value) in outputs(&g) {
                 let file = out_dir.join(format!("{}.{kind}.json", spec.name));
-                let text = serde_json::to_string_pretty(&value).expect("json") + "\n";
-                written.insert(file.clone());
-                if update {
-                    std::fs::create_dir_all(&out_dir).expect("mkdir out");
-                    std::fs::write(&file, &text).expect("write golden");
-                } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
-                    failures.push(format!(
-                        "{} differs (run `make golden` and review the diff)",
-                        file.display()
-                    ));
-                }
+                check_golden(&file, &value, update, &mut failures);
+                written.insert(file);
             }
             generated.insert(spec.name.clone(), g);
         }
         // What `meshd analyze -o json` says of the scenario's config.
         let findings = meshd::analyze::analyze_push(&push);
         let file = out_dir.join("analyze.json");
-        let text = serde_json::to_string_pretty(&findings).expect("json") + "\n";
-        written.insert(file.clone());
-        if update {
-            std::fs::create_dir_all(&out_dir).expect("mkdir out");
-            std::fs::write(&file, &text).expect("write golden");
-        } else if std::fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
-            failures.push(format!(
-                "{} differs (run `make golden` and review the diff)",
-                file.display()
-            ));
-        }
+        check_golden(&file, &findings, update, &mut failures);
+        written.insert(file);
         if update {
             for entry in std::fs::read_dir(&out_dir).expect("out").flatten() {
                 if !written.contains(&entry.path()) {

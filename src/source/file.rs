@@ -71,13 +71,19 @@ pub fn load_dir(dir: &Path) -> Result<Vec<FileLoad>, SourceError> {
 /// As `load_dir`, with file names joined onto `shown_as` (what a person
 /// passed on the command line, say).
 pub fn load_dir_named(dir: &Path, shown_as: &Path) -> Result<Vec<FileLoad>, SourceError> {
+    let paths = config_paths(dir)?;
+    Ok(paths.iter().map(|p| load_file(dir, shown_as, p)).collect())
+}
+
+/// The config files under `dir`, recursively, in path order.
+fn config_paths(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let mut paths = Vec::new();
     collect(dir, &mut paths).map_err(|source| SourceError::ReadDir {
         path: dir.display().to_string(),
         source,
     })?;
     paths.sort();
-    Ok(paths.iter().map(|p| load_file(dir, shown_as, p)).collect())
+    Ok(paths)
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -119,12 +125,7 @@ pub struct ParseCache {
 impl ParseCache {
     /// As `load_dir`, parsing only the files whose text changed.
     pub fn load_dir(&mut self, dir: &Path) -> Result<Vec<FileLoad>, SourceError> {
-        let mut paths = Vec::new();
-        collect(dir, &mut paths).map_err(|source| SourceError::ReadDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        paths.sort();
+        let paths = config_paths(dir)?;
         let known = self.files.len();
         let listed: std::collections::HashSet<&PathBuf> = paths.iter().collect();
         self.files.retain(|p, _| listed.contains(p));
