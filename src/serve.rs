@@ -197,7 +197,6 @@ pub async fn run(
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
-            count_changes(&updater.push_context().config, &config);
             let push = Arc::new(PushContext::new(config));
             updater.update(push.clone());
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
@@ -335,50 +334,6 @@ impl Analyzer {
                 }
             }
         });
-    }
-}
-
-/// Counts the resources a new generation changed, as istiod counts the
-/// events of its registries (`pilot_k8s_reg_events`) and config stores
-/// (`pilot_k8s_cfg_events`).
-fn count_changes(before: &ConfigSnapshot, after: &ConfigSnapshot) {
-    use crate::config::Kind;
-    use crate::xds::metric;
-    for (key, change) in before.changes(after) {
-        let name = match key.kind {
-            Kind::Service
-            | Kind::Endpoints
-            | Kind::EndpointSlice
-            | Kind::Pod
-            | Kind::Node
-            | Kind::Namespace => metric::REG_EVENTS,
-            _ => metric::CFG_EVENTS,
-        };
-        metrics::counter!(name, "type" => kind_label(key.kind), "event" => change.label()).increment(1);
-    }
-}
-
-fn kind_label(kind: crate::config::Kind) -> &'static str {
-    use crate::config::Kind;
-    match kind {
-        Kind::Secret => "Secret",
-        Kind::Gateway => "Gateway",
-        Kind::VirtualService => "VirtualService",
-        Kind::DestinationRule => "DestinationRule",
-        Kind::ServiceEntry => "ServiceEntry",
-        Kind::Sidecar => "Sidecar",
-        Kind::PeerAuthentication => "PeerAuthentication",
-        Kind::Ingress => "Ingress",
-        Kind::IngressClass => "IngressClass",
-        Kind::GatewayClass => "GatewayClass",
-        Kind::K8sGateway => "KubernetesGateway",
-        Kind::HttpRoute => "HTTPRoute",
-        Kind::Namespace => "Namespaces",
-        Kind::Node => "Nodes",
-        Kind::Service => "Services",
-        Kind::Endpoints => "Endpoints",
-        Kind::EndpointSlice => "EndpointSlice",
-        Kind::Pod => "Pods",
     }
 }
 

@@ -358,8 +358,17 @@ impl ConfigSnapshot {
     /// (Endpoints and EndpointSlices): the services, as (namespace, name),
     /// whose endpoints changed. `None` when anything else changed.
     pub fn endpoint_only_change(&self, next: &ConfigSnapshot) -> Option<BTreeSet<(String, String)>> {
+        self.endpoint_only(next, &self.changes(next))
+    }
+
+    /// `endpoint_only_change`, given `changes` (`self.changes(next)`).
+    pub fn endpoint_only(
+        &self,
+        next: &ConfigSnapshot,
+        changes: &[(&ResourceKey, Change)],
+    ) -> Option<BTreeSet<(String, String)>> {
         let mut services = BTreeSet::new();
-        for (key, _) in self.changes(next) {
+        for (key, _) in changes {
             let (a, b) = (self.resources.get(key), next.resources.get(key));
             let service = match key.kind {
                 Kind::Endpoints => key.name.clone(),

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::XdsType;
-use crate::config::ConfigSnapshot;
+use crate::config::{Change, ConfigSnapshot, ResourceKey};
 use crate::model::{Proxy, PushContext, DOMAIN_SUFFIX};
 use crate::translate::{self, Diagnostic};
 
@@ -124,10 +124,14 @@ struct Base {
     hosts: BTreeSet<String>,
 }
 
-/// When only endpoints changed between two generations: the hosts of the
-/// services whose endpoints changed.
-pub fn endpoint_only_change(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Option<BTreeSet<String>> {
-    let services = prev.endpoint_only_change(next)?;
+/// When only endpoints changed between two generations (`changes` between
+/// them): the hosts of the services whose endpoints changed.
+fn endpoint_only_change(
+    prev: &ConfigSnapshot,
+    next: &ConfigSnapshot,
+    changes: &[(&ResourceKey, Change)],
+) -> Option<BTreeSet<String>> {
+    let services = prev.endpoint_only(next, changes)?;
     Some(
         services
             .into_iter()
@@ -192,8 +196,7 @@ impl PushStats {
 }
 
 /// What changed between two generations, as a push's trigger.
-fn trigger(prev: &ConfigSnapshot, next: &ConfigSnapshot) -> Vec<String> {
-    let changes = prev.changes(next);
+fn trigger(changes: &[(&ResourceKey, Change)]) -> Vec<String> {
     let mut out: Vec<String> = changes
         .iter()
         .take(TRIGGER_NAMES)
@@ -229,12 +232,10 @@ impl SnapshotCache {
     pub fn update(&self, push: Arc<PushContext>) {
         let generation = push.config.generation;
         let prev = self.generation();
-        let hosts = endpoint_only_change(&prev.push.config, &push.config);
-        let stats = Arc::new(PushStats::new(
-            generation,
-            trigger(&prev.push.config, &push.config),
-            hosts.is_some(),
-        ));
+        let changes = prev.push.config.changes(&push.config);
+        super::metric::count_config_changes(&changes);
+        let hosts = endpoint_only_change(&prev.push.config, &push.config, &changes);
+        let stats = Arc::new(PushStats::new(generation, trigger(&changes), hosts.is_some()));
         if let Ok(mut history) = self.history.lock() {
             if history.len() == PUSH_HISTORY {
                 history.pop_front();
@@ -455,14 +456,25 @@ mod tests {
         let before = push("{ip: 10.0.0.1}", "");
         let after = push("{ip: 10.0.0.1}, {ip: 10.0.0.2}", "");
         assert_eq!(
-            endpoint_only_change(&before.config, &after.config),
+            endpoint_only_change(
+                &before.config,
+                &after.config,
+                &before.config.changes(&after.config)
+            ),
             Some(BTreeSet::from(["reviews.default.svc.cluster.local".to_string()]))
         );
         let other = push(
             "{ip: 10.0.0.1}",
             "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
         );
-        assert_eq!(endpoint_only_change(&before.config, &other.config), None);
+        assert_eq!(
+            endpoint_only_change(
+                &before.config,
+                &other.config,
+                &before.config.changes(&other.config)
+            ),
+            None
+        );
         for proxy in proxies() {
             let cache = SnapshotCache::new(before.clone());
             let old = cache.snapshot(&proxy);

@@ -2,6 +2,7 @@
 //! dashboards built for Istio read them.
 
 use super::XdsType;
+use crate::config::{Change, ResourceKey};
 
 /// Gauge: connected ADS streams, by proxy `type` (`sidecar`, `router`).
 pub const XDS: &str = "pilot_xds";
@@ -83,4 +84,47 @@ impl Default for StreamMetrics {
 
 fn index(t: XdsType) -> usize {
     XdsType::ALL.iter().position(|a| *a == t).unwrap_or(0)
+}
+
+/// Counts the resources a new generation changed, as istiod counts the
+/// events of its registries (`pilot_k8s_reg_events`) and config stores
+/// (`pilot_k8s_cfg_events`).
+pub fn count_config_changes(changes: &[(&ResourceKey, Change)]) {
+    use crate::config::Kind;
+    for (key, change) in changes {
+        let name = match key.kind {
+            Kind::Service
+            | Kind::Endpoints
+            | Kind::EndpointSlice
+            | Kind::Pod
+            | Kind::Node
+            | Kind::Namespace => REG_EVENTS,
+            _ => CFG_EVENTS,
+        };
+        metrics::counter!(name, "type" => kind_label(key.kind), "event" => change.label()).increment(1);
+    }
+}
+
+fn kind_label(kind: crate::config::Kind) -> &'static str {
+    use crate::config::Kind;
+    match kind {
+        Kind::Secret => "Secret",
+        Kind::Gateway => "Gateway",
+        Kind::VirtualService => "VirtualService",
+        Kind::DestinationRule => "DestinationRule",
+        Kind::ServiceEntry => "ServiceEntry",
+        Kind::Sidecar => "Sidecar",
+        Kind::PeerAuthentication => "PeerAuthentication",
+        Kind::Ingress => "Ingress",
+        Kind::IngressClass => "IngressClass",
+        Kind::GatewayClass => "GatewayClass",
+        Kind::K8sGateway => "KubernetesGateway",
+        Kind::HttpRoute => "HTTPRoute",
+        Kind::Namespace => "Namespaces",
+        Kind::Node => "Nodes",
+        Kind::Service => "Services",
+        Kind::Endpoints => "Endpoints",
+        Kind::EndpointSlice => "EndpointSlice",
+        Kind::Pod => "Pods",
+    }
 }
