@@ -43,6 +43,9 @@ fn copy_envoy_descriptors() -> Result<()> {
             "--manifest-path",
         ])
         .arg(&manifest)
+        // Only this target's packages: the others may never be downloaded.
+        .arg("--filter-platform")
+        .arg(std::env::var("TARGET")?)
         .output()
         .context("running cargo metadata")?;
     if !out.status.success() {

@@ -6,6 +6,7 @@ mod common;
 mod goldens;
 mod identity;
 mod inject;
+mod kube;
 mod loadgen;
 mod mesh;
 mod netns;

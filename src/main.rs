@@ -179,9 +179,16 @@ struct ServeArgs {
     /// Without it (and without --kube) the embedded demo config is served.
     #[arg(long)]
     config_dir: Option<PathBuf>,
-    /// Watch a Kubernetes cluster instead of a directory (not available yet).
+    /// Watch a Kubernetes cluster instead of a directory: in-cluster
+    /// config, or KUBECONFIG (~/.kube/config) outside a cluster.
     #[arg(long, conflicts_with = "config_dir")]
     kube: bool,
+    /// With --kube, read only namespaces whose labels match (repeatable; any
+    /// match admits), as Istio's discoverySelectors: `env=prod,team=a` or a
+    /// LabelSelector such as `{matchExpressions: [{key: env, operator: In,
+    /// values: [prod]}]}`.
+    #[arg(long = "discovery-selector", value_parser = meshd::source::parse_selector, requires = "kube")]
+    discovery_selectors: Vec<kube::core::Selector>,
     /// gRPC ADS listen address (plain text, for development and closed networks).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds_addr: SocketAddr,
@@ -406,6 +413,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = ServeOptions {
                 config_dir: a.config_dir,
                 kube: a.kube,
+                discovery_selectors: a.discovery_selectors,
                 xds_addr: a.xds_addr,
                 xds_tls_addr: a.xds_tls_addr,
                 xds_dns_names: a.xds_dns_names,

@@ -34,8 +34,10 @@ use crate::xds::{AdsServer, Registry, SnapshotCache};
 pub struct ServeOptions {
     /// Directory of YAML/JSON config, watched; `None` serves the demo.
     pub config_dir: Option<PathBuf>,
-    /// Watch a Kubernetes cluster instead (not available yet).
+    /// Watch a Kubernetes cluster instead.
     pub kube: bool,
+    /// Namespaces read from the cluster (all when empty).
+    pub discovery_selectors: Vec<kube::core::Selector>,
     pub xds_addr: SocketAddr,
     pub debug_addr: SocketAddr,
     /// TLS xDS and CA address (like istiod's 15012): callers authenticate.
@@ -78,9 +80,9 @@ pub enum ServeError {
     /// A server stopped with an error.
     #[error("{what} server failed: {reason}")]
     Server { what: &'static str, reason: String },
-    /// A feature that a later release brings.
-    #[error("{0}")]
-    NotAvailable(&'static str),
+    /// No Kubernetes client configuration was found.
+    #[error("--kube: {0}")]
+    Kube(String),
     /// The CA could not start.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -162,11 +164,6 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if opts.kube {
-        return Err(ServeError::NotAvailable(
-            "--kube: the Kubernetes source is not built yet; use --config-dir DIR",
-        ));
-    }
     let metrics = install_metrics();
     let ca = workload_ca(&opts)?;
     let xds_listener = bind("xDS", opts.xds_addr).await?;
@@ -175,8 +172,24 @@ pub async fn run(
     let webhook_listener = bind("injection webhook", opts.webhook_addr).await?;
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+    let mut kube_sync = None;
     match &opts.config_dir {
         Some(dir) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx, opts.debounce)?,
+        None if opts.kube => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| ServeError::Kube(format!("no cluster to talk to: {e}")))?;
+            let kube_opts = source::KubeOptions {
+                discovery_selectors: opts.discovery_selectors.clone(),
+                debounce: opts.debounce,
+            };
+            kube_sync = Some(source::watch_cluster(
+                client,
+                kube_opts,
+                ConfigStore::default(),
+                config_tx,
+            ));
+        }
         None => {
             tracing::info!("no --config-dir: serving the embedded demo configuration");
             config_tx.send_replace(source::embedded_demo());
@@ -252,6 +265,7 @@ pub async fn run(
         metrics,
         warnings,
         authority,
+        kube: kube_sync,
     };
     let debug = axum::serve(debug_listener, debug::router(state)).with_graceful_shutdown(stopped(stop_rx));
 

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod ads;
+pub mod apiserver;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -152,32 +155,51 @@ impl Meshd {
 
     /// Starts meshd on `ports` with extra `serve` flags.
     pub fn start_with(config_dir: &Path, work: &Path, ports: MeshdPorts, extra: &[&str]) -> Meshd {
+        let mut cmd = Command::new(meshd_bin());
+        cmd.arg("serve").arg("--config-dir").arg(config_dir);
+        let m = Meshd::launch(cmd, work, ports, extra);
+        m.wait_ready();
+        m
+    }
+
+    /// Starts `meshd serve --kube` on the cluster `kubeconfig` names and
+    /// returns once its debug port answers, ready or not.
+    pub fn start_kube(kubeconfig: &Path, work: &Path, extra: &[&str]) -> Meshd {
+        let mut cmd = Command::new(meshd_bin());
+        cmd.arg("serve").arg("--kube").env("KUBECONFIG", kubeconfig);
+        let m = Meshd::launch(cmd, work, MeshdPorts::free(), extra);
+        eventually("meshd's debug port", Duration::from_secs(20), || {
+            m.get("/ready").map_err(|e| format!("{e}\n{}", m.proc.log_tail()))
+        });
+        m
+    }
+
+    fn launch(mut cmd: Command, work: &Path, ports: MeshdPorts, extra: &[&str]) -> Meshd {
         let proc = spawn(
-            Command::new(meshd_bin())
-                .arg("serve")
-                .arg("--config-dir")
-                .arg(config_dir)
-                .args(["--xds-addr", &format!("127.0.0.1:{}", ports.xds)])
+            cmd.args(["--xds-addr", &format!("127.0.0.1:{}", ports.xds)])
                 .args(["--xds-tls-addr", &format!("127.0.0.1:{}", ports.xds_tls)])
                 .args(["--debug-addr", &format!("127.0.0.1:{}", ports.debug)])
                 .args(["--webhook-addr", &format!("127.0.0.1:{}", ports.webhook)])
                 .args(extra),
             work.join(format!("meshd-{}-{}.log", ports.xds, std::process::id())),
         );
-        let m = Meshd {
+        Meshd {
             proc,
             xds_port: ports.xds,
             xds_tls_port: ports.xds_tls,
             debug_port: ports.debug,
             webhook_port: ports.webhook,
-        };
+        }
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub fn wait_ready(&self) {
         eventually("meshd /ready", Duration::from_secs(20), || {
-            match m.get("/ready") {
+            match self.get("/ready") {
                 Ok((200, _)) => Ok(()),
-                other => Err(format!("{other:?}\n{}", m.proc.log_tail())),
+                other => Err(format!("{other:?}\n{}", self.proc.log_tail())),
             }
         });
-        m
     }
 
     /// GET a debug path with curl.

@@ -26,7 +26,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-pub use parse::{parse_file, DocumentLoad, FileLoad};
+pub use parse::{decode_document, parse_file, DocumentLoad, FileLoad};
 pub use store::ConfigStore;
 
 /// The kinds of resource meshd reads.
@@ -251,7 +251,9 @@ impl Resource {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Origin {
     pub file: String,
-    /// 1-based index of the document in its file.
+    /// 1-based index of the document in its file; 0 for the file as a
+    /// whole, and for an object read from the cluster (whose `file` is its
+    /// API path).
     pub document: usize,
     /// 1-based line the document starts on; 0 when not known.
     pub line: usize,
@@ -260,6 +262,8 @@ pub struct Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
+            // A file as a whole, or an object from the cluster.
+            0 if self.document == 0 => f.write_str(&self.file),
             0 => write!(f, "{}: document {}", self.file, self.document),
             line => write!(f, "{}:{line}: document {}", self.file, self.document),
         }

@@ -135,11 +135,12 @@ fn expand_list(value: Value) -> Vec<Value> {
     }
 }
 
-/// Decodes and validates one document.
+/// Decodes and validates one document (a file's, or an object the cluster
+/// source received).
 // A rejection is built once per bad document, off any hot path; boxing it
 // would only add noise.
 #[allow(clippy::result_large_err)]
-fn decode_document(origin: Origin, mut value: Value) -> DocumentLoad {
+pub fn decode_document(origin: Origin, mut value: Value) -> DocumentLoad {
     let reject = |key: Option<ResourceKey>, field: Option<String>, reason: String| Rejection {
         origin: origin.clone(),
         key,

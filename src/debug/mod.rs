@@ -2,12 +2,14 @@
 //! loaded and what each proxy was sent. It reads config, model, cache and
 //! stream state and never writes them.
 //!
-//! - `/ready`: 200 once config is loaded and the xDS port listens.
+//! - `/ready`: 200 once config is loaded (with `--kube`, once every watch
+//!   was listed) and the xDS port listens; 503 before.
 //! - `/debug/syncz`: every connected proxy; per type the version sent,
 //!   acked, or NACKed with Envoy's error.
 //! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
 //!   of Envoy's own `/config_dump` (private keys redacted, as Envoy does).
-//! - `/debug/configz`: every resource as loaded, and the rejected documents.
+//! - `/debug/configz`: every resource as loaded, the rejected documents and,
+//!   with `--kube`, the state of each watch.
 //! - `/debug/registryz`: every service, its ports and endpoints (with their
 //!   mesh TLS mode).
 //! - `/debug/push_status`: the last pushes: trigger, proxies, duration.
@@ -58,6 +60,9 @@ pub struct DebugState {
     pub warnings: Vec<String>,
     /// The CA, for `/debug/certz`.
     pub authority: Arc<crate::ca::Authority>,
+    /// The cluster source, when meshd watches one: `/ready` waits for its
+    /// first sync and `/debug/configz` shows its watches.
+    pub kube: Option<Arc<crate::source::KubeSync>>,
 }
 
 /// The debug router.
@@ -76,7 +81,8 @@ pub fn router(state: DebugState) -> Router {
 }
 
 async fn ready(State(s): State<DebugState>) -> Response {
-    if s.ready.load(Ordering::Acquire) {
+    let synced = s.kube.as_ref().is_none_or(|k| k.synced());
+    if s.ready.load(Ordering::Acquire) && synced {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
@@ -528,5 +534,9 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "generation": config.generation, "resources": resources, "rejected": rejected }))
+    let mut body = json!({ "generation": config.generation, "resources": resources, "rejected": rejected });
+    if let Some(kube) = &s.kube {
+        body["kube"] = kube.status();
+    }
+    Json(body)
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use super::SourceError;
+use super::{log_generation, SourceError};
 use crate::config::{parse_file, ConfigSnapshot, ConfigStore, FileLoad, Origin, Rejection};
 
 /// When a changed directory is re-read: after `quiet` without further
@@ -293,21 +293,7 @@ fn publish(
     if next.generation == before.generation && before.generation != 0 {
         return Ok(());
     }
-    for r in next.rejections.iter().filter(|r| !before.rejections.contains(r)) {
-        let kept = if r.last_good_kept {
-            "; serving its last good version"
-        } else {
-            ""
-        };
-        tracing::warn!("rejected {r}{kept}");
-    }
-    tracing::info!(
-        generation = next.generation,
-        resources = next.resources.len(),
-        rejected = next.rejections.len(),
-        "config loaded from {}",
-        dir.display()
-    );
+    log_generation(&before, &next, &dir.display().to_string());
     tx.send_replace(next);
     Ok(())
 }

@@ -1,14 +1,16 @@
 //! source: turns the outside world into config generations.
 //!
 //! The file source reads a directory of YAML/JSON documents and watches it;
-//! the embedded source serves the demo configuration compiled into the
-//! binary. Both hand `config::ConfigStore` complete readings and publish each
-//! new generation on a `watch` channel. What a document means is left to
-//! `config`.
+//! the cluster source watches a Kubernetes API server; the embedded source
+//! serves the demo configuration compiled into the binary. Each hands
+//! `config::ConfigStore` complete readings and publishes each new generation
+//! on a `watch` channel. What a document means is left to `config`.
 
 mod file;
+mod kube;
 
 pub use file::{load_dir, load_dir_named, watch_dir, Debounce};
+pub use kube::{parse_selector, watch_cluster, KubeOptions, KubeSync, WatchStatus};
 
 use std::sync::Arc;
 
@@ -54,4 +56,23 @@ pub const DEMO: &[(&str, &str)] = &[
 pub fn embedded_demo() -> Arc<ConfigSnapshot> {
     let files = DEMO.iter().map(|(name, text)| parse_file(name, text)).collect();
     ConfigStore::default().apply(files)
+}
+
+/// Logs a new generation: each rejection that was not there before, then
+/// what the generation holds.
+fn log_generation(before: &ConfigSnapshot, next: &ConfigSnapshot, from: &str) {
+    for r in next.rejections.iter().filter(|r| !before.rejections.contains(r)) {
+        let kept = if r.last_good_kept {
+            "; serving its last good version"
+        } else {
+            ""
+        };
+        tracing::warn!("rejected {r}{kept}");
+    }
+    tracing::info!(
+        generation = next.generation,
+        resources = next.resources.len(),
+        rejected = next.rejections.len(),
+        "config loaded from {from}"
+    );
 }

@@ -1,0 +1,444 @@
+//! `meshd serve --kube` against a local API server that answers in the
+//! Kubernetes wire format (no real API server can run here): the first
+//! sync, changes of every kind reaching a connected ADS client, recovery
+//! from `410 Gone` and dropped watches, readiness, namespace selection.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use serde_json::Value;
+
+use crate::common::ads::{AdsClient, CLUSTERS, ENDPOINTS, LISTENERS, ROUTES, SECRETS};
+use crate::common::apiserver::{kubeconfig, ApiServer};
+use crate::common::{eventually, free_port, openssl, Meshd};
+
+const GATEWAY_NODE: &str = "router~127.0.0.1~gw-1.istio-system~istio-system.svc.cluster.local";
+const HELLO: &str = "outbound|80||hello.default.svc.cluster.local";
+const WAIT: Duration = Duration::from_secs(20);
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: default}
+spec:
+  selector: {app: hello}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hello-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: hello}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.1], conditions: {ready: true}}]
+ports: [{name: http, port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gw-1, namespace: istio-system, labels: {istio: ingressgateway}}
+spec: {containers: [{name: istio-proxy, image: envoy}]}
+status: {podIP: 127.0.0.1}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ['*']
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ['*']
+    tls: {mode: SIMPLE, credentialName: hello-cert}
+"#;
+
+fn virtual_service(host: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: hello, namespace: default}}\n\
+         spec:\n  hosts: [{host}]\n  gateways: [istio-system/gw]\n  http:\n  - route:\n    - destination: {{host: hello}}\n"
+    )
+}
+
+fn slice(ip: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hello-abc\n  namespace: default\n\
+         \x20 labels: {{kubernetes.io/service-name: hello}}\naddressType: IPv4\n\
+         endpoints: [{{addresses: [{ip}], conditions: {{ready: true}}}}]\nports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+    )
+}
+
+/// A Secret with a certificate and key made by openssl.
+fn tls_secret(dir: &std::path::Path, namespace: &str, name: &str) -> String {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hello.example.com",
+        ],
+    );
+    use base64::Engine;
+    let b64 =
+        |f: &str| base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.join(f)).expect("pem"));
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\n\
+         data: {{tls.crt: {}, tls.key: {}}}\n",
+        b64("cert.pem"),
+        b64("key.pem")
+    )
+}
+
+fn gateway_client(meshd: &Meshd) -> AdsClient {
+    AdsClient::connect(
+        meshd.xds_port,
+        GATEWAY_NODE,
+        "istio-system",
+        &[("istio", "ingressgateway")],
+        &[
+            (CLUSTERS, &[]),
+            (LISTENERS, &[]),
+            (ENDPOINTS, &[HELLO]),
+            (ROUTES, &["http.80"]),
+            (SECRETS, &["kubernetes://hello-cert"]),
+        ],
+    )
+}
+
+fn endpoint_ips(ads: &AdsClient) -> Vec<String> {
+    let Some(cla) = ads.get::<ClusterLoadAssignment>(ENDPOINTS, HELLO) else {
+        return Vec::new();
+    };
+    cla.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                ep.address
+                    .as_ref()
+                    .and_then(|a| a.address.as_ref())
+                    .map(|a| format!("{a:?}"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The hosts the gateway's port 80 routes (each domain also comes as
+/// `host:*`, which is left out).
+fn domains(ads: &AdsClient) -> Vec<String> {
+    ads.get::<RouteConfiguration>(ROUTES, "http.80")
+        .map(|rc| {
+            rc.virtual_hosts
+                .iter()
+                .flat_map(|v| v.domains.clone())
+                .filter(|d| !d.ends_with(":*"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the client's state passes `check`; the message says what
+/// it holds otherwise.
+fn until(what: &str, ads: &AdsClient, check: impl Fn(&AdsClient) -> bool) {
+    eventually(what, WAIT, || {
+        if check(ads) {
+            Ok(())
+        } else {
+            Err(format!(
+                "clusters {:?}, listeners {:?}, endpoints {:?}, domains {:?}",
+                ads.names(CLUSTERS),
+                ads.names(LISTENERS),
+                endpoint_ips(ads),
+                domains(ads)
+            ))
+        }
+    });
+}
+
+/// The resources `/debug/configz` shows, as `Kind ns/name` → resource.
+fn configz(meshd: &Meshd) -> (Vec<(String, Value)>, Value) {
+    let body = meshd.json("/debug/configz");
+    let resources = body["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let key = format!(
+                "{} {}/{}",
+                r["kind"].as_str().unwrap_or_default(),
+                r["namespace"].as_str().unwrap_or_default(),
+                r["name"].as_str().unwrap_or_default()
+            );
+            (key, r["resource"].clone())
+        })
+        .collect();
+    (resources, body)
+}
+
+#[test]
+fn kube_source_serves_the_cluster_and_follows_each_kind() {
+    let work = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let kc = work.path().join("kubeconfig");
+    kubeconfig(&kc, port);
+
+    // The API server is not up yet: meshd starts, keeps trying, and is not ready.
+    let meshd = Meshd::start_kube(&kc, work.path(), &[]);
+    let (code, _) = meshd.get("/ready").expect("debug port");
+    assert_eq!(code, 503, "ready before any sync");
+
+    let api = ApiServer::start_at(port);
+    api.apply(BASE);
+    api.apply(&virtual_service("hello.example.com"));
+    api.apply(&tls_secret(work.path(), "istio-system", "hello-cert"));
+    meshd.wait_ready();
+
+    let ads = gateway_client(&meshd);
+    until("the first sync reaches the client", &ads, |a| {
+        a.names(CLUSTERS).iter().any(|c| c == HELLO)
+            && endpoint_ips(a).iter().any(|ip| ip.contains("10.1.0.1"))
+            && domains(a).iter().any(|d| d == "hello.example.com")
+            && a.names(LISTENERS).iter().any(|l| l == "0.0.0.0_443")
+            && a.names(SECRETS).iter().any(|s| s == "kubernetes://hello-cert")
+    });
+
+    api.apply(&slice("10.1.0.2"));
+    until("a changed EndpointSlice", &ads, |a| {
+        let ips = endpoint_ips(a);
+        ips.iter().any(|ip| ip.contains("10.1.0.2")) && !ips.iter().any(|ip| ip.contains("10.1.0.1"))
+    });
+    api.apply(&virtual_service("hello2.example.com"));
+    until("a changed VirtualService", &ads, |a| {
+        domains(a) == ["hello2.example.com"]
+    });
+    api.delete("v1", "secrets", "istio-system", "hello-cert");
+    until("a deleted Secret takes its HTTPS server away", &ads, |a| {
+        !a.names(LISTENERS).iter().any(|l| l == "0.0.0.0_443")
+            && a.names(LISTENERS).iter().any(|l| l == "0.0.0.0_80")
+    });
+    api.delete("networking.istio.io/v1", "virtualservices", "default", "hello");
+    until("a deleted VirtualService", &ads, |a| domains(a).is_empty());
+    api.delete("v1", "services", "default", "hello");
+    until("a deleted Service", &ads, |a| {
+        !a.names(CLUSTERS).iter().any(|c| c == HELLO)
+    });
+
+    // Every kind: added, modified, deleted.
+    let kinds: &[(&str, &str, &str, &str)] = &[
+        ("Namespace", "v1", "namespaces", "kind: Namespace\nmetadata: {name: k-ns, LABELS}\n"),
+        ("Node", "v1", "nodes", "kind: Node\nmetadata: {name: k-node, LABELS}\n"),
+        ("Service", "v1", "services", "kind: Service\nmetadata: {name: k-svc, namespace: default, LABELS}\nspec: {ports: [{port: 80}]}\n"),
+        ("EndpointSlice", "discovery.k8s.io/v1", "endpointslices",
+         "kind: EndpointSlice\nmetadata: {name: k-eps, namespace: default, LABELS}\naddressType: IPv4\nendpoints: []\n"),
+        ("Pod", "v1", "pods", "kind: Pod\nmetadata: {name: k-pod, namespace: default, LABELS}\nspec: {containers: [{name: c}]}\n"),
+        ("Gateway", "networking.istio.io/v1", "gateways",
+         "kind: Gateway\nmetadata: {name: k-gw, namespace: default, LABELS}\nspec: {selector: {app: x}, servers: [{port: {number: 81, name: http, protocol: HTTP}, hosts: ['*']}]}\n"),
+        ("VirtualService", "networking.istio.io/v1", "virtualservices",
+         "kind: VirtualService\nmetadata: {name: k-vs, namespace: default, LABELS}\nspec: {hosts: [k.example.com], http: [{route: [{destination: {host: hello}}]}]}\n"),
+        ("DestinationRule", "networking.istio.io/v1", "destinationrules",
+         "kind: DestinationRule\nmetadata: {name: k-dr, namespace: default, LABELS}\nspec: {host: hello}\n"),
+        ("ServiceEntry", "networking.istio.io/v1", "serviceentries",
+         "kind: ServiceEntry\nmetadata: {name: k-se, namespace: default, LABELS}\nspec: {hosts: [k.example.org], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}\n"),
+        ("Sidecar", "networking.istio.io/v1", "sidecars",
+         "kind: Sidecar\nmetadata: {name: k-sc, namespace: default, LABELS}\nspec: {egress: [{hosts: ['./*']}]}\n"),
+        ("PeerAuthentication", "security.istio.io/v1", "peerauthentications",
+         "kind: PeerAuthentication\nmetadata: {name: k-pa, namespace: default, LABELS}\nspec: {mtls: {mode: PERMISSIVE}}\n"),
+        ("Ingress", "networking.k8s.io/v1", "ingresses",
+         "kind: Ingress\nmetadata: {name: k-ing, namespace: default, LABELS}\nspec: {defaultBackend: {service: {name: hello, port: {number: 80}}}}\n"),
+        ("IngressClass", "networking.k8s.io/v1", "ingressclasses",
+         "kind: IngressClass\nmetadata: {name: k-ic, LABELS}\nspec: {controller: istio.io/ingress-controller}\n"),
+        ("GatewayClass", "gateway.networking.k8s.io/v1", "gatewayclasses",
+         "kind: GatewayClass\nmetadata: {name: k-gc, LABELS}\nspec: {controllerName: istio.io/gateway-controller}\n"),
+        ("K8sGateway", "gateway.networking.k8s.io/v1", "gateways",
+         "kind: Gateway\nmetadata: {name: k-kgw, namespace: default, LABELS}\nspec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n"),
+        ("HttpRoute", "gateway.networking.k8s.io/v1", "httproutes",
+         "kind: HTTPRoute\nmetadata: {name: k-hr, namespace: default, LABELS}\nspec: {parentRefs: [{name: k-kgw}]}\n"),
+    ];
+    for (kind, api_version, plural, body) in kinds {
+        let doc = |labels: &str| format!("apiVersion: {api_version}\n{}", body.replace("LABELS", labels));
+        let name = body
+            .split("name: ")
+            .nth(1)
+            .and_then(|r| r.split([',', '}']).next())
+            .unwrap_or_default();
+        let ns = if body.contains("namespace: default") {
+            "default"
+        } else {
+            ""
+        };
+        let key = format!("{kind} {ns}/{name}");
+        api.apply(&doc("labels: {rev: one}"));
+        eventually(&format!("{key} added"), WAIT, || {
+            let (resources, body) = configz(&meshd);
+            match resources.iter().find(|(k, _)| *k == key) {
+                Some((_, r)) if r["metadata"]["labels"]["rev"] == "one" => Ok(()),
+                _ => Err(format!("{}", body["rejected"])),
+            }
+        });
+        api.apply(&doc("labels: {rev: two}"));
+        eventually(&format!("{key} modified"), WAIT, || {
+            let (resources, _) = configz(&meshd);
+            match resources.iter().find(|(k, _)| *k == key) {
+                Some((_, r)) if r["metadata"]["labels"]["rev"] == "two" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        api.delete(api_version, plural, ns, name);
+        eventually(&format!("{key} deleted"), WAIT, || {
+            let (resources, _) = configz(&meshd);
+            match resources.iter().any(|(k, _)| *k == key) {
+                false => Ok(()),
+                true => Err("still there".into()),
+            }
+        });
+    }
+
+    // Secrets are only ever read one by one, by name.
+    let secret_requests: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "secrets" && (r.verb == "list" || r.verb == "watch"))
+        .collect();
+    assert!(!secret_requests.is_empty());
+    for r in &secret_requests {
+        assert!(
+            r.field_selector.starts_with("metadata.name=") && !r.namespace.is_empty(),
+            "a Secret read that is not one named Secret: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn kube_source_recovers_from_gone_and_dropped_watches_without_losing_or_doubling() {
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    api.apply(BASE);
+    api.apply(&virtual_service("hello.example.com"));
+    api.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec: {ports: [{name: http, port: 80}]}\n",
+    );
+    let meshd = Meshd::start_kube(&kc, work.path(), &[]);
+    meshd.wait_ready();
+    let ads = gateway_client(&meshd);
+    let other = "outbound|80||other.default.svc.cluster.local";
+    until("the first sync", &ads, |a| {
+        a.names(CLUSTERS).iter().any(|c| c == other) && domains(a) == ["hello.example.com"]
+    });
+
+    // Changes no watch saw, then the history compacted: only a relist
+    // (after the 410) can find them.
+    api.apply_unwatched(&virtual_service("relisted.example.com"));
+    api.delete_unwatched("v1", "services", "default", "other");
+    api.expire_history();
+    until("the relist after 410 Gone", &ads, |a| {
+        domains(a) == ["relisted.example.com"] && !a.names(CLUSTERS).iter().any(|c| c == other)
+    });
+    let (_, body) = configz(&meshd);
+    let watches = body["kube"]["watches"].as_array().cloned().unwrap_or_default();
+    let relisted = |label: &str| {
+        watches
+            .iter()
+            .find(|w| w["watch"] == label)
+            .and_then(|w| w["relists"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        relisted("virtualservices.networking.istio.io") >= 1,
+        "{watches:?}"
+    );
+    assert!(relisted("services") >= 1, "{watches:?}");
+
+    // A dropped connection: the watch comes back from the version it saw,
+    // and what changed meanwhile arrives once.
+    api.drop_watches();
+    api.apply(&virtual_service("dropped.example.com"));
+    api.apply(&slice("10.1.0.9"));
+    until("the changes made while the watch was down", &ads, |a| {
+        domains(a) == ["dropped.example.com"] && endpoint_ips(a).iter().any(|ip| ip.contains("10.1.0.9"))
+    });
+
+    // Nothing lost, nothing doubled: meshd holds exactly what the API
+    // server holds, and rejected nothing.
+    let (resources, body) = configz(&meshd);
+    assert_eq!(body["rejected"], serde_json::json!([]), "{body}");
+    let mut held: Vec<String> = resources.into_iter().map(|(k, _)| k).collect();
+    held.sort();
+    let mut expected = Vec::new();
+    for (kind, api_version, plural) in [
+        ("Namespace", "v1", "namespaces"),
+        ("Service", "v1", "services"),
+        ("EndpointSlice", "discovery.k8s.io/v1", "endpointslices"),
+        ("Pod", "v1", "pods"),
+        ("Gateway", "networking.istio.io/v1", "gateways"),
+        ("VirtualService", "networking.istio.io/v1", "virtualservices"),
+    ] {
+        for o in api.list(api_version, plural) {
+            expected.push(format!(
+                "{kind} {}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    expected.sort();
+    assert_eq!(held, expected);
+}
+
+#[test]
+fn discovery_selectors_choose_the_namespaces_read() {
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    let namespace = |name: &str, env: &str| {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{env: {env}}}}}\n")
+    };
+    let service = |ns: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: app, namespace: {ns}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+    };
+    api.apply(&namespace("shop", "prod"));
+    api.apply(&namespace("lab", "dev"));
+    api.apply(&service("shop"));
+    api.apply(&service("lab"));
+    let meshd = Meshd::start_kube(&kc, work.path(), &["--discovery-selector", "env=prod"]);
+    meshd.wait_ready();
+    let services = || -> Vec<String> {
+        let (resources, _) = configz(&meshd);
+        resources
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("Service "))
+            .collect()
+    };
+    assert_eq!(services(), ["Service shop/app"]);
+    // Labelling a namespace brings it in.
+    api.apply(&namespace("lab", "prod"));
+    eventually("lab selected", WAIT, || match services().as_slice() {
+        [a, b] if a == "Service lab/app" && b == "Service shop/app" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+}
