@@ -442,3 +442,155 @@ fn discovery_selectors_choose_the_namespaces_read() {
         other => Err(format!("{other:?}")),
     });
 }
+
+/// The root certificate's SHA-256 fingerprint, as openssl prints it.
+fn fingerprint(dir: &std::path::Path, pem: &str) -> String {
+    let path = dir.join("root-from-cluster.pem");
+    std::fs::write(&path, pem).expect("write");
+    let out = openssl(
+        dir,
+        &[
+            "x509",
+            "-in",
+            path.to_str().expect("path"),
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    );
+    out.trim().rsplit('=').next().unwrap_or_default().to_string()
+}
+
+fn secret_value(secret: &Value, key: &str) -> String {
+    use base64::Engine;
+    let b64 = secret["data"][key].as_str().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64");
+    String::from_utf8(bytes).expect("text")
+}
+
+#[test]
+fn replicas_share_one_root_made_once_and_publish_it_to_every_namespace() {
+    let work = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let kc = work.path().join("kubeconfig");
+    kubeconfig(&kc, port);
+    // Both replicas start before the API server answers, so both are
+    // trying to make the root when it comes up.
+    let a = Meshd::start_kube(&kc, work.path(), &[]);
+    let b = Meshd::start_kube(&kc, work.path(), &[]);
+    let api = ApiServer::start_at(port);
+    api.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n",
+    );
+    a.wait_ready();
+    b.wait_ready();
+
+    let root = |m: &Meshd| {
+        m.json("/debug/certz")["root"]["fingerprint_sha256"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let secret = api
+        .get("v1", "secrets", "istio-system", "istio-ca-secret")
+        .expect("the CA Secret");
+    let root_pem = secret_value(&secret, "root-cert.pem");
+    let in_secret = fingerprint(work.path(), &root_pem);
+    assert_eq!(root(&a), in_secret, "replica a signs with the Secret's root");
+    assert_eq!(root(&b), in_secret, "replica b signs with the Secret's root");
+    let creates = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "create" && r.resource == "secrets")
+        .count();
+    assert!(creates >= 1);
+    let lease = api
+        .get("coordination.k8s.io/v1", "leases", "istio-system", "meshd-ca")
+        .expect("the CA Lease");
+    assert!(lease["spec"]["holderIdentity"]
+        .as_str()
+        .is_some_and(|h| !h.is_empty()));
+
+    // Every namespace, and one made later, gets the root as a ConfigMap.
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n");
+    for ns in ["istio-system", "default", "late"] {
+        eventually(&format!("istio-ca-root-cert in {ns}"), WAIT, || {
+            match api.get("v1", "configmaps", ns, "istio-ca-root-cert") {
+                Some(cm) if cm["data"]["root-cert.pem"] == root_pem.as_str() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
+}
+
+#[test]
+fn token_review_decides_who_gets_a_certificate() {
+    use crate::common::ads::Claim;
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    api.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n");
+    api.token("good", Some("system:serviceaccount:default:sleep"), "sleep-1");
+    api.token(
+        "bound-elsewhere",
+        Some("system:serviceaccount:default:sleep"),
+        "sleep-2",
+    );
+    api.token("bad", None, "");
+    let meshd = Meshd::start_kube(&kc, work.path(), &[]);
+    meshd.wait_ready();
+
+    let client = |token: &str| {
+        let claim = Claim {
+            node_id: "sidecar~10.0.0.5~sleep-1.default~default.svc.cluster.local",
+            namespace: "default",
+            service_account: "sleep",
+            labels: &[("app", "sleep")],
+            token: Some(token),
+        };
+        AdsClient::connect_as(meshd.xds_port, &claim, &[(SECRETS, &["default", "ROOTCA"])])
+    };
+
+    let good = client("good");
+    eventually("a certificate for the reviewed identity", WAIT, || {
+        let names = good.names(SECRETS);
+        match (names.iter().any(|n| n == "default"), good.ended()) {
+            (true, _) => Ok(()),
+            (false, ended) => Err(format!("{names:?}, ended: {ended:?}")),
+        }
+    });
+    let issued = meshd.json("/debug/certz")["certificates"].to_string();
+    assert!(
+        issued.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{issued}"
+    );
+    let reviews: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.verb == "create" && r.group == "authentication.k8s.io" && r.resource == "tokenreviews")
+        .collect();
+    assert!(!reviews.is_empty(), "the token was reviewed by the API server");
+
+    let bad = client("bad");
+    let why = eventually("an unknown token is refused", WAIT, || {
+        bad.ended().ok_or("still open".to_string())
+    });
+    assert!(
+        why.starts_with("Unauthenticated") && why.contains("not valid"),
+        "{why}"
+    );
+
+    let stolen = client("bound-elsewhere");
+    let why = eventually("a token bound to another pod is refused", WAIT, || {
+        stolen.ended().ok_or("still open".to_string())
+    });
+    assert!(
+        why.starts_with("PermissionDenied") && why.contains("sleep-2"),
+        "{why}"
+    );
+    assert!(stolen.names(SECRETS).is_empty());
+}

@@ -207,9 +207,15 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_addr: SocketAddr,
     /// Where the CA keeps its root (made on first start, or plugged in).
-    /// Without it the root lives in memory and changes at every restart.
+    /// Without it the root lives in memory and changes at every restart;
+    /// with --kube, in the Secret istio-ca-secret (or a plugged-in cacerts)
+    /// of --system-namespace, shared by every replica.
     #[arg(long)]
     ca_dir: Option<PathBuf>,
+    /// With --kube: meshd's own namespace (its CA Secret and Lease); in a
+    /// pod, pass the downward API's namespace.
+    #[arg(long, default_value = "istio-system")]
+    system_namespace: String,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -419,6 +425,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 xds_dns_names: a.xds_dns_names,
                 debug_addr: a.debug_addr,
                 ca_dir: a.ca_dir,
+                system_namespace: a.system_namespace,
                 trust_domain: a.trust_domain,
                 workload_cert_ttl: a.workload_cert_ttl,
                 token_key: a.token_key,

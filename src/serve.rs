@@ -17,7 +17,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::ca::auth::{Authenticator, TokenVerifier};
+use crate::ca::auth::{Authenticator, TokenReviewer, TokenVerifier};
 use crate::ca::service::CertificateService;
 use crate::ca::{self, CaError, Issued, WorkloadCa};
 use crate::config::{ConfigSnapshot, ConfigStore};
@@ -44,8 +44,11 @@ pub struct ServeOptions {
     pub xds_tls_addr: SocketAddr,
     /// DNS names (and IPs) in meshd's serving certificate for the TLS port.
     pub xds_dns_names: Vec<String>,
-    /// Where the CA keeps its root; without it the root lives in memory only.
+    /// Where the CA keeps its root; without it the root lives in memory
+    /// only, or with `kube` in a Secret of `system_namespace`.
     pub ca_dir: Option<PathBuf>,
+    /// meshd's namespace in a cluster: its CA Secret and Lease.
+    pub system_namespace: String,
     pub trust_domain: String,
     /// Validity of workload certificates (renewed at half of it).
     pub workload_cert_ttl: Duration,
@@ -94,13 +97,39 @@ pub enum ServeError {
 /// meshd's serving certificate for the TLS port lasts this long.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn workload_ca(opts: &ServeOptions) -> Result<Arc<WorkloadCa>, ServeError> {
-    let authority = match &opts.ca_dir {
-        Some(dir) => ca::load_or_create(dir, &opts.trust_domain)?,
-        None => {
+/// The CA: from `--ca-dir`; else, with `--kube`, the cluster's shared root
+/// (whose tokens the API server also reviews); else a root in memory.
+async fn workload_ca(
+    opts: &ServeOptions,
+    client: Option<&kube::Client>,
+) -> Result<Arc<WorkloadCa>, ServeError> {
+    let authority = match (&opts.ca_dir, client) {
+        (Some(dir), _) => ca::load_or_create(dir, &opts.trust_domain)?,
+        (None, Some(client)) => {
+            let authority = ca::cluster::load_or_create(
+                client,
+                &opts.system_namespace,
+                &opts.trust_domain,
+                &holder_identity(),
+            )
+            .await?;
+            tokio::spawn(ca::cluster::publish_root(
+                client.clone(),
+                authority.root_pem().to_string(),
+            ));
+            authority
+        }
+        (None, None) => {
             tracing::warn!("no --ca-dir: the CA root lives in memory and changes at every restart");
             ca::ephemeral(&opts.trust_domain)?
         }
+    };
+    let reviewer = match (client, &opts.token_key) {
+        (Some(client), None) => Some(TokenReviewer {
+            client: client.clone(),
+            audience: opts.token_audience.clone(),
+        }),
+        _ => None,
     };
     let tokens = match &opts.token_key {
         Some(path) => {
@@ -127,6 +156,7 @@ fn workload_ca(opts: &ServeOptions) -> Result<Arc<WorkloadCa>, ServeError> {
         auth: Authenticator {
             trust_domain: opts.trust_domain.clone(),
             tokens,
+            reviewer,
         },
         ttl: opts.workload_cert_ttl,
         insecure_plaintext_identity: opts.insecure_plaintext_identity,
@@ -138,6 +168,51 @@ fn tls_config(ca: &WorkloadCa, serving: &Issued) -> ServerTlsConfig {
         .identity(Identity::from_pem(&serving.cert_chain, &serving.key))
         .client_ca_root(Certificate::from_pem(ca.authority.root_pem()))
         .client_auth_optional(true)
+}
+
+/// Names this replica in the CA Lease: the pod (POD_NAME, else the
+/// HOSTNAME a pod gets) and the process.
+fn holder_identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "meshd".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Answers 503 on the debug port while meshd waits for the cluster (for
+/// its CA root) before it can serve anything; `stop` hands the port on.
+struct NotReadyYet {
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl NotReadyYet {
+    /// Serves a twin of `listener` (the same socket) until stopped.
+    fn serve(listener: TcpListener) -> std::io::Result<(NotReadyYet, TcpListener)> {
+        let socket = listener.into_std()?;
+        let twin = TcpListener::from_std(socket.try_clone()?)?;
+        let listener = TcpListener::from_std(socket)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = axum::Router::new().fallback(|| async {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for the cluster (CA root)\n",
+            )
+        });
+        let done = tokio::spawn(async move {
+            let _ = axum::serve(twin, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok((NotReadyYet { stop, done }, listener))
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.done.await;
+    }
 }
 
 /// TLS for the injection webhook, with meshd's serving certificate.
@@ -165,20 +240,32 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics = install_metrics();
-    let ca = workload_ca(&opts)?;
+    let client = match opts.kube {
+        true => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| ServeError::Kube(format!("no cluster to talk to: {e}")))?,
+        ),
+        false => None,
+    };
     let xds_listener = bind("xDS", opts.xds_addr).await?;
     let xds_tls_listener = bind("TLS xDS", opts.xds_tls_addr).await?;
     let debug_listener = bind("debug", opts.debug_addr).await?;
     let webhook_listener = bind("injection webhook", opts.webhook_addr).await?;
+    let (waiting, debug_listener) =
+        NotReadyYet::serve(debug_listener).map_err(|source| ServeError::Bind {
+            what: "debug",
+            addr: opts.debug_addr,
+            source,
+        })?;
+    let ca = workload_ca(&opts, client.as_ref()).await?;
+    waiting.stop().await;
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     let mut kube_sync = None;
-    match &opts.config_dir {
-        Some(dir) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx, opts.debounce)?,
-        None if opts.kube => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| ServeError::Kube(format!("no cluster to talk to: {e}")))?;
+    match (&opts.config_dir, client) {
+        (Some(dir), _) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx, opts.debounce)?,
+        (None, Some(client)) => {
             let kube_opts = source::KubeOptions {
                 discovery_selectors: opts.discovery_selectors.clone(),
                 debounce: opts.debounce,
@@ -190,7 +277,7 @@ pub async fn run(
                 config_tx,
             ));
         }
-        None => {
+        (None, None) => {
             tracing::info!("no --config-dir: serving the embedded demo configuration");
             config_tx.send_replace(source::embedded_demo());
             // Keep the sender alive so the receiver below stays open.

@@ -24,7 +24,19 @@ type Held = Arc<Mutex<HashMap<String, BTreeMap<String, Any>>>>;
 
 pub struct AdsClient {
     held: Held,
+    /// Why the stream ended, once it has.
+    ended: Arc<Mutex<Option<String>>>,
     _runtime: tokio::runtime::Runtime,
+}
+
+/// Who a client says it is.
+pub struct Claim<'a> {
+    pub node_id: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+    /// Sent as `authorization: Bearer TOKEN`.
+    pub token: Option<&'a str>,
 }
 
 fn string(s: &str) -> Value {
@@ -44,6 +56,25 @@ impl AdsClient {
         labels: &[(&str, &str)],
         subscriptions: &[(&str, &[&str])],
     ) -> AdsClient {
+        let claim = Claim {
+            node_id,
+            namespace,
+            service_account: "default",
+            labels,
+            token: None,
+        };
+        AdsClient::connect_as(port, &claim, subscriptions)
+    }
+
+    /// Connects with a full claim of identity.
+    pub fn connect_as(port: u16, claim: &Claim<'_>, subscriptions: &[(&str, &[&str])]) -> AdsClient {
+        let Claim {
+            node_id,
+            namespace,
+            service_account,
+            labels,
+            token,
+        } = *claim;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -56,6 +87,7 @@ impl AdsClient {
         let metadata = Struct {
             fields: [
                 ("NAMESPACE".to_string(), string(namespace)),
+                ("SERVICE_ACCOUNT".to_string(), string(service_account)),
                 (
                     "LABELS".to_string(),
                     Value {
@@ -76,6 +108,9 @@ impl AdsClient {
             .map(|(t, names)| (t.to_string(), names.iter().map(|n| n.to_string()).collect()))
             .collect();
         let store = held.clone();
+        let ended: Arc<Mutex<Option<String>>> = Arc::default();
+        let end = ended.clone();
+        let token = token.map(|t| format!("Bearer {t}"));
         runtime.spawn(async move {
             let mut client = loop {
                 match AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{port}")).await {
@@ -94,11 +129,30 @@ impl AdsClient {
                 };
                 let _ = tx.send(request).await;
             }
-            let Ok(response) = client.stream_aggregated_resources(ReceiverStream::new(rx)).await else {
-                return;
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            if let Some(token) = token.and_then(|t| t.parse().ok()) {
+                request.metadata_mut().insert("authorization", token);
+            }
+            let fail = |status: tonic::Status| Some(format!("{:?}: {}", status.code(), status.message()));
+            let mut responses = match client.stream_aggregated_resources(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    *end.lock().expect("ended") = fail(status);
+                    return;
+                }
             };
-            let mut responses = response.into_inner();
-            while let Ok(Some(r)) = responses.message().await {
+            loop {
+                let r = match responses.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        *end.lock().expect("ended") = Some("closed".into());
+                        return;
+                    }
+                    Err(status) => {
+                        *end.lock().expect("ended") = fail(status);
+                        return;
+                    }
+                };
                 {
                     let mut held = store.lock().expect("held");
                     let of_type = held.entry(r.type_url.clone()).or_default();
@@ -108,7 +162,7 @@ impl AdsClient {
                         of_type.clear();
                     }
                     for any in r.resources {
-                        let name = resource_name(&r.type_url, &any);
+                        let name = resource_name(&any);
                         of_type.insert(name, any);
                     }
                 }
@@ -127,8 +181,14 @@ impl AdsClient {
         });
         AdsClient {
             held,
+            ended,
             _runtime: runtime,
         }
+    }
+
+    /// Why the stream ended (`Code: message`), if it has.
+    pub fn ended(&self) -> Option<String> {
+        self.ended.lock().expect("ended").clone()
     }
 
     /// The names of the resources of a type the client holds.
@@ -149,7 +209,7 @@ impl AdsClient {
 
 /// The name of a resource, read from its first field (every xDS resource
 /// type keeps its name there; a ClusterLoadAssignment's is `cluster_name`).
-fn resource_name(_type_url: &str, any: &Any) -> String {
+fn resource_name(any: &Any) -> String {
     #[derive(Clone, PartialEq, prost::Message)]
     struct Named {
         #[prost(string, tag = "1")]

@@ -117,6 +117,22 @@ impl Authority {
         &self.root_pem
     }
 
+    /// The root certificate's SHA-256 fingerprint, as `openssl x509
+    /// -fingerprint -sha256` prints it (`AB:CD:...`): what tells two roots
+    /// apart at a glance.
+    pub fn root_fingerprint(&self) -> String {
+        use sha2::Digest;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(self.root_pem.as_bytes())
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or_default();
+        let digest = sha2::Sha256::digest(&der);
+        digest
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
     /// When the root expires.
     pub fn root_not_after(&self) -> SystemTime {
         self.root_not_after

@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod authority;
+pub mod cluster;
 pub mod service;
 mod store;
 pub mod workload;
@@ -51,6 +52,9 @@ pub enum CaError {
     /// An identity is not a valid SPIFFE id.
     #[error("{0}")]
     Identity(String),
+    /// The cluster could not be asked (with `--kube`).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// A workload identity: `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.

@@ -40,6 +40,7 @@ impl IstioCertificateService for CertificateService {
             .ca
             .auth
             .authenticate(authorization, request.peer_certs(), self.tls)
+            .await
             .map_err(|e| e.status())?
             .ok_or_else(|| {
                 Status::unauthenticated(
@@ -55,7 +56,7 @@ impl IstioCertificateService for CertificateService {
         let chain = self
             .ca
             .authority
-            .sign_csr(&req.csr, &caller, validity)
+            .sign_csr(&req.csr, &caller.id, validity)
             .map_err(|e| {
                 metrics::counter!(metric::SIGN_ERRORS).increment(1);
                 Status::invalid_argument(e.to_string())

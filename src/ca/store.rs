@@ -5,6 +5,7 @@
 //! directory a self-signed root is made and written there, owner-only; a
 //! restart loads it again and never makes another.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +47,72 @@ impl CaFiles {
             reason: reason.into(),
         }
     }
+}
+
+/// Where CA material is read from: a directory, or the data of a Secret.
+trait Material {
+    fn read(&self, name: &str) -> Result<String, CaError>;
+    fn has(&self, name: &str) -> bool;
+    fn bad(&self, reason: String) -> CaError;
+}
+
+impl Material for CaFiles {
+    fn read(&self, name: &str) -> Result<String, CaError> {
+        CaFiles::read(self, name)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.path(name).exists()
+    }
+    fn bad(&self, reason: String) -> CaError {
+        CaFiles::bad(self, reason)
+    }
+}
+
+/// CA material held under the same names as the files, as the cluster
+/// keeps it in a Secret (`istio-ca-secret`, or a plugged-in `cacerts`).
+struct Named<'a> {
+    label: &'a str,
+    data: &'a BTreeMap<String, String>,
+}
+
+impl Material for Named<'_> {
+    fn read(&self, name: &str) -> Result<String, CaError> {
+        self.data
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.bad(format!("{name} missing")))
+    }
+    fn has(&self, name: &str) -> bool {
+        self.data.get(name).is_some_and(|v| !v.trim().is_empty())
+    }
+    fn bad(&self, reason: String) -> CaError {
+        CaError::BadFiles {
+            dir: self.label.to_string(),
+            reason,
+        }
+    }
+}
+
+/// Loads a CA from material named like the files (`ca-cert.pem`, ...);
+/// `label` names where it came from in errors.
+pub fn load_named(
+    label: &str,
+    data: &BTreeMap<String, String>,
+    trust_domain: &str,
+) -> Result<Authority, CaError> {
+    load(&Named { label, data }, trust_domain)
+}
+
+/// A new self-signed root, as the material `load_named` reads.
+pub fn new_root(trust_domain: &str) -> Result<BTreeMap<String, String>, CaError> {
+    let (key, pem) = make_root(trust_domain)?;
+    Ok([
+        (CaFiles::CA_KEY.to_string(), key.serialize_pem()),
+        (CaFiles::CA_CERT.to_string(), pem.clone()),
+        (CaFiles::ROOT_CERT.to_string(), pem.clone()),
+        (CaFiles::CERT_CHAIN.to_string(), pem),
+    ]
+    .into())
 }
 
 /// How long a root made by meshd is valid.
@@ -140,7 +207,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
 }
 
-fn certs(files: &CaFiles, name: &str, text: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+fn certs(files: &dyn Material, name: &str, text: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| files.bad(format!("{name}: not valid PEM: {e}")))?;
@@ -151,7 +218,7 @@ fn certs(files: &CaFiles, name: &str, text: &str) -> Result<Vec<CertificateDer<'
 }
 
 fn parse<'a>(
-    files: &CaFiles,
+    files: &dyn Material,
     name: &str,
     der: &'a CertificateDer<'_>,
 ) -> Result<X509Certificate<'a>, CaError> {
@@ -165,7 +232,7 @@ fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
 }
 
 /// Loads and checks a CA directory.
-fn load(files: &CaFiles, trust_domain: &str) -> Result<Authority, CaError> {
+fn load(files: &dyn Material, trust_domain: &str) -> Result<Authority, CaError> {
     let key_pem = files.read(CaFiles::CA_KEY)?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| {
         files.bad(format!(
@@ -199,7 +266,7 @@ fn load(files: &CaFiles, trust_domain: &str) -> Result<Authority, CaError> {
     // The chain from the signing certificate up to the root, each link
     // signed by the next. Istio's cert-chain.pem may or may not repeat the
     // signing certificate and the root; both are accepted.
-    let chain_text = if files.path(CaFiles::CERT_CHAIN).exists() {
+    let chain_text = if files.has(CaFiles::CERT_CHAIN) {
         files.read(CaFiles::CERT_CHAIN)?
     } else {
         String::new()

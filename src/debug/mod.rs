@@ -248,6 +248,7 @@ async fn certz(State(s): State<DebugState>) -> Json<Value> {
     Json(json!({
         "trust_domain": s.authority.trust_domain(),
         "root": {
+            "fingerprint_sha256": s.authority.root_fingerprint(),
             "not_after": unix(s.authority.root_not_after()),
             "expires_in_s": left(s.authority.root_not_after()),
         },

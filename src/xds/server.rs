@@ -17,6 +17,7 @@ use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
 use super::wire::{Requests, Wire};
 use super::{metric, XdsType};
+use crate::ca::auth::{credentials, Caller, Credentials};
 use crate::ca::{SpiffeId, WorkloadCa};
 use crate::model::Proxy;
 
@@ -61,14 +62,11 @@ impl AdsServer {
     }
 
     /// Who is calling; a refused caller ends the stream before it starts.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Option<SpiffeId>, Status> {
+    async fn caller(&self, (authorization, certs): Credentials) -> Result<Option<Caller>, Status> {
         let Some(ca) = &self.ca else { return Ok(None) };
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
         ca.auth
-            .authenticate(authorization, request.peer_certs(), self.tls)
+            .authenticate(authorization.as_deref(), certs, self.tls)
+            .await
             .map_err(|e| e.status())
     }
 }
@@ -76,7 +74,7 @@ impl AdsServer {
 impl AdsServer {
     /// Starts a stream (`mode`: "sotw" or "delta"): authenticates the
     /// caller, then serves it on its own task, writing responses to `tx`.
-    pub(super) fn start<R, B>(
+    pub(super) async fn start<R, B>(
         &self,
         mode: &'static str,
         request: Request<B>,
@@ -87,7 +85,7 @@ impl AdsServer {
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
-        let caller = self.caller(&request)?;
+        let caller = self.caller(credentials(&request)).await?;
         let requests = Requests::<B, R>::new(request.into_inner());
         let conn = Connection::new(self, mode, caller);
         tokio::spawn(conn.run(requests, tx));
@@ -253,7 +251,7 @@ struct Connection {
     mode: &'static str,
     ca: Option<Arc<WorkloadCa>>,
     tls: bool,
-    caller: Option<SpiffeId>,
+    caller: Option<Caller>,
 }
 
 /// A proxy's workload certificate as SDS resources, and when to renew it.
@@ -270,7 +268,7 @@ pub const DEFAULT_CONCURRENT_PUSHES: usize = 64;
 const ISSUE_RETRY: Duration = Duration::from_secs(10);
 
 impl Connection {
-    fn new(server: &AdsServer, mode: &'static str, caller: Option<SpiffeId>) -> Connection {
+    fn new(server: &AdsServer, mode: &'static str, caller: Option<Caller>) -> Connection {
         Connection {
             cache: server.cache.clone(),
             registry: server.registry.clone(),
@@ -459,13 +457,21 @@ impl Connection {
         }
         let identity = match (&self.caller, &self.ca) {
             (Some(caller), _) => {
-                if caller.namespace != proxy.namespace || caller.service_account != proxy.service_account {
+                let id = &caller.id;
+                if id.namespace != proxy.namespace || id.service_account != proxy.service_account {
                     return Err(Status::permission_denied(format!(
                         "node {} claims namespace {:?} and service account {:?}, but the caller authenticated as {caller}",
                         proxy.id, proxy.namespace, proxy.service_account
                     )));
                 }
-                Some(caller.clone())
+                // A pod-bound token speaks for that pod alone.
+                if caller.pod.as_ref().is_some_and(|pod| *pod != proxy.pod_name) {
+                    return Err(Status::permission_denied(format!(
+                        "node {} claims pod {:?}, but the caller authenticated as {caller}",
+                        proxy.id, proxy.pod_name
+                    )));
+                }
+                Some(id.clone())
             }
             (None, Some(ca)) if ca.insecure_plaintext_identity && !self.tls => Some(
                 SpiffeId::new(

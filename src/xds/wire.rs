@@ -418,10 +418,14 @@ where
             };
             let started = match path.rsplit('/').next() {
                 Some("StreamAggregatedResources") => {
-                    server.start::<super::server::SotwRequest, B>("sotw", request, tx)
+                    server
+                        .start::<super::server::SotwRequest, B>("sotw", request, tx)
+                        .await
                 }
                 Some("DeltaAggregatedResources") => {
-                    server.start::<super::server::DeltaRequestMessage, B>("delta", request, tx)
+                    server
+                        .start::<super::server::DeltaRequestMessage, B>("delta", request, tx)
+                        .await
                 }
                 _ => Err(Status::unimplemented(format!("no method {path}"))),
             };
