@@ -445,6 +445,14 @@ fn discovery_selectors_choose_the_namespaces_read() {
 
 /// The root certificate's SHA-256 fingerprint, as openssl prints it.
 fn fingerprint(dir: &std::path::Path, pem: &str) -> String {
+    fingerprint_of_pem(dir, pem).unwrap_or_else(|| panic!("not a certificate: {pem}"))
+}
+
+/// The fingerprint, if `pem` is a certificate.
+fn fingerprint_of_pem(dir: &std::path::Path, pem: &str) -> Option<String> {
+    if !pem.contains("BEGIN CERTIFICATE") {
+        return None;
+    }
     let path = dir.join("root-from-cluster.pem");
     std::fs::write(&path, pem).expect("write");
     let out = openssl(
@@ -458,7 +466,7 @@ fn fingerprint(dir: &std::path::Path, pem: &str) -> String {
             "-sha256",
         ],
     );
-    out.trim().rsplit('=').next().unwrap_or_default().to_string()
+    out.trim().rsplit('=').next().map(str::to_string)
 }
 
 fn secret_value(secret: &Value, key: &str) -> String {
@@ -593,4 +601,156 @@ fn token_review_decides_who_gets_a_certificate() {
         "{why}"
     );
     assert!(stolen.names(SECRETS).is_empty());
+}
+
+/// One rule of a Role or ClusterRole, flattened.
+struct Rule {
+    groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    names: Vec<String>,
+    /// `Some(ns)` for a Role's rules.
+    namespace: Option<String>,
+}
+
+fn rbac_rules() -> Vec<Rule> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+    use serde::Deserialize;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/rbac.yaml");
+    let flatten = |rules: Vec<PolicyRule>, namespace: Option<String>| -> Vec<Rule> {
+        rules
+            .into_iter()
+            .map(|r| Rule {
+                groups: r.api_groups.unwrap_or_default(),
+                resources: r.resources.unwrap_or_default(),
+                verbs: r.verbs,
+                names: r.resource_names.unwrap_or_default(),
+                namespace: namespace.clone(),
+            })
+            .collect()
+    };
+    let mut rules = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value = serde_json::to_value(serde_norway::Value::deserialize(doc).expect("YAML")).expect("JSON");
+        match value["kind"].as_str() {
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(value).expect("ClusterRole");
+                rules.extend(flatten(role.rules.unwrap_or_default(), None));
+            }
+            Some("Role") => {
+                let role: Role = serde_json::from_value(value).expect("Role");
+                rules.extend(flatten(role.rules.unwrap_or_default(), role.metadata.namespace));
+            }
+            _ => {}
+        }
+    }
+    rules
+}
+
+fn allows(rule: &Rule, r: &crate::common::apiserver::Request, verb: &str, resource: &str) -> bool {
+    rule.groups.contains(&r.group)
+        && rule.resources.iter().any(|x| x == resource)
+        && rule.verbs.iter().any(|x| x == verb)
+        && (rule.names.is_empty() || rule.names.contains(&r.name))
+        && rule.namespace.as_ref().is_none_or(|ns| *ns == r.namespace)
+}
+
+#[test]
+fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    // Everything that makes meshd ask for something: a gateway credential,
+    // a stale root ConfigMap, the webhook configuration and a token to
+    // review; then a second replica on a cluster that serves no
+    // EndpointSlices, lost its CA Secret and holds an expired Lease.
+    api.apply(BASE);
+    api.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio-ca-root-cert, namespace: default}\ndata: {root-cert.pem: stale}\n",
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    api.apply(&std::fs::read_to_string(root.join("deploy/webhook.yaml")).expect("webhook.yaml"));
+    api.token("good", Some("system:serviceaccount:default:sleep"), "sleep-1");
+
+    let asked_everything = |meshd: &Meshd| {
+        let claim = crate::common::ads::Claim {
+            node_id: "sidecar~10.0.0.5~sleep-1.default~default.svc.cluster.local",
+            namespace: "default",
+            service_account: "sleep",
+            labels: &[],
+            token: Some("good"),
+        };
+        let client = AdsClient::connect_as(meshd.xds_port, &claim, &[(SECRETS, &["default"])]);
+        let fingerprint = meshd.json("/debug/certz")["root"]["fingerprint_sha256"].clone();
+        eventually("everything meshd asks for has been asked", WAIT, || {
+            let published = api
+                .get("v1", "configmaps", "default", "istio-ca-root-cert")
+                .map(|cm| {
+                    fingerprint_of_pem(
+                        work.path(),
+                        cm["data"]["root-cert.pem"].as_str().unwrap_or_default(),
+                    )
+                });
+            let bundle = api
+                .get(
+                    "admissionregistration.k8s.io/v1",
+                    "mutatingwebhookconfigurations",
+                    "",
+                    "meshd-sidecar-injector",
+                )
+                .map(|w| w["webhooks"][1]["clientConfig"]["caBundle"].is_string());
+            let certificate = client.names(SECRETS).iter().any(|n| n == "default");
+            let watched = api
+                .requests()
+                .iter()
+                .any(|r| r.resource == "secrets" && r.verb == "watch");
+            match (published, bundle) {
+                (Some(Some(p)), Some(true))
+                    if Value::String(p.clone()) == fingerprint && certificate && watched =>
+                {
+                    Ok(())
+                }
+                other => Err(format!(
+                    "{other:?}, certificate {certificate}, secret watched {watched}"
+                )),
+            }
+        });
+    };
+    let first = Meshd::start_kube(&kc, work.path(), &[]);
+    first.wait_ready();
+    asked_everything(&first);
+
+    api.refuse("discovery.k8s.io", "endpointslices");
+    api.delete_unwatched("v1", "secrets", "istio-system", "istio-ca-secret");
+    api.apply(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: meshd-ca, namespace: istio-system}\n\
+         spec: {holderIdentity: gone-1, leaseDurationSeconds: 15, renewTime: '2020-01-01T00:00:00.000000Z'}\n",
+    );
+    let second = Meshd::start_kube(&kc, work.path(), &[]);
+    second.wait_ready();
+    asked_everything(&second);
+
+    let rules = rbac_rules();
+    let requests = api.requests();
+    for r in &requests {
+        assert!(
+            rules.iter().any(|rule| allows(rule, r, &r.verb, &r.resource)),
+            "deploy/rbac.yaml does not allow {r:?}"
+        );
+    }
+    for rule in &rules {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                assert!(
+                    requests.iter().any(|r| r.verb == *verb
+                        && r.resource == *resource
+                        && allows(rule, r, verb, resource)),
+                    "deploy/rbac.yaml grants {verb} {resource} ({:?}) that meshd never asks for",
+                    rule.groups
+                );
+            }
+        }
+    }
 }

@@ -22,7 +22,7 @@ impl Default for InjectOptions {
     fn default() -> Self {
         InjectOptions {
             proxy_image: "envoyproxy/envoy:v1.40.0".into(),
-            meshd_image: "meshd:latest".into(),
+            meshd_image: "meshd-init:latest".into(),
             xds_addr: "meshd.istio-system.svc:15012".into(),
         }
     }

@@ -127,8 +127,9 @@ enum Command {
         /// Stock Envoy image for the istio-proxy container.
         #[arg(long, default_value = "envoyproxy/envoy:v1.40.0")]
         proxy_image: String,
-        /// Image with the meshd binary, for the istio-init container.
-        #[arg(long, default_value = "meshd:latest")]
+        /// Image with the meshd binary, a shell and iptables, for the
+        /// istio-init container (the Dockerfile's `init` target).
+        #[arg(long, default_value = "meshd-init:latest")]
         meshd_image: String,
         /// meshd's TLS xDS address as pods reach it.
         #[arg(long, default_value = "meshd.istio-system.svc:15012")]

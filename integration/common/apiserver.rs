@@ -106,6 +106,8 @@ struct State {
     requests: Vec<Request>,
     /// Answers for TokenReview, by token.
     tokens: BTreeMap<String, Value>,
+    /// Collections this server does not serve (a CRD not installed).
+    refused: Vec<String>,
 }
 
 /// The running server. Dropping it stops it.
@@ -277,6 +279,16 @@ impl ApiServer {
             .expect("state")
             .tokens
             .insert(token.to_string(), status);
+    }
+
+    /// Stops serving a resource (`group/plural`, `""` for the core group),
+    /// as a cluster without that CRD or API: every request gets 404.
+    pub fn refuse(&self, group: &str, plural: &str) {
+        self.state
+            .lock()
+            .expect("state")
+            .refused
+            .push(format!("{group}/{plural}"));
     }
 
     /// The requests received so far.
@@ -483,6 +495,13 @@ fn handle(
         field_selector: q.get("fieldSelector").cloned().unwrap_or_default(),
     });
     let collection = target.collection();
+    if s.refused.contains(&collection) {
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({collection})"),
+        );
+    }
     let key = (target.namespace.clone(), target.name.clone());
     match verb {
         "list" => {

@@ -11,7 +11,9 @@
 //!
 //! The root certificate is then published to every namespace as the
 //! `istio-ca-root-cert` ConfigMap (key `root-cert.pem`), which Istio's
-//! proxies and meshd's injected sidecars mount to trust meshd.
+//! proxies and meshd's injected sidecars mount to trust meshd, and set as
+//! the caBundle of the injection webhook (whose serving certificate it
+//! signs), as istiod does.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -196,10 +198,40 @@ async fn lead(leases: &Api<Lease>, holder: &str) -> Result<bool, kube::Error> {
     }
 }
 
-/// Keeps `istio-ca-root-cert` in every namespace holding `root_pem`, for
-/// as long as the task runs: each namespace is seen when listed and when
-/// it is added.
+/// The injection webhook configuration `deploy/` installs; its caBundle
+/// is set to meshd's root, which signs the webhook's serving certificate.
+pub const WEBHOOK: &str = "meshd-sidecar-injector";
+
+/// Sets the caBundle of every webhook of the `meshd-sidecar-injector`
+/// configuration to `root_pem`, if that configuration exists.
+async fn trust_webhook(client: &Client, root_pem: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(mut config) = configs.get_opt(WEBHOOK).await? else {
+        return Ok(());
+    };
+    let bundle = ByteString(root_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for hook in config.webhooks.iter_mut().flatten() {
+        if hook.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            hook.client_config.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        configs.replace(WEBHOOK, &PostParams::default(), &config).await?;
+        tracing::info!("set the caBundle of MutatingWebhookConfiguration {WEBHOOK} to meshd's root");
+    }
+    Ok(())
+}
+
+/// Publishes the root for as long as the task runs: into the injection
+/// webhook's caBundle once, and as `istio-ca-root-cert` into every
+/// namespace, each seen when listed and when it is added.
 pub async fn publish_root(client: Client, root_pem: String) {
+    if let Err(e) = trust_webhook(&client, &root_pem).await {
+        tracing::warn!("MutatingWebhookConfiguration {WEBHOOK}: {e}");
+    }
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut seen = watcher::watcher(namespaces, watcher::Config::default())
         .default_backoff()
