@@ -603,6 +603,39 @@ fn token_review_decides_who_gets_a_certificate() {
     assert!(stolen.names(SECRETS).is_empty());
 }
 
+const GATEWAY_API: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\n\
+    metadata: {name: istio}\nspec: {controllerName: istio.io/gateway-controller}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
+    spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: default}\n\
+    spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n";
+
+/// One object of each Istio kind meshd reads (`spec` written inline).
+const ISTIO_OBJECTS: &[(&str, &str)] = &[
+    ("networking.istio.io/v1", "kind: Gateway\nmetadata: {name: s-gw, namespace: default}\n\
+      spec: {selector: {app: x}, servers: [{port: {number: 81, name: http, protocol: HTTP}, hosts: ['*']}]}\n"),
+    ("networking.istio.io/v1", "kind: VirtualService\nmetadata: {name: s-vs, namespace: default}\n\
+      spec: {hosts: [s.example.com], http: [{route: [{destination: {host: hello}}]}]}\n"),
+    ("networking.istio.io/v1", "kind: DestinationRule\nmetadata: {name: s-dr, namespace: default}\nspec: {host: hello}\n"),
+    ("networking.istio.io/v1", "kind: ServiceEntry\nmetadata: {name: s-se, namespace: default}\n\
+      spec: {hosts: [s.example.org], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}\n"),
+    ("networking.istio.io/v1", "kind: Sidecar\nmetadata: {name: s-sc, namespace: default}\nspec: {egress: [{hosts: ['./*']}]}\n"),
+    ("security.istio.io/v1", "kind: PeerAuthentication\nmetadata: {name: s-pa, namespace: default}\nspec: {mtls: {mode: PERMISSIVE}}\n"),
+];
+
+/// Every status meshd writes, as `group resource/status`.
+const STATUS_RESOURCES: &[&str] = &[
+    "gateway.networking.k8s.io gatewayclasses/status",
+    "gateway.networking.k8s.io gateways/status",
+    "gateway.networking.k8s.io httproutes/status",
+    "networking.istio.io gateways/status",
+    "networking.istio.io virtualservices/status",
+    "networking.istio.io destinationrules/status",
+    "networking.istio.io serviceentries/status",
+    "networking.istio.io sidecars/status",
+    "security.istio.io peerauthentications/status",
+];
+
 /// One rule of a Role or ClusterRole, flattened.
 struct Rule {
     groups: Vec<String>,
@@ -673,6 +706,16 @@ fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     api.apply(&std::fs::read_to_string(root.join("deploy/webhook.yaml")).expect("webhook.yaml"));
     api.token("good", Some("system:serviceaccount:default:sleep"), "sleep-1");
+    api.apply(GATEWAY_API);
+    // Each Istio kind, good; a bad version of each comes later, so that the
+    // analysis has something to write into its status.
+    let istio: Vec<String> = ISTIO_OBJECTS
+        .iter()
+        .map(|(api_version, body)| format!("apiVersion: {api_version}\n{body}"))
+        .collect();
+    for doc in &istio {
+        api.apply(doc);
+    }
 
     let asked_everything = |meshd: &Meshd| {
         let claim = crate::common::ads::Claim {
@@ -718,9 +761,29 @@ fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
             }
         });
     };
-    let first = Meshd::start_kube(&kc, work.path(), &[]);
+    let first = Meshd::start_kube(&kc, work.path(), &["--write-analysis-status"]);
     first.wait_ready();
     asked_everything(&first);
+    for doc in &istio {
+        api.apply(&doc.replace("spec: {", "spec: {bogus: 1, "));
+    }
+    eventually("every status written", WAIT, || {
+        let updated: Vec<String> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.verb == "update" && r.resource.ends_with("/status"))
+            .map(|r| format!("{} {}", r.group, r.resource))
+            .collect();
+        let missing: Vec<&str> = STATUS_RESOURCES
+            .iter()
+            .copied()
+            .filter(|want| !updated.iter().any(|u| u == want))
+            .collect();
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(format!("not written: {missing:?}")),
+        }
+    });
 
     api.refuse("discovery.k8s.io", "endpointslices");
     api.delete_unwatched("v1", "secrets", "istio-system", "istio-ca-secret");
@@ -728,7 +791,7 @@ fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: meshd-ca, namespace: istio-system}\n\
          spec: {holderIdentity: gone-1, leaseDurationSeconds: 15, renewTime: '2020-01-01T00:00:00.000000Z'}\n",
     );
-    let second = Meshd::start_kube(&kc, work.path(), &[]);
+    let second = Meshd::start_kube(&kc, work.path(), &["--write-analysis-status"]);
     second.wait_ready();
     asked_everything(&second);
 
@@ -753,4 +816,100 @@ fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
             }
         }
     }
+}
+
+#[test]
+fn statuses_are_written_back_to_the_cluster() {
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    api.apply(BASE);
+    api.apply(GATEWAY_API);
+    let vs = |gateways: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: shop, namespace: default}}\n\
+             spec: {{hosts: [shop.example.com], gateways: [{gateways}], http: [{{route: [{{destination: {{host: hello}}}}]}}]}}\n"
+        )
+    };
+    api.apply(&vs("nope"));
+    let meshd = Meshd::start_kube(&kc, work.path(), &["--write-analysis-status"]);
+    meshd.wait_ready();
+    let status = |api_version: &str, plural: &str, ns: &str, name: &str| {
+        api.get(api_version, plural, ns, name)
+            .map(|o| o["status"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let condition = |status: &Value, kind: &str| -> Option<(String, String)> {
+        status["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == kind)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["lastTransitionTime"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+    };
+    const GW: &str = "gateway.networking.k8s.io/v1";
+    eventually("Gateway API statuses", WAIT, || {
+        let class = status(GW, "gatewayclasses", "", "istio");
+        let gateway = status(GW, "gateways", "default", "web");
+        let route = status(GW, "httproutes", "default", "web");
+        let parent = &route["parents"][0];
+        let ok = condition(&class, "Accepted").is_some_and(|(s, t)| s == "True" && !t.is_empty())
+            && condition(&gateway, "Accepted").is_some_and(|(s, _)| s == "True")
+            && condition(&gateway, "Programmed").is_some_and(|(s, _)| s == "False")
+            && gateway["listeners"][0]["attachedRoutes"] == 1
+            && parent["controllerName"] == "istio.io/gateway-controller"
+            && condition(parent, "Accepted").is_some_and(|(s, _)| s == "True")
+            && condition(parent, "ResolvedRefs").is_some_and(|(s, _)| s == "True");
+        match ok {
+            true => Ok(()),
+            false => Err(format!("class {class}\ngateway {gateway}\nroute {route}")),
+        }
+    });
+    let messages = || {
+        status("networking.istio.io/v1", "virtualservices", "default", "shop")["validationMessages"].clone()
+    };
+    eventually("the analysis in the VirtualService's status", WAIT, || {
+        let m = messages();
+        match m[0]["type"]["code"] == "IST0101" && m[0]["level"] == "ERROR" {
+            true => Ok(()),
+            false => Err(m.to_string()),
+        }
+    });
+    assert_eq!(
+        messages()[0]["documentationUrl"],
+        "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+    );
+    // Fixed, the message goes.
+    api.apply(&vs("istio-system/gw"));
+    eventually("the analysis cleared", WAIT, || match messages() {
+        Value::Array(m) if m.is_empty() => Ok(()),
+        other => Err(other.to_string()),
+    });
+
+    // A proxy of the Gateway connects: it is Programmed, and Accepted keeps
+    // the time it became so.
+    let accepted_at = condition(&status(GW, "gateways", "default", "web"), "Accepted");
+    let _proxy = AdsClient::connect(
+        meshd.xds_port,
+        "router~10.0.0.7~web-1.default~default.svc.cluster.local",
+        "default",
+        &[("gateway.networking.k8s.io/gateway-name", "web")],
+        &[(LISTENERS, &[])],
+    );
+    eventually("the Gateway programmed", WAIT, || {
+        let gateway = status(GW, "gateways", "default", "web");
+        match condition(&gateway, "Programmed") {
+            Some((s, _)) if s == "True" => Ok(()),
+            _ => Err(gateway.to_string()),
+        }
+    });
+    assert_eq!(
+        condition(&status(GW, "gateways", "default", "web"), "Accepted"),
+        accepted_at
+    );
 }

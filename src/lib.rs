@@ -12,7 +12,8 @@
 //! `debug` reads config, model, cache and stream state and never writes
 //! them; `analyze` runs Istio's analyzers over a config snapshot;
 //! `bootstrap` writes the Envoy bootstrap that points a proxy at meshd;
-//! `serve` wires the stages together for `meshd serve`.
+//! `serve` wires the stages together for `meshd serve`; `status` writes
+//! meshd's conclusions back to the cluster's resources.
 
 pub mod analyze;
 pub mod bootstrap;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod process;
 pub mod serve;
 pub mod source;
+pub mod status;
 pub mod translate;
 pub mod webhook;
 pub mod xds;

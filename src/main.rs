@@ -190,6 +190,11 @@ struct ServeArgs {
     /// values: [prod]}]}`.
     #[arg(long = "discovery-selector", value_parser = meshd::source::parse_selector, requires = "kube")]
     discovery_selectors: Vec<kube::core::Selector>,
+    /// With --kube, write what the analyzers find into the status of Istio
+    /// resources (`status.validationMessages`), as istiod does with
+    /// PILOT_ENABLE_ANALYSIS. Gateway API status is always written.
+    #[arg(long, requires = "kube")]
+    write_analysis_status: bool,
     /// gRPC ADS listen address (plain text, for development and closed networks).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds_addr: SocketAddr,
@@ -421,6 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config_dir: a.config_dir,
                 kube: a.kube,
                 discovery_selectors: a.discovery_selectors,
+                write_analysis_status: a.write_analysis_status,
                 xds_addr: a.xds_addr,
                 xds_tls_addr: a.xds_tls_addr,
                 xds_dns_names: a.xds_dns_names,

@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub kube: bool,
     /// Namespaces read from the cluster (all when empty).
     pub discovery_selectors: Vec<kube::core::Selector>,
+    /// With `kube`: write analysis findings into Istio resources'
+    /// `status.validationMessages`.
+    pub write_analysis_status: bool,
     pub xds_addr: SocketAddr,
     pub debug_addr: SocketAddr,
     /// TLS xDS and CA address (like istiod's 15012): callers authenticate.
@@ -263,7 +266,7 @@ pub async fn run(
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     let mut kube_sync = None;
-    match (&opts.config_dir, client) {
+    match (&opts.config_dir, client.clone()) {
         (Some(dir), _) => source::watch_dir(dir.clone(), ConfigStore::default(), config_tx, opts.debounce)?,
         (None, Some(client)) => {
             let kube_opts = source::KubeOptions {
@@ -292,6 +295,15 @@ pub async fn run(
     let updater = cache.clone();
     let analyzer = Analyzer::default();
     analyzer.run(cache.push_context());
+    let (pushed_tx, pushed_rx) = watch::channel(cache.push_context());
+    if let (Some(client), Some(_)) = (client, &kube_sync) {
+        tokio::spawn(crate::status::write_statuses(
+            client,
+            pushed_rx,
+            registry.clone(),
+            opts.write_analysis_status,
+        ));
+    }
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let config = config_rx.borrow_and_update().clone();
@@ -300,7 +312,8 @@ pub async fn run(
             let push = Arc::new(PushContext::new(config));
             updater.update(push.clone());
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
-            analyzer.run(push);
+            analyzer.run(push.clone());
+            pushed_tx.send_replace(push);
         }
     });
 

@@ -197,12 +197,17 @@ impl ApiServer {
         let rv = s.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = (target.namespace.clone(), target.name.clone());
-        let existed = s
-            .objects
-            .entry(target.collection())
-            .or_default()
-            .insert(key, object.clone())
-            .is_some();
+        let objects = s.objects.entry(target.collection()).or_default();
+        // A write to the resource itself leaves its status alone, as the
+        // API server does for kinds with a status subresource.
+        if let Some(status) = objects
+            .get(&key)
+            .map(|o| o["status"].clone())
+            .filter(|s| !s.is_null())
+        {
+            object["status"] = status;
+        }
+        let existed = objects.insert(key, object.clone()).is_some();
         if tell {
             let kind = if existed { "MODIFIED" } else { "ADDED" };
             record(&mut s, &self.changes, target.collection(), kind, object);
@@ -695,6 +700,8 @@ fn handle(
                 let mut merged = current.clone();
                 merged["status"] = object["status"].clone();
                 object = merged;
+            } else if !current["status"].is_null() {
+                object["status"] = current["status"].clone();
             }
             s.rv += 1;
             object["metadata"]["resourceVersion"] = json!(s.rv.to_string());

@@ -42,7 +42,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
 use crate::config::Resource;
-use crate::model::gateway_api::GATEWAY_NAME_LABEL;
 use crate::model::gateway_status;
 use crate::xds::status::{ConnectionStatus, TypeStatus};
 use crate::xds::{Registry, SnapshotCache, XdsType};
@@ -499,19 +498,7 @@ async fn configz(State(s): State<DebugState>) -> Json<Value> {
                 "line": entry.origin.line,
                 "resource": redacted(&entry.resource),
             });
-            let status = match &*entry.resource {
-                Resource::HttpRoute(hr) => Some(gateway_status::route_status(&config, hr)),
-                Resource::K8sGateway(gw) => {
-                    let connected = proxies.iter().any(|p| {
-                        p.namespace == gw.namespace()
-                            && p.labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(gw.name())
-                    });
-                    gateway_status::gateway_status(&config, gw, connected)
-                }
-                Resource::GatewayClass(class) => gateway_status::class_status(class),
-                _ => None,
-            };
-            if let Some(status) = status {
+            if let Some(status) = gateway_status::status_of(&config, &entry.resource, &proxies) {
                 v["status"] = status;
             }
             v

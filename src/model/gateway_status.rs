@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::gateway_api::{attached_listeners, gateways, parent_gateway, served_classes, CONTROLLER_NAME};
 use crate::config::gateway_api::{Listener, ParentRef};
-use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, ResourceKey};
+use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource, ResourceKey};
 
 fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
     json!({
@@ -19,6 +19,27 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
         "message": message,
         "observedGeneration": generation.unwrap_or(0),
     })
+}
+
+/// The Gateway API status meshd gives a resource, if it is a Gateway API
+/// resource meshd handles. A Gateway is `Programmed` while one of its
+/// proxies (labelled with its name, in its namespace) is connected.
+pub fn status_of(config: &ConfigSnapshot, resource: &Resource, connected: &[super::Proxy]) -> Option<Value> {
+    match resource {
+        Resource::HttpRoute(hr) => Some(route_status(config, hr)),
+        Resource::K8sGateway(gw) => {
+            let programmed = connected.iter().any(|p| {
+                p.namespace == gw.namespace()
+                    && p.labels
+                        .get(super::gateway_api::GATEWAY_NAME_LABEL)
+                        .map(String::as_str)
+                        == Some(gw.name())
+            });
+            gateway_status(config, gw, programmed)
+        }
+        Resource::GatewayClass(class) => class_status(class),
+        _ => None,
+    }
 }
 
 /// A GatewayClass's status, when it names meshd's (Istio's) controller.

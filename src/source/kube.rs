@@ -173,6 +173,15 @@ impl Watched {
     }
 }
 
+/// Where a kind meshd reads lives in the API (the version meshd reads).
+pub fn api_resource(kind: Kind) -> Option<ApiResource> {
+    WATCHED
+        .iter()
+        .chain([&ENDPOINTS, &SECRETS])
+        .find(|w| w.config == kind)
+        .map(Watched::resource)
+}
+
 /// `meshd serve --kube` settings.
 #[derive(Debug, Clone, Default)]
 pub struct KubeOptions {

@@ -10,7 +10,7 @@ mod file;
 mod kube;
 
 pub use file::{load_dir, load_dir_named, watch_dir, Debounce};
-pub use kube::{parse_selector, watch_cluster, KubeOptions, KubeSync, WatchStatus};
+pub use kube::{api_resource, parse_selector, watch_cluster, KubeOptions, KubeSync, WatchStatus};
 
 use std::sync::Arc;
 

@@ -1,0 +1,264 @@
+//! Writes what meshd concluded back to the cluster (`meshd serve --kube`),
+//! through each resource's `status` subresource:
+//!
+//! - Gateway API resources get the conditions the Gateway API asks of a
+//!   controller (GatewayClass `Accepted`; Gateway `Accepted`/`Programmed`
+//!   and per listener; HTTPRoute per parent), always;
+//! - Istio resources get the analyzers' findings as
+//!   `status.validationMessages` (Istio's shape: `type.code`, `level`,
+//!   `documentationUrl`), when `--write-analysis-status` asks for it, as
+//!   istiod does with `PILOT_ENABLE_ANALYSIS`.
+//!
+//! A status is written only when it differs from the one the resource
+//! carries, and a condition keeps its `lastTransitionTime` while its status
+//! stays the same, so replicas writing the same conclusions agree at once
+//! and a write never triggers another.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::Client;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::analyze::{Finding, Level};
+use crate::config::{Kind, Resource, ResourceKey};
+use crate::model::gateway_status::status_of;
+use crate::model::PushContext;
+use crate::xds::Registry;
+
+/// How often statuses are looked at again without a config change (a
+/// Gateway's proxy connecting makes it `Programmed`).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// The Istio kinds that carry analysis messages.
+const ISTIO_KINDS: &[Kind] = &[
+    Kind::Gateway,
+    Kind::VirtualService,
+    Kind::DestinationRule,
+    Kind::ServiceEntry,
+    Kind::Sidecar,
+    Kind::PeerAuthentication,
+];
+
+/// Keeps the cluster's statuses in line with each pushed generation, for
+/// as long as `pushes` has a sender.
+pub async fn write_statuses(
+    client: Client,
+    mut pushes: watch::Receiver<Arc<PushContext>>,
+    registry: Arc<Registry>,
+    analysis: bool,
+) {
+    let mut tick = tokio::time::interval(RECHECK);
+    // What was last written, by resource: a resource whose new version was
+    // rejected keeps its last good version (and that version's status) in
+    // the config, and must not be written to again and again.
+    let mut written: BTreeMap<ResourceKey, Value> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            changed = pushes.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let push = pushes.borrow_and_update().clone();
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        for (key, resource, status) in desired(&push, &registry, analysis) {
+            let current = current_status(&resource);
+            let status = keep_transition_times(status, &current, &now);
+            if status == current || written.get(&key) == Some(&status) {
+                continue;
+            }
+            match write(&client, &key, status.clone()).await {
+                Ok(()) => {
+                    written.insert(key, status);
+                }
+                Err(e) => tracing::warn!("writing the status of {key}: {e}"),
+            }
+        }
+        written.retain(|key, _| push.config.resources.contains_key(key));
+    }
+}
+
+/// Every status meshd means to write: (resource, its current object, status).
+fn desired(
+    push: &PushContext,
+    registry: &Registry,
+    analysis: bool,
+) -> Vec<(ResourceKey, Arc<Resource>, Value)> {
+    let config = &*push.config;
+    let proxies: Vec<crate::model::Proxy> = registry.list().into_iter().map(|c| c.proxy).collect();
+    let mut out = Vec::new();
+    for (key, entry) in &config.resources {
+        if let Some(status) = status_of(config, &entry.resource, &proxies) {
+            out.push((key.clone(), entry.resource.clone(), status));
+        }
+    }
+    if analysis {
+        let mut findings: BTreeMap<String, Vec<Finding>> = BTreeMap::new();
+        for f in crate::analyze::analyze_push(push) {
+            findings.entry(f.resource.clone()).or_default().push(f);
+        }
+        for (key, entry) in config
+            .resources
+            .iter()
+            .filter(|(k, _)| ISTIO_KINDS.contains(&k.kind))
+        {
+            let messages: Vec<Value> = findings
+                .get(&key.to_string())
+                .into_iter()
+                .flatten()
+                .map(validation_message)
+                .collect();
+            let mut status = current_status(&entry.resource);
+            let had = status.get("validationMessages").is_some();
+            if messages.is_empty() && !had {
+                continue;
+            }
+            if !status.is_object() {
+                status = json!({});
+            }
+            status["validationMessages"] = Value::Array(messages);
+            out.push((key.clone(), entry.resource.clone(), status));
+        }
+    }
+    out
+}
+
+/// A finding as Istio writes it into `status.validationMessages`.
+fn validation_message(f: &Finding) -> Value {
+    let level = match f.level {
+        Level::Error => "ERROR",
+        Level::Warning => "WARNING",
+        Level::Info => "INFO",
+    };
+    let mut message = json!({"type": {"code": f.code}, "level": level});
+    // Istio documents its own codes; meshd's (MSH) are in its README.
+    if f.code.starts_with("IST") {
+        message["documentationUrl"] = json!(format!(
+            "https://istio.io/latest/docs/reference/config/analysis/{}/",
+            f.code.to_lowercase()
+        ));
+    }
+    message
+}
+
+/// The status the resource carries now (`null` when none).
+fn current_status(resource: &Resource) -> Value {
+    let status = match resource {
+        Resource::Gateway(r) => &r.status,
+        Resource::VirtualService(r) => &r.status,
+        Resource::DestinationRule(r) => &r.status,
+        Resource::ServiceEntry(r) => &r.status,
+        Resource::Sidecar(r) => &r.status,
+        Resource::PeerAuthentication(r) => &r.status,
+        Resource::GatewayClass(r) => &r.status,
+        Resource::K8sGateway(r) => &r.status,
+        Resource::HttpRoute(r) => &r.status,
+        _ => &None,
+    };
+    status.clone().unwrap_or(Value::Null)
+}
+
+/// Gives every condition in `status` a `lastTransitionTime`: the one the
+/// same condition has in `current` when its status did not change, else
+/// `now`.
+fn keep_transition_times(mut status: Value, current: &Value, now: &str) -> Value {
+    fn walk(v: &mut Value, current: &Value, now: &str) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::Array(conditions)) = map.get_mut("conditions") {
+                    let before = current.get("conditions").and_then(Value::as_array);
+                    for c in conditions.iter_mut() {
+                        let same = before.and_then(|b| {
+                            b.iter()
+                                .find(|o| o["type"] == c["type"] && o["status"] == c["status"])
+                        });
+                        let time = same
+                            .and_then(|o| o.get("lastTransitionTime"))
+                            .cloned()
+                            .unwrap_or_else(|| json!(now));
+                        c["lastTransitionTime"] = time;
+                    }
+                }
+                for (k, child) in map.iter_mut().filter(|(k, _)| k.as_str() != "conditions") {
+                    walk(child, current.get(k).unwrap_or(&Value::Null), now);
+                }
+            }
+            Value::Array(items) => {
+                // Listeners and parents: matched by position, as written.
+                for (i, item) in items.iter_mut().enumerate() {
+                    walk(item, current.get(i).unwrap_or(&Value::Null), now);
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(&mut status, current, now);
+    status
+}
+
+async fn write(client: &Client, key: &ResourceKey, status: Value) -> Result<(), String> {
+    let resource = crate::source::api_resource(key.kind).ok_or("not a kind meshd writes")?;
+    let api: Api<DynamicObject> = match key.namespace.as_str() {
+        "" => Api::all_with(client.clone(), &resource),
+        ns => Api::namespaced_with(client.clone(), ns, &resource),
+    };
+    let mut metadata = json!({"name": key.name});
+    if !key.namespace.is_empty() {
+        metadata["namespace"] = json!(key.namespace);
+    }
+    let body = json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": metadata,
+        "status": status,
+    });
+    let object: DynamicObject = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    api.replace_status(&key.name, &PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let current = json!({"conditions": [
+            {"type": "Accepted", "status": "True", "lastTransitionTime": "T0"},
+            {"type": "Programmed", "status": "False", "lastTransitionTime": "T0"}],
+            "listeners": [{"name": "http", "conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "T0"}]}]});
+        let next = json!({"conditions": [
+            {"type": "Accepted", "status": "True"},
+            {"type": "Programmed", "status": "True"}],
+            "listeners": [{"name": "http", "conditions": [{"type": "Accepted", "status": "True"}]}]});
+        let out = keep_transition_times(next, &current, "T1");
+        assert_eq!(out["conditions"][0]["lastTransitionTime"], "T0");
+        assert_eq!(out["conditions"][1]["lastTransitionTime"], "T1");
+        assert_eq!(out["listeners"][0]["conditions"][0]["lastTransitionTime"], "T0");
+        // Written once, the same conclusions compare equal next time.
+        let again = keep_transition_times(strip_times(out.clone()), &out, "T2");
+        assert_eq!(again, out);
+    }
+
+    fn strip_times(mut v: Value) -> Value {
+        match &mut v {
+            Value::Object(m) => {
+                m.remove("lastTransitionTime");
+                for child in m.values_mut() {
+                    *child = strip_times(child.take());
+                }
+            }
+            Value::Array(a) => {
+                for child in a.iter_mut() {
+                    *child = strip_times(child.take());
+                }
+            }
+            _ => {}
+        }
+        v
+    }
+}
