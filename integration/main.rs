@@ -1,6 +1,7 @@
 //! Integration tests: real meshd, real stock Envoy, real HTTP backends and
 //! real curl, on loopback only.
 
+mod authz;
 mod ca;
 mod common;
 mod goldens;

@@ -344,6 +344,33 @@ impl Envoy {
     }
 }
 
+/// Serves the router `app(port)` makes on a loopback `ip`, on its own
+/// thread and runtime, until the returned sender is dropped.
+pub fn serve_http(
+    ip: &str,
+    app: impl FnOnce(u16) -> axum::Router + Send + 'static,
+) -> (u16, tokio::sync::oneshot::Sender<()>) {
+    let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = axum::serve(listener, app(port))
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+    });
+    (port, tx)
+}
+
 /// A real HTTP backend answering like the seed's hello-app, on its own
 /// thread and runtime.
 pub struct Backend {
@@ -367,38 +394,22 @@ impl Backend {
         let counter = hits.clone();
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let down = failing.clone();
-        let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind backend");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let port = listener.local_addr().expect("addr").port();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let app = axum::Router::new().fallback(move || {
-                    let n = counter.fetch_add(1, Ordering::SeqCst);
-                    let down = down.load(Ordering::SeqCst);
-                    async move {
-                        let status = if down || (flaky && n % 2 == 0) {
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE
-                        } else {
-                            axum::http::StatusCode::OK
-                        };
-                        (
-                            status,
-                            format!("Hello, world!\nVersion: {version}\nHostname: backend-{port}\n"),
-                        )
-                    }
-                });
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    })
-                    .await;
-            });
+        let (port, tx) = serve_http(ip, move |port| {
+            axum::Router::new().fallback(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let down = down.load(Ordering::SeqCst);
+                async move {
+                    let status = if down || (flaky && n % 2 == 0) {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::OK
+                    };
+                    (
+                        status,
+                        format!("Hello, world!\nVersion: {version}\nHostname: backend-{port}\n"),
+                    )
+                }
+            })
         });
         Backend {
             port,

@@ -12,6 +12,7 @@ pub mod gateway_api;
 pub mod ingress;
 pub mod istio;
 mod parse;
+pub mod security;
 mod store;
 mod validate;
 
@@ -45,6 +46,8 @@ pub enum Kind {
     ServiceEntry,
     Sidecar,
     PeerAuthentication,
+    RequestAuthentication,
+    AuthorizationPolicy,
     Ingress,
     IngressClass,
     GatewayClass,
@@ -70,6 +73,8 @@ impl Kind {
             ("networking.istio.io", "ServiceEntry") => Some(Kind::ServiceEntry),
             ("networking.istio.io", "Sidecar") => Some(Kind::Sidecar),
             ("security.istio.io", "PeerAuthentication") => Some(Kind::PeerAuthentication),
+            ("security.istio.io", "RequestAuthentication") => Some(Kind::RequestAuthentication),
+            ("security.istio.io", "AuthorizationPolicy") => Some(Kind::AuthorizationPolicy),
             ("networking.k8s.io" | "extensions", "Ingress") => Some(Kind::Ingress),
             ("networking.k8s.io", "IngressClass") => Some(Kind::IngressClass),
             ("gateway.networking.k8s.io", "GatewayClass") => Some(Kind::GatewayClass),
@@ -159,6 +164,10 @@ pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
 pub type Sidecar = IstioObject<istio::SidecarSpec>;
 /// A PeerAuthentication resource.
 pub type PeerAuthentication = IstioObject<istio::PeerAuthenticationSpec>;
+/// A RequestAuthentication resource.
+pub type RequestAuthentication = IstioObject<security::RequestAuthenticationSpec>;
+/// An AuthorizationPolicy resource.
+pub type AuthorizationPolicy = IstioObject<security::AuthorizationPolicySpec>;
 
 /// One resource of a kind meshd reads.
 // Resources live behind `Arc` in the store, so the variants' size spread
@@ -180,6 +189,8 @@ pub enum Resource {
     ServiceEntry(ServiceEntry),
     Sidecar(Sidecar),
     PeerAuthentication(PeerAuthentication),
+    RequestAuthentication(RequestAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
     Ingress(ingress::Ingress),
     IngressClass(ingress::IngressClass),
     GatewayClass(GatewayClass),
@@ -204,6 +215,8 @@ impl Resource {
             Resource::ServiceEntry(r) => &r.metadata,
             Resource::Sidecar(r) => &r.metadata,
             Resource::PeerAuthentication(r) => &r.metadata,
+            Resource::RequestAuthentication(r) => &r.metadata,
+            Resource::AuthorizationPolicy(r) => &r.metadata,
             Resource::Ingress(r) => &r.metadata,
             Resource::IngressClass(r) => &r.metadata,
             Resource::GatewayClass(r) => &r.metadata,
@@ -228,6 +241,8 @@ impl Resource {
             Resource::ServiceEntry(_) => Kind::ServiceEntry,
             Resource::Sidecar(_) => Kind::Sidecar,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::Ingress(_) => Kind::Ingress,
             Resource::IngressClass(_) => Kind::IngressClass,
             Resource::GatewayClass(_) => Kind::GatewayClass,

@@ -230,6 +230,8 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::ServiceEntry => Resource::ServiceEntry(typed(value)?),
         Kind::Sidecar => Resource::Sidecar(typed(value)?),
         Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
+        Kind::RequestAuthentication => Resource::RequestAuthentication(typed(value)?),
+        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(value)?),
         Kind::Ingress => Resource::Ingress(typed(value)?),
         Kind::IngressClass => Resource::IngressClass(typed(value)?),
         Kind::GatewayClass => Resource::GatewayClass(typed(value)?),

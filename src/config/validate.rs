@@ -27,6 +27,8 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
         Resource::DestinationRule(dr) => destination_rule(&dr.spec),
         Resource::ServiceEntry(se) => service_entry(&se.spec),
         Resource::Sidecar(sc) => sidecar(&sc.spec),
+        Resource::RequestAuthentication(ra) => request_authentication(&ra.spec),
+        Resource::AuthorizationPolicy(ap) => authorization_policy(&ap.spec),
         _ => Ok(()),
     };
     result.err()
@@ -431,6 +433,116 @@ fn peer_authentication(spec: &PeerAuthenticationSpec) -> Checked {
             );
         }
         mode_ok(format!("spec.portLevelMtls.{port}.mode"), m)?;
+    }
+    Ok(())
+}
+
+fn request_authentication(spec: &crate::config::security::RequestAuthenticationSpec) -> Checked {
+    for (i, rule) in spec.jwt_rules.iter().enumerate() {
+        let at = |f: &str| format!("spec.jwtRules[{i}].{f}");
+        if rule.issuer.is_empty() {
+            return fail(at("issuer"), "is required");
+        }
+        if rule.jwks.is_some() && rule.jwks_uri.is_some() {
+            return fail(at("jwks"), "give jwks or jwksUri, not both");
+        }
+        if let Some(jwks) = &rule.jwks {
+            let keys = serde_json::from_str::<serde_json::Value>(jwks)
+                .ok()
+                .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
+            if keys.is_none() {
+                return fail(at("jwks"), "not a JSON Web Key Set (a JSON object with `keys`)");
+            }
+        }
+        if let Some(uri) = &rule.jwks_uri {
+            if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                return fail(
+                    at("jwksUri"),
+                    format!("{uri:?} is not an http:// or https:// URI"),
+                );
+            }
+        }
+        if let Some(t) = &rule.timeout {
+            if crate::config::parse_duration(t).is_none() {
+                return fail(at("timeout"), format!("{t:?} is not a duration"));
+            }
+        }
+        for (j, h) in rule.from_headers.iter().enumerate() {
+            if h.name.is_empty() {
+                return fail(at(&format!("fromHeaders[{j}].name")), "is required");
+            }
+        }
+        for (j, c) in rule.output_claim_to_headers.iter().enumerate() {
+            if c.header.is_empty() || c.claim.is_empty() {
+                return fail(
+                    at(&format!("outputClaimToHeaders[{j}]")),
+                    "header and claim are required",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+const AUTHZ_ACTIONS: &[&str] = &["ALLOW", "DENY", "AUDIT", "CUSTOM"];
+
+fn authorization_policy(spec: &crate::config::security::AuthorizationPolicySpec) -> Checked {
+    let action = spec.action();
+    if !AUTHZ_ACTIONS.contains(&action.as_str()) {
+        return fail(
+            "spec.action",
+            format!(
+                "unknown action {action:?}; expected one of {}",
+                AUTHZ_ACTIONS.join(", ")
+            ),
+        );
+    }
+    if action == "CUSTOM" && spec.provider.is_none() {
+        return fail("spec.provider", "a CUSTOM policy names its provider");
+    }
+    if action != "CUSTOM" && spec.provider.is_some() {
+        return fail("spec.provider", "only a CUSTOM policy has a provider");
+    }
+    if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
+        return fail("spec.targetRefs", "give a selector or targetRefs, not both");
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, to) in rule.to.iter().enumerate() {
+            let Some(op) = &to.operation else { continue };
+            for (k, p) in op.ports.iter().chain(&op.not_ports).enumerate() {
+                if !p.parse::<u16>().is_ok_and(|n| n > 0) {
+                    return fail(
+                        format!("spec.rules[{i}].to[{j}].operation.ports[{k}]"),
+                        format!("{p:?} is not a port number"),
+                    );
+                }
+            }
+        }
+        for (j, c) in rule.when.iter().enumerate() {
+            if c.key.is_empty() {
+                return fail(format!("spec.rules[{i}].when[{j}].key"), "is required");
+            }
+            if c.values.is_empty() && c.not_values.is_empty() {
+                return fail(format!("spec.rules[{i}].when[{j}]"), "needs values or notValues");
+            }
+        }
+        for (j, from) in rule.from.iter().enumerate() {
+            let Some(src) = &from.source else { continue };
+            let blocks = src
+                .ip_blocks
+                .iter()
+                .chain(&src.not_ip_blocks)
+                .chain(&src.remote_ip_blocks)
+                .chain(&src.not_remote_ip_blocks);
+            for b in blocks {
+                if crate::config::security::cidr(b).is_none() {
+                    return fail(
+                        format!("spec.rules[{i}].from[{j}].source"),
+                        format!("{b:?} is not an IP address or CIDR block"),
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod gateway_status;
 pub mod ingress;
 pub mod peer_auth;
 mod proxy;
+pub mod request_policy;
 mod service;
 pub mod sidecar_scope;
 
@@ -52,6 +53,10 @@ pub struct PushContext {
     pub credentials: Credentials,
     /// Every PeerAuthentication.
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// Every RequestAuthentication, oldest first.
+    pub request_authentications: Vec<Arc<crate::config::RequestAuthentication>>,
+    /// Every AuthorizationPolicy, oldest first.
+    pub authorization_policies: Vec<Arc<crate::config::AuthorizationPolicy>>,
     /// Every DestinationRule, oldest first.
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Indexes into `destination_rules` by resolved host; wildcard hosts
@@ -115,6 +120,8 @@ impl PushContext {
         let services = service::build(&config, &pods, &pods_by_name);
         let mut secrets = Vec::new();
         let mut peer_authentications = Vec::new();
+        let mut request_authentications = Vec::new();
+        let mut authorization_policies = Vec::new();
         let mut destination_rules = Vec::new();
         let mut gateways = BTreeMap::new();
         let mut virtual_services: Vec<Arc<VirtualService>> = Vec::new();
@@ -138,6 +145,8 @@ impl PushContext {
                 Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
                 Resource::Secret(secret) => secrets.push(Arc::new(secret.clone())),
                 Resource::PeerAuthentication(pa) => peer_authentications.push(Arc::new(pa.clone())),
+                Resource::RequestAuthentication(ra) => request_authentications.push(Arc::new(ra.clone())),
+                Resource::AuthorizationPolicy(ap) => authorization_policies.push(Arc::new(ap.clone())),
                 Resource::DestinationRule(dr) => destination_rules.push(Arc::new(dr.clone())),
                 _ => {}
             }
@@ -152,6 +161,8 @@ impl PushContext {
             namespaces,
             credentials: Credentials::new(secrets, now),
             peer_authentications,
+            request_authentications: oldest_first(request_authentications),
+            authorization_policies: oldest_first(authorization_policies),
             destination_rules: oldest_first(destination_rules),
             destination_rules_by_host: std::collections::HashMap::new(),
             pods,
@@ -309,6 +320,18 @@ fn sidecar_label_keys(push: &PushContext) -> BTreeSet<String> {
                     .flat_map(|w| w.labels.keys().cloned()),
             );
         }
+    }
+    let request_policies = push
+        .request_authentications
+        .iter()
+        .filter_map(|ra| ra.spec.selector.as_ref())
+        .chain(
+            push.authorization_policies
+                .iter()
+                .filter_map(|ap| ap.spec.selector.as_ref()),
+        );
+    for selector in request_policies {
+        keys.extend(selector.match_labels.keys().cloned());
     }
     for pa in &push.peer_authentications {
         keys.extend(

@@ -101,6 +101,7 @@ fn server_kind(server: &Server) -> Result<ServerKind, String> {
 
 /// Adds the proxy's gateway listeners, route configurations and Secrets.
 pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
+    let policy = super::security::http_filters(push, &proxy.namespace, &proxy.labels, out);
     let mut by_bind_port: BTreeMap<u16, Vec<BoundServer<'_>>> = BTreeMap::new();
     for gateway in push.gateways_for(proxy) {
         for (index, server) in gateway.spec.servers.iter().enumerate() {
@@ -145,6 +146,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                     &format!("outbound_0.0.0.0_{bind}"),
                     rds(&route_name),
                     true,
+                    &policy,
                 )],
                 ..Default::default()
             };
@@ -193,6 +195,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                             &format!("outbound_0.0.0.0_{bind}"),
                             rds(&route_name),
                             true,
+                            &policy,
                         )],
                         transport_socket: Some(socket),
                         ..Default::default()

@@ -14,6 +14,7 @@ pub use gateway::{intersect as gateway_host_intersect, resolve_gateway_ref};
 mod policy;
 mod route;
 mod route_policy;
+mod security;
 mod sidecar;
 pub mod simulate;
 mod tls;
@@ -159,38 +160,48 @@ fn ads() -> ConfigSource {
     }
 }
 
-/// An HTTP connection manager with the router filter. `edge`: trust the
-/// peer address rather than X-Forwarded-For (gateways).
+/// An HTTP connection manager with the router filter, after `policy` (the
+/// request policies' filters, which run first). `edge`: trust the peer
+/// address rather than X-Forwarded-For (gateways).
 fn http_connection_manager(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
     edge: bool,
+    policy: &[HttpFilter],
 ) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(routes),
-        http_filters: vec![
-            // Acts only on routes that carry a fault (typed_per_filter_config).
-            HttpFilter {
-                name: route_policy::FAULT_FILTER.into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    HttpFault::default(),
-                ))),
-                ..Default::default()
-            },
-            HttpFilter {
-                name: "envoy.filters.http.cors".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
-                ..Default::default()
-            },
-            HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
-                ..Default::default()
-            },
-        ],
+        http_filters: policy
+            .iter()
+            .cloned()
+            .chain([
+                // Acts only on routes that carry a fault (typed_per_filter_config).
+                HttpFilter {
+                    name: route_policy::FAULT_FILTER.into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                        HttpFault::default(),
+                    ))),
+                    ..Default::default()
+                },
+                HttpFilter {
+                    name: "envoy.filters.http.cors".into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
+                    ..Default::default()
+                },
+                HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+                    ..Default::default()
+                },
+            ])
+            .collect(),
         use_remote_address: edge.then_some(BoolValue { value: true }),
+        local_reply_config: policy
+            .iter()
+            .any(|f| f.name == security::JWT_FILTER)
+            .then(security::local_reply),
         server_name: "istio-envoy".into(),
         ..Default::default()
     };

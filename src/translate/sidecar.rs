@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
@@ -127,7 +128,14 @@ fn all_to(name: &str, cluster: &str) -> RouteConfiguration {
 }
 
 /// One inbound chain: for a port (or every other port) and a transport.
-fn inbound_chain(port: Option<u16>, transport: &str, http: bool, cluster: &str, mtls: bool) -> FilterChain {
+fn inbound_chain(
+    port: Option<u16>,
+    transport: &str,
+    http: bool,
+    cluster: &str,
+    mtls: bool,
+    policy: &[HttpFilter],
+) -> FilterChain {
     let stat = format!(
         "inbound_0.0.0.0_{}",
         port.map_or("passthrough".to_string(), |p| p.to_string())
@@ -137,6 +145,7 @@ fn inbound_chain(port: Option<u16>, transport: &str, http: bool, cluster: &str, 
             &stat,
             RouteSpecifier::RouteConfig(all_to(cluster, cluster)),
             false,
+            policy,
         )
     } else {
         tcp_proxy(&stat, cluster)
@@ -163,15 +172,14 @@ fn chains_for(
     identity: bool,
     http: bool,
     cluster: &str,
+    policy: &[HttpFilter],
 ) -> Vec<FilterChain> {
+    let chain = |transport: &str, mtls: bool| inbound_chain(port, transport, http, cluster, mtls, policy);
     match mode {
-        MtlsMode::Disable => vec![inbound_chain(port, "", http, cluster, false)],
-        MtlsMode::Permissive if identity => vec![
-            inbound_chain(port, "tls", http, cluster, true),
-            inbound_chain(port, "raw_buffer", http, cluster, false),
-        ],
-        MtlsMode::Permissive => vec![inbound_chain(port, "", http, cluster, false)],
-        MtlsMode::Strict if identity => vec![inbound_chain(port, "tls", http, cluster, true)],
+        MtlsMode::Disable => vec![chain("", false)],
+        MtlsMode::Permissive if identity => vec![chain("tls", true), chain("raw_buffer", false)],
+        MtlsMode::Permissive => vec![chain("", false)],
+        MtlsMode::Strict if identity => vec![chain("tls", true)],
         MtlsMode::Strict => Vec::new(),
     }
 }
@@ -179,6 +187,7 @@ fn chains_for(
 fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     let labels = push.pods.get(&proxy.ip).map_or(&proxy.labels, |p| &p.labels);
     let mtls = peer_auth::resolve(push, &proxy.namespace, labels);
+    let policy = super::security::http_filters(push, &proxy.namespace, labels, out);
     let identity = proxy.identity.is_some();
     let strict_without_identity = |port: u16, out: &mut Generated| {
         out.diagnostics.push(Diagnostic {
@@ -231,7 +240,7 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
             if mode == MtlsMode::Strict && !identity {
                 strict_without_identity(number, out);
             }
-            let port_chains = chains_for(Some(number), mode, identity, http, &cluster);
+            let port_chains = chains_for(Some(number), mode, identity, http, &cluster, &policy);
             if none {
                 let bind = listener.bind.as_deref().unwrap_or(&proxy.ip);
                 out.listeners.push(Listener {
@@ -246,7 +255,14 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
             }
         }
         if !proxy.capture_none {
-            chains.extend(chains_for(None, mtls.mode, identity, false, INBOUND_PASSTHROUGH));
+            chains.extend(chains_for(
+                None,
+                mtls.mode,
+                identity,
+                false,
+                INBOUND_PASSTHROUGH,
+                &policy,
+            ));
             virtual_inbound(chains, out);
         }
         return;
@@ -266,14 +282,21 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
     for (port, http) in workload_ports(push, proxy) {
         let mode = mtls.for_port(port);
         let cluster = format!("inbound|{port}||");
-        chains.extend(chains_for(Some(port), mode, identity, http, &cluster));
+        chains.extend(chains_for(Some(port), mode, identity, http, &cluster, &policy));
         out.clusters.push(cluster::inbound(port));
         if mode == MtlsMode::Strict && !identity {
             strict_without_identity(port, out);
         }
     }
     // Ports no Service names still reach the app, under the workload's mode.
-    chains.extend(chains_for(None, mtls.mode, identity, false, INBOUND_PASSTHROUGH));
+    chains.extend(chains_for(
+        None,
+        mtls.mode,
+        identity,
+        false,
+        INBOUND_PASSTHROUGH,
+        &policy,
+    ));
     virtual_inbound(chains, out);
 }
 
@@ -576,6 +599,7 @@ fn finish_port(
                 &format!("outbound_{}_{port}", binding.ip),
                 rds(&route_name),
                 false,
+                &[],
             )],
             ..Default::default()
         });

@@ -115,6 +115,8 @@ fn kind_label(kind: crate::config::Kind) -> &'static str {
         Kind::ServiceEntry => "ServiceEntry",
         Kind::Sidecar => "Sidecar",
         Kind::PeerAuthentication => "PeerAuthentication",
+        Kind::RequestAuthentication => "RequestAuthentication",
+        Kind::AuthorizationPolicy => "AuthorizationPolicy",
         Kind::Ingress => "Ingress",
         Kind::IngressClass => "IngressClass",
         Kind::GatewayClass => "GatewayClass",

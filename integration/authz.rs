@@ -1,0 +1,237 @@
+//! RequestAuthentication and AuthorizationPolicy through a stock Envoy
+//! gateway: tokens signed here (RS256 with a key openssl makes, ES256 with
+//! one rcgen makes), their JWKS served by a loopback HTTP server that Envoy
+//! fetches through the cluster meshd generates, and real curl requests.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+use crate::common::{
+    curl, eventually, free_port, hello_virtual_service, ingress_gateway, loopback_service, openssl,
+    serve_http, write, Backend, Envoy, Meshd, Pod,
+};
+
+const ISSUER: &str = "https://issuer.meshd.test";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A signing key and its public JWK.
+struct Signer {
+    key: EncodingKey,
+    alg: Algorithm,
+    kid: &'static str,
+    jwk: Value,
+}
+
+/// An RSA key made by openssl; its JWK from the modulus openssl prints.
+fn rsa_signer(dir: &std::path::Path, kid: &'static str) -> Signer {
+    let file = format!("{kid}.pem");
+    openssl(dir, &["genrsa", "-out", &file, "2048"]);
+    let pem = std::fs::read(dir.join(&file)).expect("key");
+    let modulus = openssl(dir, &["rsa", "-in", &file, "-noout", "-modulus"]);
+    let hex = modulus.trim().trim_start_matches("Modulus=");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    Signer {
+        key: EncodingKey::from_rsa_pem(&pem).expect("RSA key"),
+        alg: Algorithm::RS256,
+        kid,
+        jwk: json!({"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid, "n": b64url(&n), "e": "AQAB"}),
+    }
+}
+
+/// A P-256 key made by rcgen; its JWK from the uncompressed public point.
+fn ec_signer(kid: &'static str) -> Signer {
+    let key = rcgen::KeyPair::generate().expect("EC key");
+    let point = key.public_key_raw();
+    assert_eq!(point.len(), 65, "an uncompressed P-256 point");
+    Signer {
+        key: EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("EC key"),
+        alg: Algorithm::ES256,
+        kid,
+        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+                    "x": b64url(&point[1..33]), "y": b64url(&point[33..])}),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+impl Signer {
+    fn token(&self, claims: Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.to_string());
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("token")
+    }
+
+    /// A token as the issuer gives it: for `sub`, in `groups`, valid an hour.
+    fn valid(&self, sub: &str, groups: &[&str]) -> String {
+        self.token(
+            json!({"iss": ISSUER, "sub": sub, "aud": "hello", "groups": groups,
+                          "iat": now(), "exp": now() + 3600}),
+        )
+    }
+}
+
+/// A loopback HTTP server answering the JWKS, on its own thread.
+struct JwksServer {
+    port: u16,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl JwksServer {
+    fn start(jwks: Value) -> JwksServer {
+        let body = jwks.to_string();
+        let (port, stop) = serve_http("127.0.0.1", move |_| {
+            axum::Router::new().route(
+                "/jwks.json",
+                axum::routing::get(move || {
+                    let body = body.clone();
+                    async move { ([("content-type", "application/json")], body) }
+                }),
+            )
+        });
+        JwksServer { port, _stop: stop }
+    }
+}
+
+fn request_authentication(jwks_port: u16) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: istio-system}}
+spec:
+  selector:
+    matchLabels: {{istio: ingressgateway}}
+  jwtRules:
+  - issuer: {ISSUER}
+    audiences: [hello]
+    jwksUri: http://127.0.0.1:{jwks_port}/jwks.json
+"#
+    )
+}
+
+fn require_token() -> &'static str {
+    r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt, namespace: istio-system}
+spec:
+  selector:
+    matchLabels: {istio: ingressgateway}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {requestPrincipals: ["*"]}
+"#
+}
+
+fn admins_only() -> &'static str {
+    r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt, namespace: istio-system}
+spec:
+  selector:
+    matchLabels: {istio: ingressgateway}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {requestPrincipals: ["https://issuer.meshd.test/*"]}
+    when:
+    - key: request.auth.claims[groups]
+      values: [admin]
+"#
+}
+
+#[test]
+fn jwts_and_authorization_policies_at_the_gateway() {
+    let work = tempfile::tempdir().expect("tmp");
+    let rsa = rsa_signer(work.path(), "rsa-1");
+    let ec = ec_signer("ec-1");
+    let jwks = JwksServer::start(json!({"keys": [rsa.jwk, ec.jwk]}));
+    let backend = Backend::start("v1");
+    let port = free_port();
+    let dir = work.path().join("config");
+    write(
+        &dir.join("mesh.yaml"),
+        &format!(
+            "{}{}{}",
+            ingress_gateway(port),
+            loopback_service("hello", "http", 80, backend.port),
+            hello_virtual_service("v1", None)
+        ),
+    );
+    write(&dir.join("jwt.yaml"), &request_authentication(jwks.port));
+    let meshd = Meshd::start(&dir, work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-ingressgateway-1"),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let get = |token: Option<&str>| -> Result<u16, String> {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec!["-H", "Host: hello.example.com"];
+        if let Some(a) = &auth {
+            args.extend(["-H", a.as_str()]);
+        }
+        args.push(&url);
+        curl(&args).map(|(code, _)| code)
+    };
+    let expect = |what: &str, token: Option<&str>, want: u16| {
+        eventually(what, WAIT, || match get(token) {
+            Ok(code) if code == want => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        });
+    };
+
+    // RequestAuthentication alone: no token passes, good tokens pass (once
+    // Envoy has fetched the JWKS), bad ones are refused with 401.
+    expect("no token, no policy", None, 200);
+    expect("a valid RS256 token", Some(&rsa.valid("alice", &["dev"])), 200);
+    expect("a valid ES256 token", Some(&ec.valid("bob", &["admin"])), 200);
+    let expired = rsa.token(json!({"iss": ISSUER, "sub": "alice", "aud": "hello", "exp": now() - 3600}));
+    let wrong_issuer =
+        rsa.token(json!({"iss": "https://other.test", "sub": "alice", "aud": "hello", "exp": now() + 3600}));
+    let wrong_audience =
+        rsa.token(json!({"iss": ISSUER, "sub": "alice", "aud": "other", "exp": now() + 3600}));
+    let forged = {
+        let stranger = ec_signer("ec-1"); // the same kid, another key
+        stranger.valid("mallory", &["admin"])
+    };
+    for (what, token) in [
+        ("expired", &expired),
+        ("wrong issuer", &wrong_issuer),
+        ("wrong audience", &wrong_audience),
+        ("bad signature", &forged),
+    ] {
+        assert_eq!(get(Some(token)), Ok(401), "{what}");
+    }
+
+    // A token required.
+    write(&dir.join("authz.yaml"), require_token());
+    expect("no token under requestPrincipals: [*]", None, 403);
+    assert_eq!(get(Some(&rsa.valid("alice", &["dev"]))), Ok(200), "a valid token");
+    assert_eq!(get(Some(&expired)), Ok(401), "still 401 for a bad token");
+
+    // A claim decides.
+    write(&dir.join("authz.yaml"), admins_only());
+    expect("a non-admin refused", Some(&rsa.valid("alice", &["dev"])), 403);
+    assert_eq!(
+        get(Some(&ec.valid("bob", &["admin", "dev"]))),
+        Ok(200),
+        "an admin admitted"
+    );
+    assert_eq!(get(None), Ok(403), "no token, no claim");
+}

@@ -1,0 +1,964 @@
+//! Request policies as stock Envoy HTTP filters, in Istio's order ahead of
+//! the router: `jwt_authn` for the RequestAuthentications that apply (a bad
+//! token is refused with 401, a missing one passes), then RBAC for the
+//! AuthorizationPolicies: AUDIT (Envoy's LOG), DENY, then ALLOW (403).
+//!
+//! Identities come from where Envoy has them: the peer certificate's URI SAN
+//! (the SPIFFE identity meshd's CA issued) for `principals` and
+//! `namespaces`; the verified token's payload, which `jwt_authn` keeps in
+//! dynamic metadata under `payload`, for `requestPrincipals` (`iss/sub`)
+//! and `request.auth.claims[...]`.
+//!
+//! Envoy's RBAC and jwt_authn configs hold maps; protobuf encodes a map as
+//! a repeated entry message, and they are written that way here, in name
+//! order, so the same policies always encode to the same bytes.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::accesslog::v3::{access_log_filter, AccessLogFilter, MetadataFilter};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    data_source, http_uri, transport_socket, CidrRange, DataSource, HttpUri, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, Permission, Policy, Principal, SourcedMetadata,
+};
+use envoy_types::pb::envoy::config::route::v3::{header_matcher, route_match, HeaderMatcher, RouteMatch};
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
+    jwt_provider, jwt_requirement, requirement_rule, JwksAsyncFetch, JwtClaimToHeader, JwtHeader,
+    JwtProvider, JwtRequirement, JwtRequirementOrList, RemoteJwks, RequirementRule,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_filter, HttpFilter, LocalReplyConfig, ResponseMapper,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    list_matcher, metadata_matcher, path_matcher, string_matcher, value_matcher, ListMatcher,
+    MetadataMatcher, OrMatcher, PathMatcher, RegexMatcher, StringMatcher, ValueMatcher,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Empty, UInt32Value};
+use envoy_types::util::pack_any;
+
+use super::{duration, socket, Diagnostic, Generated};
+use crate::config::security::{cidr, Condition, Operation, Rule, Source};
+use crate::config::{parse_duration, AuthorizationPolicy, RequestAuthentication};
+use crate::model::request_policy;
+use crate::model::PushContext;
+
+/// Envoy's JWT filter; also the dynamic metadata namespace of the payload.
+pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+/// Where a verified token's payload is kept in the JWT filter's metadata.
+const PAYLOAD: &str = "payload";
+/// Where a token's verification failure is kept (`code`, `message`).
+const FAILURE: &str = "failure";
+/// Envoy's message for a token of an audience the provider does not take.
+const AUDIENCE_NOT_ALLOWED: &str = "Audiences in Jwt are not allowed";
+const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+
+/// Envoy answers a token of the wrong audience with 403, every other bad
+/// token with 401; Istio's users (and RFC 6750) expect 401 for any token
+/// that does not verify. The connection manager of a proxy that checks
+/// tokens rewrites that one local reply to 401.
+pub fn local_reply() -> LocalReplyConfig {
+    let matcher = MetadataMatcher {
+        filter: JWT_FILTER.into(),
+        path: [FAILURE, "message"]
+            .iter()
+            .map(|k| metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(k.to_string())),
+            })
+            .collect(),
+        value: Some(ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::StringMatch(string_match(
+                AUDIENCE_NOT_ALLOWED,
+                false,
+            ))),
+        }),
+        invert: false,
+    };
+    LocalReplyConfig {
+        mappers: vec![ResponseMapper {
+            filter: Some(AccessLogFilter {
+                filter_specifier: Some(access_log_filter::FilterSpecifier::MetadataFilter(
+                    MetadataFilter {
+                        matcher: Some(matcher),
+                        match_if_key_not_found: Some(BoolValue { value: false }),
+                    },
+                )),
+            }),
+            status_code: Some(UInt32Value { value: 401 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+/// Where Debian and Envoy's images keep the public CA bundle that an
+/// `https://` jwksUri is verified against.
+const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The filters the policies that apply to `proxy` need, in order; JWKS
+/// clusters go into `out`.
+pub fn http_filters(
+    push: &PushContext,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    out: &mut Generated,
+) -> Vec<HttpFilter> {
+    let mut filters = Vec::new();
+    let authentications = request_policy::applying(&push.request_authentications, namespace, labels);
+    if let Some(f) = jwt_filter(&authentications, out) {
+        filters.push(f);
+    }
+    let policies = request_policy::applying(&push.authorization_policies, namespace, labels);
+    for ap in policies.iter().filter(|p| p.spec.action() == "CUSTOM") {
+        out.diagnostics.push(Diagnostic {
+            resource: format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name()),
+            field: "spec.action".into(),
+            message: "CUSTOM (external authorization) is not applied yet; the policy is left out".into(),
+        });
+    }
+    for (action, envoy_action) in [("AUDIT", 2), ("DENY", 1), ("ALLOW", 0)] {
+        let of_action: Vec<&AuthorizationPolicy> = policies
+            .iter()
+            .filter(|p| p.spec.action() == action)
+            .map(|p| &***p)
+            .collect();
+        if of_action.is_empty() {
+            continue;
+        }
+        let mut entries = Vec::new();
+        for ap in &of_action {
+            for (i, rule) in ap.spec.rules.iter().enumerate() {
+                let name = format!("ns[{}]-policy[{}]-rule[{i}]", ap.namespace(), ap.name());
+                let resource = format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name());
+                match rule_policy(rule) {
+                    Ok(policy) => entries.push((name, policy)),
+                    Err(why) => {
+                        // Istio fails closed: a DENY rule it cannot express
+                        // denies everything; an ALLOW rule allows nothing.
+                        let (message, fallback) = if action == "DENY" {
+                            (
+                                format!("{why}; the rule denies every request"),
+                                Some(any_policy()),
+                            )
+                        } else {
+                            (format!("{why}; the rule matches no request"), None)
+                        };
+                        out.diagnostics.push(Diagnostic {
+                            resource,
+                            field: format!("spec.rules[{i}]"),
+                            message,
+                        });
+                        if let Some(p) = fallback {
+                            entries.push((name, p));
+                        }
+                    }
+                }
+            }
+        }
+        // An ALLOW policy without rules (or whose rules match nothing)
+        // still counts: with no policy matching, everything is denied.
+        if entries.is_empty() && action != "ALLOW" {
+            continue;
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let config = RbacFilterConfig {
+            rules: Some(RbacRules {
+                action: envoy_action,
+                policies: entries
+                    .into_iter()
+                    .map(|(key, value)| PolicyEntry {
+                        key,
+                        value: Some(value),
+                    })
+                    .collect(),
+            }),
+        };
+        filters.push(HttpFilter {
+            name: RBAC_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                "envoy.extensions.filters.http.rbac.v3.RBAC",
+                &config,
+            ))),
+            ..Default::default()
+        });
+    }
+    filters
+}
+
+/// `envoy.extensions.filters.http.rbac.v3.RBAC` (its `rules`), with the
+/// policies map written as its entries in name order.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RbacFilterConfig {
+    #[prost(message, optional, tag = "1")]
+    rules: Option<RbacRules>,
+}
+
+/// `envoy.config.rbac.v3.RBAC`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RbacRules {
+    #[prost(int32, tag = "1")]
+    action: i32,
+    #[prost(message, repeated, tag = "2")]
+    policies: Vec<PolicyEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PolicyEntry {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<Policy>,
+}
+
+/// `envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication`, with
+/// the providers map written as its entries in name order.
+#[derive(Clone, PartialEq, prost::Message)]
+struct JwtAuthentication {
+    #[prost(message, repeated, tag = "1")]
+    providers: Vec<ProviderEntry>,
+    #[prost(message, repeated, tag = "2")]
+    rules: Vec<RequirementRule>,
+    #[prost(bool, tag = "4")]
+    bypass_cors_preflight: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProviderEntry {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<JwtProvider>,
+}
+
+fn any(type_name: &str, message: &impl prost::Message) -> Any {
+    Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// The JWT filter: one provider per jwtRule of every RequestAuthentication
+/// that applies (`origins-N`, in order), any one of which may verify the
+/// token, and a request without a token let through, as Istio has it.
+fn jwt_filter(
+    authentications: &[&std::sync::Arc<RequestAuthentication>],
+    out: &mut Generated,
+) -> Option<HttpFilter> {
+    let mut providers = Vec::new();
+    for ra in authentications {
+        for (i, rule) in ra.spec.jwt_rules.iter().enumerate() {
+            let resource = format!("RequestAuthentication {}/{}", ra.namespace(), ra.name());
+            let jwks = match (&rule.jwks, &rule.jwks_uri) {
+                (Some(inline), _) => jwt_provider::JwksSourceSpecifier::LocalJwks(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(inline.clone())),
+                    ..Default::default()
+                }),
+                (None, Some(uri)) => match jwks_cluster(uri) {
+                    Some(cluster) => {
+                        let timeout = rule
+                            .timeout
+                            .as_deref()
+                            .and_then(parse_duration)
+                            .unwrap_or(std::time::Duration::from_secs(5));
+                        let remote = RemoteJwks {
+                            http_uri: Some(HttpUri {
+                                uri: uri.clone(),
+                                timeout: Some(duration(timeout)),
+                                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                                    cluster.name.clone(),
+                                )),
+                            }),
+                            cache_duration: Some(duration(std::time::Duration::from_secs(20 * 60))),
+                            // Fetched when the listener starts, and again
+                            // every second while that fails.
+                            async_fetch: Some(JwksAsyncFetch {
+                                fast_listener: false,
+                                failed_refetch_duration: Some(duration(std::time::Duration::from_secs(1))),
+                            }),
+                            ..Default::default()
+                        };
+                        if !out.clusters.iter().any(|c| c.name == cluster.name) {
+                            out.clusters.push(cluster);
+                        }
+                        jwt_provider::JwksSourceSpecifier::RemoteJwks(remote)
+                    }
+                    None => {
+                        out.diagnostics.push(Diagnostic {
+                            resource,
+                            field: format!("spec.jwtRules[{i}].jwksUri"),
+                            message: format!("cannot fetch {uri}: no host to connect to; tokens of this issuer are refused"),
+                        });
+                        continue;
+                    }
+                },
+                (None, None) => {
+                    out.diagnostics.push(Diagnostic {
+                        resource,
+                        field: format!("spec.jwtRules[{i}]"),
+                        message: "neither jwks nor jwksUri: tokens of this issuer cannot be verified and are refused"
+                            .into(),
+                    });
+                    continue;
+                }
+            };
+            let from_headers = rule
+                .from_headers
+                .iter()
+                .map(|h| JwtHeader {
+                    name: h.name.clone(),
+                    value_prefix: h.prefix.clone().unwrap_or_default(),
+                })
+                .collect();
+            providers.push(JwtProvider {
+                issuer: rule.issuer.clone(),
+                audiences: rule.audiences.clone(),
+                forward: rule.forward_original_token,
+                from_headers,
+                from_params: rule.from_params.clone(),
+                from_cookies: rule.from_cookies.clone(),
+                forward_payload_header: rule.output_payload_to_header.clone().unwrap_or_default(),
+                payload_in_metadata: PAYLOAD.into(),
+                failed_status_in_metadata: FAILURE.into(),
+                claim_to_headers: rule
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|c| JwtClaimToHeader {
+                        header_name: c.header.clone(),
+                        claim_name: c.claim.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                jwks_source_specifier: Some(jwks),
+                ..Default::default()
+            });
+        }
+    }
+    if providers.is_empty() {
+        return None;
+    }
+    let entries: Vec<ProviderEntry> = providers
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| ProviderEntry {
+            key: format!("origins-{i}"),
+            value: Some(p),
+        })
+        .collect();
+    let mut requirements: Vec<JwtRequirement> = entries
+        .iter()
+        .map(|e| JwtRequirement {
+            requires_type: Some(jwt_requirement::RequiresType::ProviderName(e.key.clone())),
+        })
+        .collect();
+    requirements.push(JwtRequirement {
+        requires_type: Some(jwt_requirement::RequiresType::AllowMissing(Empty {})),
+    });
+    let config = JwtAuthentication {
+        providers: entries,
+        rules: vec![RequirementRule {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            requirement_type: Some(requirement_rule::RequirementType::Requires(JwtRequirement {
+                requires_type: Some(jwt_requirement::RequiresType::RequiresAny(JwtRequirementOrList {
+                    requirements,
+                })),
+            })),
+        }],
+        bypass_cors_preflight: true,
+    };
+    Some(HttpFilter {
+        name: JWT_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            &config,
+        ))),
+        ..Default::default()
+    })
+}
+
+/// The cluster a `jwksUri` is fetched through: `jwks|HOST|PORT`, to the
+/// address in the URI, over TLS (checked against the system CAs) for
+/// `https`.
+fn jwks_cluster(uri: &str) -> Option<Cluster> {
+    let (https, rest) = match uri.split_once("://") {
+        Some(("https", rest)) => (true, rest),
+        Some(("http", rest)) => (false, rest),
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h.trim_matches(['[', ']']), p),
+            Err(_) => (authority, if https { 443 } else { 80 }),
+        },
+        _ => (authority.trim_matches(['[', ']']), if https { 443 } else { 80 }),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let discovery = if is_ip {
+        cluster::DiscoveryType::Static
+    } else {
+        cluster::DiscoveryType::StrictDns
+    };
+    let name = format!("jwks|{host}|{port}");
+    let transport_socket = https.then(|| {
+        let tls = UpstreamTlsContext {
+            sni: host.to_string(),
+            common_tls_context: Some(CommonTlsContext {
+                validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
+                    CertificateValidationContext {
+                        trusted_ca: Some(DataSource {
+                            specifier: Some(data_source::Specifier::Filename(SYSTEM_CA.into())),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+        }
+    });
+    Some(Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(discovery as i32)),
+        connect_timeout: Some(duration(std::time::Duration::from_secs(5))),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(host, port)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        transport_socket,
+        ..Default::default()
+    })
+}
+
+fn any_policy() -> Policy {
+    Policy {
+        permissions: vec![Permission {
+            rule: Some(permission::Rule::Any(true)),
+        }],
+        principals: vec![Principal {
+            identifier: Some(principal::Identifier::Any(true)),
+        }],
+        ..Default::default()
+    }
+}
+
+/// One rule as an Envoy policy: the request matches when one of `from`,
+/// one of `to` and every `when` match.
+fn rule_policy(rule: &Rule) -> Result<Policy, String> {
+    let mut ids = Vec::new();
+    let mut perms = Vec::new();
+    if !rule.from.is_empty() {
+        let sources = rule
+            .from
+            .iter()
+            .map(|f| source(f.source.as_ref().unwrap_or(&Source::default())))
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.push(or_ids(sources));
+    }
+    if !rule.to.is_empty() {
+        let operations = rule
+            .to
+            .iter()
+            .map(|t| operation(t.operation.as_ref().unwrap_or(&Operation::default())))
+            .collect::<Result<Vec<_>, _>>()?;
+        perms.push(or_rules(operations));
+    }
+    for c in &rule.when {
+        match condition(c)? {
+            Side::Principal(p) => ids.push(p),
+            Side::Permission(p) => perms.push(p),
+        }
+    }
+    Ok(Policy {
+        permissions: vec![and_rules(perms)],
+        principals: vec![and_ids(ids)],
+        ..Default::default()
+    })
+}
+
+fn and_ids(ids: Vec<Principal>) -> Principal {
+    match ids.len() {
+        0 => Principal {
+            identifier: Some(principal::Identifier::Any(true)),
+        },
+        1 => ids.into_iter().next().unwrap_or_default(),
+        _ => Principal {
+            identifier: Some(principal::Identifier::AndIds(principal::Set { ids })),
+        },
+    }
+}
+
+fn or_ids(ids: Vec<Principal>) -> Principal {
+    match ids.len() {
+        1 => ids.into_iter().next().unwrap_or_default(),
+        _ => Principal {
+            identifier: Some(principal::Identifier::OrIds(principal::Set { ids })),
+        },
+    }
+}
+
+fn not_id(p: Principal) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::NotId(Box::new(p))),
+    }
+}
+
+fn and_rules(rules: Vec<Permission>) -> Permission {
+    match rules.len() {
+        0 => Permission {
+            rule: Some(permission::Rule::Any(true)),
+        },
+        1 => rules.into_iter().next().unwrap_or_default(),
+        _ => Permission {
+            rule: Some(permission::Rule::AndRules(permission::Set { rules })),
+        },
+    }
+}
+
+fn or_rules(rules: Vec<Permission>) -> Permission {
+    match rules.len() {
+        1 => rules.into_iter().next().unwrap_or_default(),
+        _ => Permission {
+            rule: Some(permission::Rule::OrRules(permission::Set { rules })),
+        },
+    }
+}
+
+fn not_rule(p: Permission) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::NotRule(Box::new(p))),
+    }
+}
+
+/// Istio's string forms: `*` (anything), `abc*` (prefix), `*abc`
+/// (suffix), else exact.
+fn string_match(value: &str, ignore_case: bool) -> StringMatcher {
+    let pattern = if value == "*" {
+        string_matcher::MatchPattern::SafeRegex(regex(".+"))
+    } else if let Some(prefix) = value.strip_suffix('*') {
+        string_matcher::MatchPattern::Prefix(prefix.to_string())
+    } else if let Some(suffix) = value.strip_prefix('*') {
+        string_matcher::MatchPattern::Suffix(suffix.to_string())
+    } else {
+        string_matcher::MatchPattern::Exact(value.to_string())
+    };
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case,
+    }
+}
+
+fn regex(r: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A peer identity (`cluster.local/ns/default/sa/sleep`, with Istio's
+/// wildcards) against the certificate's SPIFFE URI.
+fn peer_principal(value: &str) -> Principal {
+    let matcher = if value == "*" {
+        string_match("*", false)
+    } else if value.starts_with('*') {
+        string_match(value, false)
+    } else {
+        string_match(&format!("spiffe://{value}"), false)
+    };
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
+            principal_name: Some(matcher),
+        })),
+    }
+}
+
+/// A namespace, as the `/ns/NAME/` part of the peer's SPIFFE URI.
+fn peer_namespace(ns: &str) -> Principal {
+    let escaped = regex_escape(ns);
+    let body = if ns == "*" {
+        "[^/]+".to_string()
+    } else if let Some(p) = ns.strip_suffix('*') {
+        format!("{}[^/]*", regex_escape(p))
+    } else if let Some(s) = ns.strip_prefix('*') {
+        format!("[^/]*{}", regex_escape(s))
+    } else {
+        escaped
+    };
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
+            principal_name: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(regex(&format!(
+                    "spiffe://[^/]+/ns/{body}/sa/[^/]+"
+                )))),
+                ignore_case: false,
+            }),
+        })),
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
+}
+
+/// A value of the verified token's payload (`path` below `payload`).
+fn payload(path: &[&str], value: ValueMatcher) -> Principal {
+    let matcher = MetadataMatcher {
+        filter: JWT_FILTER.into(),
+        path: std::iter::once(PAYLOAD)
+            .chain(path.iter().copied())
+            .map(|k| metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(k.to_string())),
+            })
+            .collect(),
+        value: Some(value),
+        invert: false,
+    };
+    Principal {
+        identifier: Some(principal::Identifier::SourcedMetadata(SourcedMetadata {
+            metadata_matcher: Some(matcher),
+            metadata_source: 0, // dynamic metadata
+        })),
+    }
+}
+
+fn present() -> ValueMatcher {
+    ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::PresentMatch(true)),
+    }
+}
+
+/// A claim equal to `value`, or a list claim holding it.
+fn claim_value(value: &str) -> ValueMatcher {
+    let string = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::StringMatch(string_match(
+            value, false,
+        ))),
+    };
+    let list = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::ListMatch(Box::new(ListMatcher {
+            match_pattern: Some(list_matcher::MatchPattern::OneOf(Box::new(string.clone()))),
+        }))),
+    };
+    ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::OrMatch(OrMatcher {
+            value_matchers: vec![string, list],
+        })),
+    }
+}
+
+/// A request principal `ISS/SUB` (the issuer may hold slashes: the subject
+/// is what follows the last one), `*`, or `ISS/*`.
+fn request_principal(value: &str) -> Result<Principal, String> {
+    if value == "*" {
+        return Ok(payload(&["iss"], present()));
+    }
+    let Some((iss, sub)) = value.rsplit_once('/') else {
+        return Err(format!("request principal {value:?} is not ISSUER/SUBJECT"));
+    };
+    if iss.contains('*') {
+        return Err(format!(
+            "request principal {value:?}: a wildcard in the issuer is not supported"
+        ));
+    }
+    let iss = payload(&["iss"], claim_value(iss));
+    let sub = if sub == "*" {
+        payload(&["sub"], present())
+    } else {
+        payload(&["sub"], claim_value(sub))
+    };
+    Ok(and_ids(vec![iss, sub]))
+}
+
+fn cidr_range(block: &str) -> Result<CidrRange, String> {
+    let (ip, len) = cidr(block).ok_or_else(|| format!("{block:?} is not an IP block"))?;
+    Ok(CidrRange {
+        address_prefix: ip.to_string(),
+        prefix_len: Some(UInt32Value { value: len }),
+    })
+}
+
+/// Adds `field` (any of `values`, or none of `not_values`) to `into`.
+fn field_ids(
+    into: &mut Vec<Principal>,
+    values: &[String],
+    not_values: &[String],
+    make: impl Fn(&str) -> Result<Principal, String>,
+) -> Result<(), String> {
+    if !values.is_empty() {
+        into.push(or_ids(values.iter().map(|v| make(v)).collect::<Result<_, _>>()?));
+    }
+    if !not_values.is_empty() {
+        into.push(not_id(or_ids(
+            not_values.iter().map(|v| make(v)).collect::<Result<_, _>>()?,
+        )));
+    }
+    Ok(())
+}
+
+fn field_rules(
+    into: &mut Vec<Permission>,
+    values: &[String],
+    not_values: &[String],
+    make: impl Fn(&str) -> Result<Permission, String>,
+) -> Result<(), String> {
+    if !values.is_empty() {
+        into.push(or_rules(
+            values.iter().map(|v| make(v)).collect::<Result<_, _>>()?,
+        ));
+    }
+    if !not_values.is_empty() {
+        into.push(not_rule(or_rules(
+            not_values.iter().map(|v| make(v)).collect::<Result<_, _>>()?,
+        )));
+    }
+    Ok(())
+}
+
+fn source(s: &Source) -> Result<Principal, String> {
+    let mut ids = Vec::new();
+    field_ids(&mut ids, &s.principals, &s.not_principals, |v| {
+        Ok(peer_principal(v))
+    })?;
+    field_ids(
+        &mut ids,
+        &s.request_principals,
+        &s.not_request_principals,
+        request_principal,
+    )?;
+    field_ids(&mut ids, &s.namespaces, &s.not_namespaces, |v| {
+        Ok(peer_namespace(v))
+    })?;
+    field_ids(&mut ids, &s.ip_blocks, &s.not_ip_blocks, |v| {
+        Ok(Principal {
+            identifier: Some(principal::Identifier::DirectRemoteIp(cidr_range(v)?)),
+        })
+    })?;
+    field_ids(&mut ids, &s.remote_ip_blocks, &s.not_remote_ip_blocks, |v| {
+        Ok(Principal {
+            identifier: Some(principal::Identifier::RemoteIp(cidr_range(v)?)),
+        })
+    })?;
+    Ok(and_ids(ids))
+}
+
+fn header(name: &str, matcher: StringMatcher) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(matcher)),
+        ..Default::default()
+    }
+}
+
+fn header_rule(name: &str, matcher: StringMatcher) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::Header(header(name, matcher))),
+    }
+}
+
+/// A host, with or without a port in the authority, case-insensitive.
+fn host_rule(host: &str) -> Permission {
+    let plain = header_rule(":authority", string_match(host, true));
+    if host == "*" || host.ends_with('*') {
+        return plain;
+    }
+    let with_port = header_rule(
+        ":authority",
+        StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::SafeRegex(regex(&format!(
+                "{}{}:[0-9]+",
+                if host.starts_with('*') { ".*" } else { "" },
+                regex_escape(host.trim_start_matches('*'))
+            )))),
+            ignore_case: true,
+        },
+    );
+    or_rules(vec![plain, with_port])
+}
+
+fn port_rule(port: &str) -> Result<Permission, String> {
+    let port: u32 = port.parse().map_err(|_| format!("{port:?} is not a port"))?;
+    Ok(Permission {
+        rule: Some(permission::Rule::DestinationPort(port)),
+    })
+}
+
+fn path_rule(path: &str) -> Permission {
+    Permission {
+        rule: Some(permission::Rule::UrlPath(PathMatcher {
+            rule: Some(path_matcher::Rule::Path(string_match(path, false))),
+        })),
+    }
+}
+
+fn operation(o: &Operation) -> Result<Permission, String> {
+    let mut rules = Vec::new();
+    field_rules(&mut rules, &o.hosts, &o.not_hosts, |h| Ok(host_rule(h)))?;
+    field_rules(&mut rules, &o.ports, &o.not_ports, port_rule)?;
+    field_rules(&mut rules, &o.methods, &o.not_methods, |m| {
+        Ok(header_rule(":method", string_match(m, false)))
+    })?;
+    field_rules(&mut rules, &o.paths, &o.not_paths, |p| Ok(path_rule(p)))?;
+    Ok(and_rules(rules))
+}
+
+/// Which side of a policy a `when` condition lands on.
+enum Side {
+    Principal(Principal),
+    Permission(Permission),
+}
+
+/// `name[a][b]` → `["a", "b"]` after `name`.
+fn brackets<'a>(key: &'a str, name: &str) -> Option<Vec<&'a str>> {
+    let rest = key.strip_prefix(name)?;
+    let mut parts = Vec::new();
+    let mut rest = rest;
+    while let Some(r) = rest.strip_prefix('[') {
+        let (part, after) = r.split_once(']')?;
+        parts.push(part);
+        rest = after;
+    }
+    (rest.is_empty() && !parts.is_empty()).then_some(parts)
+}
+
+fn condition(c: &Condition) -> Result<Side, String> {
+    let key = c.key.as_str();
+    let ids = |make: &dyn Fn(&str) -> Result<Principal, String>| -> Result<Side, String> {
+        let mut out = Vec::new();
+        field_ids(&mut out, &c.values, &c.not_values, make)?;
+        Ok(Side::Principal(and_ids(out)))
+    };
+    let rules = |make: &dyn Fn(&str) -> Result<Permission, String>| -> Result<Side, String> {
+        let mut out = Vec::new();
+        field_rules(&mut out, &c.values, &c.not_values, make)?;
+        Ok(Side::Permission(and_rules(out)))
+    };
+    if let Some(path) = brackets(key, "request.auth.claims") {
+        return ids(&|v| Ok(payload(&path, claim_value(v))));
+    }
+    if let Some(name) = brackets(key, "request.headers") {
+        let [name] = name.as_slice() else {
+            return Err(format!("{key}: one header name in brackets"));
+        };
+        return rules(&|v| Ok(header_rule(&name.to_ascii_lowercase(), string_match(v, false))));
+    }
+    match key {
+        "request.auth.principal" => ids(&request_principal),
+        "request.auth.audiences" => ids(&|v| Ok(payload(&["aud"], claim_value(v)))),
+        "request.auth.presenter" => ids(&|v| Ok(payload(&["azp"], claim_value(v)))),
+        "source.principal" => ids(&|v| Ok(peer_principal(v))),
+        "source.namespace" => ids(&|v| Ok(peer_namespace(v))),
+        "source.ip" => ids(&|v| {
+            Ok(Principal {
+                identifier: Some(principal::Identifier::DirectRemoteIp(cidr_range(v)?)),
+            })
+        }),
+        "remote.ip" => ids(&|v| {
+            Ok(Principal {
+                identifier: Some(principal::Identifier::RemoteIp(cidr_range(v)?)),
+            })
+        }),
+        "destination.ip" => rules(&|v| {
+            Ok(Permission {
+                rule: Some(permission::Rule::DestinationIp(cidr_range(v)?)),
+            })
+        }),
+        "destination.port" => rules(&port_rule),
+        "connection.sni" => rules(&|v| {
+            Ok(Permission {
+                rule: Some(permission::Rule::RequestedServerName(string_match(v, false))),
+            })
+        }),
+        other => Err(format!("the condition key {other:?} is not supported")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brackets_take_claim_paths_apart() {
+        assert_eq!(
+            brackets("request.auth.claims[groups]", "request.auth.claims"),
+            Some(vec!["groups"])
+        );
+        assert_eq!(
+            brackets("request.auth.claims[nested][key]", "request.auth.claims"),
+            Some(vec!["nested", "key"])
+        );
+        assert_eq!(brackets("request.auth.claims", "request.auth.claims"), None);
+        assert_eq!(brackets("request.auth.claims[a", "request.auth.claims"), None);
+    }
+
+    #[test]
+    fn jwks_clusters_reach_the_uri_host() {
+        let c = jwks_cluster("http://127.0.0.1:8081/jwks.json").expect("cluster");
+        assert_eq!(c.name, "jwks|127.0.0.1|8081");
+        assert!(c.transport_socket.is_none());
+        let c = jwks_cluster("https://www.googleapis.com/oauth2/v3/certs").expect("cluster");
+        assert_eq!(c.name, "jwks|www.googleapis.com|443");
+        assert!(c.transport_socket.is_some());
+        assert!(jwks_cluster("file:///x").is_none());
+    }
+
+    #[test]
+    fn the_same_policies_encode_to_the_same_bytes() {
+        let rule: Rule = serde_json::from_value(serde_json::json!({
+            "from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"], "notNamespaces": ["x"]}}],
+            "to": [{"operation": {"methods": ["GET"], "paths": ["/api/*"]}}],
+            "when": [{"key": "request.auth.claims[groups]", "values": ["admin"]}]
+        }))
+        .expect("rule");
+        let encode = || {
+            let config = RbacRules {
+                action: 0,
+                policies: (0..5)
+                    .map(|i| PolicyEntry {
+                        key: format!("p{i}"),
+                        value: Some(rule_policy(&rule).expect("policy")),
+                    })
+                    .collect(),
+            };
+            prost::Message::encode_to_vec(&config)
+        };
+        assert_eq!(encode(), encode());
+        // And Envoy's own type reads it back as the map it is.
+        let decoded: envoy_types::pb::envoy::config::rbac::v3::Rbac =
+            prost::Message::decode(encode().as_slice()).expect("decodes as Envoy's RBAC");
+        assert_eq!(decoded.policies.len(), 5);
+    }
+}
