@@ -265,6 +265,10 @@ fn kube_source_serves_the_cluster_and_follows_each_kind() {
          "kind: Sidecar\nmetadata: {name: k-sc, namespace: default, LABELS}\nspec: {egress: [{hosts: ['./*']}]}\n"),
         ("PeerAuthentication", "security.istio.io/v1", "peerauthentications",
          "kind: PeerAuthentication\nmetadata: {name: k-pa, namespace: default, LABELS}\nspec: {mtls: {mode: PERMISSIVE}}\n"),
+        ("RequestAuthentication", "security.istio.io/v1", "requestauthentications",
+         "kind: RequestAuthentication\nmetadata: {name: k-ra, namespace: default, LABELS}\nspec: {jwtRules: [{issuer: i.test, jwks: '{\"keys\": []}'}]}\n"),
+        ("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies",
+         "kind: AuthorizationPolicy\nmetadata: {name: k-ap, namespace: default, LABELS}\nspec: {action: AUDIT, rules: [{}]}\n"),
         ("Ingress", "networking.k8s.io/v1", "ingresses",
          "kind: Ingress\nmetadata: {name: k-ing, namespace: default, LABELS}\nspec: {defaultBackend: {service: {name: hello, port: {number: 80}}}}\n"),
         ("IngressClass", "networking.k8s.io/v1", "ingressclasses",
@@ -621,6 +625,10 @@ const ISTIO_OBJECTS: &[(&str, &str)] = &[
       spec: {hosts: [s.example.org], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}\n"),
     ("networking.istio.io/v1", "kind: Sidecar\nmetadata: {name: s-sc, namespace: default}\nspec: {egress: [{hosts: ['./*']}]}\n"),
     ("security.istio.io/v1", "kind: PeerAuthentication\nmetadata: {name: s-pa, namespace: default}\nspec: {mtls: {mode: PERMISSIVE}}\n"),
+    ("security.istio.io/v1", "kind: RequestAuthentication\nmetadata: {name: s-ra, namespace: default}\n\
+      spec: {jwtRules: [{issuer: https://issuer.test, jwksUri: 'https://issuer.test/jwks'}]}\n"),
+    ("security.istio.io/v1", "kind: AuthorizationPolicy\nmetadata: {name: s-ap, namespace: default}\n\
+      spec: {action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}\n"),
 ];
 
 /// Every status meshd writes, as `group resource/status`.
@@ -634,6 +642,8 @@ const STATUS_RESOURCES: &[&str] = &[
     "networking.istio.io serviceentries/status",
     "networking.istio.io sidecars/status",
     "security.istio.io peerauthentications/status",
+    "security.istio.io requestauthentications/status",
+    "security.istio.io authorizationpolicies/status",
 ];
 
 /// One rule of a Role or ClusterRole, flattened.

@@ -41,6 +41,8 @@ const ISTIO_KINDS: &[Kind] = &[
     Kind::ServiceEntry,
     Kind::Sidecar,
     Kind::PeerAuthentication,
+    Kind::RequestAuthentication,
+    Kind::AuthorizationPolicy,
 ];
 
 /// Keeps the cluster's statuses in line with each pushed generation, for
@@ -152,6 +154,8 @@ fn current_status(resource: &Resource) -> Value {
         Resource::ServiceEntry(r) => &r.status,
         Resource::Sidecar(r) => &r.status,
         Resource::PeerAuthentication(r) => &r.status,
+        Resource::RequestAuthentication(r) => &r.status,
+        Resource::AuthorizationPolicy(r) => &r.status,
         Resource::GatewayClass(r) => &r.status,
         Resource::K8sGateway(r) => &r.status,
         Resource::HttpRoute(r) => &r.status,

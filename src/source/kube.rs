@@ -104,6 +104,20 @@ const WATCHED: &[Watched] = &[
         "peerauthentications",
         Kind::PeerAuthentication,
     ),
+    watched(
+        "security.istio.io",
+        "v1",
+        "RequestAuthentication",
+        "requestauthentications",
+        Kind::RequestAuthentication,
+    ),
+    watched(
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        Kind::AuthorizationPolicy,
+    ),
     watched("networking.k8s.io", "v1", "Ingress", "ingresses", Kind::Ingress),
     watched(
         "networking.k8s.io",
