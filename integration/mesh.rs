@@ -62,7 +62,7 @@ spec:
   clusterIP: {HELLO_VIP}
   selector: {{app: helloworld}}
   ports:
-  - {{name: web, port: 80, targetPort: 8080}}
+  - {{name: http-web, port: 80, targetPort: 8080}}
   - {{name: admin, port: 90, targetPort: 9090}}
 ---
 apiVersion: v1
@@ -70,7 +70,7 @@ kind: Endpoints
 metadata: {{name: helloworld}}
 subsets:
 - addresses: [{{ip: {HELLO_IP}}}]
-  ports: [{{name: web, port: 8080}}, {{name: admin, port: 9090}}]
+  ports: [{{name: http-web, port: 8080}}, {{name: admin, port: 9090}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -471,4 +471,35 @@ fn seed_sidecars_and_mtls_on_a_namespace_mesh() {
         })
         .unwrap_or_else(|| panic!("{curl_authn}"));
     assert_eq!(to_hello["tls"], "AUTO", "{curl_authn}");
+
+    // An AuthorizationPolicy on helloworld denies the curltest identity (as
+    // its mutual TLS certificate proves it): 403 from helloworld's sidecar,
+    // while the gateway's identity still gets through.
+    let deny = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-curltest, namespace: default}
+spec:
+  selector:
+    matchLabels: {app: helloworld}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/curltest]}
+"#;
+    write(&m.t.path("config/deny-curltest.yaml"), deny);
+    eventually(
+        "curltest denied by identity",
+        Duration::from_secs(20),
+        || match m.t.curl(&ct, &hello) {
+            // curl -f: the 403 is an error (22) that names the status.
+            Err((22, e)) if e.contains("403") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    wait_hello(
+        &m,
+        "the gateway's identity is not denied",
+        &out,
+        &["-H", "Host: helloworld.fireflyclass.com", &gateway],
+    );
 }

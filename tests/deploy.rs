@@ -166,7 +166,11 @@ fn the_crds_serve_every_kind_meshd_reads_in_the_versions_istio_serves() {
             assert!(served.contains(&want), "{want} is not served");
         }
     }
-    for kind in ["PeerAuthentication", "RequestAuthentication", "AuthorizationPolicy"] {
+    for kind in [
+        "PeerAuthentication",
+        "RequestAuthentication",
+        "AuthorizationPolicy",
+    ] {
         for version in ["v1beta1", "v1"] {
             let want = format!("security.istio.io/{version} {kind}");
             assert!(served.contains(&want), "{want} is not served");

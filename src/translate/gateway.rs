@@ -101,7 +101,7 @@ fn server_kind(server: &Server) -> Result<ServerKind, String> {
 
 /// Adds the proxy's gateway listeners, route configurations and Secrets.
 pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
-    let policy = super::security::http_filters(push, &proxy.namespace, &proxy.labels, out);
+    let policy = super::security::filters(push, &proxy.namespace, &proxy.labels, out).http;
     let mut by_bind_port: BTreeMap<u16, Vec<BoundServer<'_>>> = BTreeMap::new();
     for gateway in push.gateways_for(proxy) {
         for (index, server) in gateway.spec.servers.iter().enumerate() {

@@ -1,7 +1,9 @@
 //! Request policies as stock Envoy HTTP filters, in Istio's order ahead of
 //! the router: `jwt_authn` for the RequestAuthentications that apply (a bad
 //! token is refused with 401, a missing one passes), then RBAC for the
-//! AuthorizationPolicies: AUDIT (Envoy's LOG), DENY, then ALLOW (403).
+//! AuthorizationPolicies: AUDIT (Envoy's LOG), DENY, then ALLOW (403). TCP
+//! chains get the network RBAC filter with what TCP traffic can be judged
+//! on (peer identity, namespace, addresses, ports), as Istio does.
 //!
 //! Identities come from where Envoy has them: the peer certificate's URI SAN
 //! (the SPIFFE identity meshd's CA issued) for `principals` and
@@ -23,6 +25,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter};
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, Permission, Policy, Principal, SourcedMetadata,
 };
@@ -59,6 +62,7 @@ const FAILURE: &str = "failure";
 /// Envoy's message for a token of an audience the provider does not take.
 const AUDIENCE_NOT_ALLOWED: &str = "Audiences in Jwt are not allowed";
 const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+const NETWORK_RBAC_FILTER: &str = "envoy.filters.network.rbac";
 
 /// Envoy answers a token of the wrong audience with 403, every other bad
 /// token with 401; Istio's users (and RFC 6750) expect 401 for any token
@@ -101,18 +105,26 @@ pub fn local_reply() -> LocalReplyConfig {
 /// `https://` jwksUri is verified against.
 const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The filters the policies that apply to `proxy` need, in order; JWKS
-/// clusters go into `out`.
-pub fn http_filters(
+/// The filters the request policies of one workload need: HTTP filters
+/// for its HTTP chains, network filters for its TCP chains.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyFilters {
+    pub http: Vec<HttpFilter>,
+    pub tcp: Vec<Filter>,
+}
+
+/// The filters the policies that apply to a workload of `namespace` with
+/// `labels` need, in order; JWKS clusters go into `out`.
+pub fn filters(
     push: &PushContext,
     namespace: &str,
     labels: &BTreeMap<String, String>,
     out: &mut Generated,
-) -> Vec<HttpFilter> {
-    let mut filters = Vec::new();
+) -> PolicyFilters {
+    let mut filters = PolicyFilters::default();
     let authentications = request_policy::applying(&push.request_authentications, namespace, labels);
     if let Some(f) = jwt_filter(&authentications, out) {
-        filters.push(f);
+        filters.http.push(f);
     }
     let policies = request_policy::applying(&push.authorization_policies, namespace, labels);
     for ap in policies.iter().filter(|p| p.spec.action() == "CUSTOM") {
@@ -131,64 +143,134 @@ pub fn http_filters(
         if of_action.is_empty() {
             continue;
         }
-        let mut entries = Vec::new();
-        for ap in &of_action {
-            for (i, rule) in ap.spec.rules.iter().enumerate() {
-                let name = format!("ns[{}]-policy[{}]-rule[{i}]", ap.namespace(), ap.name());
-                let resource = format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name());
-                match rule_policy(rule) {
-                    Ok(policy) => entries.push((name, policy)),
-                    Err(why) => {
-                        // Istio fails closed: a DENY rule it cannot express
-                        // denies everything; an ALLOW rule allows nothing.
-                        let (message, fallback) = if action == "DENY" {
-                            (
-                                format!("{why}; the rule denies every request"),
-                                Some(any_policy()),
-                            )
-                        } else {
-                            (format!("{why}; the rule matches no request"), None)
-                        };
-                        out.diagnostics.push(Diagnostic {
-                            resource,
-                            field: format!("spec.rules[{i}]"),
-                            message,
-                        });
-                        if let Some(p) = fallback {
-                            entries.push((name, p));
-                        }
+        if let Some(rules) = rbac_rules(&of_action, action, envoy_action, false, &mut out.diagnostics) {
+            filters.http.push(HttpFilter {
+                name: RBAC_FILTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                    "envoy.extensions.filters.http.rbac.v3.RBAC",
+                    &RbacFilterConfig { rules: Some(rules) },
+                ))),
+                ..Default::default()
+            });
+        }
+        let mut quiet = Vec::new(); // the HTTP pass reported what applies to both
+        if let Some(rules) = rbac_rules(&of_action, action, envoy_action, true, &mut quiet) {
+            filters.tcp.push(Filter {
+                name: NETWORK_RBAC_FILTER.into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(
+                    "envoy.extensions.filters.network.rbac.v3.RBAC",
+                    &NetworkRbacConfig {
+                        rules: Some(rules),
+                        stat_prefix: "tcp.".into(),
+                    },
+                ))),
+            });
+        }
+    }
+    filters
+}
+
+/// The RBAC rules of the policies of one action, for HTTP or for TCP
+/// traffic; `None` when there is nothing to enforce.
+fn rbac_rules(
+    policies: &[&AuthorizationPolicy],
+    action: &str,
+    envoy_action: i32,
+    tcp: bool,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<RbacRules> {
+    let mut entries = Vec::new();
+    for ap in policies {
+        for (i, rule) in ap.spec.rules.iter().enumerate() {
+            let name = format!("ns[{}]-policy[{}]-rule[{i}]", ap.namespace(), ap.name());
+            let resource = format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name());
+            let rule = if tcp {
+                match tcp_rule(rule) {
+                    // Istio on TCP: an ALLOW rule with HTTP-only fields
+                    // matches nothing; a DENY or AUDIT rule drops them and
+                    // so matches more.
+                    (_, true) if action == "ALLOW" => continue,
+                    (stripped, _) => std::borrow::Cow::Owned(stripped),
+                }
+            } else {
+                std::borrow::Cow::Borrowed(rule)
+            };
+            match rule_policy(&rule) {
+                Ok(policy) => entries.push((name, policy)),
+                Err(why) => {
+                    // Istio fails closed: a DENY rule it cannot express
+                    // denies everything; an ALLOW rule allows nothing.
+                    let (message, fallback) = if action == "DENY" {
+                        (
+                            format!("{why}; the rule denies every request"),
+                            Some(any_policy()),
+                        )
+                    } else {
+                        (format!("{why}; the rule matches no request"), None)
+                    };
+                    diagnostics.push(Diagnostic {
+                        resource,
+                        field: format!("spec.rules[{i}]"),
+                        message,
+                    });
+                    if let Some(p) = fallback {
+                        entries.push((name, p));
                     }
                 }
             }
         }
-        // An ALLOW policy without rules (or whose rules match nothing)
-        // still counts: with no policy matching, everything is denied.
-        if entries.is_empty() && action != "ALLOW" {
-            continue;
-        }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let config = RbacFilterConfig {
-            rules: Some(RbacRules {
-                action: envoy_action,
-                policies: entries
-                    .into_iter()
-                    .map(|(key, value)| PolicyEntry {
-                        key,
-                        value: Some(value),
-                    })
-                    .collect(),
-            }),
-        };
-        filters.push(HttpFilter {
-            name: RBAC_FILTER.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                "envoy.extensions.filters.http.rbac.v3.RBAC",
-                &config,
-            ))),
-            ..Default::default()
-        });
     }
-    filters
+    // An ALLOW policy without rules (or whose rules match nothing) still
+    // counts: with no policy matching, everything is denied.
+    if entries.is_empty() && action != "ALLOW" {
+        return None;
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(RbacRules {
+        action: envoy_action,
+        policies: entries
+            .into_iter()
+            .map(|(key, value)| PolicyEntry {
+                key,
+                value: Some(value),
+            })
+            .collect(),
+    })
+}
+
+/// A rule as TCP traffic can be judged: without the fields that only HTTP
+/// carries (request principals, hosts, methods, paths, `request.*`
+/// conditions); says whether it had any.
+fn tcp_rule(rule: &Rule) -> (Rule, bool) {
+    let mut had = false;
+    let mut out = rule.clone();
+    for from in out.from.iter_mut() {
+        if let Some(s) = from.source.as_mut() {
+            had |= !s.request_principals.is_empty() || !s.not_request_principals.is_empty();
+            s.request_principals.clear();
+            s.not_request_principals.clear();
+        }
+    }
+    for to in out.to.iter_mut() {
+        if let Some(o) = to.operation.as_mut() {
+            let http = [
+                &mut o.hosts,
+                &mut o.not_hosts,
+                &mut o.methods,
+                &mut o.not_methods,
+                &mut o.paths,
+                &mut o.not_paths,
+            ];
+            for field in http {
+                had |= !field.is_empty();
+                field.clear();
+            }
+        }
+    }
+    let before = out.when.len();
+    out.when.retain(|c| !c.key.starts_with("request."));
+    had |= out.when.len() != before;
+    (out, had)
 }
 
 /// `envoy.extensions.filters.http.rbac.v3.RBAC` (its `rules`), with the
@@ -197,6 +279,15 @@ pub fn http_filters(
 struct RbacFilterConfig {
     #[prost(message, optional, tag = "1")]
     rules: Option<RbacRules>,
+}
+
+/// `envoy.extensions.filters.network.rbac.v3.RBAC`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NetworkRbacConfig {
+    #[prost(message, optional, tag = "1")]
+    rules: Option<RbacRules>,
+    #[prost(string, tag = "3")]
+    stat_prefix: String,
 }
 
 /// `envoy.config.rbac.v3.RBAC`.

@@ -18,13 +18,13 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::cluster::{self, BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
 use super::route::{http_routes, l4_clusters, RouteScope};
+use super::security::PolicyFilters;
 use super::tls::istio_common_tls_context;
 use super::{
     duration, http_connection_manager, outbound_cluster_name, rds, socket, tcp_proxy, Diagnostic, Generated,
@@ -134,7 +134,7 @@ fn inbound_chain(
     http: bool,
     cluster: &str,
     mtls: bool,
-    policy: &[HttpFilter],
+    policy: &PolicyFilters,
 ) -> FilterChain {
     let stat = format!(
         "inbound_0.0.0.0_{}",
@@ -145,10 +145,15 @@ fn inbound_chain(
             &stat,
             RouteSpecifier::RouteConfig(all_to(cluster, cluster)),
             false,
-            policy,
+            &policy.http,
         )
     } else {
         tcp_proxy(&stat, cluster)
+    };
+    let filters = if http {
+        vec![filter]
+    } else {
+        policy.tcp.iter().cloned().chain([filter]).collect()
     };
     let kind = if mtls { "mtls" } else { "plaintext" };
     FilterChain {
@@ -158,7 +163,7 @@ fn inbound_chain(
             transport_protocol: transport.to_string(),
             ..Default::default()
         }),
-        filters: vec![filter],
+        filters,
         transport_socket: mtls.then(inbound_mtls),
         ..Default::default()
     }
@@ -172,7 +177,7 @@ fn chains_for(
     identity: bool,
     http: bool,
     cluster: &str,
-    policy: &[HttpFilter],
+    policy: &PolicyFilters,
 ) -> Vec<FilterChain> {
     let chain = |transport: &str, mtls: bool| inbound_chain(port, transport, http, cluster, mtls, policy);
     match mode {
@@ -187,7 +192,7 @@ fn chains_for(
 fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
     let labels = push.pods.get(&proxy.ip).map_or(&proxy.labels, |p| &p.labels);
     let mtls = peer_auth::resolve(push, &proxy.namespace, labels);
-    let policy = super::security::http_filters(push, &proxy.namespace, labels, out);
+    let policy = super::security::filters(push, &proxy.namespace, labels, out);
     let identity = proxy.identity.is_some();
     let strict_without_identity = |port: u16, out: &mut Generated| {
         out.diagnostics.push(Diagnostic {
