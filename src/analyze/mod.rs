@@ -10,10 +10,16 @@
 //! HTTPRoute parent it does not attach to, `MSH0003` for a Gateway API
 //! listener that is not served, `MSH0004` for `httpsRedirect` on an HTTPS
 //! server, where it does nothing, `MSH0005` for an HTTP probe STRICT mutual
-//! TLS refuses), the
+//! TLS refuses; the request-policy analyzers in `security`: IST0101 for
+//! an unknown namespace, IST0127 for a selector that selects nothing,
+//! MSH0006 for a port no selected workload serves, MSH0007 for request
+//! principals where no RequestAuthentication applies, MSH0008 for the
+//! deprecated `targetRef`), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
+
+mod security;
 
 use std::fmt;
 
@@ -146,6 +152,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
     hosts_on_gateways(push, config, &mut out);
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
+    security::request_policies(push, config, &mut out);
     for (key, entry) in &config.resources {
         let Resource::Ingress(ing) = &*entry.resource else {
             continue;

@@ -44,6 +44,8 @@ pub trait Targeted {
     fn selector(&self) -> Option<&WorkloadSelector>;
     /// `targetRef` and `targetRefs` together.
     fn target_refs(&self) -> Vec<&PolicyTargetReference>;
+    /// Whether the deprecated `targetRef` (one) is set.
+    fn uses_target_ref(&self) -> bool;
 }
 
 impl Targeted for RequestAuthenticationSpec {
@@ -53,6 +55,9 @@ impl Targeted for RequestAuthenticationSpec {
     fn target_refs(&self) -> Vec<&PolicyTargetReference> {
         self.target_ref.iter().chain(&self.target_refs).collect()
     }
+    fn uses_target_ref(&self) -> bool {
+        self.target_ref.is_some()
+    }
 }
 
 impl Targeted for AuthorizationPolicySpec {
@@ -61,6 +66,9 @@ impl Targeted for AuthorizationPolicySpec {
     }
     fn target_refs(&self) -> Vec<&PolicyTargetReference> {
         self.target_ref.iter().chain(&self.target_refs).collect()
+    }
+    fn uses_target_ref(&self) -> bool {
+        self.target_ref.is_some()
     }
 }
 
