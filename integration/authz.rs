@@ -235,3 +235,121 @@ fn jwts_and_authorization_policies_at_the_gateway() {
     );
     assert_eq!(get(None), Ok(403), "no token, no claim");
 }
+
+#[test]
+fn custom_policies_ask_the_external_authorizer_of_the_mesh_config() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let work = tempfile::tempdir().expect("tmp");
+    // An HTTP authorizer, as Istio's sample ext-authz: allows a request
+    // whose x-ext-authz header says "allow".
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counter = checks.clone();
+    let (authz_port, _stop) = serve_http("127.0.0.1", move |_| {
+        axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let allow = headers.get("x-ext-authz").is_some_and(|v| v == "allow");
+            async move {
+                let status = if allow {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::FORBIDDEN
+                };
+                (
+                    status,
+                    [(
+                        "x-ext-authz-check-result",
+                        if allow { "allowed" } else { "denied" },
+                    )],
+                    "",
+                )
+            }
+        })
+    });
+    let backend = Backend::start("v1");
+    let port = free_port();
+    let dir = work.path().join("config");
+    write(
+        &dir.join("mesh.yaml"),
+        &format!(
+            "{}{}{}",
+            ingress_gateway(port),
+            loopback_service("hello", "http", 80, backend.port),
+            hello_virtual_service("v1", None)
+        ),
+    );
+    write(
+        &dir.join("custom.yaml"),
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: istio-system}
+spec:
+  selector:
+    matchLabels: {istio: ingressgateway}
+  action: CUSTOM
+  provider: {name: sample-ext-authz}
+  rules:
+  - to:
+    - operation: {paths: ["/ext/*"]}
+"#,
+    );
+    let mesh_config = work.path().join("meshconfig.yaml");
+    write(
+        &mesh_config,
+        &format!(
+            "extensionProviders:\n- name: sample-ext-authz\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: {authz_port}\n\
+             \x20   includeRequestHeadersInCheck: [x-ext-authz]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n"
+        ),
+    );
+    let mesh_flag = mesh_config.display().to_string();
+    let meshd = Meshd::start_with(
+        &dir,
+        work.path(),
+        crate::common::MeshdPorts::free(),
+        &["--mesh-config", &mesh_flag],
+    );
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-ingressgateway-1"),
+    );
+    let get = |path: &str, allow: bool| -> Result<(u16, String), String> {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let mut args = vec!["-i", "-H", "Host: hello.example.com"];
+        if allow {
+            args.extend(["-H", "x-ext-authz: allow"]);
+        }
+        args.push(&url);
+        curl(&args)
+    };
+    eventually(
+        "the authorizer refuses /ext/ without its header",
+        WAIT,
+        || match get("/ext/a", false) {
+            Ok((403, body))
+                if body
+                    .to_ascii_lowercase()
+                    .contains("x-ext-authz-check-result: denied") =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    assert_eq!(
+        get("/ext/a", true).map(|r| r.0),
+        Ok(200),
+        "allowed by the authorizer"
+    );
+    let before = checks.load(Ordering::SeqCst);
+    assert_eq!(
+        get("/other", false).map(|r| r.0),
+        Ok(200),
+        "paths the rule does not match"
+    );
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        before,
+        "are not sent to the authorizer"
+    );
+}

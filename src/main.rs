@@ -190,6 +190,11 @@ struct ServeArgs {
     /// values: [prod]}]}`.
     #[arg(long = "discovery-selector", value_parser = meshd::source::parse_selector, requires = "kube")]
     discovery_selectors: Vec<kube::core::Selector>,
+    /// Istio's mesh config (YAML: a MeshConfig, or the `istio` ConfigMap
+    /// holding one under data.mesh); meshd reads its extensionProviders
+    /// (envoyExtAuthzHttp, envoyExtAuthzGrpc) for CUSTOM AuthorizationPolicies.
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
     /// With --kube, write what the analyzers find into the status of Istio
     /// resources (`status.validationMessages`), as istiod does with
     /// PILOT_ENABLE_ANALYSIS. Gateway API status is always written.
@@ -445,6 +450,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     endpoints: a.debounce_endpoints,
                 },
                 max_concurrent_pushes: a.max_concurrent_pushes,
+                mesh: std::sync::Arc::new(match &a.mesh_config {
+                    Some(path) => meshd::config::mesh::MeshConfig::load(path)
+                        .map_err(|e| anyhow::anyhow!("--mesh-config {e}"))?,
+                    None => Default::default(),
+                }),
             };
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(serve::run(opts, shutdown_signal()))?;

@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub debounce: source::Debounce,
     /// Streams computing a push at once.
     pub max_concurrent_pushes: usize,
+    /// Mesh-wide settings (`--mesh-config`): the extension providers.
+    pub mesh: Arc<crate::config::mesh::MeshConfig>,
 }
 
 /// Why `meshd serve` could not run.
@@ -288,7 +290,10 @@ pub async fn run(
         }
     }
     let first = config_rx.borrow_and_update().clone();
-    let cache = Arc::new(SnapshotCache::new(Arc::new(PushContext::new(first))));
+    let mesh = opts.mesh.clone();
+    let cache = Arc::new(SnapshotCache::new(Arc::new(
+        PushContext::new(first).with_mesh(mesh.clone()),
+    )));
     let registry = Arc::new(Registry::default());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -309,7 +314,7 @@ pub async fn run(
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
-            let push = Arc::new(PushContext::new(config));
+            let push = Arc::new(PushContext::new(config).with_mesh(mesh.clone()));
             updater.update(push.clone());
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
             analyzer.run(push.clone());

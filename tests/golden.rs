@@ -27,6 +27,9 @@ struct Scenario {
     proxies: Vec<ProxySpec>,
     #[serde(default)]
     requests: Vec<RequestSpec>,
+    /// A mesh config file (as `meshd serve --mesh-config` takes it).
+    #[serde(default)]
+    mesh: Option<String>,
 }
 
 fn default_config() -> String {
@@ -168,7 +171,12 @@ fn golden_scenarios() {
             config.rejections
         );
         // Certificates are judged at a fixed time, so goldens do not age.
-        let push = PushContext::new_at(Arc::new(config), golden_time());
+        let mesh = scenario.mesh.as_ref().map(|m| {
+            meshd::config::mesh::MeshConfig::load(&dir.join(m))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        });
+        let push = PushContext::new_at(Arc::new(config), golden_time())
+            .with_mesh(Arc::new(mesh.unwrap_or_default()));
         let out_dir = dir.join("out");
         let mut written = BTreeSet::new();
         let mut generated = BTreeMap::new();

@@ -11,6 +11,7 @@
 pub mod gateway_api;
 pub mod ingress;
 pub mod istio;
+pub mod mesh;
 mod parse;
 pub mod security;
 mod store;

@@ -57,6 +57,8 @@ pub struct PushContext {
     pub request_authentications: Vec<Arc<crate::config::RequestAuthentication>>,
     /// Every AuthorizationPolicy, oldest first.
     pub authorization_policies: Vec<Arc<crate::config::AuthorizationPolicy>>,
+    /// The mesh-wide settings (`--mesh-config`).
+    pub mesh: Arc<crate::config::mesh::MeshConfig>,
     /// Every DestinationRule, oldest first.
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Indexes into `destination_rules` by resolved host; wildcard hosts
@@ -91,6 +93,12 @@ pub struct PodInfo {
 }
 
 impl PushContext {
+    /// The same generation under the mesh settings `mesh`.
+    pub fn with_mesh(mut self, mesh: Arc<crate::config::mesh::MeshConfig>) -> PushContext {
+        self.mesh = mesh;
+        self
+    }
+
     /// Builds the indexes for one generation, judging certificates now.
     pub fn new(config: Arc<ConfigSnapshot>) -> PushContext {
         PushContext::new_at(config, SystemTime::now())
@@ -163,6 +171,7 @@ impl PushContext {
             peer_authentications,
             request_authentications: oldest_first(request_authentications),
             authorization_policies: oldest_first(authorization_policies),
+            mesh: Arc::default(),
             destination_rules: oldest_first(destination_rules),
             destination_rules_by_host: std::collections::HashMap::new(),
             pods,

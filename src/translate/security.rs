@@ -127,12 +127,13 @@ pub fn filters(
         filters.http.push(f);
     }
     let policies = request_policy::applying(&push.authorization_policies, namespace, labels);
-    for ap in policies.iter().filter(|p| p.spec.action() == "CUSTOM") {
-        out.diagnostics.push(Diagnostic {
-            resource: format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name()),
-            field: "spec.action".into(),
-            message: "CUSTOM (external authorization) is not applied yet; the policy is left out".into(),
-        });
+    let custom: Vec<&AuthorizationPolicy> = policies
+        .iter()
+        .filter(|p| p.spec.action() == "CUSTOM")
+        .map(|p| &***p)
+        .collect();
+    if !custom.is_empty() {
+        custom_filters(push, &custom, out, &mut filters.http);
     }
     for (action, envoy_action) in [("AUDIT", 2), ("DENY", 1), ("ALLOW", 0)] {
         let of_action: Vec<&AuthorizationPolicy> = policies
@@ -144,14 +145,9 @@ pub fn filters(
             continue;
         }
         if let Some(rules) = rbac_rules(&of_action, action, envoy_action, false, &mut out.diagnostics) {
-            filters.http.push(HttpFilter {
-                name: RBAC_FILTER.into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                    "envoy.extensions.filters.http.rbac.v3.RBAC",
-                    &RbacFilterConfig { rules: Some(rules) },
-                ))),
-                ..Default::default()
-            });
+            filters
+                .http
+                .push(rbac_http_filter(&RbacFilterConfig { rules: Some(rules) }));
         }
         let mut quiet = Vec::new(); // the HTTP pass reported what applies to both
         if let Some(rules) = rbac_rules(&of_action, action, envoy_action, true, &mut quiet) {
@@ -168,6 +164,236 @@ pub fn filters(
         }
     }
     filters
+}
+
+/// CUSTOM policies, as Istio builds them: an RBAC filter whose shadow
+/// rules mark the requests the policies' rules match, and the external
+/// authorization filter of the provider, enabled only for marked requests.
+/// A workload takes one provider; a provider the mesh config does not
+/// define denies what its rules match (fail closed).
+fn custom_filters(
+    push: &PushContext,
+    policies: &[&AuthorizationPolicy],
+    out: &mut Generated,
+    filters: &mut Vec<HttpFilter>,
+) {
+    let name_of = |ap: &AuthorizationPolicy| {
+        ap.spec
+            .provider
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default()
+    };
+    let chosen = name_of(policies[0]);
+    let resource = |ap: &AuthorizationPolicy| format!("AuthorizationPolicy {}/{}", ap.namespace(), ap.name());
+    let mut same = Vec::new();
+    for ap in policies {
+        if name_of(ap) == chosen {
+            same.push(*ap);
+        } else {
+            out.diagnostics.push(Diagnostic {
+                resource: resource(ap),
+                field: "spec.provider.name".into(),
+                message: format!(
+                    "a workload takes one CUSTOM provider; {chosen:?} is used and this policy is left out"
+                ),
+            });
+        }
+    }
+    let provider = push.mesh.provider(&chosen);
+    let service = provider.and_then(|p| {
+        p.envoy_ext_authz_http
+            .as_ref()
+            .map(|h| (h.service.as_str(), h.port, false))
+            .or(p
+                .envoy_ext_authz_grpc
+                .as_ref()
+                .map(|g| (g.service.as_str(), g.port, true)))
+    });
+    let (Some(provider), Some((host, port, grpc))) = (provider, service) else {
+        for ap in &same {
+            out.diagnostics.push(Diagnostic {
+                resource: resource(ap),
+                field: "spec.provider.name".into(),
+                message: format!(
+                    "no extensionProviders entry {chosen:?} with envoyExtAuthzHttp or envoyExtAuthzGrpc in the mesh                      config (--mesh-config): what the policy's rules match is denied"
+                ),
+            });
+        }
+        if let Some(rules) = rbac_rules(&same, "DENY", 1, false, &mut out.diagnostics) {
+            filters.push(rbac_http_filter(&RbacFilterConfig { rules: Some(rules) }));
+        }
+        return;
+    };
+    let Some(mut rules) = rbac_rules(&same, "ALLOW", 0, false, &mut out.diagnostics) else {
+        return;
+    };
+    for entry in rules.policies.iter_mut() {
+        entry.key = format!("{EXT_AUTHZ_POLICY}-{}", entry.key);
+    }
+    filters.push(rbac_http_filter(&ShadowRbacConfig {
+        shadow_rules: Some(rules),
+        shadow_rules_stat_prefix: EXT_AUTHZ_PREFIX.into(),
+    }));
+    let cluster_name = format!("extauthz|{host}|{port}");
+    if !out.clusters.iter().any(|c| c.name == cluster_name) {
+        if let Some(mut cluster) = uri_cluster(&format!("http://{host}:{port}"), "extauthz") {
+            if grpc {
+                http2(&mut cluster);
+            }
+            out.clusters.push(cluster);
+        }
+    }
+    filters.extend(ext_authz_filter(provider, &cluster_name, host, port));
+}
+
+/// Where Istio's shadow rules put the policy they matched, and the prefix
+/// of the policies that send a request to the external authorizer.
+const EXT_AUTHZ_PREFIX: &str = "istio_ext_authz_";
+const EXT_AUTHZ_POLICY: &str = "istio-ext-authz";
+
+fn rbac_http_filter(config: &impl prost::Message) -> HttpFilter {
+    HttpFilter {
+        name: RBAC_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            "envoy.extensions.filters.http.rbac.v3.RBAC",
+            config,
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The external authorization filter of a provider, enabled for requests
+/// the CUSTOM shadow rules marked.
+fn ext_authz_filter(
+    provider: &crate::config::mesh::ExtensionProvider,
+    cluster: &str,
+    host: &str,
+    port: u16,
+) -> Option<HttpFilter> {
+    use envoy_types::pb::envoy::config::core::v3::{grpc_service, ApiVersion, GrpcService};
+    use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
+        ext_authz, AuthorizationRequest, AuthorizationResponse, ExtAuthz, HttpService,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::ListStringMatcher;
+    use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+    let timeout = |t: Option<&String>| {
+        duration(
+            t.and_then(|t| parse_duration(t))
+                .unwrap_or(std::time::Duration::from_millis(600)),
+        )
+    };
+    let status = |s: Option<&String>| {
+        s.and_then(|s| s.parse::<i32>().ok())
+            .map(|code| HttpStatus { code })
+    };
+    let names = |headers: &[String]| {
+        (!headers.is_empty()).then(|| ListStringMatcher {
+            patterns: headers.iter().map(|h| string_match(h, true)).collect(),
+        })
+    };
+    let http = provider.envoy_ext_authz_http.as_ref();
+    let grpc = provider.envoy_ext_authz_grpc.as_ref();
+    let (services, fail_open, status_on_error) = match (http, grpc) {
+        (Some(h), _) => (
+            ext_authz::Services::HttpService(HttpService {
+                server_uri: Some(HttpUri {
+                    uri: format!("http://{host}:{port}"),
+                    timeout: Some(timeout(h.timeout.as_ref())),
+                    http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(cluster.to_string())),
+                }),
+                path_prefix: h.path_prefix.clone().unwrap_or_default(),
+                #[allow(deprecated)] // allowed_headers moved to ExtAuthz, where it is set
+                authorization_request: Some(AuthorizationRequest {
+                    allowed_headers: None,
+                    headers_to_add: h
+                        .include_additional_headers_in_check
+                        .iter()
+                        .map(|(k, v)| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                            key: k.clone(),
+                            value: v.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+                authorization_response: Some(AuthorizationResponse {
+                    allowed_upstream_headers: names(&h.headers_to_upstream_on_allow),
+                    allowed_client_headers: names(&h.headers_to_downstream_on_deny),
+                    allowed_client_headers_on_success: names(&h.headers_to_downstream_on_allow),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            h.fail_open,
+            status(h.status_on_error.as_ref()),
+        ),
+        (None, Some(g)) => (
+            ext_authz::Services::GrpcService(GrpcService {
+                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                    grpc_service::EnvoyGrpc {
+                        cluster_name: cluster.to_string(),
+                        authority: host.to_string(),
+                        ..Default::default()
+                    },
+                )),
+                timeout: Some(timeout(g.timeout.as_ref())),
+                ..Default::default()
+            }),
+            g.fail_open,
+            status(g.status_on_error.as_ref()),
+        ),
+        (None, None) => return None,
+    };
+    let allowed_headers = http.and_then(|h| names(&h.include_request_headers_in_check));
+    let config = ExtAuthz {
+        transport_api_version: ApiVersion::V3 as i32,
+        allowed_headers,
+        services: Some(services),
+        failure_mode_allow: fail_open,
+        status_on_error,
+        filter_enabled_metadata: Some(MetadataMatcher {
+            filter: RBAC_FILTER.into(),
+            path: vec![metadata_matcher::PathSegment {
+                segment: Some(metadata_matcher::path_segment::Segment::Key(format!(
+                    "{EXT_AUTHZ_PREFIX}shadow_effective_policy_id"
+                ))),
+            }],
+            value: Some(ValueMatcher {
+                match_pattern: Some(value_matcher::MatchPattern::StringMatch(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Prefix(EXT_AUTHZ_POLICY.into())),
+                    ignore_case: false,
+                })),
+            }),
+            invert: false,
+        }),
+        ..Default::default()
+    };
+    Some(HttpFilter {
+        name: "envoy.filters.http.ext_authz".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(config))),
+        ..Default::default()
+    })
+}
+
+/// Speaks HTTP/2 to the upstream (a gRPC service).
+fn http2(cluster: &mut Cluster) {
+    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions::default(),
+            )),
+        })),
+        ..Default::default()
+    };
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(options),
+    );
 }
 
 /// The RBAC rules of the policies of one action, for HTTP or for TCP
@@ -279,6 +505,15 @@ fn tcp_rule(rule: &Rule) -> (Rule, bool) {
 struct RbacFilterConfig {
     #[prost(message, optional, tag = "1")]
     rules: Option<RbacRules>,
+}
+
+/// `envoy.extensions.filters.http.rbac.v3.RBAC` with shadow rules only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ShadowRbacConfig {
+    #[prost(message, optional, tag = "2")]
+    shadow_rules: Option<RbacRules>,
+    #[prost(string, tag = "3")]
+    shadow_rules_stat_prefix: String,
 }
 
 /// `envoy.extensions.filters.network.rbac.v3.RBAC`.
@@ -479,6 +714,12 @@ fn jwt_filter(
 /// address in the URI, over TLS (checked against the system CAs) for
 /// `https`.
 fn jwks_cluster(uri: &str) -> Option<Cluster> {
+    uri_cluster(uri, "jwks")
+}
+
+/// A cluster to the host and port of `uri`: `PREFIX|HOST|PORT`, over TLS
+/// (checked against the system CAs) for `https`.
+fn uri_cluster(uri: &str, prefix: &str) -> Option<Cluster> {
     let (https, rest) = match uri.split_once("://") {
         Some(("https", rest)) => (true, rest),
         Some(("http", rest)) => (false, rest),
@@ -501,7 +742,7 @@ fn jwks_cluster(uri: &str) -> Option<Cluster> {
     } else {
         cluster::DiscoveryType::StrictDns
     };
-    let name = format!("jwks|{host}|{port}");
+    let name = format!("{prefix}|{host}|{port}");
     let transport_socket = https.then(|| {
         let tls = UpstreamTlsContext {
             sni: host.to_string(),
