@@ -107,6 +107,24 @@ impl JwksServer {
     }
 }
 
+/// A hello backend behind the gateway on a free port, in `work/config`:
+/// the backend (kept running), the gateway's port and the config dir.
+fn hello_behind_gateway(work: &std::path::Path) -> (Backend, u16, std::path::PathBuf) {
+    let backend = Backend::start("v1");
+    let port = free_port();
+    let dir = work.join("config");
+    write(
+        &dir.join("mesh.yaml"),
+        &format!(
+            "{}{}{}",
+            ingress_gateway(port),
+            loopback_service("hello", "http", 80, backend.port),
+            hello_virtual_service("v1", None)
+        ),
+    );
+    (backend, port, dir)
+}
+
 fn request_authentication(jwks_port: u16) -> String {
     format!(
         r#"apiVersion: security.istio.io/v1
@@ -160,18 +178,7 @@ fn jwts_and_authorization_policies_at_the_gateway() {
     let rsa = rsa_signer(work.path(), "rsa-1");
     let ec = ec_signer("ec-1");
     let jwks = JwksServer::start(json!({"keys": [rsa.jwk, ec.jwk]}));
-    let backend = Backend::start("v1");
-    let port = free_port();
-    let dir = work.path().join("config");
-    write(
-        &dir.join("mesh.yaml"),
-        &format!(
-            "{}{}{}",
-            ingress_gateway(port),
-            loopback_service("hello", "http", 80, backend.port),
-            hello_virtual_service("v1", None)
-        ),
-    );
+    let (_backend, port, dir) = hello_behind_gateway(work.path());
     write(&dir.join("jwt.yaml"), &request_authentication(jwks.port));
     let meshd = Meshd::start(&dir, work.path());
     let envoy = Envoy::start(
@@ -266,18 +273,7 @@ fn custom_policies_ask_the_external_authorizer_of_the_mesh_config() {
             }
         })
     });
-    let backend = Backend::start("v1");
-    let port = free_port();
-    let dir = work.path().join("config");
-    write(
-        &dir.join("mesh.yaml"),
-        &format!(
-            "{}{}{}",
-            ingress_gateway(port),
-            loopback_service("hello", "http", 80, backend.port),
-            hello_virtual_service("v1", None)
-        ),
-    );
+    let (_backend, port, dir) = hello_behind_gateway(work.path());
     write(
         &dir.join("custom.yaml"),
         r#"apiVersion: security.istio.io/v1
