@@ -900,9 +900,11 @@ fn string_match(value: &str, ignore_case: bool) -> StringMatcher {
     } else {
         string_matcher::MatchPattern::Exact(value.to_string())
     };
+    // Envoy refuses ignore_case on a regex (which matches anything here).
+    let regex = matches!(pattern, string_matcher::MatchPattern::SafeRegex(_));
     StringMatcher {
         match_pattern: Some(pattern),
-        ignore_case,
+        ignore_case: ignore_case && !regex,
     }
 }
 
@@ -1130,12 +1132,14 @@ fn host_rule(host: &str) -> Permission {
     let with_port = header_rule(
         ":authority",
         StringMatcher {
+            // Case-insensitive in the regex itself: Envoy refuses
+            // ignore_case on a regex.
             match_pattern: Some(string_matcher::MatchPattern::SafeRegex(regex(&format!(
-                "{}{}:[0-9]+",
+                "(?i){}{}:[0-9]+",
                 if host.starts_with('*') { ".*" } else { "" },
                 regex_escape(host.trim_start_matches('*'))
             )))),
-            ignore_case: true,
+            ignore_case: false,
         },
     );
     or_rules(vec![plain, with_port])
