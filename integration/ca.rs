@@ -190,3 +190,62 @@ fn plugged_in_intermediate_chains_to_the_outside_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ca-key.pem does not match ca-cert.pem"), "{err}");
 }
+
+/// Racing first starts end with one root, owner-only, and nothing staged
+/// left behind (a corrupt key stopping start-up is checked in identity.rs).
+#[test]
+fn a_root_is_made_once_even_by_racing_first_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let work = tempfile::tempdir().expect("tmp");
+    let ca_dir = work.path().join("ca");
+    let dir = ca_dir.display().to_string();
+    // Four first starts at once on an empty directory.
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(crate::common::meshd_bin())
+                .args(["ca", "init", "--ca-dir", &dir])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("meshd ca init")
+        })
+        .collect();
+    let fingerprints: Vec<String> = racers
+        .into_iter()
+        .map(|child| {
+            let out = succeeded(child.wait_with_output().expect("wait"), "meshd ca init");
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix("root fingerprint (SHA-256): "))
+                .unwrap_or_else(|| panic!("no fingerprint in {out}"))
+                .to_string()
+        })
+        .collect();
+    let on_disk = openssl(
+        work.path(),
+        &[
+            "x509",
+            "-in",
+            &format!("{dir}/root-cert.pem"),
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    );
+    let on_disk = on_disk.trim().rsplit('=').next().unwrap_or_default().to_string();
+    for f in &fingerprints {
+        assert_eq!(*f, on_disk, "every start uses the one root on disk");
+    }
+    let mode = std::fs::metadata(ca_dir.join("ca-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the key is owner-only");
+    let leftovers: Vec<_> = std::fs::read_dir(work.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "no staging directory left: {leftovers:?}");
+}

@@ -214,7 +214,8 @@ struct ServeArgs {
         default_value = "meshd.istio-system.svc,localhost,127.0.0.1"
     )]
     xds_dns_names: Vec<String>,
-    /// Debug HTTP listen address (/ready, /debug/...).
+    /// Debug HTTP listen address (/ready, /debug/..., /metrics). They answer
+    /// without authentication: keep it on loopback, or expect a warning.
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_addr: SocketAddr,
     /// Where the CA keeps its root (made on first start, or plugged in).
@@ -270,6 +271,20 @@ struct ServeArgs {
     /// older one per stream, so a slow proxy delays no other.
     #[arg(long, default_value_t = meshd::xds::server::DEFAULT_CONCURRENT_PUSHES)]
     max_concurrent_pushes: usize,
+    /// ADS streams open at once, over all clients; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 100_000)]
+    max_streams: usize,
+    /// Resource names one request may carry; a request with more ends its
+    /// stream with INVALID_ARGUMENT.
+    #[arg(long, default_value_t = 100_000)]
+    max_resource_names: usize,
+    /// Requests a second one stream may send on average (bursts of
+    /// --request-burst); a stream over it is ended with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 100)]
+    max_requests_per_second: u32,
+    #[arg(long, default_value_t = 1_000)]
+    request_burst: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -450,6 +465,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     endpoints: a.debounce_endpoints,
                 },
                 max_concurrent_pushes: a.max_concurrent_pushes,
+                limits: meshd::xds::Limits {
+                    max_streams: a.max_streams,
+                    max_names: a.max_resource_names,
+                    requests_per_second: a.max_requests_per_second,
+                    request_burst: a.request_burst,
+                },
                 mesh: std::sync::Arc::new(match &a.mesh_config {
                     Some(path) => meshd::config::mesh::MeshConfig::load(path)
                         .map_err(|e| anyhow::anyhow!("--mesh-config {e}"))?,
@@ -689,6 +710,7 @@ fn ca(what: CaCommand) -> Result<ExitCode> {
         CaCommand::Init { ca_dir, trust_domain } => {
             let ca = load_or_create(&ca_dir, &trust_domain)?;
             println!("CA ready in {}", ca_dir.display());
+            println!("  root fingerprint (SHA-256): {}", ca.root_fingerprint());
             ca.describe().iter().for_each(|l| println!("  {l}"));
         }
         CaCommand::Inspect { ca_dir } => {

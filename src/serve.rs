@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub debounce: source::Debounce,
     /// Streams computing a push at once.
     pub max_concurrent_pushes: usize,
+    /// What one client may ask.
+    pub limits: crate::xds::Limits,
     /// Mesh-wide settings (`--mesh-config`): the extension providers.
     pub mesh: Arc<crate::config::mesh::MeshConfig>,
 }
@@ -340,7 +342,9 @@ pub async fn run(
     );
     tokio::spawn(webhook);
     let authority = ca.authority.clone();
-    let ads = AdsServer::new(cache.clone(), registry.clone()).with_push_limit(opts.max_concurrent_pushes);
+    let ads = AdsServer::new(cache.clone(), registry.clone())
+        .with_push_limit(opts.max_concurrent_pushes)
+        .with_limits(opts.limits);
     let xds = tonic::transport::Server::builder()
         .add_service(ads.clone().with_ca(ca.clone(), false).into_service())
         .add_service(IstioCertificateServiceServer::new(CertificateService::new(
@@ -362,6 +366,14 @@ pub async fn run(
             "--insecure-plaintext-identity: proxies on {} get certificates for the identity their node metadata claims, unauthenticated",
             opts.xds_addr
         ));
+    }
+    if !opts.debug_addr.ip().is_loopback() {
+        let warning = format!(
+            "--debug-addr {}: the debug endpoints (configuration, proxies, metrics) answer anyone who reaches              this address, without authentication",
+            opts.debug_addr
+        );
+        tracing::warn!("{warning}");
+        warnings.push(warning);
     }
     let state = DebugState {
         cache,

@@ -17,7 +17,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use meshd::config::{parse_file, ConfigSnapshot};
 use meshd::model::PushContext;
-use meshd::xds::{AdsServer, Registry, SnapshotCache, XdsType};
+use meshd::xds::{AdsServer, Limits, Registry, SnapshotCache, XdsType};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -79,11 +79,15 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_with(Limits::default()).await
+}
+
+async fn server_with(limits: Limits) -> Server {
     let cache = Arc::new(SnapshotCache::new(base()));
     let registry = Arc::new(Registry::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let ads = AdsServer::new(cache.clone(), registry.clone());
+    let ads = AdsServer::new(cache.clone(), registry.clone()).with_limits(limits);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ads.into_service())
@@ -607,4 +611,78 @@ async fn sotw_endpoint_change_sends_only_that_assignment() {
     c.ack(EDS, &[HELLO, OTHER], &r).await;
     c.send(LDS, &[], "", "", None).await;
     assert_eq!(c.recv().await.type_url, LDS.url());
+}
+
+// ---- limits ----------------------------------------------------------------
+
+/// The status a stream ended with.
+async fn ended<T>(rx: &mut Streaming<T>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("the stream ends within 5 s")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("closed without a status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_over_a_limit_is_cut_off_with_a_reason_and_others_go_on() {
+    let limits = Limits {
+        max_streams: 2,
+        max_names: 100,
+        requests_per_second: 5,
+        request_burst: 10,
+    };
+    let mut s = server_with(limits).await;
+    let mut calm = Sotw::open(&mut s).await;
+    calm.subscribe(CDS, &[]).await;
+
+    // Too many names in one request.
+    let mut greedy = Sotw::open(&mut s).await;
+    let names: Vec<String> = (0..101).map(|i| format!("c{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    greedy.send(EDS, &refs, "", "", None).await;
+    let status = ended(&mut greedy.rx).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("more than 100 resources"), "{status:?}");
+
+    // A flood of requests on one stream.
+    let mut noisy = Sotw::open(&mut s).await;
+    for _ in 0..40 {
+        noisy.send(CDS, &[], "", "", None).await;
+    }
+    let status = ended(&mut noisy.rx).await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("requests a second"), "{status:?}");
+
+    // More streams than allowed: the extra one is refused at once.
+    let mut second = Sotw::open(&mut s).await;
+    second.subscribe(CDS, &[]).await;
+    let (tx, rx) = mpsc::channel(1);
+    let third = s
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await;
+    drop(tx);
+    let status = match third {
+        Err(status) => status,
+        Ok(resp) => ended(&mut resp.into_inner()).await,
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    // The calm client was not disturbed: it still gets pushes.
+    s.cache.update(config(
+        &[
+            ("helloworld", "10.0.0.1"),
+            ("other", "10.0.0.2"),
+            ("third", "10.0.0.3"),
+        ],
+        "hello.example.com",
+    ));
+    let pushed = calm.recv().await;
+    assert_eq!(pushed.type_url, CDS.url());
 }

@@ -167,22 +167,80 @@ fn make_root(trust_domain: &str) -> Result<(KeyPair, String), CaError> {
     Ok((key, cert.pem()))
 }
 
+/// Makes a root in `files.dir`, all of it or nothing: the four files are
+/// written (owner-only, synced) into a staging directory beside it, which
+/// is then renamed onto the CA directory in one step. A crash before the
+/// rename leaves only the staging directory, which the next start ignores;
+/// two meshd starting at once both stage a root but only one rename
+/// lands, and the other loads that one. Where the directory cannot be
+/// renamed onto (a mount point), the files are created in place, the key
+/// first, each only if absent.
 fn create(files: &CaFiles, trust_domain: &str) -> Result<(), CaError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| CaError::Io { path, source }
     };
-    std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
-    set_mode(&files.dir, 0o700).map_err(io(&files.dir))?;
     let (key, pem) = make_root(trust_domain)?;
-    // The key first and owner-only, so it is never readable by others.
-    write_private(&files.path(CaFiles::CA_KEY), &key.serialize_pem())
-        .map_err(io(&files.path(CaFiles::CA_KEY)))?;
-    for name in [CaFiles::CA_CERT, CaFiles::ROOT_CERT, CaFiles::CERT_CHAIN] {
-        write_private(&files.path(name), &pem).map_err(io(&files.path(name)))?;
+    let material = [
+        (CaFiles::CA_KEY, key.serialize_pem()),
+        (CaFiles::CA_CERT, pem.clone()),
+        (CaFiles::ROOT_CERT, pem.clone()),
+        (CaFiles::CERT_CHAIN, pem),
+    ];
+    let parent = files
+        .dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = files
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ca".into());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let staging = parent.join(format!(".{name}.staging-{}-{nanos}", std::process::id()));
+    std::fs::create_dir(&staging).map_err(io(&staging))?;
+    set_mode(&staging, 0o700).map_err(io(&staging))?;
+    for (file, text) in &material {
+        let path = staging.join(file);
+        write_private(&path, text).map_err(io(&path))?;
     }
-    tracing::info!(dir = %files.dir.display(), "made a new self-signed root CA for trust domain {trust_domain}");
-    Ok(())
+    sync_dir(&staging).map_err(io(&staging))?;
+    match std::fs::rename(&staging, &files.dir) {
+        Ok(()) => {
+            sync_dir(parent).map_err(io(parent))?;
+            tracing::info!(dir = %files.dir.display(), "made a new self-signed root CA for trust domain {trust_domain}");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            // Another meshd's root landed first: use it.
+            if files.path(CaFiles::CA_KEY).exists() {
+                return Ok(());
+            }
+            tracing::debug!(
+                "cannot rename onto {}: {e}; writing the files in place",
+                files.dir.display()
+            );
+            std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
+            set_mode(&files.dir, 0o700).map_err(io(&files.dir))?;
+            for (file, text) in &material {
+                let path = files.path(file);
+                write_private(&path, text).map_err(io(&path))?;
+            }
+            tracing::info!(dir = %files.dir.display(), "made a new self-signed root CA for trust domain {trust_domain}");
+            Ok(())
+        }
+    }
+}
+
+/// Makes a directory's entries durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(unix)]
@@ -204,7 +262,9 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+    let mut file = options.open(path)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()
 }
 
 fn certs(files: &dyn Material, name: &str, text: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {

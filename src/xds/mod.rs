@@ -19,7 +19,7 @@ use std::fmt;
 use serde::Serialize;
 
 pub use cache::{Encoded, Resources, Snapshot, SnapshotCache};
-pub use server::AdsServer;
+pub use server::{AdsServer, Limits};
 pub use status::Registry;
 pub use wire::AdsService;
 

@@ -31,6 +31,75 @@ pub struct AdsServer {
     ca: Option<Arc<WorkloadCa>>,
     /// Whether this instance serves the TLS port (callers must authenticate).
     tls: bool,
+    limits: Limits,
+    /// Streams open now, on every port this server's clones serve.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What one client may ask of the server. A client over a limit is
+/// disconnected with a status that names it, and no other is slowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// ADS streams open at once, over all clients.
+    pub max_streams: usize,
+    /// Resource names in one request.
+    pub max_names: usize,
+    /// Requests a second one stream may send, on average.
+    pub requests_per_second: u32,
+    /// Requests one stream may send in a burst above that rate.
+    pub request_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_streams: 100_000,
+            max_names: 100_000,
+            requests_per_second: 100,
+            request_burst: 1_000,
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, refilled at `rate` a second.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn new(limits: &Limits) -> RateLimit {
+        RateLimit {
+            rate: f64::from(limits.requests_per_second),
+            burst: f64::from(limits.request_burst.max(1)),
+            tokens: f64::from(limits.request_burst.max(1)),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token; false when the stream has none left.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// Holds one slot of the open-stream count while the stream lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl AdsServer {
@@ -42,7 +111,15 @@ impl AdsServer {
             push_permits: Arc::new(Semaphore::new(DEFAULT_CONCURRENT_PUSHES)),
             ca: None,
             tls: false,
+            limits: Limits::default(),
+            streams: Arc::default(),
         }
+    }
+
+    /// Applies `limits` to every client.
+    pub fn with_limits(mut self, limits: Limits) -> AdsServer {
+        self.limits = limits;
+        self
     }
 
     /// At most `n` streams compute a push at once (snapshot translation is
@@ -85,10 +162,21 @@ impl AdsServer {
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
+        let open = self.streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let slot = StreamSlot(self.streams.clone());
+        if open >= self.limits.max_streams {
+            return Err(Status::resource_exhausted(format!(
+                "meshd serves at most {} streams at once; try another replica or later",
+                self.limits.max_streams
+            )));
+        }
         let caller = self.caller(credentials(&request)).await?;
         let requests = Requests::<B, R>::new(request.into_inner());
         let conn = Connection::new(self, mode, caller);
-        tokio::spawn(conn.run(requests, tx));
+        tokio::spawn(async move {
+            let _slot = slot;
+            conn.run(requests, tx).await;
+        });
         Ok(())
     }
 }
@@ -96,7 +184,7 @@ impl AdsServer {
 /// A request of either variant, as the loop needs it.
 pub(super) trait XdsRequest: Send + 'static {
     /// What decoding alone does not check; an error ends the stream.
-    fn check(&self) -> Result<(), Status> {
+    fn check(&self, _limits: &Limits) -> Result<(), Status> {
         Ok(())
     }
     fn node(&self) -> Option<&Node>;
@@ -134,8 +222,8 @@ pub struct SotwRequest {
 }
 
 impl XdsRequest for SotwRequest {
-    fn check(&self) -> Result<(), Status> {
-        check_names(&self.resource_names)
+    fn check(&self, limits: &Limits) -> Result<(), Status> {
+        check_names(&self.resource_names, limits)
     }
     fn node(&self) -> Option<&Node> {
         self.node.as_ref()
@@ -186,11 +274,21 @@ pub struct DeltaRequestMessage {
 }
 
 /// Names that are not all UTF-8 end the stream, as prost's `string` would.
-fn check_names<'a>(names: impl IntoIterator<Item = &'a bytes::Bytes>) -> Result<(), Status> {
-    match names.into_iter().find(|n| std::str::from_utf8(n).is_err()) {
-        Some(_) => Err(Status::invalid_argument("a resource name is not valid UTF-8")),
-        None => Ok(()),
+fn check_names<'a>(names: impl IntoIterator<Item = &'a bytes::Bytes>, limits: &Limits) -> Result<(), Status> {
+    let mut count = 0;
+    for name in names {
+        count += 1;
+        if count > limits.max_names {
+            return Err(Status::invalid_argument(format!(
+                "a request names more than {} resources",
+                limits.max_names
+            )));
+        }
+        if std::str::from_utf8(name).is_err() {
+            return Err(Status::invalid_argument("a resource name is not valid UTF-8"));
+        }
     }
+    Ok(())
 }
 
 /// The names, as `&str` (`check_names` passed).
@@ -199,11 +297,12 @@ fn names_of(names: &[bytes::Bytes]) -> Vec<&str> {
 }
 
 impl XdsRequest for DeltaRequestMessage {
-    fn check(&self) -> Result<(), Status> {
+    fn check(&self, limits: &Limits) -> Result<(), Status> {
         check_names(
             self.resource_names_subscribe
                 .iter()
                 .chain(&self.resource_names_unsubscribe),
+            limits,
         )
     }
     fn node(&self) -> Option<&Node> {
@@ -252,6 +351,7 @@ struct Connection {
     ca: Option<Arc<WorkloadCa>>,
     tls: bool,
     caller: Option<Caller>,
+    limits: Limits,
 }
 
 /// A proxy's workload certificate as SDS resources, and when to renew it.
@@ -277,6 +377,7 @@ impl Connection {
             ca: server.ca.clone(),
             tls: server.tls,
             caller,
+            limits: server.limits,
         }
     }
 
@@ -338,6 +439,7 @@ impl Connection {
         let mut proxy: Option<(Proxy, u64)> = None;
         let mut workload: Option<Workload> = None;
         let stream_metrics = metric::StreamMetrics::new();
+        let mut rate = RateLimit::new(&self.limits);
         loop {
             let renew_at = workload.as_ref().map(|w| w.renew_at);
             // Set when a new config generation is pushed: when its
@@ -353,7 +455,16 @@ impl Connection {
                             break;
                         }
                     };
-                    if let Err(status) = req.check() {
+                    if let Err(status) = req.check(&self.limits) {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                    if !rate.take() {
+                        let status = Status::resource_exhausted(format!(
+                            "more than {} requests a second (bursts of {}) on one stream: disconnected",
+                            self.limits.requests_per_second, self.limits.request_burst
+                        ));
+                        tracing::warn!(proxy = ?proxy.as_ref().map(|(p, _)| &p.id), "{}", status.message());
                         let _ = tx.send(Err(status)).await;
                         break;
                     }

@@ -566,7 +566,7 @@ mod tests {
 
     #[test]
     fn the_server_reads_a_discovery_request_as_envoy_encodes_it() {
-        use crate::xds::server::{DeltaRequestMessage, SotwRequest, XdsRequest};
+        use crate::xds::server::{DeltaRequestMessage, Limits, SotwRequest, XdsRequest};
         let request = DiscoveryRequest {
             version_info: "v3".into(),
             node: Some(Node {
@@ -584,7 +584,7 @@ mod tests {
             resource_locators: vec![],
         };
         let read = SotwRequest::decode(request.encode_to_vec().as_slice()).expect("decodes");
-        assert!(read.check().is_ok());
+        assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.version_info, request.version_info);
         assert_eq!(read.node, request.node);
         assert_eq!(read.type_url, request.type_url);
@@ -604,7 +604,7 @@ mod tests {
             ..Default::default()
         };
         let read = DeltaRequestMessage::decode(delta.encode_to_vec().as_slice()).expect("decodes");
-        assert!(read.check().is_ok());
+        assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.node, delta.node);
         assert_eq!(read.type_url, delta.type_url);
         assert_eq!(
@@ -628,7 +628,7 @@ mod tests {
         };
         let read = SotwRequest::decode(bad.encode_to_vec().as_slice()).expect("decodes");
         assert_eq!(
-            read.check().map_err(|s| s.code()),
+            read.check(&Limits::default()).map_err(|s| s.code()),
             Err(tonic::Code::InvalidArgument)
         );
     }
