@@ -3,6 +3,7 @@
 
 mod authz;
 mod ca;
+mod chaos;
 mod common;
 mod goldens;
 mod identity;
