@@ -14,11 +14,13 @@
 //! an unknown namespace, IST0127 for a selector that selects nothing,
 //! MSH0006 for a port no selected workload serves, MSH0007 for request
 //! principals where no RequestAuthentication applies, MSH0008 for the
-//! deprecated `targetRef`), the
+//! deprecated `targetRef`; `IST0108` for an unknown annotation of Istio's
+//! domain, and `galley.istio.io/analyze-suppress` honoured), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
 
+mod annotations;
 mod security;
 
 use std::fmt;
@@ -153,6 +155,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
     security::request_policies(push, config, &mut out);
+    annotations::unknown(config, &mut out);
     for (key, entry) in &config.resources {
         let Resource::Ingress(ing) = &*entry.resource else {
             continue;
@@ -207,6 +210,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
         gateway_refs(push, vs, &mut found);
         destination_hosts(push, vs, &mut found);
     }
+    annotations::suppressed(config, &mut out);
     out.sort();
     out.dedup();
     out
