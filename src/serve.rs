@@ -381,7 +381,7 @@ pub async fn run(
     }
     if !opts.debug_addr.ip().is_loopback() {
         let warning = format!(
-            "--debug-addr {}: the debug endpoints (configuration, proxies, metrics) answer anyone who reaches              this address, without authentication",
+            "--debug-addr {}: the debug endpoints (configuration, proxies, metrics) answer anyone who reaches this address, without authentication",
             opts.debug_addr
         );
         tracing::warn!("{warning}");

@@ -15,7 +15,9 @@
 //! MSH0006 for a port no selected workload serves, MSH0007 for request
 //! principals where no RequestAuthentication applies, MSH0008 for the
 //! deprecated `targetRef`; `IST0108` for an unknown annotation of Istio's
-//! domain, and `galley.istio.io/analyze-suppress` honoured), the
+//! domain, and `galley.istio.io/analyze-suppress` honoured; `MSH0009` for
+//! a namespace without sidecars whose PeerAuthentication or mesh
+//! VirtualService expects them), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -148,6 +150,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
         });
     }
     sidecar_coverage(push, config, &mut out);
+    sidecars_expected(push, config, &mut out);
     traffic_references(push, config, &mut out);
     gateway_servers(config, &mut out);
     probes_under_strict(push, config, &mut out);
@@ -561,6 +564,71 @@ fn sidecar_coverage(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<F
             origin: None,
             message: format!("The pod is missing the Istio proxy{refused}"),
         });
+    }
+}
+
+/// `MSH0009`: a namespace whose workloads all run without sidecars (and
+/// where injection is not enabled) while its own resources expect them: a
+/// PeerAuthentication asking for mutual TLS that no sidecar enforces, or a
+/// mesh VirtualService that the requests its workloads send never meet.
+fn sidecars_expected(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    let mut namespaces: std::collections::BTreeMap<&str, (usize, usize)> = std::collections::BTreeMap::new();
+    for pod in push.pods.values() {
+        let e = namespaces.entry(pod.namespace.as_str()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(pod.mesh);
+    }
+    let injection = |ns: &str| {
+        config.of_kind(Kind::Namespace).any(|r| {
+            r.metadata().name.as_deref() == Some(ns)
+                && r.metadata()
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.get("istio-injection").map(String::as_str) == Some("enabled"))
+        })
+    };
+    let bare: Vec<&str> = namespaces
+        .iter()
+        .filter(|(ns, (pods, meshed))| *pods > 0 && *meshed == 0 && !injection(ns))
+        .map(|(ns, _)| *ns)
+        .collect();
+    let advice = "label the namespace istio-injection=enabled (or inject its workloads) and restart its pods";
+    for (key, entry) in &config.resources {
+        if !bare.contains(&key.namespace.as_str()) {
+            continue;
+        }
+        let message = match &*entry.resource {
+            Resource::PeerAuthentication(pa) => {
+                let modes = pa.spec.mtls.iter().chain(pa.spec.port_level_mtls.values());
+                let strict = modes.filter_map(|m| m.mode.as_deref()).any(|m| m == "STRICT");
+                strict.then(|| {
+                    format!(
+                        "the workloads of namespace {} run without sidecars, so nothing enforces this STRICT mutual TLS and they accept plain text: {advice}",
+                        key.namespace
+                    )
+                })
+            }
+            Resource::VirtualService(vs) => {
+                let mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+                (mesh && !vs.spec.hosts.is_empty()).then(|| {
+                    format!(
+                        "the workloads of namespace {} run without sidecars, so the requests they send to {} do not follow this VirtualService's routes: {advice}",
+                        key.namespace,
+                        vs.spec.hosts.join(", ")
+                    )
+                })
+            }
+            _ => None,
+        };
+        if let Some(message) = message {
+            out.push(Finding {
+                level: Level::Warning,
+                code: "MSH0009",
+                resource: key.to_string(),
+                origin: Some(entry.origin.clone()),
+                message,
+            });
+        }
     }
 }
 

@@ -216,7 +216,7 @@ fn custom_filters(
                 resource: resource(ap),
                 field: "spec.provider.name".into(),
                 message: format!(
-                    "no extensionProviders entry {chosen:?} with envoyExtAuthzHttp or envoyExtAuthzGrpc in the mesh                      config (--mesh-config): what the policy's rules match is denied"
+                    "no extensionProviders entry {chosen:?} with envoyExtAuthzHttp or envoyExtAuthzGrpc in the mesh config (--mesh-config): what the policy's rules match is denied"
                 ),
             });
         }
