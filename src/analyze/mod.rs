@@ -524,17 +524,7 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
 /// one (its namespace has meshed pods or asks for injection), saying which
 /// STRICT workloads will refuse its plain text.
 fn sidecar_coverage(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
-    let injection_enabled = |ns: &str| {
-        config.of_kind(Kind::Namespace).any(|r| {
-            r.metadata().name.as_deref() == Some(ns)
-                && r.metadata()
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("istio-injection"))
-                    .map(String::as_str)
-                    == Some("enabled")
-        })
-    };
+    let injection_enabled = |ns: &str| injection_enabled(config, ns);
     let pods: Vec<&PodInfo> = push.pods.values().map(AsRef::as_ref).collect();
     let strict: Vec<String> = pods
         .iter()
@@ -567,6 +557,17 @@ fn sidecar_coverage(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<F
     }
 }
 
+/// Whether the namespace is labelled `istio-injection=enabled`.
+fn injection_enabled(config: &ConfigSnapshot, ns: &str) -> bool {
+    config.of_kind(Kind::Namespace).any(|r| {
+        r.metadata().name.as_deref() == Some(ns)
+            && r.metadata()
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get("istio-injection").map(String::as_str) == Some("enabled"))
+    })
+}
+
 /// `MSH0009`: a namespace whose workloads all run without sidecars (and
 /// where injection is not enabled) while its own resources expect them: a
 /// PeerAuthentication asking for mutual TLS that no sidecar enforces, or a
@@ -578,15 +579,7 @@ fn sidecars_expected(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<
         e.0 += 1;
         e.1 += usize::from(pod.mesh);
     }
-    let injection = |ns: &str| {
-        config.of_kind(Kind::Namespace).any(|r| {
-            r.metadata().name.as_deref() == Some(ns)
-                && r.metadata()
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| l.get("istio-injection").map(String::as_str) == Some("enabled"))
-        })
-    };
+    let injection = |ns: &str| injection_enabled(config, ns);
     let bare: Vec<&str> = namespaces
         .iter()
         .filter(|(ns, (pods, meshed))| *pods > 0 && *meshed == 0 && !injection(ns))
