@@ -391,8 +391,16 @@ enum DumpWhat {
     Syncz,
     /// Loaded and rejected config (/debug/configz).
     Configz,
-    /// What one proxy was sent, as Envoy's config dump.
-    Config { proxy: String },
+    /// What one proxy was sent: a table of its resources, or Envoy's config
+    /// dump as JSON/YAML; `--type` (repeatable) keeps clusters, endpoints,
+    /// listeners, routes or secrets only.
+    Config {
+        proxy: String,
+        #[arg(long = "type", value_parser = ["clusters", "endpoints", "listeners", "routes", "secrets", "cds", "eds", "lds", "rds", "sds"])]
+        types: Vec<String>,
+        #[arg(short, long, value_enum, default_value = "json")]
+        output: DumpFormat,
+    },
     /// Services, ports and endpoints (/debug/registryz).
     Registry,
     /// The last pushes: trigger, proxies, duration (/debug/push_status).
@@ -705,7 +713,19 @@ fn dump(debug_addr: SocketAddr, what: DumpWhat) -> Result<ExitCode> {
         }
         DumpWhat::Syncz => "/debug/syncz".to_string(),
         DumpWhat::Configz => "/debug/configz".to_string(),
-        DumpWhat::Config { proxy } => format!("/debug/config_dump?proxy={}", encode_query(&proxy)),
+        DumpWhat::Config { proxy, types, output } => {
+            let mut path = format!("/debug/config_dump?proxy={}", encode_query(&proxy));
+            if !types.is_empty() {
+                path.push_str(&format!("&types={}", types.join(",")));
+            }
+            let dump = json(&get(debug_addr, &path)?)?;
+            match output {
+                DumpFormat::Table => print!("{}", meshd::debug::dump::config_table(&dump)),
+                DumpFormat::Json => println!("{}", serde_json::to_string_pretty(&dump)?),
+                DumpFormat::Yaml => print!("{}", serde_norway::to_string(&dump)?),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         DumpWhat::Registry => "/debug/registryz".to_string(),
         DumpWhat::Pushes => "/debug/push_status".to_string(),
         DumpWhat::Certs => "/debug/certz".to_string(),

@@ -65,6 +65,52 @@ pub fn proxies_table(syncz: &Value) -> String {
     out
 }
 
+/// A config dump as a table: one row per resource, its type, name and
+/// version.
+pub fn config_table(dump: &Value) -> String {
+    // (section, resource field, name field, short type)
+    const SECTIONS: [(&str, &str, &str, &str); 5] = [
+        ("dynamic_active_clusters", "cluster", "name", "cluster"),
+        (
+            "dynamic_endpoint_configs",
+            "endpoint_config",
+            "cluster_name",
+            "endpoints",
+        ),
+        ("dynamic_listeners", "listener", "name", "listener"),
+        ("dynamic_route_configs", "route_config", "name", "route"),
+        ("dynamic_active_secrets", "secret", "name", "secret"),
+    ];
+    let mut rows = vec![["TYPE".to_string(), "NAME".to_string(), "VERSION".to_string()]];
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for (section, field, name_field, kind) in SECTIONS {
+            for item in config[section].as_array().into_iter().flatten() {
+                let resource = [&item[field], &item["active_state"][field]]
+                    .into_iter()
+                    .find(|v| v.is_object());
+                let name = item["name"]
+                    .as_str()
+                    .or_else(|| resource.and_then(|r| r[name_field].as_str()))
+                    .unwrap_or_default();
+                let version = item["version_info"]
+                    .as_str()
+                    .or_else(|| item["active_state"]["version_info"].as_str())
+                    .unwrap_or_default();
+                rows.push([kind.to_string(), name.to_string(), version.to_string()]);
+            }
+        }
+    }
+    let widths: Vec<usize> = (0..3)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            format!("{}\n", cells.join("   ").trim_end())
+        })
+        .collect()
+}
+
 /// The types `diff` compares, as `istioctl proxy-status PROXY` does:
 /// (name in the dump, where the resources are, the resource's field, its
 /// name field).

@@ -6,8 +6,9 @@
 //!   was listed) and the xDS port listens; 503 before.
 //! - `/debug/syncz`: every connected proxy; per type the version sent,
 //!   acked, or NACKed with Envoy's error.
-//! - `/debug/config_dump?proxy=ID`: what that proxy was sent, in the shape
-//!   of Envoy's own `/config_dump` (private keys redacted, as Envoy does).
+//! - `/debug/config_dump?proxy=ID[&types=clusters,routes]`: what that
+//!   proxy was sent, in the shape of Envoy's own `/config_dump` (private
+//!   keys redacted, as Envoy does), all sections or those named.
 //! - `/debug/configz`: every resource as loaded, the rejected documents and,
 //!   with `--kube`, the state of each watch.
 //! - `/debug/registryz`: every service, its ports and endpoints (with their
@@ -351,14 +352,56 @@ fn connection(s: &DebugState, proxy: Option<String>) -> Result<ConnectionStatus,
 #[derive(Debug, serde::Deserialize)]
 struct ProxyQuery {
     proxy: Option<String>,
+    /// `types=clusters,routes` (or `cds,rds`): only those sections.
+    types: Option<String>,
 }
 
+/// The config dump sections, in Envoy's order, with the xDS short names.
+const DUMP_SECTIONS: [(&str, &str); 5] = [
+    ("clusters", "cds"),
+    ("endpoints", "eds"),
+    ("listeners", "lds"),
+    ("routes", "rds"),
+    ("secrets", "sds"),
+];
+
 async fn config_dump(State(s): State<DebugState>, Query(q): Query<ProxyQuery>) -> Response {
+    let wanted: Vec<usize> = match &q.types {
+        None => (0..DUMP_SECTIONS.len()).collect(),
+        Some(types) => {
+            let mut wanted = Vec::new();
+            for t in types.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                match DUMP_SECTIONS
+                    .iter()
+                    .position(|(long, short)| t == *long || t == *short)
+                {
+                    Some(i) => wanted.push(i),
+                    None => {
+                        let known: Vec<&str> = DUMP_SECTIONS.iter().map(|(l, _)| *l).collect();
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            Json(json!({"error": format!("unknown type {t:?}; types are {}", known.join(", "))})),
+                        )
+                            .into_response();
+                    }
+                }
+            }
+            wanted
+        }
+    };
     let conn = match connection(&s, q.proxy) {
         Ok(conn) => conn,
         Err(response) => return response,
     };
-    match render::message_to_json(&dump(&conn)) {
+    let mut whole = dump(&conn);
+    whole.configs = whole
+        .configs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| wanted.contains(i))
+        .map(|(_, c)| c)
+        .collect();
+    match render::message_to_json(&whole) {
         Ok(v) => Json(v).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response(),
     }
