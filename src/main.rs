@@ -281,9 +281,9 @@ struct ServeArgs {
     max_resource_names: usize,
     /// Requests a second one stream may send on average (bursts of
     /// --request-burst); a stream over it is ended with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 100)]
-    max_requests_per_second: u32,
     #[arg(long, default_value_t = 1_000)]
+    max_requests_per_second: u32,
+    #[arg(long, default_value_t = 5_000)]
     request_burst: u32,
 }
 

@@ -55,8 +55,10 @@ impl Default for Limits {
         Limits {
             max_streams: 100_000,
             max_names: 100_000,
-            requests_per_second: 100,
-            request_burst: 1_000,
+            // Far above what an Envoy sends (a request per type, then an
+            // ACK per response, and responses are coalesced per stream).
+            requests_per_second: 1_000,
+            request_burst: 5_000,
         }
     }
 }
