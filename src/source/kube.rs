@@ -414,7 +414,10 @@ impl ClusterSource {
                 }
             }
             self.follow_secrets();
-            if self.slots.values().all(|s| s.synced) {
+            // The first generation waits for every watch (the Secrets the
+            // config names included); later ones never wait for a new
+            // Secret watch, which might not sync (forbidden, say).
+            if self.synced() || self.slots.values().all(|s| s.synced) {
                 self.publish();
             }
             self.report();
