@@ -10,8 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::common::{
-    curl, eventually, free_port, hello_virtual_service, ingress_gateway, loopback_service, openssl,
-    serve_http, write, Backend, Envoy, Meshd, Pod,
+    curl, eventually, free_port, hello_mesh, openssl, serve_http, write, Backend, Envoy, Meshd, Pod,
 };
 
 const ISSUER: &str = "https://issuer.meshd.test";
@@ -113,15 +112,7 @@ fn hello_behind_gateway(work: &std::path::Path) -> (Backend, u16, std::path::Pat
     let backend = Backend::start("v1");
     let port = free_port();
     let dir = work.join("config");
-    write(
-        &dir.join("mesh.yaml"),
-        &format!(
-            "{}{}{}",
-            ingress_gateway(port),
-            loopback_service("hello", "http", 80, backend.port),
-            hello_virtual_service("v1", None)
-        ),
-    );
+    write(&dir.join("mesh.yaml"), &hello_mesh(port, backend.port, "v1"));
     (backend, port, dir)
 }
 

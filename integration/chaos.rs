@@ -10,10 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{
-    eventually, free_port, hello_virtual_service, ingress_gateway, loopback_service, write, Backend, Envoy,
-    Meshd, MeshdPorts, Pod,
-};
+use crate::common::{eventually, free_port, hello_mesh, write, Backend, Envoy, Meshd, MeshdPorts, Pod};
 
 /// How long the traffic runs, and at what pace.
 const RUN: Duration = Duration::from_secs(60);
@@ -91,14 +88,7 @@ fn traffic_survives_meshd_being_killed_and_restarted_and_envoy_comes_back_whole(
     let backend = Backend::start("v1");
     let port = free_port();
     let dir = work.path().join("config");
-    let config = |version: &str| {
-        format!(
-            "{}{}{}",
-            ingress_gateway(port),
-            loopback_service("hello", "http", 80, backend.port),
-            hello_virtual_service(version, None)
-        )
-    };
+    let config = |version: &str| hello_mesh(port, backend.port, version);
     write(&dir.join("mesh.yaml"), &config("v1"));
     let ports = MeshdPorts::free();
     let mut meshd = Meshd::start_with(&dir, work.path(), ports, &[]);

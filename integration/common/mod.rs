@@ -467,6 +467,17 @@ spec:
 }
 
 /// The VirtualService `hello` on the ingress gateway: every request to
+/// The ingress gateway on `port` in front of a `hello` service on a
+/// loopback backend port, routed by `hello_virtual_service(version)`.
+pub fn hello_mesh(port: u16, backend: u16, version: &str) -> String {
+    format!(
+        "{}{}{}",
+        ingress_gateway(port),
+        loopback_service("hello", "http", 80, backend),
+        hello_virtual_service(version, None)
+    )
+}
+
 /// hello.example.com goes to `hello` with header `x-config-version:
 /// VERSION`, and with `uri_regex` a first route matching it.
 pub fn hello_virtual_service(version: &str, uri_regex: Option<&str>) -> String {
