@@ -271,14 +271,20 @@ pub async fn run(
     let xds_tls_listener = bind("TLS xDS", opts.xds_tls_addr).await?;
     let debug_listener = bind("debug", opts.debug_addr).await?;
     let webhook_listener = bind("injection webhook", opts.webhook_addr).await?;
-    let (waiting, debug_listener) =
-        NotReadyYet::serve(debug_listener).map_err(|source| ServeError::Bind {
-            what: "debug",
-            addr: opts.debug_addr,
-            source,
-        })?;
-    let ca = workload_ca(&opts, client.as_ref()).await?;
-    waiting.stop().await;
+    // Only the cluster's CA root can keep meshd waiting before it serves.
+    let (ca, debug_listener) = if client.is_some() && opts.ca_dir.is_none() {
+        let (waiting, debug_listener) =
+            NotReadyYet::serve(debug_listener).map_err(|source| ServeError::Bind {
+                what: "debug",
+                addr: opts.debug_addr,
+                source,
+            })?;
+        let ca = workload_ca(&opts, client.as_ref()).await?;
+        waiting.stop().await;
+        (ca, debug_listener)
+    } else {
+        (workload_ca(&opts, client.as_ref()).await?, debug_listener)
+    };
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     let mut kube_sync = None;
