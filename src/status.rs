@@ -58,14 +58,26 @@ pub async fn write_statuses(
     // rejected keeps its last good version (and that version's status) in
     // the config, and must not be written to again and again.
     let mut written: BTreeMap<ResourceKey, Value> = BTreeMap::new();
+    // The findings of the generation last analyzed: they change with the
+    // config only, while the tick is for proxies coming and going.
+    let mut analyzed: Option<(u64, Findings)> = None;
     loop {
         tokio::select! {
             changed = pushes.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
         }
         let push = pushes.borrow_and_update().clone();
+        let generation = push.config.generation;
+        if analysis && analyzed.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let mut findings = Findings::new();
+            for f in crate::analyze::analyze_push(&push) {
+                findings.entry(f.resource.clone()).or_default().push(f);
+            }
+            analyzed = Some((generation, findings));
+        }
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        for (key, resource, status) in desired(&push, &registry, analysis) {
+        let findings = analyzed.as_ref().map(|(_, f)| f);
+        for (key, resource, status) in desired(&push, &registry, findings) {
             let current = current_status(&resource);
             let status = keep_transition_times(status, &current, &now);
             if status == current || written.get(&key) == Some(&status) {
@@ -82,11 +94,15 @@ pub async fn write_statuses(
     }
 }
 
-/// Every status meshd means to write: (resource, its current object, status).
+/// Analyzer findings by the resource they name (`Kind ns/name`).
+type Findings = BTreeMap<String, Vec<Finding>>;
+
+/// Every status meshd means to write: (resource, its current object,
+/// status); with `findings`, the Istio resources' validation messages too.
 fn desired(
     push: &PushContext,
     registry: &Registry,
-    analysis: bool,
+    findings: Option<&Findings>,
 ) -> Vec<(ResourceKey, Arc<Resource>, Value)> {
     let config = &*push.config;
     let proxies: Vec<crate::model::Proxy> = registry.list().into_iter().map(|c| c.proxy).collect();
@@ -96,11 +112,7 @@ fn desired(
             out.push((key.clone(), entry.resource.clone(), status));
         }
     }
-    if analysis {
-        let mut findings: BTreeMap<String, Vec<Finding>> = BTreeMap::new();
-        for f in crate::analyze::analyze_push(push) {
-            findings.entry(f.resource.clone()).or_default().push(f);
-        }
+    if let Some(findings) = findings {
         for (key, entry) in config
             .resources
             .iter()
