@@ -447,6 +447,15 @@ fn status(code: u16, reason: &str, message: String) -> Response {
         .into_response()
 }
 
+/// The API server's 404 for an object that is not there.
+fn not_found(target: &Target) -> Response {
+    status(
+        404,
+        "NotFound",
+        format!("{} \"{}\" not found", target.plural, target.name),
+    )
+}
+
 fn ok(code: StatusCode, body: Value) -> Response {
     (code, [("content-type", "application/json")], body.to_string()).into_response()
 }
@@ -630,11 +639,7 @@ fn handle(
         }
         "get" => match s.objects.get(&collection).and_then(|m| m.get(&key)) {
             Some(o) => ok(StatusCode::OK, o.clone()),
-            None => status(
-                404,
-                "NotFound",
-                format!("{} \"{}\" not found", target.plural, target.name),
-            ),
+            None => not_found(&target),
         },
         "create" => {
             let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
@@ -679,11 +684,7 @@ fn handle(
                 return status(400, "BadRequest", "not JSON".into());
             };
             let Some(current) = s.objects.get(&collection).and_then(|m| m.get(&key)).cloned() else {
-                return status(
-                    404,
-                    "NotFound",
-                    format!("{} \"{}\" not found", target.plural, target.name),
-                );
+                return not_found(&target);
             };
             let asked = object["metadata"]["resourceVersion"].as_str().unwrap_or_default();
             if !asked.is_empty() && current["metadata"]["resourceVersion"] != *asked {
@@ -719,11 +720,7 @@ fn handle(
                 record(&mut s, &changes, collection, "DELETED", object.clone());
                 ok(StatusCode::OK, object)
             }
-            None => status(
-                404,
-                "NotFound",
-                format!("{} \"{}\" not found", target.plural, target.name),
-            ),
+            None => not_found(&target),
         },
         _ => status(405, "MethodNotAllowed", format!("{method} is not supported here")),
     }
