@@ -4,8 +4,9 @@
 //! and a VirtualService each, all bound to one Gateway and the mesh), then
 //! measures: loading it (parse and validate), building the push context,
 //! translating and encoding one gateway's snapshot and one sidecar's (which
-//! sees every service), and serving 1,000 gateway proxies with the same
-//! config key from the cache. Prints a table; run it twice to compare.
+//! sees every service), serving 1,000 gateway proxies with the same
+//! config key from the cache, and updating the push context for one
+//! service's endpoints changed and for one VirtualService edited. Prints a table; run it twice to compare.
 //! Under `cargo test` it runs the smallest size once, as a check that the
 //! bench still works.
 
@@ -45,6 +46,16 @@ fn mesh(services: usize) -> Arc<ConfigSnapshot> {
     Arc::new(snapshot)
 }
 
+/// `config` with one document replaced (or added): the next generation.
+fn edited(config: &ConfigSnapshot, doc: &str) -> Arc<ConfigSnapshot> {
+    let one = ConfigSnapshot::from_files(vec![parse_file("edit.yaml", doc)]);
+    assert!(one.rejections.is_empty(), "{:?}", one.rejections.first());
+    let mut next = config.clone();
+    next.generation += 1;
+    next.resources.extend(one.resources);
+    Arc::new(next)
+}
+
 fn gateway(i: usize) -> Proxy {
     let meta = serde_json::json!({"LABELS": {"istio": "ingressgateway"}});
     Proxy::parse(
@@ -75,25 +86,48 @@ fn main() {
     let sizes: &[usize] = if full { &[100, 1000, 10000] } else { &[10] };
     let proxies = if full { 1000 } else { 10 };
     println!(
-        "{:>9} | {:>9} | {:>8} | {:>11} | {:>13} | {:>13} | {:>16} | {:>9} | {:>11}",
+        "{:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>16} | {:>9} | {:>11}",
         "services",
         "endpoints",
         "load ms",
         "push ctx ms",
+        "endpoint upd ms",
+        "vs upd ms",
         "gateway 1st ms",
         "sidecar 1st ms",
         format!("{proxies} cached ms"),
         "resources",
         "encoded KiB"
     );
-    println!("{}", "-".repeat(124));
+    println!("{}", "-".repeat(157));
     for &n in sizes {
         let t = Instant::now();
         let config = mesh(n);
         let load_time = t.elapsed();
         let t = Instant::now();
-        let push = Arc::new(PushContext::new(config));
+        let push = Arc::new(PushContext::new(config.clone()));
         let push_time = t.elapsed();
+
+        let moved = edited(
+            &config,
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: svc-0, namespace: ns-0}\nsubsets:\n- addresses: [{ip: 10.254.0.1}]\n  ports: [{name: http, port: 8080}]\n",
+        );
+        let t = Instant::now();
+        let after_move = push.next(moved.clone(), std::time::SystemTime::now());
+        let endpoint_update_time = t.elapsed();
+        assert_eq!(
+            after_move.services,
+            PushContext::new(moved).services,
+            "the updated services equal the rebuilt ones"
+        );
+        let rerouted = edited(
+            &config,
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: svc-0, namespace: ns-0}\nspec:\n  hosts: [svc-0]\n  http:\n  - route:\n    - destination: {host: svc-1}\n",
+        );
+        let t = Instant::now();
+        let after_edit = push.next(rerouted, std::time::SystemTime::now());
+        let vs_update_time = t.elapsed();
+        assert_eq!(after_edit.virtual_services.len(), n);
 
         let cache = SnapshotCache::new(push);
         let t = Instant::now();
@@ -129,10 +163,12 @@ fn main() {
             .map(|e| e.wire.len())
             .sum();
         println!(
-            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>13} | {:>13} | {:>16} | {resources:>9} | {:>11}",
+            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>16} | {resources:>9} | {:>11}",
             n * ENDPOINTS,
             ms(load_time),
             ms(push_time),
+            ms(endpoint_update_time),
+            ms(vs_update_time),
             ms(first_time),
             ms(sidecar_time),
             ms(cached_time),

@@ -310,9 +310,8 @@ pub async fn run(
         }
     }
     let first = config_rx.borrow_and_update().clone();
-    let mesh = opts.mesh.clone();
     let cache = Arc::new(SnapshotCache::new(Arc::new(
-        PushContext::new(first).with_mesh(mesh.clone()),
+        PushContext::new(first).with_mesh(opts.mesh.clone()),
     )));
     let registry = Arc::new(Registry::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -334,7 +333,8 @@ pub async fn run(
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
-            let push = Arc::new(PushContext::new(config).with_mesh(mesh.clone()));
+            // Only what the changed resources feed is indexed again.
+            let push = Arc::new(updater.push_context().next(config, std::time::SystemTime::now()));
             updater.update(push.clone());
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
             analyzer.run(push.clone());

@@ -139,8 +139,8 @@ fn authorization_policy(
         if let Some(ips) = &ips {
             let served: Vec<u16> = ips
                 .iter()
-                .flat_map(|ip| push.workload_ports.get(ip).into_iter().flatten())
-                .map(|(p, _)| *p)
+                .flat_map(|ip| push.workload_ports.get(ip))
+                .map(|(p, _)| p)
                 .collect();
             let ports = rule
                 .to

@@ -43,8 +43,14 @@ pub enum CredentialError {
     },
 }
 
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
 /// Every Secret's credentials, checked.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Credentials {
     secrets: BTreeMap<(String, String), Arc<Secret>>,
     now: u64,
@@ -63,11 +69,18 @@ impl Credentials {
                 (key, s)
             })
             .collect();
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        Credentials { secrets, now }
+        Credentials {
+            secrets,
+            now: unix_seconds(now),
+        }
+    }
+
+    /// The same Secrets, judged at `now`.
+    pub fn at(&self, now: SystemTime) -> Credentials {
+        Credentials {
+            secrets: self.secrets.clone(),
+            now: unix_seconds(now),
+        }
     }
 
     /// The server certificate and key of Secret `namespace/name`.

@@ -15,6 +15,7 @@ mod proxy;
 pub mod request_policy;
 mod service;
 pub mod sidecar_scope;
+mod workload_ports;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,11 +24,13 @@ use std::time::SystemTime;
 pub use credential::{not_a_ca, CredentialError, Credentials, ServerCredential};
 pub use proxy::{label_list, Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, Resolution, ServicePort};
+pub use workload_ports::WorkloadPorts;
 
 use serde::Serialize;
 
 use crate::config::{
-    ConfigSnapshot, DestinationRule, Gateway, IstioObject, Kind, PeerAuthentication, Resource, VirtualService,
+    Change, ConfigSnapshot, DestinationRule, Gateway, IstioObject, Kind, PeerAuthentication, Resource,
+    VirtualService,
 };
 
 /// The cluster DNS suffix of service hostnames.
@@ -65,10 +68,12 @@ pub struct PushContext {
     /// under `*`.
     destination_rules_by_host: std::collections::HashMap<String, Vec<usize>>,
     /// Pods by IP (`status.podIP`): labels, identity, whether in the mesh.
-    pub pods: BTreeMap<String, Arc<PodInfo>>,
+    pub pods: Arc<BTreeMap<String, Arc<PodInfo>>>,
+    /// The same Pods by (namespace, name), for endpoints that name theirs.
+    pods_by_name: Arc<BTreeMap<(String, String), Arc<PodInfo>>>,
     /// The ports each workload IP serves as some service's endpoint, and
     /// whether the port speaks HTTP.
-    pub workload_ports: BTreeMap<String, BTreeMap<u16, bool>>,
+    pub workload_ports: WorkloadPorts,
     /// The SPIFFE trust domain identities are issued in.
     pub trust_domain: String,
     /// The label keys some resource selects sidecars by (Sidecar,
@@ -107,109 +112,238 @@ impl PushContext {
     /// Builds the indexes, judging certificate validity at `now` (tests
     /// and goldens pin it).
     pub fn new_at(config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
-        let nodes: BTreeMap<String, &k8s_openapi::api::core::v1::Node> = config
-            .of_kind(Kind::Node)
-            .filter_map(|r| match r {
-                Resource::Node(n) => Some((n.metadata.name.clone().unwrap_or_default(), n)),
-                _ => None,
-            })
-            .collect();
-        let mut pods = BTreeMap::new();
-        let mut pods_by_name = BTreeMap::new();
-        for r in config.of_kind(Kind::Pod) {
-            let Resource::Pod(pod) = r else { continue };
-            let (ip, info) = pod_info(pod, &nodes);
-            let info = Arc::new(info);
-            pods_by_name.insert((info.namespace.clone(), info.name.clone()), info.clone());
-            if let Some(ip) = ip {
-                pods.insert(ip, info);
-            }
-        }
+        let (pods, pods_by_name) = index_pods(&config);
         let services = service::build(&config, &pods, &pods_by_name);
-        let mut secrets = Vec::new();
-        let mut peer_authentications = Vec::new();
-        let mut request_authentications = Vec::new();
-        let mut authorization_policies = Vec::new();
-        let mut destination_rules = Vec::new();
-        let mut gateways = BTreeMap::new();
-        let mut virtual_services: Vec<Arc<VirtualService>> = Vec::new();
-        let mut namespaces = BTreeSet::new();
-        for entry in config.resources.values() {
-            let meta = entry.resource.metadata();
-            match (&*entry.resource, &meta.namespace) {
-                (Resource::Namespace(ns), _) => {
-                    namespaces.insert(ns.metadata.name.clone().unwrap_or_default());
-                }
-                (_, Some(ns)) => {
-                    namespaces.insert(ns.clone());
-                }
-                _ => {}
-            }
-            match &*entry.resource {
-                Resource::Gateway(g) => {
-                    let key = (g.namespace().to_string(), g.name().to_string());
-                    gateways.insert(key, Arc::new(g.clone()));
-                }
-                Resource::VirtualService(vs) => virtual_services.push(Arc::new(vs.clone())),
-                Resource::Secret(secret) => secrets.push(Arc::new(secret.clone())),
-                Resource::PeerAuthentication(pa) => peer_authentications.push(Arc::new(pa.clone())),
-                Resource::RequestAuthentication(ra) => request_authentications.push(Arc::new(ra.clone())),
-                Resource::AuthorizationPolicy(ap) => authorization_policies.push(Arc::new(ap.clone())),
-                Resource::DestinationRule(dr) => destination_rules.push(Arc::new(dr.clone())),
-                _ => {}
-            }
-        }
-        let virtual_services = oldest_first(virtual_services);
         let mut push = PushContext {
-            config,
+            workload_ports: WorkloadPorts::of(services.values()),
             services,
-            gateways,
-            virtual_services,
-            virtual_services_by_host: std::collections::HashMap::new(),
-            namespaces,
-            credentials: Credentials::new(secrets, now),
-            peer_authentications,
-            request_authentications: oldest_first(request_authentications),
-            authorization_policies: oldest_first(authorization_policies),
-            mesh: Arc::default(),
-            destination_rules: oldest_first(destination_rules),
-            destination_rules_by_host: std::collections::HashMap::new(),
-            pods,
-            workload_ports: BTreeMap::new(),
+            namespaces: namespaces(&config),
+            credentials: Credentials::new(secrets(&config), now),
+            pods: Arc::new(pods),
+            pods_by_name: Arc::new(pods_by_name),
             trust_domain: "cluster.local".into(),
-            sidecar_label_keys: BTreeSet::new(),
+            config,
+            ..PushContext::default()
         };
-        for svc in push.services.values() {
-            for sp in &svc.ports {
-                for e in &sp.endpoints {
-                    let ports = push.workload_ports.entry(e.ip.clone()).or_default();
-                    *ports.entry(e.port).or_default() |= sp.is_http();
+        push.index_policies();
+        push.index_routing();
+        push.sidecar_label_keys = sidecar_label_keys(&push);
+        push
+    }
+
+    /// The indexes of `config`, a later generation than this one's, built
+    /// from this one: only what the changed resources feed is built again
+    /// (an endpoint change rebuilds only its services; a VirtualService
+    /// edit only the routing indexes), everything else is shared or
+    /// copied. Gives what `new_at(config, now)` gives, with this
+    /// generation's mesh settings and trust domain.
+    pub fn next(&self, config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
+        let changes = self.config.changes(&config);
+        let kinds: BTreeSet<Kind> = changes.iter().map(|(k, _)| k.kind).collect();
+        let touched = |of: &[Kind]| of.iter().any(|k| kinds.contains(k));
+        let mut push = PushContext {
+            config: config.clone(),
+            services: BTreeMap::new(),
+            gateways: self.gateways.clone(),
+            virtual_services: self.virtual_services.clone(),
+            virtual_services_by_host: self.virtual_services_by_host.clone(),
+            namespaces: self.namespaces.clone(),
+            credentials: self.credentials.at(now),
+            peer_authentications: self.peer_authentications.clone(),
+            request_authentications: self.request_authentications.clone(),
+            authorization_policies: self.authorization_policies.clone(),
+            mesh: self.mesh.clone(),
+            destination_rules: self.destination_rules.clone(),
+            destination_rules_by_host: self.destination_rules_by_host.clone(),
+            pods: self.pods.clone(),
+            pods_by_name: self.pods_by_name.clone(),
+            workload_ports: self.workload_ports.clone(),
+            trust_domain: self.trust_domain.clone(),
+            sidecar_label_keys: self.sidecar_label_keys.clone(),
+        };
+        if touched(&[Kind::Pod, Kind::Node]) {
+            let (pods, pods_by_name) = index_pods(&config);
+            push.pods = Arc::new(pods);
+            push.pods_by_name = Arc::new(pods_by_name);
+        }
+        let rebuilt = if touched(&[Kind::ServiceEntry, Kind::Node]) {
+            None
+        } else {
+            self.changed_services(&config, &changes).and_then(|changed| {
+                let services =
+                    service::rebuild(&self.services, &config, &changed, &push.pods, &push.pods_by_name)?;
+                Some((services, changed))
+            })
+        };
+        match rebuilt {
+            Some((services, changed)) => {
+                for (ns, name) in &changed {
+                    let host = format!("{name}.{ns}.{DOMAIN_SUFFIX}");
+                    if let Some(old) = self.services.get(&host) {
+                        push.workload_ports.remove(old);
+                    }
+                    if let Some(new) = services.get(&host) {
+                        push.workload_ports.add(new);
+                    }
                 }
+                push.services = services;
+            }
+            None => {
+                push.services = service::build(&config, &push.pods, &push.pods_by_name);
+                push.workload_ports = WorkloadPorts::of(push.services.values());
             }
         }
-        let (gateway, mut generated_routes) = ingress::convert(&push);
-        let (api_gateways, api_routes) = gateway_api::convert(&push.config);
-        generated_routes.extend(api_routes);
-        for gw in gateway.into_iter().chain(api_gateways) {
-            let key = (gw.namespace().to_string(), gw.name().to_string());
-            push.gateways.insert(key, Arc::new(gw));
+        let added_or_deleted = changes.iter().any(|(_, c)| !matches!(c, Change::Updated));
+        if added_or_deleted || touched(&[Kind::Namespace]) {
+            push.namespaces = namespaces(&config);
         }
-        if !generated_routes.is_empty() {
-            let mut all = std::mem::take(&mut push.virtual_services);
-            all.extend(generated_routes.into_iter().map(Arc::new));
-            push.virtual_services = oldest_first(all);
+        if touched(&[Kind::Secret]) {
+            push.credentials = Credentials::new(secrets(&config), now);
         }
-        push.sidecar_label_keys = sidecar_label_keys(&push);
-        for (i, dr) in push.destination_rules.iter().enumerate() {
+        if touched(&[
+            Kind::PeerAuthentication,
+            Kind::RequestAuthentication,
+            Kind::AuthorizationPolicy,
+            Kind::DestinationRule,
+        ]) {
+            push.index_policies();
+        }
+        // Ingress backends name service ports, by number or by name.
+        let ingress_ports =
+            touched(&[Kind::Service, Kind::ServiceEntry]) && config.of_kind(Kind::Ingress).next().is_some();
+        if touched(ROUTING_KINDS) || ingress_ports {
+            push.index_routing();
+        }
+        if touched(SELECTING_KINDS) || touched(ROUTING_KINDS) || ingress_ports {
+            push.sidecar_label_keys = sidecar_label_keys(&push);
+        }
+        push
+    }
+
+    /// The Kubernetes Services, as (namespace, name), whose `MeshService`
+    /// `changes` can alter: their Service, Endpoints or EndpointSlices
+    /// changed, or a Pod one of their endpoints names. `None` when a
+    /// changed Pod may be selected by a ServiceEntry's workloadSelector.
+    fn changed_services(
+        &self,
+        next: &ConfigSnapshot,
+        changes: &[(&crate::config::ResourceKey, Change)],
+    ) -> Option<BTreeSet<(String, String)>> {
+        let mut out = BTreeSet::new();
+        let mut pod_ips = BTreeSet::new();
+        let mut pod_names = BTreeSet::new();
+        for (key, _) in changes {
+            let versions = [self.config.resources.get(key), next.resources.get(key)];
+            let versions = versions.iter().flatten().map(|e| e.resource.as_ref());
+            match key.kind {
+                Kind::Service | Kind::Endpoints => {
+                    out.insert((key.namespace.clone(), key.name.clone()));
+                }
+                Kind::EndpointSlice => {
+                    for r in versions {
+                        if let Resource::EndpointSlice(s) = r {
+                            if let Some(svc) = service::slice_service(s) {
+                                out.insert((key.namespace.clone(), svc.to_string()));
+                            }
+                        }
+                    }
+                }
+                Kind::Pod => {
+                    for r in versions {
+                        if let Resource::Pod(p) = r {
+                            pod_ips.extend(p.status.as_ref().and_then(|s| s.pod_ip.clone()));
+                        }
+                    }
+                    pod_names.insert((key.namespace.clone(), key.name.clone()));
+                }
+                _ => {}
+            }
+        }
+        if pod_names.is_empty() {
+            return Some(out);
+        }
+        let selects_pods = self
+            .config
+            .of_kind(Kind::ServiceEntry)
+            .chain(next.of_kind(Kind::ServiceEntry))
+            .any(|r| matches!(r, Resource::ServiceEntry(se) if se.spec.workload_selector.is_some()));
+        if selects_pods {
+            return None;
+        }
+        // Kubernetes Services only: a ServiceEntry's are named by their host
+        // and name no Pods without a workloadSelector.
+        for svc in self.services.values().filter(|s| s.name != s.hostname) {
+            let names_pod =
+                svc.ports.iter().flat_map(|p| &p.endpoints).any(|e| {
+                    pod_ips.contains(&e.ip) || e.pod.as_ref().is_some_and(|p| pod_names.contains(p))
+                });
+            if names_pod {
+                out.insert((svc.namespace.clone(), svc.name.clone()));
+            }
+        }
+        Some(out)
+    }
+
+    /// Indexes PeerAuthentications, RequestAuthentications,
+    /// AuthorizationPolicies and DestinationRules (by host).
+    fn index_policies(&mut self) {
+        self.peer_authentications = of_kind(&self.config, Kind::PeerAuthentication, |r| match r {
+            Resource::PeerAuthentication(pa) => Some(pa),
+            _ => None,
+        });
+        self.request_authentications =
+            oldest_first(of_kind(&self.config, Kind::RequestAuthentication, |r| match r {
+                Resource::RequestAuthentication(ra) => Some(ra),
+                _ => None,
+            }));
+        self.authorization_policies =
+            oldest_first(of_kind(&self.config, Kind::AuthorizationPolicy, |r| match r {
+                Resource::AuthorizationPolicy(ap) => Some(ap),
+                _ => None,
+            }));
+        self.destination_rules = oldest_first(of_kind(&self.config, Kind::DestinationRule, |r| match r {
+            Resource::DestinationRule(dr) => Some(dr),
+            _ => None,
+        }));
+        let mut by_host: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        for (i, dr) in self.destination_rules.iter().enumerate() {
             let host = resolve_host(&dr.spec.host, dr.namespace());
             let key = if host.starts_with('*') {
                 "*".to_string()
             } else {
                 host
             };
-            push.destination_rules_by_host.entry(key).or_default().push(i);
+            by_host.entry(key).or_default().push(i);
         }
-        for (i, vs) in push.virtual_services.iter().enumerate() {
+        self.destination_rules_by_host = by_host;
+    }
+
+    /// Indexes Gateways and VirtualServices, with those Ingresses and
+    /// Gateway API resources turn into, and the VirtualServices by host.
+    fn index_routing(&mut self) {
+        let mut gateways: BTreeMap<(String, String), Arc<Gateway>> =
+            of_kind(&self.config, Kind::Gateway, |r| match r {
+                Resource::Gateway(g) => Some(g),
+                _ => None,
+            })
+            .into_iter()
+            .map(|g| ((g.namespace().to_string(), g.name().to_string()), g))
+            .collect();
+        let mut virtual_services = of_kind(&self.config, Kind::VirtualService, |r| match r {
+            Resource::VirtualService(vs) => Some(vs),
+            _ => None,
+        });
+        let (gateway, generated_routes) = ingress::convert(self);
+        let (api_gateways, api_routes) = gateway_api::convert(&self.config);
+        for gw in gateway.into_iter().chain(api_gateways) {
+            let key = (gw.namespace().to_string(), gw.name().to_string());
+            gateways.insert(key, Arc::new(gw));
+        }
+        virtual_services.extend(generated_routes.into_iter().chain(api_routes).map(Arc::new));
+        self.gateways = gateways;
+        self.virtual_services = oldest_first(virtual_services);
+        let mut by_host: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        for (i, vs) in self.virtual_services.iter().enumerate() {
             let hosts: BTreeSet<String> = vs
                 .spec
                 .hosts
@@ -217,10 +351,10 @@ impl PushContext {
                 .map(|h| resolve_host(h, vs.namespace()))
                 .collect();
             for host in hosts {
-                push.virtual_services_by_host.entry(host).or_default().push(i);
+                by_host.entry(host).or_default().push(i);
             }
         }
-        push
+        self.virtual_services_by_host = by_host;
     }
 
     /// The Gateways whose selector matches the proxy's labels (Gateway
@@ -314,6 +448,89 @@ impl PushContext {
             self.trust_domain
         )
     }
+}
+
+/// The kinds the Gateway and VirtualService indexes are built from.
+const ROUTING_KINDS: &[Kind] = &[
+    Kind::Gateway,
+    Kind::VirtualService,
+    Kind::Ingress,
+    Kind::IngressClass,
+    Kind::GatewayClass,
+    Kind::K8sGateway,
+    Kind::HttpRoute,
+];
+
+/// The kinds whose resources select sidecars by label
+/// (`sidecar_label_keys`), besides VirtualServices (`sourceLabels`).
+const SELECTING_KINDS: &[Kind] = &[
+    Kind::Sidecar,
+    Kind::PeerAuthentication,
+    Kind::RequestAuthentication,
+    Kind::AuthorizationPolicy,
+    Kind::DestinationRule,
+];
+
+/// The resources of one kind, each copied once into its own `Arc`.
+fn of_kind<T: Clone>(
+    config: &ConfigSnapshot,
+    kind: Kind,
+    pick: impl Fn(&Resource) -> Option<&T>,
+) -> Vec<Arc<T>> {
+    config
+        .of_kind(kind)
+        .filter_map(pick)
+        .map(|r| Arc::new(r.clone()))
+        .collect()
+}
+
+/// Pods by IP and by (namespace, name).
+type PodIndexes = (
+    BTreeMap<String, Arc<PodInfo>>,
+    BTreeMap<(String, String), Arc<PodInfo>>,
+);
+
+fn index_pods(config: &ConfigSnapshot) -> PodIndexes {
+    let nodes: BTreeMap<String, &k8s_openapi::api::core::v1::Node> = config
+        .of_kind(Kind::Node)
+        .filter_map(|r| match r {
+            Resource::Node(n) => Some((n.metadata.name.clone().unwrap_or_default(), n)),
+            _ => None,
+        })
+        .collect();
+    let mut pods = BTreeMap::new();
+    let mut pods_by_name = BTreeMap::new();
+    for r in config.of_kind(Kind::Pod) {
+        let Resource::Pod(pod) = r else { continue };
+        let (ip, info) = pod_info(pod, &nodes);
+        let info = Arc::new(info);
+        pods_by_name.insert((info.namespace.clone(), info.name.clone()), info.clone());
+        if let Some(ip) = ip {
+            pods.insert(ip, info);
+        }
+    }
+    (pods, pods_by_name)
+}
+
+/// The namespaces that exist: declared, or holding a resource.
+fn namespaces(config: &ConfigSnapshot) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for entry in config.resources.values() {
+        match &*entry.resource {
+            Resource::Namespace(ns) => {
+                out.insert(ns.metadata.name.clone().unwrap_or_default());
+            }
+            r => out.extend(r.metadata().namespace.clone()),
+        }
+    }
+    out
+}
+
+fn secrets(config: &ConfigSnapshot) -> Vec<Arc<k8s_openapi::api::core::v1::Secret>> {
+    of_kind(config, Kind::Secret, |r| match r {
+        Resource::Secret(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// The label keys that select sidecars anywhere in the config.
@@ -515,6 +732,155 @@ pub fn resolve_host(host: &str, namespace: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::parse_file;
+
+    /// Every index of `a` equals `b`'s (the config and mesh settings aside).
+    fn assert_same_indexes(a: &PushContext, b: &PushContext, what: &str) {
+        assert_eq!(a.services, b.services, "services after {what}");
+        assert_eq!(a.gateways, b.gateways, "gateways after {what}");
+        assert_eq!(
+            a.virtual_services, b.virtual_services,
+            "virtual services after {what}"
+        );
+        assert_eq!(
+            a.virtual_services_by_host, b.virtual_services_by_host,
+            "virtual services by host after {what}"
+        );
+        assert_eq!(a.namespaces, b.namespaces, "namespaces after {what}");
+        assert_eq!(a.credentials, b.credentials, "credentials after {what}");
+        assert_eq!(a.peer_authentications, b.peer_authentications, "{what}");
+        assert_eq!(a.request_authentications, b.request_authentications, "{what}");
+        assert_eq!(a.authorization_policies, b.authorization_policies, "{what}");
+        assert_eq!(a.destination_rules, b.destination_rules, "{what}");
+        assert_eq!(a.destination_rules_by_host, b.destination_rules_by_host, "{what}");
+        assert_eq!(a.pods, b.pods, "pods after {what}");
+        assert_eq!(a.pods_by_name, b.pods_by_name, "pods by name after {what}");
+        assert_eq!(a.workload_ports, b.workload_ports, "workload ports after {what}");
+        assert_eq!(
+            a.sidecar_label_keys, b.sidecar_label_keys,
+            "label keys after {what}"
+        );
+    }
+
+    /// From every golden scenario, each resource taken away and put back
+    /// again, and every scenario followed by every other: the indexes
+    /// `next` updates equal those built from scratch.
+    #[test]
+    fn updated_indexes_equal_rebuilt_ones() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let mut scenarios = Vec::new();
+        for dir in std::fs::read_dir(&golden).expect("testdata/golden") {
+            let dir = dir.expect("entry").path().join("config");
+            if !dir.is_dir() {
+                continue; // the demo scenario serves the embedded config
+            }
+            let files = crate::source::load_dir(&dir).expect("golden config");
+            scenarios.push((dir, Arc::new(ConfigSnapshot::from_files(files))));
+        }
+        scenarios.sort_by(|a, b| a.0.cmp(&b.0));
+        let check = |from: &Arc<ConfigSnapshot>, to: &Arc<ConfigSnapshot>, what: &str| {
+            let updated = PushContext::new_at(from.clone(), now).next(to.clone(), now);
+            assert_same_indexes(&updated, &PushContext::new_at(to.clone(), now), what);
+        };
+        for (dir, full) in &scenarios {
+            for key in full.resources.keys() {
+                let mut without = (**full).clone();
+                without.resources.remove(key);
+                let without = Arc::new(without);
+                check(full, &without, &format!("{key} deleted in {}", dir.display()));
+                check(&without, full, &format!("{key} added in {}", dir.display()));
+            }
+        }
+        for (a, from) in &scenarios {
+            for (b, to) in &scenarios {
+                check(from, to, &format!("{} followed by {}", a.display(), b.display()));
+            }
+        }
+    }
+
+    /// Updates in place: an endpoint moved, a Pod's IP and labels changed,
+    /// a Service's port renamed, a VirtualService and a Secret edited.
+    #[test]
+    fn updated_resources_equal_rebuilt_ones() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let docs = |ip: &str, pod_ip: &str, app: &str, port: &str, prefix: &str| {
+            format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{selector: {{app: web}}, ports: [{{name: {port}, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: web, namespace: shop}}
+subsets: [{{addresses: [{{ip: {ip}, targetRef: {{kind: Pod, name: web-1, namespace: shop}}}}, {{ip: 10.0.0.9}}], ports: [{{name: {port}, port: 8080}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: shop, labels: {{app: {app}, security.istio.io/tlsMode: istio}}}}
+spec: {{serviceAccountName: web}}
+status: {{podIP: {pod_ip}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: other, namespace: shop}}
+spec: {{ports: [{{name: tcp, port: 9000}}]}}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: other, namespace: shop}}
+subsets: [{{addresses: [{{ip: {pod_ip}}}], ports: [{{name: tcp, port: 9000}}]}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: web, namespace: shop}}
+spec:
+  hosts: [web]
+  http: [{{match: [{{uri: {{prefix: {prefix}}}}}], route: [{{destination: {{host: web}}}}]}}]
+"
+            )
+        };
+        let snapshot = |text: String| {
+            let snapshot = ConfigSnapshot::from_files(vec![parse_file("mesh.yaml", &text)]);
+            assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+            Arc::new(snapshot)
+        };
+        let base = docs("10.0.0.1", "10.0.0.1", "web", "http", "/");
+        let steps = [
+            (
+                "an endpoint moved",
+                docs("10.0.0.2", "10.0.0.1", "web", "http", "/"),
+            ),
+            (
+                "a Pod's IP changed",
+                docs("10.0.0.1", "10.0.0.3", "web", "http", "/"),
+            ),
+            (
+                "a Pod's labels changed",
+                docs("10.0.0.1", "10.0.0.1", "web-v2", "http", "/"),
+            ),
+            ("a port renamed", docs("10.0.0.1", "10.0.0.1", "web", "tcp", "/")),
+            (
+                "a route edited",
+                docs("10.0.0.1", "10.0.0.1", "web", "http", "/v2"),
+            ),
+        ];
+        let from = snapshot(base);
+        let before = PushContext::new_at(from.clone(), now);
+        for (what, text) in steps {
+            let to = snapshot(text);
+            let updated = before.next(to.clone(), now);
+            assert_same_indexes(&updated, &PushContext::new_at(to.clone(), now), what);
+        }
+        // An endpoint change builds only its own service again.
+        let moved = before.next(snapshot(docs("10.0.0.2", "10.0.0.1", "web", "http", "/")), now);
+        let other = "other.shop.svc.cluster.local";
+        assert!(Arc::ptr_eq(&before.services[other], &moved.services[other]));
+        assert!(Arc::ptr_eq(
+            &before.virtual_services[0],
+            &moved.virtual_services[0]
+        ));
+    }
 
     fn dr(ns: &str, name: &str, extra: &str) -> String {
         format!(

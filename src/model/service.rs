@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use super::{PodInfo, DOMAIN_SUFFIX};
-use crate::config::{ConfigSnapshot, Resource, ServiceEntry};
+use crate::config::{ConfigSnapshot, Kind, Resource, ResourceKey, ServiceEntry};
 
 /// A Kubernetes Service as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,94 +122,168 @@ pub(super) fn build(
 ) -> BTreeMap<String, Arc<MeshService>> {
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     let mut endpoints: BTreeMap<(String, String), &Endpoints> = BTreeMap::new();
-    for entry in config.resources.values() {
-        match &*entry.resource {
-            Resource::EndpointSlice(s) => {
-                let svc = s
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"));
-                if let (Some(svc), Some(ns)) = (svc, &s.metadata.namespace) {
-                    slices.entry((ns.clone(), svc.clone())).or_default().push(s);
-                }
-            }
-            Resource::Endpoints(e) => {
-                let key = (
-                    e.metadata.namespace.clone().unwrap_or_default(),
-                    e.metadata.name.clone().unwrap_or_default(),
-                );
-                endpoints.insert(key, e);
-            }
-            _ => {}
+    for r in config.of_kind(Kind::EndpointSlice) {
+        let Resource::EndpointSlice(s) = r else { continue };
+        if let (Some(svc), Some(ns)) = (slice_service(s), &s.metadata.namespace) {
+            slices.entry((ns.clone(), svc.to_string())).or_default().push(s);
         }
     }
-    let mut out = BTreeMap::new();
-    for entry in config.resources.values() {
-        let Resource::Service(svc) = &*entry.resource else {
-            continue;
-        };
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let namespace = svc.metadata.namespace.clone().unwrap_or_default();
-        let key = (namespace.clone(), name.clone());
-        let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let svc_endpoints = endpoints.get(&key).copied();
-        let ports = service_ports(svc)
-            .into_iter()
-            .map(|mut p| {
-                p.endpoints = if svc_slices.is_empty() {
-                    svc_endpoints.map(|e| from_endpoints(&p, e)).unwrap_or_default()
-                } else {
-                    from_slices(&p, svc_slices)
-                };
-                for e in &mut p.endpoints {
-                    // The Pod by its IP, else by the endpoint's targetRef.
-                    let pod = pods
-                        .get(&e.ip)
-                        .or_else(|| e.pod.as_ref().and_then(|k| pods_by_name.get(k)));
-                    e.labels = pod.map(|p| p.labels.clone()).unwrap_or_default();
-                    e.locality = pod.map(|p| p.locality.clone()).unwrap_or_default();
-                    e.mesh = pod
-                        .filter(|pod| pod.mesh)
-                        .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
-                }
-                p
-            })
-            .collect();
-        let hostname = format!("{name}.{namespace}.{DOMAIN_SUFFIX}");
-        let selector = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let cluster_ip = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.cluster_ip.clone())
-            .filter(|ip| !ip.is_empty() && ip != "None");
-        let service = MeshService {
-            name,
-            namespace,
-            hostname: hostname.clone(),
-            selector,
-            cluster_ip,
-            ports,
-            resolution: Resolution::Endpoints,
-            external: false,
-        };
-        out.insert(hostname, Arc::new(service));
+    for r in config.of_kind(Kind::Endpoints) {
+        let Resource::Endpoints(e) = r else { continue };
+        let key = (
+            e.metadata.namespace.clone().unwrap_or_default(),
+            e.metadata.name.clone().unwrap_or_default(),
+        );
+        endpoints.insert(key, e);
     }
-    for entry in config.resources.values() {
-        let Resource::ServiceEntry(se) = &*entry.resource else {
-            continue;
-        };
+    let mut out = BTreeMap::new();
+    for svc in config.of_kind(Kind::Service) {
+        let Resource::Service(svc) = svc else { continue };
+        let key = (
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let service = from_service(svc, svc_slices, endpoints.get(&key).copied(), pods, pods_by_name);
+        out.insert(service.hostname.clone(), Arc::new(service));
+    }
+    for r in config.of_kind(Kind::ServiceEntry) {
+        let Resource::ServiceEntry(se) = r else { continue };
         for svc in from_service_entry(se, pods) {
             out.entry(svc.hostname.clone()).or_insert_with(|| Arc::new(svc));
         }
     }
     out
+}
+
+/// One Kubernetes Service with its endpoints: from its EndpointSlices when
+/// it has any, else from its Endpoints.
+fn from_service(
+    svc: &Service,
+    svc_slices: &[&EndpointSlice],
+    svc_endpoints: Option<&Endpoints>,
+    pods: &BTreeMap<String, Arc<PodInfo>>,
+    pods_by_name: &BTreeMap<(String, String), Arc<PodInfo>>,
+) -> MeshService {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+    let ports = service_ports(svc)
+        .into_iter()
+        .map(|mut p| {
+            p.endpoints = if svc_slices.is_empty() {
+                svc_endpoints.map(|e| from_endpoints(&p, e)).unwrap_or_default()
+            } else {
+                from_slices(&p, svc_slices)
+            };
+            for e in &mut p.endpoints {
+                // The Pod by its IP, else by the endpoint's targetRef.
+                let pod = pods
+                    .get(&e.ip)
+                    .or_else(|| e.pod.as_ref().and_then(|k| pods_by_name.get(k)));
+                e.labels = pod.map(|p| p.labels.clone()).unwrap_or_default();
+                e.locality = pod.map(|p| p.locality.clone()).unwrap_or_default();
+                e.mesh = pod
+                    .filter(|pod| pod.mesh)
+                    .map(|pod| (pod.namespace.clone(), pod.service_account.clone()));
+            }
+            p
+        })
+        .collect();
+    let hostname = format!("{name}.{namespace}.{DOMAIN_SUFFIX}");
+    let selector = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let cluster_ip = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .filter(|ip| !ip.is_empty() && ip != "None");
+    MeshService {
+        name,
+        namespace,
+        hostname,
+        selector,
+        cluster_ip,
+        ports,
+        resolution: Resolution::Endpoints,
+        external: false,
+    }
+}
+
+/// `prev` with the Kubernetes Services `changed` (namespace, name) built
+/// again from `config` (or dropped when gone); every other service keeps
+/// its `Arc`. `None` when a changed host is also a ServiceEntry's: which
+/// of the two wins is the full build's to decide.
+pub(super) fn rebuild(
+    prev: &BTreeMap<String, Arc<MeshService>>,
+    config: &ConfigSnapshot,
+    changed: &BTreeSet<(String, String)>,
+    pods: &BTreeMap<String, Arc<PodInfo>>,
+    pods_by_name: &BTreeMap<(String, String), Arc<PodInfo>>,
+) -> Option<BTreeMap<String, Arc<MeshService>>> {
+    let entry_hosts: BTreeSet<&str> = config
+        .of_kind(Kind::ServiceEntry)
+        .filter_map(|r| match r {
+            Resource::ServiceEntry(se) => Some(se.spec.hosts.iter().map(String::as_str)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut out = prev.clone();
+    for (namespace, name) in changed {
+        let hostname = format!("{name}.{namespace}.{DOMAIN_SUFFIX}");
+        if entry_hosts.contains(hostname.as_str()) {
+            return None;
+        }
+        out.remove(&hostname);
+        let get = |kind: Kind| {
+            let key = ResourceKey {
+                kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            config.resources.get(&key).map(|e| e.resource.as_ref())
+        };
+        let Some(Resource::Service(svc)) = get(Kind::Service) else {
+            continue;
+        };
+        let svc_endpoints = match get(Kind::Endpoints) {
+            Some(Resource::Endpoints(e)) => Some(e),
+            _ => None,
+        };
+        let first = ResourceKey {
+            kind: Kind::EndpointSlice,
+            namespace: namespace.clone(),
+            name: String::new(),
+        };
+        let svc_slices: Vec<&EndpointSlice> = config
+            .resources
+            .range(first..)
+            .take_while(|(k, _)| k.kind == Kind::EndpointSlice && &k.namespace == namespace)
+            .filter_map(|(_, e)| match e.resource.as_ref() {
+                Resource::EndpointSlice(s) => Some(s),
+                _ => None,
+            })
+            .filter(|s| slice_service(s) == Some(name.as_str()))
+            .collect();
+        let service = from_service(svc, &svc_slices, svc_endpoints, pods, pods_by_name);
+        out.insert(hostname, Arc::new(service));
+    }
+    Some(out)
+}
+
+/// The Service an EndpointSlice belongs to (`kubernetes.io/service-name`).
+pub(crate) fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+        .map(String::as_str)
 }
 
 /// The services a ServiceEntry adds: one per host.

@@ -56,11 +56,7 @@ pub(super) fn workload_ports<'a>(
     push: &'a PushContext,
     proxy: &Proxy,
 ) -> impl Iterator<Item = (u16, bool)> + 'a {
-    push.workload_ports
-        .get(&proxy.ip)
-        .into_iter()
-        .flatten()
-        .map(|(p, http)| (*p, *http))
+    push.workload_ports.get(&proxy.ip)
 }
 
 fn tls_inspector() -> ListenerFilter {
