@@ -16,15 +16,14 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::RouteSpecifier, HttpConnectionManager,
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{value, Any, Struct, Value};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::xds::server::SotwRequest;
 use crate::xds::XdsType;
 
 /// Who the simulated proxy is.
@@ -194,6 +193,40 @@ fn mark_synced(stats: &Mutex<ClientStats>, sync: &Sync) {
     }
 }
 
+/// What a state-of-the-world client sends, in the request's wire format,
+/// built once: the node (Envoy sends it on every request) and, per type,
+/// the subscribed names. An ACK then costs the simulator no more than a
+/// few reference counts, so the cores it shares with meshd go to meshd.
+struct SotwRequests {
+    node: bytes::Bytes,
+    names: BTreeMap<XdsType, Vec<bytes::Bytes>>,
+}
+
+impl SotwRequests {
+    fn new(who: &Identity) -> SotwRequests {
+        SotwRequests {
+            node: node(who).encode_to_vec().into(),
+            names: BTreeMap::new(),
+        }
+    }
+
+    fn subscribe(&mut self, t: XdsType, names: &BTreeSet<String>) {
+        let names = names.iter().map(|n| bytes::Bytes::from(n.clone())).collect();
+        self.names.insert(t, names);
+    }
+
+    fn request(&self, t: XdsType, version: &str, nonce: &str) -> SotwRequest {
+        SotwRequest {
+            node: Some(self.node.clone()),
+            type_url: t.url().to_string(),
+            resource_names: self.names.get(&t).cloned().unwrap_or_default(),
+            version_info: version.to_string(),
+            response_nonce: nonce.to_string(),
+            error_detail: None,
+        }
+    }
+}
+
 /// Runs one state-of-the-world client until the stream ends.
 pub async fn run_sotw(
     channel: Channel,
@@ -201,23 +234,21 @@ pub async fn run_sotw(
     stats: Arc<Mutex<ClientStats>>,
     shared: Arc<Shared>,
 ) -> Result<(), tonic::Status> {
-    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
-    let node = node(&who);
-    let request = |t: XdsType, names: &BTreeSet<String>, version: &str, nonce: &str| DiscoveryRequest {
-        node: Some(node.clone()),
-        type_url: t.url().to_string(),
-        resource_names: names.iter().cloned().collect(),
-        version_info: version.to_string(),
-        response_nonce: nonce.to_string(),
-        ..Default::default()
-    };
-    let none = BTreeSet::new();
+    let (tx, rx) = mpsc::channel::<SotwRequest>(64);
+    let mut requests = SotwRequests::new(&who);
     for t in [XdsType::Cluster, XdsType::Listener] {
-        let _ = tx.send(request(t, &none, "", "")).await;
+        let _ = tx.send(requests.request(t, "", "")).await;
     }
-    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
-    let mut stream = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let codec = tonic_prost::ProstCodec::<SotwRequest, DiscoveryResponse>::default();
+    let mut stream = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
         .await?
         .into_inner();
     let mut sync = Sync::default();
@@ -227,13 +258,11 @@ pub async fn run_sotw(
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
         };
-        let names = match t {
-            XdsType::Endpoint => sync.eds.clone(),
-            XdsType::Route => sync.rds.clone(),
-            _ => BTreeSet::new(),
-        };
-        let ack = request(t, &names, &resp.version_info, &resp.nonce);
-        if tx.send(ack).await.is_err() {
+        if tx
+            .send(requests.request(t, &resp.version_info, &resp.nonce))
+            .await
+            .is_err()
+        {
             break;
         }
         record(&stats, &shared, t, resp.encoded_len(), &resp.resources);
@@ -251,9 +280,10 @@ pub async fn run_sotw(
                 &mut sync.rds
             };
             if *held != wanted {
-                *held = wanted.clone();
+                requests.subscribe(dep, &wanted);
+                *held = wanted;
                 let (version, nonce) = last.get(&dep).cloned().unwrap_or_default();
-                if tx.send(request(dep, &wanted, &version, &nonce)).await.is_err() {
+                if tx.send(requests.request(dep, &version, &nonce)).await.is_err() {
                     break;
                 }
             }

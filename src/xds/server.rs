@@ -189,7 +189,8 @@ pub(super) trait XdsRequest: Send + 'static {
     fn check(&self, _limits: &Limits) -> Result<(), Status> {
         Ok(())
     }
-    fn node(&self) -> Option<&Node>;
+    /// The node, decoded (only the first request's is read).
+    fn node(&self) -> Result<Option<Node>, Status>;
     fn type_url(&self) -> &str;
     fn response_nonce(&self) -> &str;
     /// Set when the request rejects the last response (a NACK).
@@ -211,8 +212,10 @@ pub(super) trait XdsRequest: Send + 'static {
 pub struct SotwRequest {
     #[prost(string, tag = "1")]
     pub version_info: String,
-    #[prost(message, optional, tag = "2")]
-    pub node: Option<Node>,
+    /// The `Node` message, left encoded: Envoy sends it on every request
+    /// and only the first is read.
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub node: Option<bytes::Bytes>,
     #[prost(bytes = "bytes", repeated, tag = "3")]
     pub resource_names: Vec<bytes::Bytes>,
     #[prost(string, tag = "4")]
@@ -227,8 +230,8 @@ impl XdsRequest for SotwRequest {
     fn check(&self, limits: &Limits) -> Result<(), Status> {
         check_names(&self.resource_names, limits)
     }
-    fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
+    fn node(&self) -> Result<Option<Node>, Status> {
+        decode_node(self.node.as_ref())
     }
     fn type_url(&self) -> &str {
         &self.type_url
@@ -259,8 +262,9 @@ impl XdsRequest for SotwRequest {
 /// slices of the message (see `SotwRequest`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DeltaRequestMessage {
-    #[prost(message, optional, tag = "1")]
-    pub node: Option<Node>,
+    /// The `Node`, left encoded (see `SotwRequest`).
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub node: Option<bytes::Bytes>,
     #[prost(string, tag = "2")]
     pub type_url: String,
     #[prost(bytes = "bytes", repeated, tag = "3")]
@@ -273,6 +277,13 @@ pub struct DeltaRequestMessage {
     pub response_nonce: String,
     #[prost(message, optional, tag = "7")]
     pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+fn decode_node(node: Option<&bytes::Bytes>) -> Result<Option<Node>, Status> {
+    use prost::Message;
+    node.map(|b| Node::decode(b.clone()))
+        .transpose()
+        .map_err(|e| Status::invalid_argument(format!("the request's node does not decode: {e}")))
 }
 
 /// Names that are not all UTF-8 end the stream, as prost's `string` would.
@@ -307,8 +318,8 @@ impl XdsRequest for DeltaRequestMessage {
             limits,
         )
     }
-    fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
+    fn node(&self) -> Result<Option<Node>, Status> {
+        decode_node(self.node.as_ref())
     }
     fn type_url(&self) -> &str {
         &self.type_url
@@ -471,7 +482,7 @@ impl Connection {
                         break;
                     }
                     if proxy.is_none() {
-                        match self.identify(req.node()) {
+                        match req.node().and_then(|node| self.identify(node.as_ref())) {
                             Ok((p, id, identity)) => {
                                 workload = identity.and_then(|i| self.workload(i));
                                 proxy = Some((p, id));

@@ -586,7 +586,7 @@ mod tests {
         let read = SotwRequest::decode(request.encode_to_vec().as_slice()).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.version_info, request.version_info);
-        assert_eq!(read.node, request.node);
+        assert_eq!(XdsRequest::node(&read).expect("node decodes"), request.node);
         assert_eq!(read.type_url, request.type_url);
         assert_eq!(read.response_nonce, request.response_nonce);
         assert_eq!(read.error_detail, request.error_detail);
@@ -605,7 +605,7 @@ mod tests {
         };
         let read = DeltaRequestMessage::decode(delta.encode_to_vec().as_slice()).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
-        assert_eq!(read.node, delta.node);
+        assert_eq!(XdsRequest::node(&read).expect("node decodes"), delta.node);
         assert_eq!(read.type_url, delta.type_url);
         assert_eq!(
             read.resource_names_subscribe,
