@@ -77,6 +77,9 @@ pub struct Snapshot {
     /// that takes in all of a type sends as its version.
     pub versions: BTreeMap<XdsType, String>,
     pub diagnostics: Vec<Diagnostic>,
+    /// The streams' walks over it, shared (see `Walks`); also by the
+    /// per-workload copies that add a proxy's own secrets.
+    pub walks: Arc<super::stream::Walks>,
 }
 
 /// The version of a set of resources: a hash of their names and versions,
@@ -349,6 +352,7 @@ impl Generation {
             resources,
             versions,
             diagnostics: previous.diagnostics.clone(),
+            walks: Arc::default(),
         }
     }
 
@@ -389,6 +393,7 @@ impl Generation {
             versions: versions_of(&resources),
             resources,
             diagnostics: out.diagnostics,
+            walks: Arc::default(),
         }
     }
 

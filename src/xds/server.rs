@@ -410,6 +410,7 @@ impl Connection {
             resources,
             versions,
             diagnostics: shared.diagnostics.clone(),
+            walks: shared.walks.clone(),
         })
     }
 

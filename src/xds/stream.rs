@@ -347,7 +347,7 @@ impl StreamState {
             send,
             removed,
             covers,
-        } = walk(state, snapshot.of(t), true);
+        } = snapshot.walks.walk(t, state, snapshot, true);
         if send.is_empty() && removed.is_empty() {
             if let Some(s) = self.types.get_mut(&t) {
                 s.force.clear();
@@ -507,6 +507,7 @@ fn remember(key: u64, set: Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
 /// subscription and what the proxy holds, all in name order (no lookup per
 /// resource: at a thousand clusters and thousands of proxies, the lookups
 /// were most of a push).
+#[derive(Debug, Clone)]
 struct Walk {
     /// The subscribed resources: all of them, or with `only_changed` those
     /// the proxy does not hold in this version and those forced again.
@@ -515,6 +516,69 @@ struct Walk {
     removed: Vec<String>,
     /// The subscription takes in every resource the snapshot has of the type.
     covers: bool,
+}
+
+/// Walks made over one snapshot, by what they were made from. The streams
+/// of one config key mostly subscribe to the same (interned) names and hold
+/// the same (shared) map from the last push, so at a new snapshot they all
+/// need the same walk: it is made once and its result shared. The key holds
+/// the `Arc`s it names, so their addresses are not reused while it lives.
+#[derive(Debug, Default)]
+pub struct Walks(std::sync::Mutex<Vec<(WalkKey, Walk)>>);
+
+#[derive(Debug)]
+struct WalkKey {
+    type_: XdsType,
+    names: Arc<BTreeSet<String>>,
+    held: Resources,
+    wildcard: bool,
+    only_changed: bool,
+}
+
+/// Different subscriptions one snapshot remembers walks for, at most.
+const WALKS_KEPT: usize = 16;
+
+impl Walks {
+    /// `walk` over the snapshot's resources of `t`, made once per distinct
+    /// (names, held) pair. Streams with names to force, and secrets, make
+    /// their own.
+    fn walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
+        let all = snapshot.of(t);
+        // Secrets are each workload's own: nothing to share.
+        if !state.force.is_empty() || t == XdsType::Secret {
+            return walk(state, all, only_changed);
+        }
+        let same = |k: &WalkKey| {
+            k.type_ == t
+                && k.wildcard == state.wildcard
+                && k.only_changed == only_changed
+                && Arc::ptr_eq(&k.names, &state.names)
+                && Arc::ptr_eq(&k.held, &state.held)
+        };
+        if let Some((_, w)) = self
+            .0
+            .lock()
+            .ok()
+            .as_ref()
+            .and_then(|m| m.iter().find(|(k, _)| same(k)))
+        {
+            return w.clone();
+        }
+        let out = walk(state, all, only_changed);
+        if let Ok(mut memo) = self.0.lock() {
+            if memo.len() < WALKS_KEPT && !memo.iter().any(|(k, _)| same(k)) {
+                let key = WalkKey {
+                    type_: t,
+                    names: state.names.clone(),
+                    held: state.held.clone(),
+                    wildcard: state.wildcard,
+                    only_changed,
+                };
+                memo.push((key, out.clone()));
+            }
+        }
+        out
+    }
 }
 
 fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_changed: bool) -> Walk {
@@ -562,7 +626,7 @@ struct Selection {
 /// only the resources the proxy does not hold in their current version.
 fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed: bool) -> Selection {
     let all = snapshot.of(t);
-    let Walk { send, covers, .. } = walk(state, all, only_changed);
+    let Walk { send, covers, .. } = snapshot.walks.walk(t, state, snapshot, only_changed);
     let version = match snapshot.versions.get(&t).filter(|_| covers) {
         Some(version) => version.clone(),
         None => {
