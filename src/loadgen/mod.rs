@@ -171,7 +171,8 @@ impl Report {
 /// A meshd started for the run; killed when dropped.
 struct Started {
     child: Child,
-    _work: tempfile::TempDir,
+    /// Holds meshd's log and CA.
+    work: tempfile::TempDir,
 }
 
 impl Drop for Started {
@@ -208,6 +209,28 @@ async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
     }
 }
 
+/// Starts meshd on free loopback ports and waits until it is ready. A
+/// port found free can be taken before meshd binds it (by a connection of
+/// the clients of a run just ended): then meshd is started again on other
+/// ports, at most three times.
+async fn start_ready(bin: &Path, config_dir: &Path) -> Result<(Started, String)> {
+    let mut attempt = 1;
+    loop {
+        let (mut s, xds, debug) = start_meshd(bin, config_dir, tempfile::tempdir()?)?;
+        match wait_ready(&debug, &mut s.child).await {
+            Ok(()) => return Ok((s, xds)),
+            Err(e) => {
+                let log = std::fs::read_to_string(s.work.path().join("meshd.log")).unwrap_or_default();
+                let taken = log.contains("in use");
+                if !taken || attempt == 3 {
+                    return Err(e.context(format!("meshd's log:\n{}", log.trim_end())));
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
 fn start_meshd(bin: &Path, config_dir: &Path, work: tempfile::TempDir) -> Result<(Started, String, String)> {
     let (xds, tls, debug, webhook) = (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
     let log = std::fs::File::create(work.path().join("meshd.log"))?;
@@ -225,7 +248,7 @@ fn start_meshd(bin: &Path, config_dir: &Path, work: tempfile::TempDir) -> Result
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    Ok((Started { child, _work: work }, xds, debug))
+    Ok((Started { child, work }, xds, debug))
 }
 
 /// Who client `i` is: client 0 an ingress gateway, the others sidecars,
@@ -371,8 +394,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     let (xds_addr, pid) = match &o.xds_addr {
         Some(addr) => (addr.clone(), o.meshd_pid),
         None => {
-            let (mut s, xds, debug) = start_meshd(&o.meshd_bin, &config_dir, tempfile::tempdir()?)?;
-            wait_ready(&debug, &mut s.child).await?;
+            let (s, xds) = start_ready(&o.meshd_bin, &config_dir).await?;
             let pid = s.child.id();
             started = Some(s);
             (xds, Some(pid))
