@@ -29,50 +29,133 @@ pub struct DocumentLoad {
 
 /// Parses a file's text. `file` is the name used in reports.
 pub fn parse_file(file: &str, text: &str) -> FileLoad {
-    let values = if file.ends_with(".json") {
+    let documents = if file.ends_with(".json") {
         serde_json::from_str::<Value>(text)
-            .map(|v| vec![v])
+            .map(|v| decode_all(file, vec![v], &[1], 0))
             .map_err(|e| e.to_string())
     } else {
-        yaml_documents(text)
+        yaml_file(file, text)
     };
-    let lines = if file.ends_with(".json") {
-        vec![1]
-    } else {
-        document_lines(text)
-    };
-    let documents = match values {
-        Ok(values) => Ok(values
-            .into_iter()
-            .enumerate()
-            .filter(|(_, v)| !v.is_null())
-            .flat_map(|(i, v)| {
-                let origin = Origin {
-                    file: file.to_string(),
-                    document: i + 1,
-                    line: lines.get(i).copied().unwrap_or(0),
-                };
-                expand_list(v)
-                    .into_iter()
-                    .map(move |item| decode_document(origin.clone(), item))
-            })
-            .collect()),
-        Err(reason) => Err(Rejection {
-            origin: Origin {
-                file: file.to_string(),
-                document: 0,
-                line: 0,
-            },
-            key: None,
-            field: None,
-            reason: format!("not valid YAML/JSON: {reason}"),
-            last_good_kept: false,
-        }),
-    };
+    let documents = documents.map_err(|reason| Rejection {
+        origin: Origin {
+            file: file.to_string(),
+            document: 0,
+            line: 0,
+        },
+        key: None,
+        field: None,
+        reason: format!("not valid YAML/JSON: {reason}"),
+        last_good_kept: false,
+    });
     FileLoad {
         file: file.to_string(),
         documents,
     }
+}
+
+/// Decodes `values`, the documents of `file` from the `first`-th on
+/// (0-based), each starting on its line in `lines` (the whole file's).
+fn decode_all(file: &str, values: Vec<Value>, lines: &[usize], first: usize) -> Vec<DocumentLoad> {
+    values
+        .into_iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_null())
+        .flat_map(|(i, v)| {
+            let i = first + i;
+            let origin = Origin {
+                file: file.to_string(),
+                document: i + 1,
+                line: lines.get(i).copied().unwrap_or(0),
+            };
+            expand_list(v)
+                .into_iter()
+                .map(move |item| decode_document(origin.clone(), item))
+        })
+        .collect()
+}
+
+/// Files at least this large are parsed on every core.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// A YAML stream's documents, decoded. A large file is cut at document
+/// markers into one part per core, parsed and decoded at once; where the
+/// parts disagree with the whole (a count that differs, an error), the
+/// file is parsed again as one, so reports are the same either way.
+fn yaml_file(file: &str, text: &str) -> Result<Vec<DocumentLoad>, String> {
+    let lines = document_lines(text);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if text.len() >= PARALLEL_FROM && cores > 1 {
+        if let Some(documents) = yaml_in_parts(file, text, &lines, cores) {
+            return Ok(documents);
+        }
+    }
+    Ok(decode_all(file, yaml_documents(text)?, &lines, 0))
+}
+
+fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Option<Vec<DocumentLoad>> {
+    let mut cuts = vec![0];
+    for k in 1..parts {
+        let from = (text.len() * k / parts).max(*cuts.last()?);
+        if let Some(cut) = next_document_marker(text, from) {
+            if cut > *cuts.last()? {
+                cuts.push(cut);
+            }
+        }
+    }
+    cuts.push(text.len());
+    let parsed: Vec<Option<(usize, Vec<DocumentLoad>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cuts
+            .windows(2)
+            .map(|w| {
+                let part = &text[w[0]..w[1]];
+                scope.spawn(move || {
+                    let values = yaml_documents(part).ok()?;
+                    Some((values.len(), decode_all(file, values, &[], 0)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().ok().flatten()).collect()
+    });
+    let mut out = Vec::new();
+    let mut first = 0;
+    for part in parsed {
+        let (count, documents) = part?;
+        for mut d in documents {
+            let i = first + d.origin.document - 1;
+            let origin = Origin {
+                file: file.to_string(),
+                document: i + 1,
+                line: lines.get(i).copied().unwrap_or(0),
+            };
+            if let Err(r) = &mut d.result {
+                r.origin = origin.clone();
+            }
+            d.origin = origin;
+            out.push(d);
+        }
+        first += count;
+    }
+    (first == lines.len()).then_some(out)
+}
+
+/// The start of the first line at or after byte `from` that is a document
+/// marker (`---` alone or followed by a space or tab).
+fn next_document_marker(text: &str, from: usize) -> Option<usize> {
+    // Bytes, not `str`: `from` may fall inside a character.
+    let bytes = text.as_bytes();
+    let mut at = from;
+    while let Some(found) = bytes.get(at..)?.windows(4).position(|w| w == b"\n---") {
+        let start = at + found + 1;
+        let rest = &bytes[start + 3..];
+        if rest
+            .first()
+            .is_none_or(|c| matches!(c, b'\n' | b'\r' | b' ' | b'\t'))
+        {
+            return Some(start);
+        }
+        at = start;
+    }
+    None
 }
 
 /// The line each document of a YAML stream starts on (its first line
@@ -117,10 +200,8 @@ fn document_lines(text: &str) -> Vec<usize> {
 fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
     use serde::Deserialize;
     serde_norway::Deserializer::from_str(text)
-        .map(|doc| {
-            let yaml = serde_norway::Value::deserialize(doc).map_err(|e| e.to_string())?;
-            serde_json::to_value(yaml).map_err(|e| e.to_string())
-        })
+        // Straight into JSON values: no YAML value tree built and converted.
+        .map(|doc| Value::deserialize(doc).map_err(|e| e.to_string()))
         .collect()
 }
 
@@ -223,15 +304,15 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::Endpoints => Resource::Endpoints(typed(value)?),
         Kind::EndpointSlice => Resource::EndpointSlice(typed(value)?),
         Kind::Pod => Resource::Pod(typed(value)?),
-        Kind::Secret => Resource::Secret(typed(value)?),
-        Kind::Gateway => Resource::Gateway(typed(value)?),
-        Kind::VirtualService => Resource::VirtualService(typed(value)?),
-        Kind::DestinationRule => Resource::DestinationRule(typed(value)?),
+        Kind::Secret => Resource::Secret(Arc::new(typed(value)?)),
+        Kind::Gateway => Resource::Gateway(Arc::new(typed(value)?)),
+        Kind::VirtualService => Resource::VirtualService(Arc::new(typed(value)?)),
+        Kind::DestinationRule => Resource::DestinationRule(Arc::new(typed(value)?)),
         Kind::ServiceEntry => Resource::ServiceEntry(typed(value)?),
         Kind::Sidecar => Resource::Sidecar(typed(value)?),
-        Kind::PeerAuthentication => Resource::PeerAuthentication(typed(value)?),
-        Kind::RequestAuthentication => Resource::RequestAuthentication(typed(value)?),
-        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(value)?),
+        Kind::PeerAuthentication => Resource::PeerAuthentication(Arc::new(typed(value)?)),
+        Kind::RequestAuthentication => Resource::RequestAuthentication(Arc::new(typed(value)?)),
+        Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(Arc::new(typed(value)?)),
         Kind::Ingress => Resource::Ingress(typed(value)?),
         Kind::IngressClass => Resource::IngressClass(typed(value)?),
         Kind::GatewayClass => Resource::GatewayClass(typed(value)?),
@@ -310,6 +391,36 @@ mod tests {
         assert!(docs[0].result.is_ok() && docs[1].result.is_err() && docs[2].result.is_ok());
         let err = docs[1].result.clone().expect_err("unknown kind");
         assert!(err.reason.contains("not a kind meshd reads"));
+    }
+
+    /// A file large enough to be parsed in parts gives what parsing it
+    /// as one gives: the same documents, origins, lines and rejections.
+    #[test]
+    fn a_large_file_parsed_in_parts_reads_as_one() {
+        let mut docs = Vec::new();
+        for i in 0..20000 {
+            docs.push(match i % 7 {
+                0 => format!("# service {i}, café ünïcode\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"),
+                1 => String::new(),
+                2 => format!("apiVersion: v1\nkind: Nope\nmetadata: {{name: n{i}}}\n"),
+                3 => format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v{i}}}\nspec:\n  hosts: [s{i}]\n  http: [{{route: [{{destination: {{host: s{i}, prot: 1}}}}]}}]\n"),
+                4 => format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: c{i}}}\nstringData:\n  pem: |\n    line one\n    --- not a marker\n"),
+                _ => format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{i}\n"),
+            });
+        }
+        let text = docs.join("---\n");
+        assert!(text.len() >= PARALLEL_FROM);
+        let lines = document_lines(&text);
+        let parts = yaml_in_parts("big.yaml", &text, &lines, 3).expect("the parts agree with the whole");
+        let whole = decode_all("big.yaml", yaml_documents(&text).expect("parses"), &lines, 0);
+        assert_eq!(parts.len(), whole.len());
+        for (a, b) in parts.iter().zip(&whole) {
+            assert_eq!(a.origin, b.origin);
+            assert_eq!(a.result, b.result);
+        }
+        assert!(whole.iter().any(|d| d.result.is_err()) && whole.iter().any(|d| d.result.is_ok()));
+        let read = parse_file("big.yaml", &text).documents.expect("parses");
+        assert_eq!(read.len(), whole.len());
     }
 
     #[test]

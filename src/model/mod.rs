@@ -471,17 +471,13 @@ const SELECTING_KINDS: &[Kind] = &[
     Kind::DestinationRule,
 ];
 
-/// The resources of one kind, each copied once into its own `Arc`.
-fn of_kind<T: Clone>(
+/// The resources of one kind, shared with the config snapshot.
+fn of_kind<T>(
     config: &ConfigSnapshot,
     kind: Kind,
-    pick: impl Fn(&Resource) -> Option<&T>,
+    pick: impl Fn(&Resource) -> Option<&Arc<T>>,
 ) -> Vec<Arc<T>> {
-    config
-        .of_kind(kind)
-        .filter_map(pick)
-        .map(|r| Arc::new(r.clone()))
-        .collect()
+    config.of_kind(kind).filter_map(pick).cloned().collect()
 }
 
 /// Pods by IP and by (namespace, name).
@@ -520,7 +516,11 @@ fn namespaces(config: &ConfigSnapshot) -> BTreeSet<String> {
             Resource::Namespace(ns) => {
                 out.insert(ns.metadata.name.clone().unwrap_or_default());
             }
-            r => out.extend(r.metadata().namespace.clone()),
+            r => {
+                if let Some(ns) = r.metadata().namespace.as_ref().filter(|ns| !out.contains(*ns)) {
+                    out.insert(ns.clone());
+                }
+            }
         }
     }
     out
