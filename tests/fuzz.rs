@@ -243,6 +243,33 @@ proptest! {
         digest(&text);
     }
 
+    /// The SotW request reader decodes by hand: any bytes, and a real
+    /// request cut short or garbled, give a request or an error.
+    #[test]
+    fn sotw_request_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), cut in 0usize..400) {
+        use meshd::xds::server::{DecodeRequest, SotwRequest};
+        if let Ok(read) = SotwRequest::decode_request(bytes.clone().into()) {
+            let _ = read.names();
+        }
+        let good = prost::Message::encode_to_vec(&envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+            version_info: "v1".into(),
+            resource_names: vec!["outbound|80||a.default.svc.cluster.local".into(), "é".repeat(70)],
+            type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment".into(),
+            response_nonce: "3".into(),
+            ..Default::default()
+        });
+        let mut garbled = good.clone();
+        for (i, b) in bytes.iter().enumerate() {
+            let at = (i * 13 + cut) % garbled.len();
+            garbled[at] ^= b;
+        }
+        for frame in [good[..cut.min(good.len())].to_vec(), garbled] {
+            if let Ok(read) = SotwRequest::decode_request(frame.into()) {
+                let _ = read.names();
+            }
+        }
+    }
+
     #[test]
     fn node_ids_and_metadata_never_panic(id in "(router|sidecar|x)?~?[0-9a-z.~]{0,40}", meta in value()) {
         let map = meta.as_object().cloned().unwrap_or_default();

@@ -9,12 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::cluster::v3::cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::RouteSpecifier, HttpConnectionManager,
-};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{value, Any, Struct, Value};
@@ -23,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::xds::server::SotwRequest;
 use crate::xds::XdsType;
 
 /// Who the simulated proxy is.
@@ -97,40 +92,77 @@ fn node(who: &Identity) -> Node {
     }
 }
 
+// What the simulator reads of clusters and listeners, in their wire
+// format: prost skips every other field without building it, as a proxy
+// that needs only these would.
+
+/// A Cluster's name and discovery type (`type`, in a oneof).
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterHead {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(int32, optional, tag = "2")]
+    discovery_type: Option<i32>,
+}
+
+/// A Listener's filter chains.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListenerHead {
+    #[prost(message, repeated, tag = "3")]
+    filter_chains: Vec<ChainHead>,
+    #[prost(message, optional, tag = "25")]
+    default_filter_chain: Option<ChainHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ChainHead {
+    #[prost(message, repeated, tag = "3")]
+    filters: Vec<FilterHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FilterHead {
+    #[prost(message, optional, tag = "4")]
+    typed_config: Option<Any>,
+}
+
+/// An HttpConnectionManager's RDS source.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HcmHead {
+    #[prost(message, optional, tag = "3")]
+    rds: Option<RdsHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RdsHead {
+    #[prost(string, tag = "2")]
+    route_config_name: String,
+}
+
 /// The EDS clusters a response's clusters name.
-fn eds_names(resources: &[Any]) -> BTreeSet<String> {
+fn eds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<String> {
     resources
-        .iter()
-        .filter_map(|a| Cluster::decode(a.value.as_slice()).ok())
-        .filter(|c| {
-            c.cluster_discovery_type
-                == Some(cluster::ClusterDiscoveryType::Type(
-                    cluster::DiscoveryType::Eds as i32,
-                ))
-        })
+        .into_iter()
+        .filter_map(|a| ClusterHead::decode(a.value.as_slice()).ok())
+        .filter(|c| c.discovery_type == Some(cluster::DiscoveryType::Eds as i32))
         .map(|c| c.name)
         .collect()
 }
 
 /// The route tables a response's listeners name over RDS.
-fn rds_names(resources: &[Any]) -> BTreeSet<String> {
+fn rds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for l in resources
-        .iter()
-        .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
+        .into_iter()
+        .filter_map(|a| ListenerHead::decode(a.value.as_slice()).ok())
     {
         for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
-            for f in &chain.filters {
-                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-                    continue;
-                };
+            for any in chain.filters.iter().filter_map(|f| f.typed_config.as_ref()) {
                 if !any.type_url.ends_with("HttpConnectionManager") {
                     continue;
                 }
-                if let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) {
-                    if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
-                        names.insert(rds.route_config_name);
-                    }
+                if let Ok(HcmHead { rds: Some(rds) }) = HcmHead::decode(any.value.as_slice()) {
+                    names.insert(rds.route_config_name);
                 }
             }
         }
@@ -143,7 +175,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Records one response (already ACKed).
-fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize, resources: &[Any]) {
+fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize, resources: &[&Any]) {
     let carries = resources.iter().any(|a| contains(&a.value, &shared.marker));
     let after = shared.change_written();
     if let Ok(mut s) = stats.lock() {
@@ -160,7 +192,7 @@ fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize,
                     type_url: t.url().to_string(),
                     version_info: format!("replay-{n}"),
                     nonce: n.to_string(),
-                    resources: resources.to_vec(),
+                    resources: resources.iter().map(|a| (*a).clone()).collect(),
                     ..Default::default()
                 });
             }
@@ -193,13 +225,81 @@ fn mark_synced(stats: &Mutex<ClientStats>, sync: &Sync) {
     }
 }
 
-/// What a state-of-the-world client sends, in the request's wire format,
-/// built once: the node (Envoy sends it on every request) and, per type,
-/// the subscribed names. An ACK then costs the simulator no more than a
-/// few reference counts, so the cores it shares with meshd go to meshd.
+/// A state-of-the-world request as the simulator sends it: a
+/// `DiscoveryRequest` in its wire format whose node (Envoy sends it on
+/// every request) and subscribed names were encoded once. An ACK then
+/// costs the simulator a copy of bytes, so the cores it shares with meshd
+/// go to meshd. Encode only.
+#[derive(Debug, Clone, Default)]
+struct Ack {
+    version_info: String,
+    /// The encoded `Node` (field 2).
+    node: bytes::Bytes,
+    /// Every `resource_names` entry (field 3), encoded.
+    names: bytes::Bytes,
+    type_url: &'static str,
+    response_nonce: String,
+}
+
+/// A length-delimited field: key, length, bytes.
+fn put_field(tag: u32, value: &[u8], buf: &mut impl bytes::BufMut) {
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, buf);
+    prost::encoding::encode_varint(value.len() as u64, buf);
+    buf.put_slice(value);
+}
+
+fn field_len(tag: u32, value: &[u8]) -> usize {
+    prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(value.len() as u64) + value.len()
+}
+
+impl prost::Message for Ack {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        if !self.version_info.is_empty() {
+            put_field(1, self.version_info.as_bytes(), buf);
+        }
+        put_field(2, &self.node, buf);
+        buf.put_slice(&self.names);
+        put_field(4, self.type_url.as_bytes(), buf);
+        if !self.response_nonce.is_empty() {
+            put_field(5, self.response_nonce.as_bytes(), buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let optional = |tag: u32, s: &str| {
+            if s.is_empty() {
+                0
+            } else {
+                field_len(tag, s.as_bytes())
+            }
+        };
+        optional(1, &self.version_info)
+            + field_len(2, &self.node)
+            + self.names.len()
+            + field_len(4, self.type_url.as_bytes())
+            + optional(5, &self.response_nonce)
+    }
+
+    fn clear(&mut self) {
+        *self = Ack::default();
+    }
+}
+
+/// What a state-of-the-world client sends, built once: its node and, per
+/// type, its subscribed names.
 struct SotwRequests {
     node: bytes::Bytes,
-    names: BTreeMap<XdsType, Vec<bytes::Bytes>>,
+    names: BTreeMap<XdsType, bytes::Bytes>,
 }
 
 impl SotwRequests {
@@ -211,18 +311,20 @@ impl SotwRequests {
     }
 
     fn subscribe(&mut self, t: XdsType, names: &BTreeSet<String>) {
-        let names = names.iter().map(|n| bytes::Bytes::from(n.clone())).collect();
-        self.names.insert(t, names);
+        let mut encoded = Vec::new();
+        for n in names {
+            prost::encoding::string::encode(3, n, &mut encoded);
+        }
+        self.names.insert(t, encoded.into());
     }
 
-    fn request(&self, t: XdsType, version: &str, nonce: &str) -> SotwRequest {
-        SotwRequest {
-            node: Some(self.node.clone()),
-            type_url: t.url().to_string(),
-            resource_names: self.names.get(&t).cloned().unwrap_or_default(),
+    fn request(&self, t: XdsType, version: &str, nonce: &str) -> Ack {
+        Ack {
             version_info: version.to_string(),
+            node: self.node.clone(),
+            names: self.names.get(&t).cloned().unwrap_or_default(),
+            type_url: t.url(),
             response_nonce: nonce.to_string(),
-            error_detail: None,
         }
     }
 }
@@ -234,7 +336,7 @@ pub async fn run_sotw(
     stats: Arc<Mutex<ClientStats>>,
     shared: Arc<Shared>,
 ) -> Result<(), tonic::Status> {
-    let (tx, rx) = mpsc::channel::<SotwRequest>(64);
+    let (tx, rx) = mpsc::channel::<Ack>(64);
     let mut requests = SotwRequests::new(&who);
     for t in [XdsType::Cluster, XdsType::Listener] {
         let _ = tx.send(requests.request(t, "", "")).await;
@@ -246,7 +348,7 @@ pub async fn run_sotw(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
     );
-    let codec = tonic_prost::ProstCodec::<SotwRequest, DiscoveryResponse>::default();
+    let codec = tonic_prost::ProstCodec::<Ack, DiscoveryResponse>::default();
     let mut stream = grpc
         .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
         .await?
@@ -265,7 +367,8 @@ pub async fn run_sotw(
         {
             break;
         }
-        record(&stats, &shared, t, resp.encoded_len(), &resp.resources);
+        let anys: Vec<&Any> = resp.resources.iter().collect();
+        record(&stats, &shared, t, resp.encoded_len(), &anys);
         last.insert(t, (resp.version_info.clone(), resp.nonce.clone()));
         sync.received.insert(t);
         let follow = match t {
@@ -332,30 +435,33 @@ pub async fn run_delta(
         if tx.send(ack).await.is_err() {
             break;
         }
-        let anys: Vec<Any> = resp.resources.iter().filter_map(|r| r.resource.clone()).collect();
+        let anys: Vec<&Any> = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .collect();
         record(&stats, &shared, t, resp.encoded_len(), &anys);
         sync.received.insert(t);
-        let names_of = |a: &Any| match t {
-            XdsType::Cluster => eds_names(std::slice::from_ref(a)),
-            XdsType::Listener => rds_names(std::slice::from_ref(a)),
-            _ => BTreeSet::new(),
-        };
-        let held = names.entry(t).or_default();
-        for r in &resp.resources {
-            if let Some(any) = &r.resource {
-                held.insert(r.name.clone(), names_of(any));
-            }
-        }
-        for name in &resp.removed_resources {
-            held.remove(name);
-        }
-        let wanted = held.values().flatten().cloned().collect::<BTreeSet<String>>();
-        let follow = match t {
-            XdsType::Cluster => Some((XdsType::Endpoint, wanted)),
-            XdsType::Listener => Some((XdsType::Route, wanted)),
+        let dep = match t {
+            XdsType::Cluster => Some(XdsType::Endpoint),
+            XdsType::Listener => Some(XdsType::Route),
             _ => None,
         };
-        if let Some((dep, wanted)) = follow {
+        if let Some(dep) = dep {
+            let held = names.entry(t).or_default();
+            for r in &resp.resources {
+                if let Some(any) = &r.resource {
+                    let named = match t {
+                        XdsType::Cluster => eds_names([any]),
+                        _ => rds_names([any]),
+                    };
+                    held.insert(r.name.clone(), named);
+                }
+            }
+            for name in &resp.removed_resources {
+                held.remove(name);
+            }
+            let wanted = held.values().flatten().cloned().collect::<BTreeSet<String>>();
             let current = if dep == XdsType::Endpoint {
                 &mut sync.eds
             } else {
@@ -379,4 +485,112 @@ pub async fn run_delta(
         mark_synced(&stats, &sync);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager::RouteSpecifier, HttpConnectionManager,
+    };
+
+    /// An `Ack` is the `DiscoveryRequest` Envoy would send.
+    #[test]
+    fn an_ack_is_a_discovery_request() {
+        use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+        let who = Identity {
+            id: "sidecar~10.1.0.9~a-0.default~default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            labels: [("app".to_string(), "a".to_string())].into(),
+        };
+        let mut requests = SotwRequests::new(&who);
+        let names: BTreeSet<String> =
+            ["outbound|80||a.default.svc.cluster.local".to_string(), "é".into()].into();
+        requests.subscribe(XdsType::Endpoint, &names);
+        let ack = requests.request(XdsType::Endpoint, "v1", "7");
+        let read = DiscoveryRequest::decode(ack.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(ack.encoded_len(), ack.encode_to_vec().len());
+        assert_eq!(
+            read,
+            DiscoveryRequest {
+                version_info: "v1".into(),
+                node: Some(node(&who)),
+                resource_names: names.into_iter().collect(),
+                type_url: XdsType::Endpoint.url().into(),
+                response_nonce: "7".into(),
+                ..Default::default()
+            }
+        );
+    }
+
+    /// The names read from the heads are those the full messages hold, for
+    /// what meshd sends a sidecar and a gateway of a golden scenario.
+    #[test]
+    fn heads_read_what_the_full_messages_hold() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/http-routing/config");
+        let config =
+            crate::config::ConfigSnapshot::from_files(crate::source::load_dir(&dir).expect("testdata"));
+        let cache =
+            crate::xds::SnapshotCache::new(Arc::new(crate::model::PushContext::new(Arc::new(config))));
+        let proxies = [
+            (
+                "sidecar~10.1.0.9~client-0.default~default.svc.cluster.local",
+                serde_json::json!({}),
+            ),
+            (
+                "router~10.9.0.1~gw-0.istio-system~istio-system.svc.cluster.local",
+                serde_json::json!({"LABELS": {"istio": "ingressgateway"}}),
+            ),
+        ];
+        for (id, meta) in proxies {
+            let proxy = crate::model::Proxy::parse(id, meta.as_object().expect("object")).expect("proxy");
+            let snapshot = cache.snapshot(&proxy);
+            let anys = |t: XdsType| -> Vec<Any> {
+                snapshot
+                    .of(t)
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, e)| e.body())
+                    .collect()
+            };
+            let clusters = anys(XdsType::Cluster);
+            let full: BTreeSet<String> = clusters
+                .iter()
+                .filter_map(|a| Cluster::decode(a.value.as_slice()).ok())
+                .filter(|c| {
+                    c.cluster_discovery_type
+                        == Some(cluster::ClusterDiscoveryType::Type(
+                            cluster::DiscoveryType::Eds as i32,
+                        ))
+                })
+                .map(|c| c.name)
+                .collect();
+            assert!(!full.is_empty(), "{id} has EDS clusters");
+            assert_eq!(eds_names(&clusters), full, "{id}");
+            let listeners = anys(XdsType::Listener);
+            let mut full = BTreeSet::new();
+            for l in listeners
+                .iter()
+                .filter_map(|a| Listener::decode(a.value.as_slice()).ok())
+            {
+                for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+                    for f in &chain.filters {
+                        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                            continue;
+                        };
+                        if let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) {
+                            if let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier {
+                                full.insert(rds.route_config_name);
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(!full.is_empty(), "{id} has RDS route tables");
+            assert_eq!(rds_names(&listeners), full, "{id}");
+        }
+    }
 }

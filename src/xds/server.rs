@@ -160,7 +160,7 @@ impl AdsServer {
         tx: mpsc::Sender<Result<Wire, Status>>,
     ) -> Result<(), Status>
     where
-        R: XdsRequest + prost::Message + Default,
+        R: XdsRequest + DecodeRequest,
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
@@ -203,32 +203,118 @@ pub(super) trait XdsRequest: Send + 'static {
     fn wire(out: &Outgoing) -> Wire;
 }
 
-/// A `DiscoveryRequest` as the server reads it: the subscribed names stay
-/// slices of the received message (a SotW ACK repeats every name, a
-/// thousand of them for a sidecar's EDS, and decoding each into a `String`
-/// was a large part of serving an endpoint change). Same wire format: a
-/// proto `string` is length-delimited bytes, checked for UTF-8 by `check`.
-#[derive(Clone, PartialEq, prost::Message)]
+/// How a request message is read from its gRPC frame.
+pub trait DecodeRequest: Sized {
+    fn decode_request(frame: bytes::Bytes) -> Result<Self, Status>;
+}
+
+/// Messages prost decodes as they are (the delta request).
+impl<T: prost::Message + Default> DecodeRequest for T {
+    fn decode_request(frame: bytes::Bytes) -> Result<T, Status> {
+        T::decode(frame).map_err(bad_request)
+    }
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("bad request: {e}"))
+}
+
+/// A `DiscoveryRequest` as the server reads it, by hand: the subscribed
+/// names stay ranges of the received frame. A SotW ACK repeats every
+/// name, a thousand of them for a sidecar's EDS; making each a `String`,
+/// or even a reference-counted slice, and checking each for UTF-8 on its
+/// own was most of what serving an endpoint change cost.
+#[derive(Debug, Clone, Default)]
 pub struct SotwRequest {
-    #[prost(string, tag = "1")]
     pub version_info: String,
     /// The `Node` message, left encoded: Envoy sends it on every request
     /// and only the first is read.
-    #[prost(bytes = "bytes", optional, tag = "2")]
     pub node: Option<bytes::Bytes>,
-    #[prost(bytes = "bytes", repeated, tag = "3")]
-    pub resource_names: Vec<bytes::Bytes>,
-    #[prost(string, tag = "4")]
     pub type_url: String,
-    #[prost(string, tag = "5")]
     pub response_nonce: String,
-    #[prost(message, optional, tag = "6")]
     pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+    /// The message the names are ranges of.
+    frame: bytes::Bytes,
+    /// Each `resource_names` entry, as (start, end) in `frame`.
+    names: Vec<(u32, u32)>,
+}
+
+impl DecodeRequest for SotwRequest {
+    fn decode_request(frame: bytes::Bytes) -> Result<SotwRequest, Status> {
+        use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+        use prost::Message;
+        let mut out = SotwRequest {
+            frame: frame.clone(),
+            ..Default::default()
+        };
+        let string = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).map_err(bad_request);
+        let mut buf: &[u8] = &frame;
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).map_err(bad_request)?;
+            if !(1..=6).contains(&tag) {
+                skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(bad_request)?;
+                continue;
+            }
+            if wire != WireType::LengthDelimited {
+                return Err(bad_request(format!("field {tag} has wire type {wire:?}")));
+            }
+            let len = usize::try_from(decode_varint(&mut buf).map_err(bad_request)?).unwrap_or(usize::MAX);
+            if len > buf.len() {
+                return Err(bad_request("a field runs past the end of the message"));
+            }
+            let start = frame.len() - buf.len();
+            let (field, rest) = buf.split_at(len);
+            match tag {
+                1 => out.version_info = string(field)?,
+                2 => out.node = Some(frame.slice(start..start + len)),
+                // Frames are at most a few MiB: offsets fit in u32.
+                3 => out.names.push((start as u32, (start + len) as u32)),
+                4 => out.type_url = string(field)?,
+                5 => out.response_nonce = string(field)?,
+                _ => {
+                    let status = envoy_types::pb::google::rpc::Status::decode(field).map_err(bad_request)?;
+                    out.error_detail = Some(status);
+                }
+            }
+            buf = rest;
+        }
+        Ok(out)
+    }
+}
+
+impl SotwRequest {
+    /// The subscribed names, in the order sent. One UTF-8 check covers the
+    /// span that holds them all (the tags and lengths between short names
+    /// are ASCII); each name is checked on its own only when that fails.
+    pub fn names(&self) -> Result<Vec<&str>, Status> {
+        let not_utf8 = || Status::invalid_argument("a resource name is not valid UTF-8");
+        let (Some(first), Some(last)) = (self.names.first(), self.names.last()) else {
+            return Ok(Vec::new());
+        };
+        let base = first.0 as usize;
+        if let Ok(span) = std::str::from_utf8(&self.frame[base..last.1 as usize]) {
+            let names: Option<Vec<&str>> = self
+                .names
+                .iter()
+                .map(|&(s, e)| span.get(s as usize - base..e as usize - base))
+                .collect();
+            if let Some(names) = names {
+                return Ok(names);
+            }
+        }
+        self.names
+            .iter()
+            .map(|&(s, e)| std::str::from_utf8(&self.frame[s as usize..e as usize]).map_err(|_| not_utf8()))
+            .collect()
+    }
 }
 
 impl XdsRequest for SotwRequest {
     fn check(&self, limits: &Limits) -> Result<(), Status> {
-        check_names(&self.resource_names, limits)
+        if self.names.len() > limits.max_names {
+            return Err(too_many_names(limits));
+        }
+        self.names().map(|_| ())
     }
     fn node(&self) -> Result<Option<Node>, Status> {
         decode_node(self.node.as_ref())
@@ -247,7 +333,8 @@ impl XdsRequest for SotwRequest {
             .error_detail
             .as_ref()
             .map(|s| format!("code {}: {}", s.code, s.message));
-        let names = names_of(&self.resource_names);
+        // `check` found every name UTF-8.
+        let names = self.names().unwrap_or_default();
         state.sotw_request(t, &names, &self.response_nonce, error.as_deref(), snapshot)
     }
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
@@ -292,16 +379,20 @@ fn check_names<'a>(names: impl IntoIterator<Item = &'a bytes::Bytes>, limits: &L
     for name in names {
         count += 1;
         if count > limits.max_names {
-            return Err(Status::invalid_argument(format!(
-                "a request names more than {} resources",
-                limits.max_names
-            )));
+            return Err(too_many_names(limits));
         }
         if std::str::from_utf8(name).is_err() {
             return Err(Status::invalid_argument("a resource name is not valid UTF-8"));
         }
     }
     Ok(())
+}
+
+fn too_many_names(limits: &Limits) -> Status {
+    Status::invalid_argument(format!(
+        "a request names more than {} resources",
+        limits.max_names
+    ))
 }
 
 /// The names, as `&str` (`check_names` passed).

@@ -269,7 +269,7 @@ impl<B, T> futures::Stream for Requests<B, T>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
-    T: prost::Message + Default,
+    T: super::server::DecodeRequest,
 {
     type Item = Result<T, Status>;
 
@@ -280,9 +280,7 @@ where
             }
             match self.next_message() {
                 Ok(Some(bytes)) => {
-                    return Poll::Ready(Some(
-                        T::decode(bytes).map_err(|e| Status::invalid_argument(format!("bad request: {e}"))),
-                    ));
+                    return Poll::Ready(Some(T::decode_request(bytes)));
                 }
                 Ok(None) => {}
                 Err(status) => return self.fail(status),
@@ -566,7 +564,7 @@ mod tests {
 
     #[test]
     fn the_server_reads_a_discovery_request_as_envoy_encodes_it() {
-        use crate::xds::server::{DeltaRequestMessage, Limits, SotwRequest, XdsRequest};
+        use crate::xds::server::{DecodeRequest, DeltaRequestMessage, Limits, SotwRequest, XdsRequest};
         let request = DiscoveryRequest {
             version_info: "v3".into(),
             node: Some(Node {
@@ -583,16 +581,14 @@ mod tests {
             }),
             resource_locators: vec![],
         };
-        let read = SotwRequest::decode(request.encode_to_vec().as_slice()).expect("decodes");
+        let read = SotwRequest::decode_request(request.encode_to_vec().into()).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.version_info, request.version_info);
         assert_eq!(XdsRequest::node(&read).expect("node decodes"), request.node);
         assert_eq!(read.type_url, request.type_url);
         assert_eq!(read.response_nonce, request.response_nonce);
         assert_eq!(read.error_detail, request.error_detail);
-        let names: Vec<&[u8]> = read.resource_names.iter().map(|n| &n[..]).collect();
-        let sent: Vec<&[u8]> = request.resource_names.iter().map(|n| n.as_bytes()).collect();
-        assert_eq!(names, sent);
+        assert_eq!(read.names().expect("UTF-8"), request.resource_names);
         let delta = DeltaDiscoveryRequest {
             node: request.node.clone(),
             type_url: XdsType::Endpoint.url().into(),
@@ -603,7 +599,7 @@ mod tests {
             error_detail: request.error_detail.clone(),
             ..Default::default()
         };
-        let read = DeltaRequestMessage::decode(delta.encode_to_vec().as_slice()).expect("decodes");
+        let read = DeltaRequestMessage::decode_request(delta.encode_to_vec().into()).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(XdsRequest::node(&read).expect("node decodes"), delta.node);
         assert_eq!(read.type_url, delta.type_url);
@@ -621,16 +617,38 @@ mod tests {
         );
         assert_eq!(read.response_nonce, delta.response_nonce);
         assert_eq!(read.error_detail, delta.error_detail);
-        // A name that is not UTF-8 (prost would reject such a `string`).
-        let bad = SotwRequest {
-            resource_names: vec![Bytes::from_static(&[0xff, 0xfe])],
+        // A name that is not UTF-8 (prost would reject such a `string`),
+        // among good ones, long and short.
+        let long = "x".repeat(200);
+        for names in [
+            vec![&[0xff, 0xfe][..]],
+            vec![b"a", &[0xc3], b"b"],
+            vec![long.as_bytes(), &[0xe9]],
+        ] {
+            let mut frame = Vec::new();
+            for n in &names {
+                prost::encoding::bytes::encode(3, &n.to_vec(), &mut frame);
+            }
+            let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+            assert_eq!(
+                read.check(&Limits::default()).map_err(|s| s.code()),
+                Err(tonic::Code::InvalidArgument)
+            );
+        }
+        // Names longer than a one-byte length, and not ASCII, read whole.
+        let names = vec![long.clone(), "é".repeat(70), "b".into()];
+        let frame = DiscoveryRequest {
+            resource_names: names.clone(),
             ..Default::default()
-        };
-        let read = SotwRequest::decode(bad.encode_to_vec().as_slice()).expect("decodes");
-        assert_eq!(
-            read.check(&Limits::default()).map_err(|s| s.code()),
-            Err(tonic::Code::InvalidArgument)
-        );
+        }
+        .encode_to_vec();
+        let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+        assert_eq!(read.names().expect("UTF-8"), names);
+        // Truncated and wrongly typed fields are bad requests.
+        let mut frame = request.encode_to_vec();
+        frame.truncate(frame.len() - 3);
+        assert!(SotwRequest::decode_request(frame.into()).is_err());
+        assert!(SotwRequest::decode_request(Bytes::from_static(&[0x18, 0x01])).is_err());
     }
 
     #[test]
