@@ -23,6 +23,63 @@ pub use server::{AdsServer, Limits};
 pub use status::Registry;
 pub use wire::AdsService;
 
+/// A value per resource type, in type order: the few types a stream uses,
+/// stored side by side (a `BTreeMap` node has room for eleven, and a
+/// stream's per-type state is what a large mesh's streams are made of).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeMap<V>(Vec<(XdsType, V)>);
+
+impl<V> Default for TypeMap<V> {
+    fn default() -> TypeMap<V> {
+        TypeMap(Vec::new())
+    }
+}
+
+impl<V> TypeMap<V> {
+    pub fn get(&self, t: &XdsType) -> Option<&V> {
+        self.0.iter().find(|(k, _)| k == t).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, t: &XdsType) -> Option<&mut V> {
+        self.0.iter_mut().find(|(k, _)| k == t).map(|(_, v)| v)
+    }
+
+    /// The value of `t`, made with `V::default()` when there is none.
+    pub fn entry_or_default(&mut self, t: XdsType) -> &mut V
+    where
+        V: Default,
+    {
+        let at = match self.0.binary_search_by(|(k, _)| k.cmp(&t)) {
+            Ok(at) => at,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, (t, V::default()));
+                at
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&XdsType, &V)> {
+        self.into_iter()
+    }
+}
+
+impl<V> std::ops::Index<&XdsType> for TypeMap<V> {
+    type Output = V;
+    fn index(&self, t: &XdsType) -> &V {
+        self.get(t).expect("no value for this type")
+    }
+}
+
+impl<'a, V> IntoIterator for &'a TypeMap<V> {
+    type Item = (&'a XdsType, &'a V);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (XdsType, V)>, fn(&'a (XdsType, V)) -> Self::Item>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
 /// The resource types meshd serves, in make-before-break push order:
 /// clusters before their endpoints, listeners before their routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -1,7 +1,6 @@
 //! The registry of connected proxies and what each stream sent, acked and
 //! NACKed: written by the stream loops, read by the debug endpoints.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -21,7 +20,7 @@ pub struct ConnectionStatus {
     /// `sotw` or `delta`.
     pub mode: &'static str,
     pub connected_since: SystemTime,
-    pub types: BTreeMap<XdsType, TypeStatus>,
+    pub types: super::TypeMap<TypeStatus>,
     /// Config generation of the last snapshot the stream computed.
     pub generation: u64,
     pub diagnostics: Vec<Diagnostic>,
@@ -58,7 +57,7 @@ impl Registry {
                 proxy,
                 mode,
                 connected_since: SystemTime::now(),
-                types: BTreeMap::new(),
+                types: Default::default(),
                 generation: 0,
                 diagnostics: Vec::new(),
             },
@@ -85,7 +84,7 @@ impl Registry {
         }
         let now = SystemTime::now();
         for (t, s) in &state.types {
-            let status = conn.types.entry(*t).or_default();
+            let status = conn.types.entry_or_default(*t);
             status.sent_version = s.sent_version.clone();
             status.sent_nonce = s.sent_nonce.clone();
             status.acked_version = s.acked_version.clone();

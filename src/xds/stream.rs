@@ -92,7 +92,7 @@ pub fn classify(state: &TypeState, nonce: &str, error: Option<&str>) -> RequestK
 /// The state of one ADS stream, both variants.
 #[derive(Debug, Clone, Default)]
 pub struct StreamState {
-    pub types: BTreeMap<XdsType, TypeState>,
+    pub types: super::TypeMap<TypeState>,
     nonce: u64,
 }
 
@@ -113,7 +113,7 @@ impl StreamState {
         error: Option<&str>,
         snapshot: &Snapshot,
     ) -> Option<Outgoing> {
-        let state = self.types.entry(t).or_default();
+        let state = self.types.entry_or_default(t);
         let kind = classify(state, nonce, error);
         if kind == RequestKind::Stale {
             // Ignored whole: the client re-sends its subscription with the
@@ -183,7 +183,7 @@ impl StreamState {
     }
 
     fn sotw_respond(&mut self, t: XdsType, snapshot: &Snapshot, only_changed: bool) -> Outgoing {
-        let state = self.types.entry(t).or_default();
+        let state = self.types.entry_or_default(t);
         let selected = sotw_select(state, snapshot, t, only_changed);
         self.sotw_send(t, snapshot, selected)
     }
@@ -191,7 +191,7 @@ impl StreamState {
     /// Sends the `selected` resources of a type.
     fn sotw_send(&mut self, t: XdsType, snapshot: &Snapshot, selected: Selection) -> Outgoing {
         let nonce = self.next_nonce();
-        let state = self.types.entry(t).or_default();
+        let state = self.types.entry_or_default(t);
         let Selection {
             version,
             resources,
@@ -252,7 +252,7 @@ impl StreamState {
     /// Handles a delta request; returns the response to send, if any.
     pub fn delta_request(&mut self, req: &DeltaRequest<'_>, snapshot: &Snapshot) -> Option<Outgoing> {
         let t = req.type_;
-        let state = self.types.entry(t).or_default();
+        let state = self.types.entry_or_default(t);
         let first = !state.subscribed;
         if !req.nonce.is_empty() {
             if let Some(error) = req.error {
@@ -369,7 +369,7 @@ impl StreamState {
         covers: bool,
     ) -> Outgoing {
         let nonce = self.next_nonce();
-        let state = self.types.entry(t).or_default();
+        let state = self.types.entry_or_default(t);
         match snapshot.shared(t) {
             Some(all) if covers => state.held = all.clone(),
             all if !send.is_empty() || !removed.is_empty() => {
