@@ -85,10 +85,14 @@ impl Registry {
         let now = SystemTime::now();
         for (t, s) in &state.types {
             let status = conn.types.entry_or_default(*t);
-            status.sent_version = s.sent_version.clone();
-            status.sent_nonce = s.sent_nonce.clone();
-            status.acked_version = s.acked_version.clone();
-            status.nack = s.nack.clone();
+            // An ACK changes one field of one type: `clone_from` reuses
+            // what is there instead of allocating every string again.
+            status.sent_version.clone_from(&s.sent_version);
+            status.sent_nonce.clone_from(&s.sent_nonce);
+            status.acked_version.clone_from(&s.acked_version);
+            if status.nack != s.nack {
+                status.nack.clone_from(&s.nack);
+            }
             if sent.contains(t) {
                 status.last_sent = Some(now);
                 status.held = s.held.clone();
