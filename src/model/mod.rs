@@ -798,6 +798,129 @@ mod tests {
         }
     }
 
+    /// One resource of a small universe, by kind, slot and variant: two
+    /// configs drawn from it share names, so one becomes the other by
+    /// updates, additions and deletions of every kind the indexes read.
+    fn universe_doc(kind: u8, slot: u8, v: u8) -> String {
+        let ns = ["a", "b"][usize::from(slot % 2)];
+        let svc = format!("s{}", slot % 3);
+        let ip = |k: u8| format!("10.0.0.{}", 1 + (k % 5));
+        let port = ["http", "tcp", "grpc"][usize::from(v % 3)];
+        match kind % 12 {
+            0 => format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\n\
+                 spec: {{selector: {{app: {svc}}}, ports: [{{name: {port}, port: 80, targetPort: {}}}]}}\n",
+                8080 + u16::from(v % 2)
+            ),
+            1 => format!(
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {svc}, namespace: {ns}}}\n\
+                 subsets: [{{addresses: [{{ip: {}, targetRef: {{kind: Pod, name: p{}, namespace: {ns}}}}}, {{ip: {}}}], ports: [{{name: {port}, port: 8080}}]}}]\n",
+                ip(v),
+                v % 3,
+                ip(v / 3)
+            ),
+            2 => format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-x{}, namespace: {ns}, labels: {{kubernetes.io/service-name: s{}}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: [{}]}}]\nports: [{{name: {port}, port: 8080}}]\n",
+                slot % 2,
+                v % 3,
+                ip(v + 1)
+            ),
+            3 => format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{}, namespace: {ns}, labels: {{app: s{}{}}}}}\n\
+                 spec: {{serviceAccountName: sa{}, nodeName: n{}}}\nstatus: {{podIP: {}}}\n",
+                slot % 3,
+                v % 3,
+                if v % 2 == 0 { ", security.istio.io/tlsMode: istio" } else { "" },
+                v % 2,
+                v % 2,
+                ip(v / 2)
+            ),
+            4 => format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n{}, labels: {{topology.kubernetes.io/region: r{v}}}}}\n",
+                slot % 2
+            ),
+            5 => format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {svc}, namespace: {ns}}}\n\
+                 spec: {{hosts: [s{}], http: [{{match: [{{sourceLabels: {{k{v}: x}}}}], route: [{{destination: {{host: {svc}}}}}]}}]}}\n",
+                v % 3
+            ),
+            6 => format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}, namespace: {ns}}}\n\
+                 spec: {{host: s{}, subsets: [{{name: v{v}, labels: {{app: {svc}}}}}]}}\n",
+                v % 3
+            ),
+            7 => format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se{}, namespace: {ns}}}\n\
+                 spec: {{hosts: [s{}.{ns}.svc.cluster.local], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: STATIC{}}}\n",
+                slot % 2,
+                v % 3,
+                if v % 2 == 0 { ", workloadSelector: {labels: {app: s0}}" } else { ", endpoints: [{address: 10.1.0.1}]" }
+            ),
+            8 => format!(
+                "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i{}, namespace: {ns}}}\n\
+                 spec: {{ingressClassName: istio, rules: [{{host: h{v}.example.com, http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: s{}, port: {{name: {port}}}}}}}}}]}}}}]}}\n",
+                slot % 2,
+                v % 3
+            ),
+            9 => format!(
+                "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g{}, namespace: {ns}}}\n\
+                 spec: {{selector: {{istio: ingressgateway}}, servers: [{{port: {{number: {}, name: http, protocol: HTTP}}, hosts: ['*']}}]}}\n",
+                slot % 2,
+                80 + u16::from(v % 2)
+            ),
+            10 => format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa{}, namespace: {ns}}}\n\
+                 spec: {{selector: {{matchLabels: {{k{v}: y}}}}, mtls: {{mode: STRICT}}}}\n",
+                slot % 2
+            ),
+            _ => format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{v: x{v}}}}}\n"),
+        }
+    }
+
+    fn universe(docs: &[(u8, u8, u8)]) -> Arc<ConfigSnapshot> {
+        let text = docs
+            .iter()
+            .map(|(k, slot, v)| universe_doc(*k, *slot, *v))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        // A later document of the same key replaces an earlier one.
+        Arc::new(ConfigSnapshot::from_files(vec![parse_file("u.yaml", &text)]))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Any config of the universe followed by any other (most resources
+        /// kept, some changed, dropped or added): the updated indexes are
+        /// the rebuilt ones.
+        #[test]
+        fn updated_indexes_equal_rebuilt_ones_for_any_change(
+            before in proptest::collection::vec((0u8..12, 0u8..6, 0u8..6), 1..24),
+            edits in proptest::collection::vec((0u8..3, 0u8..12, 0u8..6, 0u8..6), 0..6),
+        ) {
+            let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+            let mut after = before.clone();
+            for (op, k, slot, v) in edits {
+                match op {
+                    0 if !after.is_empty() => {
+                        let at = usize::from(slot) % after.len();
+                        after.remove(at);
+                    }
+                    1 if !after.is_empty() => {
+                        let at = usize::from(slot) % after.len();
+                        after[at].2 = v;
+                    }
+                    _ => after.push((k, slot, v)),
+                }
+            }
+            let (from, to) = (universe(&before), universe(&after));
+            proptest::prop_assume!(from.rejections.is_empty() && to.rejections.is_empty());
+            let updated = PushContext::new_at(from, now).next(to.clone(), now);
+            assert_same_indexes(&updated, &PushContext::new_at(to, now), "a drawn change");
+        }
+    }
+
     /// Updates in place: an endpoint moved, a Pod's IP and labels changed,
     /// a Service's port renamed, a VirtualService and a Secret edited.
     #[test]
