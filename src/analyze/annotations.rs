@@ -95,13 +95,13 @@ pub(super) fn unknown(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
                     .min()
                     .map(|(_, k)| format!(" (did you mean {k}?)"))
                     .unwrap_or_default();
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "IST0108",
-                    resource: key.to_string(),
-                    origin: Some(entry.origin.clone()),
-                    message: format!("Unknown annotation: {name}{near}; it has no effect"),
-                });
+                out.push(Finding::about(
+                    Level::Warning,
+                    "IST0108",
+                    key,
+                    entry,
+                    format!("Unknown annotation: {name}{near}; it has no effect"),
+                ));
             }
         }
     }

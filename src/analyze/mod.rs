@@ -55,6 +55,25 @@ pub struct Finding {
     pub message: String,
 }
 
+impl Finding {
+    /// A finding about the resource `key`, read from `entry`.
+    pub fn about(
+        level: Level,
+        code: &'static str,
+        key: &crate::config::ResourceKey,
+        entry: &crate::config::Entry,
+        message: String,
+    ) -> Finding {
+        Finding {
+            level,
+            code,
+            resource: key.to_string(),
+            origin: Some(entry.origin.clone()),
+            message,
+        }
+    }
+}
+
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?} [{}] ({}", self.level, self.code, self.resource)?;
@@ -169,28 +188,16 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
                 .ingress_class_name
                 .as_deref()
                 .map_or("none".to_string(), |c| format!("{c:?}"));
-            out.push(Finding {
-                level: Level::Warning,
-                code: "IST0101",
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message: format!(
+            out.push(Finding::about(Level::Warning, "IST0101", key, entry, format!(
                     "Referenced ingress class not found: class {class} is not served by the mesh, so no gateway \
                      serves this Ingress (set ingressClassName: istio, or the annotation kubernetes.io/ingress.class: istio)"
-                ),
-            });
+                )));
         }
     }
     for (key, entry) in &config.resources {
         if let Resource::Gateway(gw) = &*entry.resource {
             let mut found = |code: &'static str, message: String| {
-                out.push(Finding {
-                    level: Level::Error,
-                    code,
-                    resource: key.to_string(),
-                    origin: Some(entry.origin.clone()),
-                    message,
-                })
+                out.push(Finding::about(Level::Error, code, key, entry, message))
             };
             gateway_credentials(push, config, gw, &mut found);
             continue;
@@ -201,15 +208,8 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
         let Resource::VirtualService(vs) = &*entry.resource else {
             continue;
         };
-        let mut found = |message: String| {
-            out.push(Finding {
-                level: Level::Error,
-                code: "IST0101",
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message,
-            })
-        };
+        let mut found =
+            |message: String| out.push(Finding::about(Level::Error, "IST0101", key, entry, message));
         gateway_refs(push, vs, &mut found);
         destination_hosts(push, vs, &mut found);
     }
@@ -231,13 +231,7 @@ fn gateway_servers(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
             continue;
         };
         let mut found = |code: &'static str, message: String| {
-            out.push(Finding {
-                level: Level::Warning,
-                code,
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message,
-            })
+            out.push(Finding::about(Level::Warning, code, key, entry, message))
         };
         // The Services in front of the gateway's pods: what selects them.
         let services: Vec<(String, Vec<i32>)> = config
@@ -340,20 +334,14 @@ fn probes_under_strict(push: &PushContext, config: &ConfigSnapshot, out: &mut Ve
                 if mtls.for_port(port) != MtlsMode::Strict {
                     continue;
                 }
-                out.push(Finding {
-                    level: Level::Warning,
-                    code: "MSH0005",
-                    resource: key.to_string(),
-                    origin: Some(entry.origin.clone()),
-                    message: format!(
+                out.push(Finding::about(Level::Warning, "MSH0005", key, entry, format!(
                         "container {}: the kubelet's {kind} probe (HTTP, port {port}) is plain text, and STRICT \
                          mutual TLS on that port refuses it, so the pod never passes it. Inject the pod with \
                          `meshd inject` (it rewrites HTTP probes to the sidecar's {}), or give port {port} a \
                          PERMISSIVE portLevelMtls",
                         c.name,
                         crate::inject::PROBE_PORT
-                    ),
-                });
+                    )));
             }
         }
     }
@@ -390,12 +378,12 @@ fn hosts_on_gateways(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<
             if missing.is_empty() {
                 continue;
             }
-            out.push(Finding {
-                level: Level::Warning,
-                code: "IST0132",
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message: format!(
+            out.push(Finding::about(
+                Level::Warning,
+                "IST0132",
+                key,
+                entry,
+                format!(
                     "one or more host [{}] defined in VirtualService {}/{} not found in Gateway {}/{}: add \
                      it to the hosts of one of the Gateway's servers, or fix the host",
                     missing.join(", "),
@@ -404,7 +392,7 @@ fn hosts_on_gateways(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<
                     gw_key.0,
                     gw_key.1
                 ),
-            });
+            ));
         }
     }
 }
@@ -428,18 +416,12 @@ fn destination_rule_tls(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
         };
         let mut found = |code: &'static str, mode: &str, port: Option<u32>| {
             let at = port.map(|p| format!(" on port {p}")).unwrap_or_default();
-            out.push(Finding {
-                level: Level::Warning,
-                code,
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message: format!(
+            out.push(Finding::about(Level::Warning, code, key, entry, format!(
                     "TLS mode is {mode}{at} but no caCertificates (or credentialName) are set to validate the \
                      server identity of host {}: the proxy connects to whatever answers. Set caCertificates, \
                      or insecureSkipVerify: true if that is meant",
                     dr.spec.host
-                ),
-            });
+                )));
         };
         if let Some(tls) = policy.tls.as_ref().filter(|t| unverified(t)) {
             found("IST0128", tls.mode.as_deref().unwrap_or_default(), None);
@@ -468,15 +450,8 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
         })
     };
     for (key, entry) in &config.resources {
-        let mut add = |level, code, message: String| {
-            out.push(Finding {
-                level,
-                code,
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message,
-            })
-        };
+        let mut add =
+            |level, code, message: String| out.push(Finding::about(level, code, key, entry, message));
         match &*entry.resource {
             Resource::HttpRoute(hr) => {
                 let status = route_status(config, hr);
@@ -614,13 +589,7 @@ fn sidecars_expected(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<
             _ => None,
         };
         if let Some(message) = message {
-            out.push(Finding {
-                level: Level::Warning,
-                code: "MSH0009",
-                resource: key.to_string(),
-                origin: Some(entry.origin.clone()),
-                message,
-            });
+            out.push(Finding::about(Level::Warning, "MSH0009", key, entry, message));
         }
     }
 }

@@ -45,15 +45,7 @@ fn targeted<S: Targeted>(
     push: &PushContext,
     out: &mut Vec<Finding>,
 ) -> Option<Vec<String>> {
-    let mut found = |level, code, message: String| {
-        out.push(Finding {
-            level,
-            code,
-            resource: key.to_string(),
-            origin: Some(entry.origin.clone()),
-            message,
-        })
-    };
+    let mut found = |level, code, message: String| out.push(Finding::about(level, code, key, entry, message));
     if policy.spec.uses_target_ref() {
         found(
             Level::Info,
@@ -114,15 +106,7 @@ fn authorization_policy(
     ips: Option<Vec<String>>,
     out: &mut Vec<Finding>,
 ) {
-    let mut found = |level, code, message: String| {
-        out.push(Finding {
-            level,
-            code,
-            resource: key.to_string(),
-            origin: Some(entry.origin.clone()),
-            message,
-        })
-    };
+    let mut found = |level, code, message: String| out.push(Finding::about(level, code, key, entry, message));
     for (i, rule) in spec.rules.iter().enumerate() {
         let sources = rule.from.iter().filter_map(|f| f.source.as_ref());
         for ns in sources.flat_map(|s| s.namespaces.iter().chain(&s.not_namespaces)) {
