@@ -102,18 +102,56 @@ pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
     key
 }
 
-/// Translates the push context for one proxy.
+/// Translates the push context for one proxy: `outbound` and `listeners`
+/// together.
 pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
+    combine(outbound(push, proxy), listeners(push, proxy))
+}
+
+/// One proxy's whole translation from its two halves.
+pub fn combine(mut out: Generated, rest: Generated) -> Generated {
+    out.clusters.extend(rest.clusters);
+    out.endpoints.extend(rest.endpoints);
+    out.listeners = rest.listeners;
+    out.routes = rest.routes;
+    out.secrets = rest.secrets;
+    out.diagnostics.extend(rest.diagnostics);
+    finish(&mut out);
+    out
+}
+
+/// The outbound clusters and their endpoints, one per service port (and
+/// subset) the proxy may reach, with what their translation could not
+/// honour. They do not depend on VirtualServices.
+pub fn outbound(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
-    let scope = match proxy.role {
-        Role::Sidecar => SidecarScope::of(push, proxy),
-        Role::Router => SidecarScope::default(),
-    };
-    cluster::outbound(push, proxy, &scope, &mut out);
+    cluster::outbound(push, proxy, &scope_of(push, proxy), &mut out);
+    finish(&mut out);
+    out
+}
+
+/// Everything else: listeners, routes and the secrets they name, and the
+/// clusters they alone need (inbound, passthrough, policy services).
+pub fn listeners(push: &PushContext, proxy: &Proxy) -> Generated {
+    let mut out = Generated::default();
+    let scope = scope_of(push, proxy);
     match proxy.role {
         Role::Router => gateway::build(push, proxy, &mut out),
         Role::Sidecar => sidecar::build(push, proxy, &scope, &mut out),
     }
+    finish(&mut out);
+    out
+}
+
+fn scope_of(push: &PushContext, proxy: &Proxy) -> SidecarScope {
+    match proxy.role {
+        Role::Sidecar => SidecarScope::of(push, proxy),
+        Role::Router => SidecarScope::default(),
+    }
+}
+
+/// Sorts each list by name; of two same-named secrets the first stays.
+fn finish(out: &mut Generated) {
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
@@ -122,7 +160,6 @@ pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
     out.secrets.dedup_by(|a, b| a.name == b.name);
     out.diagnostics.sort();
     out.diagnostics.dedup();
-    out
 }
 
 /// The ClusterLoadAssignments a proxy gets for the services `hosts`
@@ -132,12 +169,8 @@ pub fn endpoints_of(
     proxy: &Proxy,
     hosts: &std::collections::BTreeSet<String>,
 ) -> Vec<ClusterLoadAssignment> {
-    let scope = match proxy.role {
-        Role::Sidecar => SidecarScope::of(push, proxy),
-        Role::Router => SidecarScope::default(),
-    };
     let mut out = Generated::default();
-    cluster::outbound_of(push, proxy, &scope, Some(hosts), &mut out);
+    cluster::outbound_of(push, proxy, &scope_of(push, proxy), Some(hosts), &mut out);
     out.endpoints
 }
 

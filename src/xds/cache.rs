@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::XdsType;
-use crate::config::{Change, ConfigSnapshot, ResourceKey};
+use crate::config::{Change, ConfigSnapshot, Kind, ResourceKey};
 use crate::model::{Proxy, PushContext, DOMAIN_SUFFIX};
-use crate::translate::{self, Diagnostic};
+use crate::translate::{self, Diagnostic, Generated};
 
 /// One resource, encoded once: its name, its content version and the `Any`
 /// that goes on the wire.
@@ -77,6 +77,9 @@ pub struct Snapshot {
     /// that takes in all of a type sends as its version.
     pub versions: BTreeMap<XdsType, String>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Those of `diagnostics` that came from the outbound clusters, kept
+    /// when a patch translates only the listeners again.
+    pub outbound_diagnostics: Vec<Diagnostic>,
     /// The streams' walks over it, shared (see `Walks`); also by the
     /// per-workload copies that add a proxy's own secrets.
     pub walks: Arc<super::stream::Walks>,
@@ -113,18 +116,43 @@ struct Generation {
     snapshots: DashMap<String, Arc<Snapshot>>,
     /// Equal resources of different config keys share one encoding.
     interned: DashMap<(XdsType, String), Arc<Encoded>>,
-    /// When only endpoints changed since the previous generation: its
-    /// snapshots, which are patched instead of translated again.
+    /// When only endpoints or only VirtualServices changed since the
+    /// previous generation: its snapshots, which are patched instead of
+    /// translated again.
     base: Option<Base>,
     /// Its push, as `/debug/push_status` shows it.
     stats: Arc<PushStats>,
 }
 
-/// The previous generation's snapshots and the services whose endpoints
-/// changed since.
+/// The previous generation's snapshots and what changed since.
 struct Base {
     snapshots: std::collections::HashMap<String, Arc<Snapshot>>,
-    hosts: BTreeSet<String>,
+    patch: Patch,
+}
+
+/// What a patch of a previous snapshot translates again.
+enum Patch {
+    /// The endpoints of these services (hosts): all an endpoint-only
+    /// change can alter.
+    Endpoints(BTreeSet<String>),
+    /// Listeners, routes and their secrets: all a change of VirtualServices
+    /// alone can alter (clusters and endpoints do not depend on them).
+    Listeners,
+}
+
+/// What of the previous generation's snapshots `changes` leave valid.
+fn patch_for(
+    prev: &ConfigSnapshot,
+    next: &ConfigSnapshot,
+    changes: &[(&ResourceKey, Change)],
+) -> Option<Patch> {
+    if let Some(hosts) = endpoint_only_change(prev, next, changes) {
+        return Some(Patch::Endpoints(hosts));
+    }
+    changes
+        .iter()
+        .all(|(key, _)| key.kind == Kind::VirtualService)
+        .then_some(Patch::Listeners)
 }
 
 /// When only endpoints changed between two generations (`changes` between
@@ -237,8 +265,9 @@ impl SnapshotCache {
         let prev = self.generation();
         let changes = prev.push.config.changes(&push.config);
         super::metric::count_config_changes(&changes);
-        let hosts = endpoint_only_change(&prev.push.config, &push.config, &changes);
-        let stats = Arc::new(PushStats::new(generation, trigger(&changes), hosts.is_some()));
+        let patch = patch_for(&prev.push.config, &push.config, &changes);
+        let endpoint_only = matches!(patch, Some(Patch::Endpoints(_)));
+        let stats = Arc::new(PushStats::new(generation, trigger(&changes), endpoint_only));
         if let Ok(mut history) = self.history.lock() {
             if history.len() == PUSH_HISTORY {
                 history.pop_front();
@@ -246,13 +275,13 @@ impl SnapshotCache {
             history.push_back(stats.clone());
         }
         let mut next = Generation::new(push, stats);
-        if let Some(hosts) = hosts {
+        if let Some(patch) = patch {
             let snapshots = prev
                 .snapshots
                 .iter()
                 .map(|e| (e.key().clone(), e.value().clone()))
                 .collect();
-            next.base = Some(Base { snapshots, hosts });
+            next.base = Some(Base { snapshots, patch });
         }
         let next = Arc::new(next);
         match self.current.write() {
@@ -317,7 +346,10 @@ impl SnapshotCache {
             .as_ref()
             .and_then(|b| Some((b, b.snapshots.get(&key)?)))
         {
-            Some((base, previous)) => Arc::new(generation.patch(proxy, previous, &base.hosts)),
+            Some((base, previous)) => Arc::new(match &base.patch {
+                Patch::Endpoints(hosts) => generation.patch_endpoints(proxy, previous, hosts),
+                Patch::Listeners => generation.patch_listeners(proxy, previous),
+            }),
             None => Arc::new(generation.build(proxy)),
         };
         let shared = generation.snapshots.entry(key).or_insert(snapshot).clone();
@@ -338,7 +370,7 @@ impl Generation {
 
     /// The previous snapshot of a config key with the endpoints of `hosts`
     /// translated again: all an endpoint-only change can alter.
-    fn patch(&self, proxy: &Proxy, previous: &Snapshot, hosts: &BTreeSet<String>) -> Snapshot {
+    fn patch_endpoints(&self, proxy: &Proxy, previous: &Snapshot, hosts: &BTreeSet<String>) -> Snapshot {
         let mut resources = previous.resources.clone();
         let endpoints = Arc::make_mut(resources.entry(XdsType::Endpoint).or_default());
         for cla in translate::endpoints_of(&self.push, proxy, hosts) {
@@ -352,49 +384,92 @@ impl Generation {
             resources,
             versions,
             diagnostics: previous.diagnostics.clone(),
+            outbound_diagnostics: previous.outbound_diagnostics.clone(),
+            walks: Arc::default(),
+        }
+    }
+
+    /// The previous snapshot of a config key with its listeners, routes and
+    /// secrets translated again, its clusters and endpoints kept.
+    fn patch_listeners(&self, proxy: &Proxy, previous: &Snapshot) -> Snapshot {
+        let out = translate::listeners(&self.push, proxy);
+        let mut resources = previous.resources.clone();
+        let mut versions = previous.versions.clone();
+        for (t, map) in self.encode(&out, &[XdsType::Listener, XdsType::Route, XdsType::Secret]) {
+            versions.insert(t, set_version(&map));
+            resources.insert(t, Arc::new(map));
+        }
+        let mut diagnostics = previous.outbound_diagnostics.clone();
+        diagnostics.extend(out.diagnostics);
+        diagnostics.sort();
+        diagnostics.dedup();
+        warn(proxy, &diagnostics);
+        Snapshot {
+            generation: self.push.config.generation,
+            resources,
+            versions,
+            diagnostics,
+            outbound_diagnostics: previous.outbound_diagnostics.clone(),
             walks: Arc::default(),
         }
     }
 
     fn build(&self, proxy: &Proxy) -> Snapshot {
-        let out = translate::generate(&self.push, proxy);
-        let mut resources = BTreeMap::new();
-        let mut add = |t: XdsType, e: Encoded| {
-            let e = self.intern(t, e);
-            resources
-                .entry(t)
-                .or_insert_with(BTreeMap::new)
-                .insert(e.name.clone(), e);
-        };
-        for c in &out.clusters {
-            add(XdsType::Cluster, Encoded::new(c.name.clone(), c));
-        }
-        for c in &out.endpoints {
-            add(XdsType::Endpoint, Encoded::new(c.cluster_name.clone(), c));
-        }
-        for l in &out.listeners {
-            add(XdsType::Listener, Encoded::new(l.name.clone(), l));
-        }
-        for r in &out.routes {
-            add(XdsType::Route, Encoded::new(r.name.clone(), r));
-        }
-        for s in &out.secrets {
-            add(XdsType::Secret, Encoded::new(s.name.clone(), s));
-        }
-        for d in &out.diagnostics {
-            tracing::warn!(proxy = %proxy.id, resource = %d.resource, field = %d.field, "{}", d.message);
-        }
-        let resources = XdsType::ALL
+        let outbound = translate::outbound(&self.push, proxy);
+        let outbound_diagnostics = outbound.diagnostics.clone();
+        let out = translate::combine(outbound, translate::listeners(&self.push, proxy));
+        warn(proxy, &out.diagnostics);
+        let resources: BTreeMap<XdsType, Resources> = self
+            .encode(&out, &XdsType::ALL)
             .into_iter()
-            .map(|t| (t, Arc::new(resources.remove(&t).unwrap_or_default())))
+            .map(|(t, m)| (t, Arc::new(m)))
             .collect();
         Snapshot {
             generation: self.push.config.generation,
             versions: versions_of(&resources),
             resources,
             diagnostics: out.diagnostics,
+            outbound_diagnostics,
             walks: Arc::default(),
         }
+    }
+
+    /// The resources of `types` in `out`, encoded and interned, by type
+    /// (every type given has its map, empty or not).
+    fn encode(&self, out: &Generated, types: &[XdsType]) -> Vec<(XdsType, BTreeMap<String, Arc<Encoded>>)> {
+        types
+            .iter()
+            .map(|&t| {
+                let mut map = BTreeMap::new();
+                let mut add = |e: Encoded| {
+                    let e = self.intern(t, e);
+                    map.insert(e.name.clone(), e);
+                };
+                match t {
+                    XdsType::Cluster => out
+                        .clusters
+                        .iter()
+                        .for_each(|c| add(Encoded::new(c.name.clone(), c))),
+                    XdsType::Endpoint => out
+                        .endpoints
+                        .iter()
+                        .for_each(|c| add(Encoded::new(c.cluster_name.clone(), c))),
+                    XdsType::Listener => out
+                        .listeners
+                        .iter()
+                        .for_each(|l| add(Encoded::new(l.name.clone(), l))),
+                    XdsType::Route => out
+                        .routes
+                        .iter()
+                        .for_each(|r| add(Encoded::new(r.name.clone(), r))),
+                    XdsType::Secret => out
+                        .secrets
+                        .iter()
+                        .for_each(|s| add(Encoded::new(s.name.clone(), s))),
+                }
+                (t, map)
+            })
+            .collect()
     }
 
     fn intern(&self, t: XdsType, e: Encoded) -> Arc<Encoded> {
@@ -406,6 +481,13 @@ impl Generation {
             return Arc::new(e);
         }
         self.interned.entry(key).or_insert_with(|| Arc::new(e)).clone()
+    }
+}
+
+/// Logs what a proxy's translation could not honour.
+fn warn(proxy: &Proxy, diagnostics: &[Diagnostic]) {
+    for d in diagnostics {
+        tracing::warn!(proxy = %proxy.id, resource = %d.resource, field = %d.field, "{}", d.message);
     }
 }
 
@@ -501,5 +583,89 @@ mod tests {
                 patched.resources[&XdsType::Endpoint][v2].version
             );
         }
+    }
+
+    /// The proxies a golden scenario names, as (id, metadata).
+    fn scenario_proxies(dir: &std::path::Path) -> Vec<Proxy> {
+        #[derive(serde::Deserialize)]
+        struct Scenario {
+            proxies: Vec<Named>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Named {
+            id: String,
+            #[serde(default)]
+            metadata: serde_json::Map<String, serde_json::Value>,
+        }
+        let text = std::fs::read_to_string(dir.join("scenario.yaml")).expect("scenario.yaml");
+        let scenario: Scenario = serde_norway::from_str(&text).expect("scenario");
+        scenario
+            .proxies
+            .iter()
+            .map(|p| Proxy::parse(&p.id, &p.metadata).expect("proxy"))
+            .collect()
+    }
+
+    /// From every golden scenario, each VirtualService taken away and put
+    /// back: the previous snapshots, their listeners, routes and secrets
+    /// translated again, equal a whole translation, diagnostics included.
+    #[test]
+    fn a_virtual_service_change_patches_the_listeners_to_what_a_full_translation_gives() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let mut checked = 0;
+        for dir in std::fs::read_dir(&golden).expect("testdata/golden") {
+            let dir = dir.expect("entry").path();
+            if !dir.join("config").is_dir() {
+                continue; // the demo scenario serves the embedded config
+            }
+            let files = crate::source::load_dir(&dir.join("config")).expect("golden config");
+            let full = Arc::new(ConfigSnapshot::from_files(files));
+            let proxies = scenario_proxies(&dir);
+            let keys: Vec<&ResourceKey> = full
+                .resources
+                .keys()
+                .filter(|k| k.kind == Kind::VirtualService)
+                .collect();
+            for key in keys {
+                let mut without = (*full).clone();
+                without.generation += 1;
+                without.resources.remove(key);
+                let without = Arc::new(without);
+                for (from, to, what) in [(&full, &without, "deleted"), (&without, &full, "added")] {
+                    let changes = from.changes(to);
+                    assert!(
+                        matches!(patch_for(from, to, &changes), Some(Patch::Listeners)),
+                        "{key} {what} in {}",
+                        dir.display()
+                    );
+                    let (before, after) = (
+                        Arc::new(PushContext::new(from.clone())),
+                        Arc::new(PushContext::new(to.clone())),
+                    );
+                    for proxy in &proxies {
+                        let cache = SnapshotCache::new(before.clone());
+                        let old = cache.snapshot(proxy);
+                        cache.update(after.clone());
+                        let patched = cache.snapshot(proxy);
+                        let fresh = SnapshotCache::new(after.clone()).snapshot(proxy);
+                        let what = format!("{key} {what} in {}, {}", dir.display(), proxy.id);
+                        assert_eq!(versions(&patched), versions(&fresh), "{what}");
+                        assert_eq!(patched.versions, fresh.versions, "{what}");
+                        assert_eq!(patched.diagnostics, fresh.diagnostics, "{what}");
+                        assert_eq!(patched.outbound_diagnostics, fresh.outbound_diagnostics, "{what}");
+                        // The clusters were kept, not encoded again.
+                        assert!(
+                            Arc::ptr_eq(
+                                &old.resources[&XdsType::Cluster],
+                                &patched.resources[&XdsType::Cluster]
+                            ),
+                            "{what}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 20, "only {checked} patches checked");
     }
 }

@@ -501,6 +501,7 @@ impl Connection {
             resources,
             versions,
             diagnostics: shared.diagnostics.clone(),
+            outbound_diagnostics: shared.outbound_diagnostics.clone(),
             walks: shared.walks.clone(),
         })
     }
