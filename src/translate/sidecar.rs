@@ -105,20 +105,25 @@ fn all_to(name: &str, cluster: &str) -> RouteConfiguration {
         virtual_hosts: vec![VirtualHost {
             name: name.to_string(),
             domains: vec!["*".into()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
-                    timeout: Some(duration(std::time::Duration::ZERO)),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes: vec![route_to(cluster)],
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// Every path to one cluster, with no timeout.
+fn route_to(cluster: &str) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+            timeout: Some(duration(std::time::Duration::ZERO)),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -542,15 +547,13 @@ fn default_route(
     port: u16,
     cluster: &str,
 ) -> Vec<Route> {
-    let mut routes = all_to(cluster, cluster).virtual_hosts.remove(0).routes;
     let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
-    let hash = super::policy::hash_policy(super::policy::effective(dr, None, port).load_balancer);
-    for r in &mut routes {
-        if let Some(route::Action::Route(action)) = &mut r.action {
-            action.hash_policy = hash.clone();
-        }
+    let mut route = route_to(cluster);
+    if let Some(route::Action::Route(action)) = &mut route.action {
+        action.hash_policy =
+            super::policy::hash_policy(super::policy::effective(dr, None, port).load_balancer);
     }
-    routes
+    vec![route]
 }
 
 /// Turns one port's plan into listeners and a route table. With `single`

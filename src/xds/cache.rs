@@ -33,17 +33,35 @@ impl Encoded {
     /// Encodes a resource. prost encodes fields in tag order; translation
     /// avoids proto map fields (whose order is a HashMap's), so equal
     /// resources give equal bytes.
+    ///
+    /// The `Any` is written by hand, in one buffer of its exact size
+    /// (`type_url` = 1, `value` = 2, as prost writes them), rather than
+    /// the message encoded and then copied into an `Any`.
     pub fn new<M: Message + Name>(name: String, message: &M) -> Encoded {
-        let value = message.encode_to_vec();
-        let version = content_hash(&[&value]);
-        let body = Any {
-            type_url: M::type_url(),
-            value,
-        };
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        let type_url = M::type_url();
+        let len = message.encoded_len();
+        let mut wire = Vec::with_capacity(
+            2 + encoded_len_varint(type_url.len() as u64)
+                + type_url.len()
+                + encoded_len_varint(len as u64)
+                + len,
+        );
+        encode_key(1, WireType::LengthDelimited, &mut wire);
+        encode_varint(type_url.len() as u64, &mut wire);
+        wire.extend_from_slice(type_url.as_bytes());
+        // An empty value is left out, as proto3 leaves out empty bytes.
+        if len > 0 {
+            encode_key(2, WireType::LengthDelimited, &mut wire);
+            encode_varint(len as u64, &mut wire);
+        }
+        let start = wire.len();
+        message.encode_raw(&mut wire);
+        let version = content_hash(&[&wire[start..]]);
         Encoded {
             name,
             version,
-            wire: body.encode_to_vec().into(),
+            wire: wire.into(),
         }
     }
 
@@ -495,6 +513,7 @@ fn warn(proxy: &Proxy, diagnostics: &[Diagnostic]) {
 mod tests {
     use super::*;
     use crate::config::parse_file;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
     fn push(reviews_ips: &str, extra: &str) -> Arc<PushContext> {
         let yaml = format!(
@@ -582,6 +601,44 @@ mod tests {
                 old.resources[&XdsType::Endpoint][v2].version,
                 patched.resources[&XdsType::Endpoint][v2].version
             );
+        }
+    }
+
+    /// The hand-written `Any` is the bytes prost writes for one, and the
+    /// version hashes the message's own encoding, empty or not.
+    #[test]
+    fn an_encoded_resource_is_the_any_prost_writes() {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+        let cluster = Cluster {
+            name: "outbound|80||reviews.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let big = translate::generate(&push("{ip: 10.0.0.1}", ""), &proxies()[1]);
+        let route = big.routes.first().expect("a route table");
+        let empty = ClusterLoadAssignment::default();
+        let cases = [
+            (
+                Encoded::new(cluster.name.clone(), &cluster),
+                cluster.encode_to_vec(),
+                Cluster::type_url(),
+            ),
+            (
+                Encoded::new(route.name.clone(), route),
+                route.encode_to_vec(),
+                RouteConfiguration::type_url(),
+            ),
+            (
+                Encoded::new(String::new(), &empty),
+                Vec::new(),
+                ClusterLoadAssignment::type_url(),
+            ),
+        ];
+        for (encoded, value, type_url) in cases {
+            assert_eq!(encoded.version, content_hash(&[&value]));
+            let any = Any { type_url, value };
+            assert_eq!(encoded.wire, any.encode_to_vec());
+            assert_eq!(encoded.body(), any);
         }
     }
 
