@@ -54,6 +54,9 @@ fn unix_seconds(t: SystemTime) -> u64 {
 pub struct Credentials {
     secrets: BTreeMap<(String, String), Arc<Secret>>,
     now: u64,
+    /// When each server certificate's validity starts and ends (Unix
+    /// seconds): the only times at which a judgment can change.
+    bounds: Arc<Vec<i64>>,
 }
 
 impl Credentials {
@@ -68,10 +71,17 @@ impl Credentials {
                 );
                 (key, s)
             })
+            .collect::<BTreeMap<_, Arc<Secret>>>();
+        let bounds = secrets
+            .values()
+            .filter_map(|s| value(s, &["cert", "tls.crt"]))
+            .filter_map(|cert| validity(&cert))
+            .flat_map(|(from, to)| [from, to])
             .collect();
         Credentials {
             secrets,
             now: unix_seconds(now),
+            bounds: Arc::new(bounds),
         }
     }
 
@@ -80,7 +90,26 @@ impl Credentials {
         Credentials {
             secrets: self.secrets.clone(),
             now: unix_seconds(now),
+            bounds: self.bounds.clone(),
         }
+    }
+
+    /// Whether `later` judges every credential as this does: the same
+    /// Secrets, and no server certificate's validity starts or ends
+    /// between the two times.
+    pub fn judged_alike(&self, later: &Credentials) -> bool {
+        let same = self.secrets.len() == later.secrets.len()
+            && self
+                .secrets
+                .iter()
+                .zip(&later.secrets)
+                .all(|((a, x), (b, y))| a == b && (Arc::ptr_eq(x, y) || x == y));
+        let (from, to) = (self.now.min(later.now), self.now.max(later.now));
+        let (from, to) = (
+            i64::try_from(from).unwrap_or(i64::MAX),
+            i64::try_from(to).unwrap_or(i64::MAX),
+        );
+        same && !self.bounds.iter().any(|t| (from..=to).contains(t))
     }
 
     /// The server certificate and key of Secret `namespace/name`.
@@ -203,6 +232,15 @@ pub fn not_a_ca(bundle: &[u8]) -> Option<String> {
     ))
 }
 
+/// When the leaf of `cert` (PEM chain) becomes valid and stops being
+/// valid, Unix seconds; `None` when it does not parse.
+fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+    let leaf = CertificateDer::pem_slice_iter(cert).next()?.ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    let v = parsed.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// Checks that `cert` (PEM chain) and `key` (PEM) belong together and that
 /// the leaf is valid at `now` (Unix seconds).
 fn check_pair(cert: &[u8], key: &[u8], now: u64) -> Result<(), String> {
@@ -234,4 +272,49 @@ fn check_pair(cert: &[u8], key: &[u8], now: u64) -> Result<(), String> {
         return Err("the certificate does not match the key".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Secret holding a certificate valid for days 10 to 20 of the epoch.
+    fn secret() -> Secret {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["example.com".to_string()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(1970, 1, 11);
+        params.not_after = rcgen::date_time_ymd(1970, 1, 21);
+        let cert = params.self_signed(&key).expect("cert");
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("gw".into());
+        secret.metadata.namespace = Some("istio-system".into());
+        secret.string_data = Some(
+            [
+                ("tls.crt".to_string(), cert.pem()),
+                ("tls.key".to_string(), key.serialize_pem()),
+            ]
+            .into(),
+        );
+        secret
+    }
+
+    fn day(n: u64) -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_secs(n * 86_400)
+    }
+
+    /// Two times judge alike unless a certificate's validity starts or
+    /// ends between them; other Secrets never judge alike.
+    #[test]
+    fn judgments_change_only_where_a_certificate_starts_or_ends() {
+        let at = |d| Credentials::new([Arc::new(secret())], day(d));
+        let inside = at(12);
+        assert!(inside.server("istio-system", "gw").is_ok());
+        assert!(inside.judged_alike(&inside.at(day(19))));
+        assert!(!inside.judged_alike(&inside.at(day(25))), "it expires in between");
+        assert!(inside.at(day(25)).server("istio-system", "gw").is_err());
+        assert!(!inside.at(day(5)).judged_alike(&inside), "it starts in between");
+        assert!(inside.at(day(25)).judged_alike(&inside.at(day(30))));
+        assert!(!inside.judged_alike(&at(12)), "another certificate");
+        assert!(!inside.judged_alike(&Credentials::new([], day(12))));
+    }
 }

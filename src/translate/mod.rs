@@ -112,17 +112,18 @@ pub fn generate(push: &PushContext, proxy: &Proxy) -> Generated {
 pub fn combine(mut out: Generated, rest: Generated) -> Generated {
     out.clusters.extend(rest.clusters);
     out.endpoints.extend(rest.endpoints);
-    out.listeners = rest.listeners;
-    out.routes = rest.routes;
-    out.secrets = rest.secrets;
+    out.listeners.extend(rest.listeners);
+    out.routes.extend(rest.routes);
+    out.secrets.extend(rest.secrets);
     out.diagnostics.extend(rest.diagnostics);
     finish(&mut out);
     out
 }
 
 /// The outbound clusters and their endpoints, one per service port (and
-/// subset) the proxy may reach, with what their translation could not
-/// honour. They do not depend on VirtualServices.
+/// subset) the proxy may reach, the Secrets they name (DestinationRule
+/// `credentialName`), and what their translation could not honour. They do
+/// not depend on VirtualServices.
 pub fn outbound(push: &PushContext, proxy: &Proxy) -> Generated {
     let mut out = Generated::default();
     cluster::outbound(push, proxy, &scope_of(push, proxy), &mut out);

@@ -95,9 +95,10 @@ pub struct Snapshot {
     /// that takes in all of a type sends as its version.
     pub versions: BTreeMap<XdsType, String>,
     pub diagnostics: Vec<Diagnostic>,
-    /// Those of `diagnostics` that came from the outbound clusters, kept
-    /// when a patch translates only the listeners again.
-    pub outbound_diagnostics: Vec<Diagnostic>,
+    /// The Secrets and diagnostics of the outbound clusters' translation
+    /// (`translate::outbound`; its clusters and endpoints left out), kept
+    /// for a patch that translates only the listeners again.
+    pub outbound: Arc<Generated>,
     /// The streams' walks over it, shared (see `Walks`); also by the
     /// per-workload copies that add a proxy's own secrets.
     pub walks: Arc<super::stream::Walks>,
@@ -283,7 +284,10 @@ impl SnapshotCache {
         let prev = self.generation();
         let changes = prev.push.config.changes(&push.config);
         super::metric::count_config_changes(&changes);
-        let patch = patch_for(&prev.push.config, &push.config, &changes);
+        // Validity is judged at each generation's time: when a judgment may
+        // differ, nothing of the previous snapshots is kept.
+        let patch = patch_for(&prev.push.config, &push.config, &changes)
+            .filter(|_| prev.push.credentials.judged_alike(&push.credentials));
         let endpoint_only = matches!(patch, Some(Patch::Endpoints(_)));
         let stats = Arc::new(PushStats::new(generation, trigger(&changes), endpoint_only));
         if let Ok(mut history) = self.history.lock() {
@@ -402,7 +406,7 @@ impl Generation {
             resources,
             versions,
             diagnostics: previous.diagnostics.clone(),
-            outbound_diagnostics: previous.outbound_diagnostics.clone(),
+            outbound: previous.outbound.clone(),
             walks: Arc::default(),
         }
     }
@@ -410,31 +414,36 @@ impl Generation {
     /// The previous snapshot of a config key with its listeners, routes and
     /// secrets translated again, its clusters and endpoints kept.
     fn patch_listeners(&self, proxy: &Proxy, previous: &Snapshot) -> Snapshot {
-        let out = translate::listeners(&self.push, proxy);
+        let kept = Generated {
+            secrets: previous.outbound.secrets.clone(),
+            diagnostics: previous.outbound.diagnostics.clone(),
+            ..Default::default()
+        };
+        let out = translate::combine(kept, translate::listeners(&self.push, proxy));
+        warn(proxy, &out.diagnostics);
         let mut resources = previous.resources.clone();
         let mut versions = previous.versions.clone();
         for (t, map) in self.encode(&out, &[XdsType::Listener, XdsType::Route, XdsType::Secret]) {
             versions.insert(t, set_version(&map));
             resources.insert(t, Arc::new(map));
         }
-        let mut diagnostics = previous.outbound_diagnostics.clone();
-        diagnostics.extend(out.diagnostics);
-        diagnostics.sort();
-        diagnostics.dedup();
-        warn(proxy, &diagnostics);
         Snapshot {
             generation: self.push.config.generation,
             resources,
             versions,
-            diagnostics,
-            outbound_diagnostics: previous.outbound_diagnostics.clone(),
+            diagnostics: out.diagnostics,
+            outbound: previous.outbound.clone(),
             walks: Arc::default(),
         }
     }
 
     fn build(&self, proxy: &Proxy) -> Snapshot {
         let outbound = translate::outbound(&self.push, proxy);
-        let outbound_diagnostics = outbound.diagnostics.clone();
+        let kept = Arc::new(Generated {
+            secrets: outbound.secrets.clone(),
+            diagnostics: outbound.diagnostics.clone(),
+            ..Default::default()
+        });
         let out = translate::combine(outbound, translate::listeners(&self.push, proxy));
         warn(proxy, &out.diagnostics);
         let resources: BTreeMap<XdsType, Resources> = self
@@ -447,7 +456,7 @@ impl Generation {
             versions: versions_of(&resources),
             resources,
             diagnostics: out.diagnostics,
-            outbound_diagnostics,
+            outbound: kept,
             walks: Arc::default(),
         }
     }
@@ -642,6 +651,51 @@ mod tests {
         }
     }
 
+    /// The time the golden scenarios are translated at.
+    fn golden_time() -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000)
+    }
+
+    /// An endpoint change whose generation falls after a gateway
+    /// certificate expired (gateway-tls's `expired-credential` ends
+    /// 2026-11-26 19:12:10 UTC): the listeners judged it valid before and
+    /// must not be kept, so the snapshot is translated whole.
+    #[test]
+    fn a_certificate_ending_between_generations_is_judged_again() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/gateway-tls");
+        let files = crate::source::load_dir(&dir.join("config")).expect("golden config");
+        let before = Arc::new(ConfigSnapshot::from_files(files));
+        let moved = parse_file(
+            "moved.yaml",
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: helloworld, namespace: default}\n\
+             subsets:\n- addresses: [{ip: 10.2.0.9}]\n  ports: [{name: http, port: 8080}]\n",
+        );
+        let mut after = (*before).clone();
+        after.generation += 1;
+        after
+            .resources
+            .extend(ConfigSnapshot::from_files(vec![moved]).resources);
+        let after = Arc::new(after);
+        assert!(before.endpoint_only_change(&after).is_some());
+        let day = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let (noon, next_day) = (day(1_795_694_400), day(1_795_737_600));
+        let earlier = Arc::new(PushContext::new_at(before.clone(), noon));
+        let later = Arc::new(earlier.next(after.clone(), next_day));
+        let gateway = scenario_proxies(&dir).remove(0);
+        let cache = SnapshotCache::new(earlier.clone());
+        let old = cache.snapshot(&gateway);
+        cache.update(later.clone());
+        let served = cache.snapshot(&gateway);
+        let fresh = SnapshotCache::new(later).snapshot(&gateway);
+        assert_ne!(
+            old.versions[&XdsType::Listener],
+            fresh.versions[&XdsType::Listener],
+            "the expired server is left out"
+        );
+        assert_eq!(versions(&served), versions(&fresh));
+        assert_eq!(served.diagnostics, fresh.diagnostics);
+    }
+
     /// The proxies a golden scenario names, as (id, metadata).
     fn scenario_proxies(dir: &std::path::Path) -> Vec<Proxy> {
         #[derive(serde::Deserialize)]
@@ -696,8 +750,8 @@ mod tests {
                         dir.display()
                     );
                     let (before, after) = (
-                        Arc::new(PushContext::new(from.clone())),
-                        Arc::new(PushContext::new(to.clone())),
+                        Arc::new(PushContext::new_at(from.clone(), golden_time())),
+                        Arc::new(PushContext::new_at(to.clone(), golden_time())),
                     );
                     for proxy in &proxies {
                         let cache = SnapshotCache::new(before.clone());
@@ -709,7 +763,7 @@ mod tests {
                         assert_eq!(versions(&patched), versions(&fresh), "{what}");
                         assert_eq!(patched.versions, fresh.versions, "{what}");
                         assert_eq!(patched.diagnostics, fresh.diagnostics, "{what}");
-                        assert_eq!(patched.outbound_diagnostics, fresh.outbound_diagnostics, "{what}");
+                        assert_eq!(patched.outbound, fresh.outbound, "{what}");
                         // The clusters were kept, not encoded again.
                         assert!(
                             Arc::ptr_eq(

@@ -501,7 +501,7 @@ impl Connection {
             resources,
             versions,
             diagnostics: shared.diagnostics.clone(),
-            outbound_diagnostics: shared.outbound_diagnostics.clone(),
+            outbound: shared.outbound.clone(),
             walks: shared.walks.clone(),
         })
     }
