@@ -118,27 +118,36 @@ impl Proxy {
     }
 
     /// `config_key` with only the labels whose key `keep` accepts.
+    /// Computed at every push of every stream: written into one buffer.
     pub fn config_key_with(&self, keep: impl Fn(&str) -> bool) -> String {
+        use std::fmt::Write as _;
         let identity = if self.identity.is_some() { "id" } else { "-" };
         let capture = if self.capture_none { "none" } else { "-" };
-        format!(
-            "{}|{}|{}|{identity}|{capture}|{}",
-            self.role,
-            self.namespace,
-            label_list(&self.labels, keep),
-            self.locality
-        )
+        let mut key = String::with_capacity(128);
+        let _ = write!(key, "{}|{}|", self.role, self.namespace);
+        write_labels(&mut key, &self.labels, keep);
+        let _ = write!(key, "|{identity}|{capture}|{}", self.locality);
+        key
     }
 }
 
 /// `k=v,k2=v2` of the labels whose key `keep` accepts, in key order.
 pub fn label_list(labels: &BTreeMap<String, String>, keep: impl Fn(&str) -> bool) -> String {
-    labels
-        .iter()
-        .filter(|(k, _)| keep(k))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    let mut out = String::new();
+    write_labels(&mut out, labels, keep);
+    out
+}
+
+/// `label_list`, appended to `out`.
+pub fn write_labels(out: &mut String, labels: &BTreeMap<String, String>, keep: impl Fn(&str) -> bool) {
+    for (i, (k, v)) in labels.iter().filter(|(k, _)| keep(k)).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
 }
 
 #[cfg(test)]

@@ -79,17 +79,18 @@ pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
     }
     // Only the labels something selects sidecars by.
     let relevant = |k: &str| push.sidecar_label_keys.contains(k);
+    // Computed at every push of every stream: written into one buffer.
+    use std::fmt::Write as _;
     let mut key = proxy.config_key_with(relevant);
     if let Some(pod) = push.pods.get(&proxy.ip) {
-        key.push_str(&format!(
-            "|pod:{}",
-            crate::model::label_list(&pod.labels, relevant)
-        ));
+        key.push_str("|pod:");
+        crate::model::write_labels(&mut key, &pod.labels, relevant);
     }
-    let ports: Vec<String> = sidecar::workload_ports(push, proxy)
-        .map(|(p, http)| format!("{p}{}", if http { "h" } else { "t" }))
-        .collect();
-    key.push_str(&format!("|ports:{}", ports.join(",")));
+    key.push_str("|ports:");
+    for (i, (p, http)) in sidecar::workload_ports(push, proxy).enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let _ = write!(key, "{sep}{p}{}", if http { "h" } else { "t" });
+    }
     let scope = SidecarScope::of(push, proxy);
     let binds_ip = !scope.ingress.is_empty()
         && (proxy.capture_none
@@ -97,7 +98,7 @@ pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
                 l.default_endpoint.starts_with("0.0.0.0:") || l.capture_mode.as_deref() == Some("NONE")
             }));
     if binds_ip {
-        key.push_str(&format!("|ip:{}", proxy.ip));
+        let _ = write!(key, "|ip:{}", proxy.ip);
     }
     key
 }

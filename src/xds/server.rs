@@ -245,6 +245,9 @@ impl DecodeRequest for SotwRequest {
         use prost::Message;
         let mut out = SotwRequest {
             frame: frame.clone(),
+            // Most of a large request is names (Envoy's run to ~40 bytes
+            // each): sized so that an ACK of thousands rarely grows it.
+            names: Vec::with_capacity(frame.len() / 40),
             ..Default::default()
         };
         let string = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).map_err(bad_request);
@@ -293,12 +296,15 @@ impl SotwRequest {
         };
         let base = first.0 as usize;
         if let Ok(span) = std::str::from_utf8(&self.frame[base..last.1 as usize]) {
-            let names: Option<Vec<&str>> = self
-                .names
-                .iter()
-                .map(|&(s, e)| span.get(s as usize - base..e as usize - base))
-                .collect();
-            if let Some(names) = names {
+            // Sized up front: an ACK can hold thousands of names.
+            let mut names = Vec::with_capacity(self.names.len());
+            for &(s, e) in &self.names {
+                match span.get(s as usize - base..e as usize - base) {
+                    Some(name) => names.push(name),
+                    None => break,
+                }
+            }
+            if names.len() == self.names.len() {
                 return Ok(names);
             }
         }
