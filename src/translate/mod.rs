@@ -19,6 +19,8 @@ mod sidecar;
 pub mod simulate;
 mod tls;
 
+use std::fmt::Write as _;
+
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source, socket_address, Address, AggregatedConfigSource, ApiVersion, ConfigSource,
@@ -80,7 +82,6 @@ pub fn config_key(push: &PushContext, proxy: &Proxy) -> String {
     // Only the labels something selects sidecars by.
     let relevant = |k: &str| push.sidecar_label_keys.contains(k);
     // Computed at every push of every stream: written into one buffer.
-    use std::fmt::Write as _;
     let mut key = proxy.config_key_with(relevant);
     if let Some(pod) = push.pods.get(&proxy.ip) {
         key.push_str("|pod:");
