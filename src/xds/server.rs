@@ -290,29 +290,47 @@ impl SotwRequest {
     /// span that holds them all (the tags and lengths between short names
     /// are ASCII); each name is checked on its own only when that fails.
     pub fn names(&self) -> Result<Vec<&str>, Status> {
-        let not_utf8 = || Status::invalid_argument("a resource name is not valid UTF-8");
-        let (Some(first), Some(last)) = (self.names.first(), self.names.last()) else {
-            return Ok(Vec::new());
-        };
-        let base = first.0 as usize;
-        if let Ok(span) = std::str::from_utf8(&self.frame[base..last.1 as usize]) {
-            // Sized up front: an ACK can hold thousands of names.
-            let mut names = Vec::with_capacity(self.names.len());
-            for &(s, e) in &self.names {
-                match span.get(s as usize - base..e as usize - base) {
-                    Some(name) => names.push(name),
-                    None => break,
-                }
-            }
-            if names.len() == self.names.len() {
-                return Ok(names);
-            }
+        if let Some((base, span)) = self.span() {
+            return Ok(self
+                .names
+                .iter()
+                .map(|&(s, e)| span.get(s as usize - base..e as usize - base).unwrap_or_default())
+                .collect());
         }
         self.names
             .iter()
             .map(|&(s, e)| std::str::from_utf8(&self.frame[s as usize..e as usize]).map_err(|_| not_utf8()))
             .collect()
     }
+
+    /// Whether every name is UTF-8, as `names` finds it, without
+    /// collecting them (`check` runs before `names`).
+    fn names_are_utf8(&self) -> bool {
+        self.span().is_some()
+            || self
+                .names
+                .iter()
+                .all(|&(s, e)| std::str::from_utf8(&self.frame[s as usize..e as usize]).is_ok())
+    }
+
+    /// The span from the first name to the last, with its offset in the
+    /// frame, when it is UTF-8 and every name starts and ends on one of its
+    /// character boundaries (then each name is UTF-8).
+    fn span(&self) -> Option<(usize, &str)> {
+        let (first, last) = (self.names.first()?, self.names.last()?);
+        let base = first.0 as usize;
+        let span = std::str::from_utf8(&self.frame[base..last.1 as usize]).ok()?;
+        self.names
+            .iter()
+            .all(|&(s, e)| {
+                span.is_char_boundary(s as usize - base) && span.is_char_boundary(e as usize - base)
+            })
+            .then_some((base, span))
+    }
+}
+
+fn not_utf8() -> Status {
+    Status::invalid_argument("a resource name is not valid UTF-8")
 }
 
 impl XdsRequest for SotwRequest {
@@ -320,7 +338,11 @@ impl XdsRequest for SotwRequest {
         if self.names.len() > limits.max_names {
             return Err(too_many_names(limits));
         }
-        self.names().map(|_| ())
+        if self.names_are_utf8() {
+            Ok(())
+        } else {
+            Err(not_utf8())
+        }
     }
     fn node(&self) -> Result<Option<Node>, Status> {
         decode_node(self.node.as_ref())

@@ -657,6 +657,7 @@ mod tests {
         }
         .encode_to_vec();
         let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+        assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.names().expect("UTF-8"), names);
         // Truncated and wrongly typed fields are bad requests.
         let mut frame = request.encode_to_vec();
