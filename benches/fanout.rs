@@ -40,7 +40,7 @@ fn row(r: &Report) -> String {
         .map(|(t, n)| format!("{t}:{n}"))
         .collect();
     format!(
-        "{:>7} | {:>14} | {:>5} | {:>6.2} | {:>9} | {:>7.1} | {:>7.1} | {:>22} | {:>8.1} | {:>8} | {:>6} | {:>11} | {:>5}",
+        "{:>7} | {:>14} | {:>5} | {:>6.2} | {:>9} | {:>7.1} | {:>7.1} | {:>22} | {:>8.1} | {:>8} | {:>6} | {:>7} | {:>11} | {:>5}",
         r.clients,
         format!("{:?}", r.change).to_lowercase(),
         if r.delta { "delta" } else { "sotw" },
@@ -52,6 +52,7 @@ fn row(r: &Report) -> String {
         r.bytes_after_change as f64 / 1e6,
         opt(r.meshd_peak_rss_mb),
         opt(r.meshd_change_cpu_s),
+        opt(r.meshd_push_ms),
         opt(r.baseline_fan_out_ms),
         opt(r.baseline_ratio),
     )
@@ -76,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         services / 10
     );
     println!(
-        "{:>7} | {:>14} | {:>5} | {:>6} | {:>9} | {:>7} | {:>7} | {:>22} | {:>8} | {:>8} | {:>6} | {:>11} | {:>5}",
+        "{:>7} | {:>14} | {:>5} | {:>6} | {:>9} | {:>7} | {:>7} | {:>22} | {:>8} | {:>8} | {:>6} | {:>7} | {:>11} | {:>5}",
         "proxies",
         "change",
         "mode",
@@ -88,10 +89,11 @@ fn main() -> anyhow::Result<()> {
         "MB sent",
         "peak MB",
         "CPU s",
+        "push ms",
         "baseline ms",
         "ratio"
     );
-    println!("{}", "-".repeat(150));
+    println!("{}", "-".repeat(160));
     let mut memory = Vec::new();
     for &clients in sizes {
         for &change in changes {

@@ -95,6 +95,12 @@ pub struct Report {
     pub meshd_rss_mb: Option<f64>,
     pub meshd_cpu_s: Option<f64>,
     pub meshd_change_cpu_s: Option<f64>,
+    /// meshd's own push of the change: from its generation installed to
+    /// the last proxy's push handed to the transport (`/debug/push_status`;
+    /// only when loadgen started meshd). The clients' share of the cores
+    /// comes after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meshd_push_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_fan_out_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,6 +145,7 @@ impl Report {
                 "meshd CPU total / change (s)",
                 format!("{} / {}", opt(self.meshd_cpu_s), opt(self.meshd_change_cpu_s)),
             ),
+            ("meshd push of the change (ms)", opt(self.meshd_push_ms)),
             (
                 "baseline fan-out (ms) / ratio",
                 format!("{} / {}", opt(self.baseline_fan_out_ms), opt(self.baseline_ratio)),
@@ -187,20 +194,38 @@ fn free_addr() -> Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
-async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
+/// The body of `GET path` on meshd's debug address, when it answers 200.
+async fn debug_get(debug_addr: &str, path: &str) -> Option<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(debug_addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: meshd\r\n\r\n");
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    if !(buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")) {
+        return None;
+    }
+    let body = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(buf.split_off(body))
+}
+
+/// meshd's own time for the newest push (from the generation installed
+/// to the last proxy's push handed to the transport), as
+/// `/debug/push_status` reports it.
+async fn last_push_ms(debug_addr: &str) -> Option<f64> {
+    let body = debug_get(debug_addr, "/debug/push_status").await?;
+    let status: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    status["pushes"].get(0)?["last_push_ms"].as_f64()
+}
+
+async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("meshd exited before it was ready: {status}");
         }
-        if let Ok(mut s) = tokio::net::TcpStream::connect(debug_addr).await {
-            let _ = s.write_all(b"GET /ready HTTP/1.0\r\nHost: meshd\r\n\r\n").await;
-            let mut buf = Vec::new();
-            let _ = s.read_to_end(&mut buf).await;
-            if buf.starts_with(b"HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200") {
-                return Ok(());
-            }
+        if debug_get(debug_addr, "/ready").await.is_some() {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("meshd was not ready within 120 s");
@@ -213,12 +238,12 @@ async fn wait_ready(debug_addr: &str, child: &mut Child) -> Result<()> {
 /// port found free can be taken before meshd binds it (by a connection of
 /// the clients of a run just ended): then meshd is started again on other
 /// ports, at most three times.
-async fn start_ready(bin: &Path, config_dir: &Path) -> Result<(Started, String)> {
+async fn start_ready(bin: &Path, config_dir: &Path) -> Result<(Started, String, String)> {
     let mut attempt = 1;
     loop {
         let (mut s, xds, debug) = start_meshd(bin, config_dir, tempfile::tempdir()?)?;
         match wait_ready(&debug, &mut s.child).await {
-            Ok(()) => return Ok((s, xds)),
+            Ok(()) => return Ok((s, xds, debug)),
             Err(e) => {
                 let log = std::fs::read_to_string(s.work.path().join("meshd.log")).unwrap_or_default();
                 let taken = log.contains("in use");
@@ -391,13 +416,13 @@ pub async fn run(o: &Options) -> Result<Report> {
         bail!("the generated mesh does not load: {r}");
     }
     let mut started = None;
-    let (xds_addr, pid) = match &o.xds_addr {
-        Some(addr) => (addr.clone(), o.meshd_pid),
+    let (xds_addr, pid, debug_addr) = match &o.xds_addr {
+        Some(addr) => (addr.clone(), o.meshd_pid, None),
         None => {
-            let (s, xds) = start_ready(&o.meshd_bin, &config_dir).await?;
+            let (s, xds, debug) = start_ready(&o.meshd_bin, &config_dir).await?;
             let pid = s.child.id();
             started = Some(s);
-            (xds, Some(pid))
+            (xds, Some(pid), Some(debug))
         }
     };
     let cpu_at_start = pid.and_then(crate::process::cpu_seconds);
@@ -489,6 +514,10 @@ pub async fn run(o: &Options) -> Result<Report> {
     settle(&stats, Duration::from_millis(1500), Duration::from_secs(60)).await;
     let cpu_end = pid.and_then(crate::process::cpu_seconds);
     let memory = pid.and_then(crate::process::rss_mb);
+    let meshd_push_ms = match &debug_addr {
+        Some(addr) => last_push_ms(addr).await,
+        None => None,
+    };
     let snapshot: Vec<ClientStats> = stats
         .iter()
         .filter_map(|s| s.lock().ok().map(|s| s.clone()))
@@ -526,6 +555,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         meshd_rss_mb: memory.map(|m| m.0),
         meshd_cpu_s: cpu_end.zip(cpu_at_start).map(|(e, s)| e - s),
         meshd_change_cpu_s: cpu_end.zip(cpu_before_change).map(|(e, s)| e - s),
+        meshd_push_ms,
         baseline_fan_out_ms: None,
         baseline_ratio: None,
         soak,
