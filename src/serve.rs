@@ -333,9 +333,12 @@ pub async fn run(
             let config = config_rx.borrow_and_update().clone();
             let started = std::time::Instant::now();
             let generation = config.generation;
-            // Only what the changed resources feed is indexed again.
-            let push = Arc::new(updater.push_context().next(config, std::time::SystemTime::now()));
-            updater.update(push.clone());
+            // Only what the changed resources feed is indexed again; the
+            // changes are found once, for the push context and the cache.
+            let prev = updater.push_context();
+            let changes = prev.config.changes(&config);
+            let push = Arc::new(prev.next_with(config.clone(), std::time::SystemTime::now(), &changes));
+            updater.update_from(&prev, push.clone(), &changes);
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
             analyzer.run(push.clone());
             pushed_tx.send_replace(push);

@@ -139,6 +139,17 @@ impl PushContext {
     /// generation's mesh settings and trust domain.
     pub fn next(&self, config: Arc<ConfigSnapshot>, now: SystemTime) -> PushContext {
         let changes = self.config.changes(&config);
+        self.next_with(config.clone(), now, &changes)
+    }
+
+    /// `next`, given `changes` (`self.config.changes(&config)`), which the
+    /// caller also hands to the snapshot cache.
+    pub fn next_with(
+        &self,
+        config: Arc<ConfigSnapshot>,
+        now: SystemTime,
+        changes: &[(&crate::config::ResourceKey, Change)],
+    ) -> PushContext {
         let kinds: BTreeSet<Kind> = changes.iter().map(|(k, _)| k.kind).collect();
         let touched = |of: &[Kind]| of.iter().any(|k| kinds.contains(k));
         let mut push = PushContext {
@@ -169,7 +180,7 @@ impl PushContext {
         let rebuilt = if touched(&[Kind::ServiceEntry, Kind::Node]) {
             None
         } else {
-            self.changed_services(&config, &changes).and_then(|changed| {
+            self.changed_services(&config, changes).and_then(|changed| {
                 let services =
                     service::rebuild(&self.services, &config, &changed, &push.pods, &push.pods_by_name)?;
                 Some((services, changed))

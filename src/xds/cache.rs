@@ -280,16 +280,37 @@ impl SnapshotCache {
 
     /// Installs a new push context; streams are woken and recompute.
     pub fn update(&self, push: Arc<PushContext>) {
-        let generation = push.config.generation;
         let prev = self.generation();
         let changes = prev.push.config.changes(&push.config);
-        super::metric::count_config_changes(&changes);
+        self.install(&prev, push.clone(), &changes);
+    }
+
+    /// `update`, given the changes from `from` to `push`
+    /// (`ConfigSnapshot::changes`), as `PushContext::next_with` took them:
+    /// not computed again when `from` is the push context being served.
+    pub fn update_from(
+        &self,
+        from: &Arc<PushContext>,
+        push: Arc<PushContext>,
+        changes: &[(&ResourceKey, Change)],
+    ) {
+        let prev = self.generation();
+        if Arc::ptr_eq(&prev.push, from) {
+            self.install(&prev, push, changes);
+        } else {
+            self.update(push);
+        }
+    }
+
+    fn install(&self, prev: &Generation, push: Arc<PushContext>, changes: &[(&ResourceKey, Change)]) {
+        let generation = push.config.generation;
+        super::metric::count_config_changes(changes);
         // Validity is judged at each generation's time: when a judgment may
         // differ, nothing of the previous snapshots is kept.
-        let patch = patch_for(&prev.push.config, &push.config, &changes)
+        let patch = patch_for(&prev.push.config, &push.config, changes)
             .filter(|_| prev.push.credentials.judged_alike(&push.credentials));
         let endpoint_only = matches!(patch, Some(Patch::Endpoints(_)));
-        let stats = Arc::new(PushStats::new(generation, trigger(&changes), endpoint_only));
+        let stats = Arc::new(PushStats::new(generation, trigger(changes), endpoint_only));
         if let Ok(mut history) = self.history.lock() {
             if history.len() == PUSH_HISTORY {
                 history.pop_front();
@@ -611,6 +632,34 @@ mod tests {
                 patched.resources[&XdsType::Endpoint][v2].version
             );
         }
+    }
+
+    /// Changes handed in are used against the push context they were
+    /// found from, and found again when another one is being served.
+    #[test]
+    fn changes_handed_in_are_used_only_against_the_push_context_served() {
+        let before = push("{ip: 10.0.0.1}", "");
+        let after = push("{ip: 10.0.0.1}, {ip: 10.0.0.2}", "");
+        let cache = SnapshotCache::new(before.clone());
+        let changes = before.config.changes(&after.config);
+        cache.update_from(&before, after.clone(), &changes);
+        let last = &cache.push_history()[0];
+        assert!(last.endpoint_only);
+        assert_eq!(last.trigger.len(), 1, "{:?}", last.trigger);
+        assert!(last.trigger[0].contains("reviews"), "{:?}", last.trigger);
+        // `before` is no longer served: the (wrong) empty list is ignored.
+        let other = push(
+            "{ip: 10.0.0.1}",
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        );
+        cache.update_from(&before, other, &[]);
+        let last = &cache.push_history()[0];
+        assert!(!last.endpoint_only, "{:?}", last.trigger);
+        assert!(
+            last.trigger.iter().any(|t| t.contains("Namespace")),
+            "{:?}",
+            last.trigger
+        );
     }
 
     /// The hand-written `Any` is the bytes prost writes for one, and the
