@@ -48,11 +48,26 @@ pub struct ClientStats {
 /// What all clients share: the change's marker and when it was written.
 #[derive(Debug)]
 pub struct Shared {
-    pub marker: Vec<u8>,
+    /// Searches for the marker (every resource of every response is
+    /// scanned: the search must not cost the proxies' cores more than
+    /// reading the bytes).
+    marker: memchr::memmem::Finder<'static>,
     pub changed: Mutex<Option<Instant>>,
 }
 
 impl Shared {
+    pub fn new(marker: &[u8]) -> Shared {
+        Shared {
+            marker: memchr::memmem::Finder::new(marker).into_owned(),
+            changed: Mutex::new(None),
+        }
+    }
+
+    /// Whether `bytes` hold the marker.
+    fn marks(&self, bytes: &[u8]) -> bool {
+        !self.marker.needle().is_empty() && self.marker.find(bytes).is_some()
+    }
+
     fn change_written(&self) -> bool {
         self.changed.lock().map(|c| c.is_some()).unwrap_or(false)
     }
@@ -170,13 +185,9 @@ fn rds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<Strin
     names
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Records one response (already ACKed).
 fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize, resources: &[&Any]) {
-    let carries = resources.iter().any(|a| contains(&a.value, &shared.marker));
+    let carries = resources.iter().any(|a| shared.marks(&a.value));
     let after = shared.change_written();
     if let Ok(mut s) = stats.lock() {
         *s.responses.entry(t).or_default() += 1;
@@ -592,5 +603,17 @@ mod tests {
             assert!(!full.is_empty(), "{id} has RDS route tables");
             assert_eq!(rds_names(&listeners), full, "{id}");
         }
+    }
+
+    /// A client knows a resource carries the change by the marker in its
+    /// bytes, wherever it is.
+    #[test]
+    fn the_marker_is_found_anywhere_in_a_resource_and_nowhere_else() {
+        let shared = Shared::new(b"loadgen-change");
+        assert!(shared.marks(b"loadgen-change"));
+        assert!(shared.marks(b"\x0a\x12x-loadgen-change-y"));
+        assert!(!shared.marks(b"loadgen-chang"));
+        assert!(!shared.marks(b""));
+        assert!(!Shared::new(b"").marks(b"anything"));
     }
 }

@@ -426,10 +426,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         }
     };
     let cpu_at_start = pid.and_then(crate::process::cpu_seconds);
-    let shared = Arc::new(Shared {
-        marker: o.change.marker().as_bytes().to_vec(),
-        changed: Mutex::new(None),
-    });
+    let shared = Arc::new(Shared::new(o.change.marker().as_bytes()));
     let start = Instant::now();
     let mut stats = Vec::new();
     let mut tasks = Vec::new();
