@@ -509,8 +509,22 @@ fn install_metrics() -> Option<PrometheusHandle> {
     metrics::set_global_recorder(recorder).ok().map(|_| handle)
 }
 
+/// Connections the kernel queues until meshd accepts them (capped by
+/// `net.core.somaxconn`). Thousands of proxies connect at once after a
+/// restart; each connection the queue overflows waits for a SYN
+/// retransmission (1 s, then 3 s, ...). tokio's default is 1,024.
+const ACCEPT_BACKLOG: u32 = 4096;
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { what, addr, source })
+    let err = |source| ServeError::Bind { what, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // As `TcpListener::bind` does: a restarted meshd binds at once.
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(ACCEPT_BACKLOG).map_err(err)
 }
