@@ -511,8 +511,8 @@ fn install_metrics() -> Option<PrometheusHandle> {
 
 /// Connections the kernel queues until meshd accepts them (capped by
 /// `net.core.somaxconn`). Thousands of proxies connect at once after a
-/// restart; each connection the queue overflows waits for a SYN
-/// retransmission (1 s, then 3 s, ...). tokio's default is 1,024.
+/// restart; each connection the queue overflows waits for its SYN to be
+/// sent again (after 1 s, then 2 s more, ...). tokio's default is 1,024.
 const ACCEPT_BACKLOG: u32 = 4096;
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
