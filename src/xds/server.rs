@@ -306,11 +306,8 @@ impl SotwRequest {
     /// Whether every name is UTF-8, as `names` finds it, without
     /// collecting them (`check` runs before `names`).
     fn names_are_utf8(&self) -> bool {
-        self.span().is_some()
-            || self
-                .names
-                .iter()
-                .all(|&(s, e)| std::str::from_utf8(&self.frame[s as usize..e as usize]).is_ok())
+        // Only when the span fails are the names collected, one by one.
+        self.span().is_some() || self.names().is_ok()
     }
 
     /// The span from the first name to the last, with its offset in the
@@ -410,7 +407,7 @@ fn check_names<'a>(names: impl IntoIterator<Item = &'a bytes::Bytes>, limits: &L
             return Err(too_many_names(limits));
         }
         if std::str::from_utf8(name).is_err() {
-            return Err(Status::invalid_argument("a resource name is not valid UTF-8"));
+            return Err(not_utf8());
         }
     }
     Ok(())
