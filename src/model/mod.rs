@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use credential::{not_a_ca, CredentialError, Credentials, ServerCredential};
-pub use proxy::{label_list, write_labels, Proxy, ProxyError, Role};
+pub use proxy::{write_labels, Proxy, ProxyError, Role};
 pub use service::{Endpoint, MeshService, Resolution, ServicePort};
 pub use workload_ports::WorkloadPorts;
 

@@ -131,14 +131,8 @@ impl Proxy {
     }
 }
 
-/// `k=v,k2=v2` of the labels whose key `keep` accepts, in key order.
-pub fn label_list(labels: &BTreeMap<String, String>, keep: impl Fn(&str) -> bool) -> String {
-    let mut out = String::new();
-    write_labels(&mut out, labels, keep);
-    out
-}
-
-/// `label_list`, appended to `out`.
+/// `k=v,k2=v2` of the labels whose key `keep` accepts, in key order,
+/// appended to `out`.
 pub fn write_labels(out: &mut String, labels: &BTreeMap<String, String>, keep: impl Fn(&str) -> bool) {
     for (i, (k, v)) in labels.iter().filter(|(k, _)| keep(k)).enumerate() {
         if i > 0 {
