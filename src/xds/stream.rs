@@ -19,6 +19,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::cache::{content_hash, Encoded, Resources, Snapshot};
+use super::wire::Batch;
 use super::XdsType;
 
 /// A response the stream must send.
@@ -28,7 +29,9 @@ pub struct Outgoing {
     /// SotW: the version of the whole set; delta: the system version.
     pub version: String,
     pub nonce: String,
-    pub resources: Vec<Arc<Encoded>>,
+    /// Shared with the other streams sending the same resources, and so is
+    /// their encoding.
+    pub resources: Arc<Batch>,
     /// Delta only: names the client must drop.
     pub removed: Vec<String>,
 }
@@ -43,7 +46,7 @@ pub struct Nack {
 }
 
 /// What one type's subscription looks like and what was sent for it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TypeState {
     pub wildcard: bool,
     /// Shared between streams subscribing to the same names (see `intern`).
@@ -60,6 +63,36 @@ pub struct TypeState {
     pub force: BTreeSet<String>,
     /// Set for types the client has subscribed to at all.
     pub subscribed: bool,
+}
+
+impl Default for TypeState {
+    fn default() -> TypeState {
+        TypeState {
+            wildcard: false,
+            names: no_names(),
+            sent_version: None,
+            sent_nonce: None,
+            acked_version: None,
+            nack: None,
+            held: nothing_held(),
+            force: BTreeSet::new(),
+            subscribed: false,
+        }
+    }
+}
+
+/// One empty map, held by every new subscription, and one empty set of
+/// names, for every wildcard one: `Walks` tells subscriptions apart by
+/// these two, so streams that ask for the same share one walk of the
+/// snapshot, their first response and wildcard types included.
+fn nothing_held() -> Resources {
+    static EMPTY: std::sync::OnceLock<Resources> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Resources::default).clone()
+}
+
+fn no_names() -> Arc<BTreeSet<String>> {
+    static EMPTY: std::sync::OnceLock<Arc<BTreeSet<String>>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Arc::default).clone()
 }
 
 /// How a SotW request relates to what was sent.
@@ -217,7 +250,7 @@ impl StreamState {
             if !only_changed {
                 held.retain(|n, _| state.names.contains(n));
             }
-            for r in &resources {
+            for r in resources.iter() {
                 held.insert(r.name.clone(), r.clone());
             }
             share_if_equal(&mut state.held, snapshot.shared(t));
@@ -320,7 +353,7 @@ impl StreamState {
             Some(o) => Some(o),
             // The first answer is owed even when empty: Envoy finishes
             // initializing a wildcard type only on a response.
-            None if first => Some(self.delta_send(t, snapshot, Vec::new(), Vec::new(), false)),
+            None if first => Some(self.delta_send(t, snapshot, Arc::default(), Vec::new(), false)),
             None => None,
         }
     }
@@ -364,7 +397,7 @@ impl StreamState {
         &mut self,
         t: XdsType,
         snapshot: &Snapshot,
-        send: Vec<Arc<Encoded>>,
+        send: Arc<Batch>,
         removed: Vec<String>,
         covers: bool,
     ) -> Outgoing {
@@ -374,7 +407,7 @@ impl StreamState {
             Some(all) if covers => state.held = all.clone(),
             all if !send.is_empty() || !removed.is_empty() => {
                 let held = Arc::make_mut(&mut state.held);
-                for r in &send {
+                for r in send.iter() {
                     held.insert(r.name.clone(), r.clone());
                 }
                 for n in &removed {
@@ -454,6 +487,9 @@ fn intern_names(names: &[&str]) -> Arc<BTreeSet<String>> {
     let mut sorted: Vec<&str> = names.iter().copied().filter(|n| *n != "*").collect();
     sorted.sort_unstable();
     sorted.dedup();
+    if sorted.is_empty() {
+        return no_names();
+    }
     match shared_names(&sorted) {
         Ok(shared) => shared,
         Err(key) => remember(key, Arc::new(sorted.iter().map(|n| n.to_string()).collect())),
@@ -476,9 +512,6 @@ fn shared_names(sorted: &[&str]) -> Result<Arc<BTreeSet<String>>, u64> {
         n.hash(&mut h);
     }
     let key = h.finish();
-    if sorted.is_empty() {
-        return Err(key);
-    }
     let shared = name_sets()
         .lock()
         .ok()
@@ -490,9 +523,6 @@ fn shared_names(sorted: &[&str]) -> Result<Arc<BTreeSet<String>>, u64> {
 }
 
 fn remember(key: u64, set: Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
-    if set.is_empty() {
-        return set;
-    }
     if let Ok(mut sets) = name_sets().lock() {
         sets.insert(key, Arc::downgrade(&set));
         // Forget sets no stream holds any more, now and then.
@@ -511,7 +541,7 @@ fn remember(key: u64, set: Arc<BTreeSet<String>>) -> Arc<BTreeSet<String>> {
 struct Walk {
     /// The subscribed resources: all of them, or with `only_changed` those
     /// the proxy does not hold in this version and those forced again.
-    send: Vec<Arc<Encoded>>,
+    send: Arc<Batch>,
     /// Held names the snapshot no longer has.
     removed: Vec<String>,
     /// The subscription takes in every resource the snapshot has of the type.
@@ -584,14 +614,12 @@ impl Walks {
 fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_changed: bool) -> Walk {
     let mut names = state.names.iter().peekable();
     let mut held = state.held.iter().peekable();
-    let mut out = Walk {
-        send: Vec::new(),
-        removed: Vec::new(),
-        covers: true,
-    };
+    let mut send = Vec::new();
+    let mut removed = Vec::new();
+    let mut covers = true;
     for (name, e) in all.into_iter().flatten() {
         while let Some((h, _)) = held.next_if(|(h, _)| *h < name) {
-            out.removed.push(h.clone());
+            removed.push(h.clone());
         }
         let wanted = state.wildcard || {
             while names.next_if(|n| *n < name).is_some() {}
@@ -599,23 +627,27 @@ fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_ch
         };
         let holds = held.next_if(|(h, _)| *h == name);
         if !wanted {
-            out.covers = false;
+            covers = false;
             continue;
         }
         let current = holds.is_some_and(|(_, x)| Arc::ptr_eq(x, e) || x.version == e.version);
         if !only_changed || !current || (!state.force.is_empty() && state.force.contains(name)) {
-            out.send.push(e.clone());
+            send.push(e.clone());
         }
     }
-    out.removed.extend(held.map(|(h, _)| h.clone()));
-    out
+    removed.extend(held.map(|(h, _)| h.clone()));
+    Walk {
+        send: Batch::new(send),
+        removed,
+        covers,
+    }
 }
 
 /// The resources of a type a stream subscribes to and their version.
 struct Selection {
     version: String,
     /// All of them, or only the changed ones when `only_changed`.
-    resources: Vec<Arc<Encoded>>,
+    resources: Arc<Batch>,
     /// The subscription takes in every resource the snapshot has of the type.
     covers: bool,
     only_changed: bool,
@@ -827,5 +859,42 @@ mod tests {
             sent,
             vec![(XdsType::Cluster, vec!["a"]), (XdsType::Endpoint, vec!["a"])]
         );
+    }
+
+    #[test]
+    fn streams_asking_for_the_same_share_one_batch_from_their_first_response() {
+        let mut snap = snapshot(XdsType::Cluster, &[("a", "1"), ("b", "1")]);
+        snap.resources.insert(
+            XdsType::Endpoint,
+            snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "1")]).resources[&XdsType::Endpoint].clone(),
+        );
+        let (mut one, mut two) = (StreamState::default(), StreamState::default());
+        // Wildcard clusters, then endpoints by name, each stream its own
+        // (equal) list of names.
+        let first = |s: &mut StreamState, t, names: &[&str]| {
+            s.sotw_request(t, names, "", None, &snap).expect("answered")
+        };
+        let (a, b) = (
+            first(&mut one, XdsType::Cluster, &[]),
+            first(&mut two, XdsType::Cluster, &[]),
+        );
+        assert!(
+            Arc::ptr_eq(&a.resources, &b.resources),
+            "one walk of the clusters"
+        );
+        let (a, b) = (
+            first(&mut one, XdsType::Endpoint, &["a", "b"]),
+            first(&mut two, XdsType::Endpoint, &["b", "a"]),
+        );
+        assert!(
+            Arc::ptr_eq(&a.resources, &b.resources),
+            "one walk of the endpoints"
+        );
+        assert_eq!(a.resources.len(), 2);
+        // Another subscription gets its own.
+        let mut three = StreamState::default();
+        let c = first(&mut three, XdsType::Endpoint, &["a"]);
+        assert!(!Arc::ptr_eq(&a.resources, &c.resources));
+        assert_eq!(c.resources.len(), 1);
     }
 }

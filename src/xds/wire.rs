@@ -1,16 +1,19 @@
 //! ADS responses written straight to the wire. Every resource is encoded
-//! once per generation (`Encoded::wire`, a shared `Bytes`); a response is
-//! the gRPC frame header, a few small fields, and those shared bytes, handed
-//! to HTTP/2 as separate chunks. Nothing of a resource is copied per
-//! stream, and no stream keeps an encode buffer the size of the largest
-//! response it ever sent (what tonic's per-stream encoder does).
+//! once per generation (`Encoded::wire`, a shared `Bytes`). A response is
+//! the gRPC frame header and its own few small fields around the body of
+//! its `Batch`: the resources' fields, encoded once for all the streams
+//! sending that batch at the time (small resources gathered into one
+//! buffer, large ones their own shared bytes), handed to HTTP/2 as a few
+//! chunks. Nothing of a resource is copied per stream, and no stream keeps
+//! an encode buffer the size of the largest response it ever sent (what
+//! tonic's per-stream encoder does).
 //!
 //! The two ADS methods are served by `AdsService`, a gRPC service written
 //! against tonic's request decoding and an `http_body::Body` of our own.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -22,11 +25,15 @@ use tonic::Status;
 
 use super::server::AdsServer;
 use super::stream::Outgoing;
+use super::Encoded;
 
 /// One encoded ADS response: its chunks, gRPC header first.
 #[derive(Debug, Default)]
 pub struct Wire {
     pub chunks: Vec<Bytes>,
+    /// The batch body the middle chunks come from, held until they are
+    /// handed to HTTP/2 (see `Batch`).
+    body: Option<Arc<Body>>,
 }
 
 fn varint(buf: &mut BytesMut, mut v: u64) {
@@ -75,76 +82,159 @@ fn delimited_len(len: usize) -> usize {
     1 + varint_len(len) + len
 }
 
+/// The size of a length-delimited field's key and length alone.
+fn prefix_len(len: usize) -> usize {
+    delimited_len(len) - len
+}
+
 fn control_plane_id() -> String {
     format!("meshd {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Writes one gRPC frame as chunks: small fields are written straight into
-/// a chunk of up to `CHUNK` bytes (each chunk becomes an HTTP/2 frame,
-/// which the connection queues until sent); a large resource goes out as
-/// its own shared bytes, uncopied.
-struct Framer {
-    chunks: Vec<Bytes>,
-    current: BytesMut,
-    /// Message bytes not yet written.
-    left: usize,
+/// Resources sent together, with their part of a response's message
+/// encoded once for each protocol variant while any stream is sending it.
+/// A stream's walk over a snapshot is shared by the streams of one config
+/// key (`Walks`), and so is its batch: two thousand proxies sent the same
+/// thousand clusters at once hold one copy of the encoded bytes, not one
+/// each. Once no response being sent holds it, the body is dropped, so a
+/// snapshot does not keep a second copy of its resources.
+#[derive(Default)]
+pub struct Batch {
+    items: Vec<Arc<Encoded>>,
+    sotw: Mutex<Weak<Body>>,
+    delta: Mutex<Weak<Body>>,
 }
 
-impl Framer {
-    const CHUNK: usize = 64 * 1024;
+/// The encoded `resources` fields of a response: small resources copied
+/// into one buffer, a large one its own shared bytes (so that it is not
+/// copied into every batch that carries it).
+#[derive(Debug, Default)]
+struct Body {
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    /// Resources at least this large are not copied into a batch's body.
     const SHARED: usize = 16 * 1024;
 
-    /// A frame for a message of `len` bytes.
-    fn new(len: usize) -> Framer {
-        let mut current = BytesMut::with_capacity(Self::CHUNK.min(len + 5));
-        current.put_u8(0);
-        current.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        Framer {
-            chunks: Vec::new(),
-            current,
-            left: len,
-        }
+    pub fn new(items: Vec<Arc<Encoded>>) -> Arc<Batch> {
+        Arc::new(Batch {
+            items,
+            ..Default::default()
+        })
     }
 
-    /// Writes small fields, closing the chunk when it is full.
-    fn put(&mut self, write: impl FnOnce(&mut BytesMut)) {
-        let start = self.current.len();
-        write(&mut self.current);
-        self.wrote(self.current.len() - start);
+    /// The body in `slot` if a response still holds it, else a new one.
+    fn body(slot: &Mutex<Weak<Body>>, make: impl FnOnce() -> Body) -> Arc<Body> {
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(body) = slot.upgrade() {
+            return body;
+        }
+        let body = Arc::new(make());
+        *slot = Arc::downgrade(&body);
+        body
     }
 
-    fn wrote(&mut self, n: usize) {
-        self.left = self.left.saturating_sub(n);
-        if self.current.len() >= Self::CHUNK {
-            self.flush();
-        }
+    /// `repeated google.protobuf.Any resources = 2` of a `DiscoveryResponse`.
+    fn sotw(&self) -> Arc<Body> {
+        Batch::body(&self.sotw, || {
+            Body::of(
+                &self.items,
+                |r| (prefix_len(r.wire.len()), 0),
+                |buf, r| delimited(buf, 2, r.wire.len()),
+                |_, _| {},
+            )
+        })
     }
 
-    fn flush(&mut self) {
-        if !self.current.is_empty() {
-            self.chunks.push(self.current.split().freeze());
-        }
-        self.current.reserve(Self::CHUNK.min(self.left));
+    /// `repeated Resource resources = 2` of a `DeltaDiscoveryResponse`,
+    /// each `Resource { version = 1, resource = 2 (the Any), name = 3 }`.
+    fn delta(&self) -> Arc<Body> {
+        Batch::body(&self.delta, || {
+            let inner =
+                |r: &Encoded| string_len(&r.version) + delimited_len(r.wire.len()) + string_len(&r.name);
+            Body::of(
+                &self.items,
+                |r| {
+                    let head = prefix_len(inner(r)) + string_len(&r.version) + prefix_len(r.wire.len());
+                    (head, string_len(&r.name))
+                },
+                |buf, r| {
+                    delimited(buf, 2, inner(r));
+                    string_field(buf, 1, &r.version);
+                    delimited(buf, 2, r.wire.len());
+                },
+                |buf, r| string_field(buf, 3, &r.name),
+            )
+        })
     }
+}
 
-    /// Writes a resource's encoded bytes: shared if large, copied if small.
-    fn shared(&mut self, bytes: &Bytes) {
-        if bytes.len() >= Self::SHARED {
-            self.flush();
-            self.left = self.left.saturating_sub(bytes.len());
-            self.chunks.push(bytes.clone());
-            self.current.reserve(Self::CHUNK.min(self.left));
-        } else {
-            self.current.put_slice(bytes);
-            self.wrote(bytes.len());
+impl Body {
+    /// Each resource as `before`, its `wire`, `after` write it; `sizes`
+    /// gives what those two write, for one exact buffer.
+    fn of(
+        items: &[Arc<Encoded>],
+        sizes: impl Fn(&Encoded) -> (usize, usize),
+        before: impl Fn(&mut BytesMut, &Encoded),
+        after: impl Fn(&mut BytesMut, &Encoded),
+    ) -> Body {
+        let copied: usize = items
+            .iter()
+            .map(|r| {
+                let (b, a) = sizes(r);
+                let wire = if r.wire.len() < Batch::SHARED {
+                    r.wire.len()
+                } else {
+                    0
+                };
+                b + wire + a
+            })
+            .sum();
+        let mut current = BytesMut::with_capacity(copied);
+        let mut segments = Vec::new();
+        let mut len = 0;
+        for r in items {
+            before(&mut current, r);
+            if r.wire.len() < Batch::SHARED {
+                current.put_slice(&r.wire);
+            } else {
+                if !current.is_empty() {
+                    len += current.len();
+                    segments.push(current.split().freeze());
+                }
+                len += r.wire.len();
+                segments.push(r.wire.clone());
+            }
+            after(&mut current, r);
         }
+        if !current.is_empty() {
+            len += current.len();
+            segments.push(current.freeze());
+        }
+        Body { segments, len }
     }
+}
 
-    fn finish(mut self) -> Wire {
-        if !self.current.is_empty() {
-            self.chunks.push(self.current.freeze());
-        }
-        Wire { chunks: self.chunks }
+impl std::ops::Deref for Batch {
+    type Target = [Arc<Encoded>];
+    fn deref(&self) -> &[Arc<Encoded>] {
+        &self.items
+    }
+}
+
+impl PartialEq for Batch {
+    fn eq(&self, other: &Batch) -> bool {
+        self.items == other.items
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.items.iter().map(|r| &r.name))
+            .finish()
     }
 }
 
@@ -158,48 +248,47 @@ impl Wire {
         self.chunks.is_empty()
     }
 
+    /// A gRPC frame: the header and `first` field, the batch's shared
+    /// body, then the `last` fields.
+    fn frame(first: &str, body: Arc<Body>, last_len: usize, last: impl FnOnce(&mut BytesMut)) -> Wire {
+        let len = string_len(first) + body.len + last_len;
+        let mut head = BytesMut::with_capacity(5 + string_len(first));
+        head.put_u8(0);
+        head.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        string_field(&mut head, 1, first);
+        let mut tail = BytesMut::with_capacity(last_len);
+        last(&mut tail);
+        let mut chunks = Vec::with_capacity(body.segments.len() + 2);
+        chunks.push(head.freeze());
+        chunks.extend(body.segments.iter().cloned());
+        if !tail.is_empty() {
+            chunks.push(tail.freeze());
+        }
+        Wire {
+            chunks,
+            body: Some(body),
+        }
+    }
+
     /// A `DiscoveryResponse`.
     pub fn sotw(out: &Outgoing) -> Wire {
         let id = control_plane_id();
-        let resources: usize = out.resources.iter().map(|r| delimited_len(r.wire.len())).sum();
         let tail = string_len(out.type_.url()) + string_len(&out.nonce) + delimited_len(string_len(&id));
-        let mut f = Framer::new(string_len(&out.version) + resources + tail);
-        f.put(|buf| string_field(buf, 1, &out.version));
-        for r in &out.resources {
-            f.put(|buf| delimited(buf, 2, r.wire.len()));
-            f.shared(&r.wire);
-        }
-        f.put(|buf| {
+        Wire::frame(&out.version, out.resources.sotw(), tail, |buf| {
             string_field(buf, 4, out.type_.url());
             string_field(buf, 5, &out.nonce);
             delimited(buf, 6, string_len(&id));
             string_field(buf, 1, &id);
-        });
-        f.finish()
+        })
     }
 
     /// A `DeltaDiscoveryResponse`.
     pub fn delta(out: &Outgoing) -> Wire {
         let id = control_plane_id();
-        // Resource { version = 1, resource = 2 (the Any), name = 3 }.
-        let inner =
-            |r: &super::Encoded| string_len(&r.version) + delimited_len(r.wire.len()) + string_len(&r.name);
-        let resources: usize = out.resources.iter().map(|r| delimited_len(inner(r))).sum();
         let removed: usize = out.removed.iter().map(|n| string_len(n)).sum();
         let tail =
             string_len(out.type_.url()) + string_len(&out.nonce) + removed + delimited_len(string_len(&id));
-        let mut f = Framer::new(string_len(&out.version) + resources + tail);
-        f.put(|buf| string_field(buf, 1, &out.version));
-        for r in &out.resources {
-            f.put(|buf| {
-                delimited(buf, 2, inner(r));
-                string_field(buf, 1, &r.version);
-                delimited(buf, 2, r.wire.len());
-            });
-            f.shared(&r.wire);
-            f.put(|buf| string_field(buf, 3, &r.name));
-        }
-        f.put(|buf| {
+        Wire::frame(&out.version, out.resources.delta(), tail, |buf| {
             string_field(buf, 4, out.type_.url());
             string_field(buf, 5, &out.nonce);
             for removed in &out.removed {
@@ -207,8 +296,7 @@ impl Wire {
             }
             delimited(buf, 7, string_len(&id));
             string_field(buf, 1, &id);
-        });
-        f.finish()
+        })
     }
 }
 
@@ -336,7 +424,10 @@ impl<B, T> Requests<B, T> {
 /// they come, then the gRPC status as trailers.
 struct ResponseBody {
     rx: mpsc::Receiver<Result<Wire, Status>>,
-    pending: VecDeque<Bytes>,
+    /// The chunks of the response being sent not yet handed to HTTP/2.
+    pending: std::vec::IntoIter<Bytes>,
+    /// Its batch body, held until then.
+    body: Option<Arc<Body>>,
     done: bool,
 }
 
@@ -349,15 +440,19 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         loop {
-            if let Some(chunk) = self.pending.pop_front() {
+            if let Some(chunk) = self.pending.next() {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
+            self.body = None;
             if self.done {
                 return Poll::Ready(None);
             }
             match self.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(wire))) => self.pending.extend(wire.chunks),
+                Poll::Ready(Some(Ok(wire))) => {
+                    self.pending = wire.chunks.into_iter();
+                    self.body = wire.body;
+                }
                 Poll::Ready(end) => {
                     self.done = true;
                     let status = match end {
@@ -425,7 +520,8 @@ where
             let (tx, rx) = mpsc::channel(16);
             let body = ResponseBody {
                 rx,
-                pending: VecDeque::new(),
+                pending: Vec::new().into_iter(),
+                body: None,
                 done: false,
             };
             let started = match path.rsplit('/').next() {
@@ -479,7 +575,7 @@ mod tests {
             type_: XdsType::Cluster,
             version: "v1".into(),
             nonce: "7".into(),
-            resources: vec![cluster("a"), cluster(&"b".repeat(300))],
+            resources: Batch::new(vec![cluster("a"), cluster(&"b".repeat(300))]),
             removed: vec!["gone".into()],
         }
     }
@@ -667,7 +763,7 @@ mod tests {
     }
 
     #[test]
-    fn large_responses_are_chunked_and_large_resources_shared_uncopied() {
+    fn a_batch_is_encoded_once_and_its_large_resources_are_shared_uncopied() {
         let cluster = |name: String| {
             Arc::new(Encoded::new(
                 name.clone(),
@@ -678,32 +774,59 @@ mod tests {
             ))
         };
         let mut out = outgoing();
-        // Small resources past several chunks, and one past the sharing size.
-        out.resources = (0..3000)
+        // Small resources around one past the sharing size.
+        let mut items: Vec<Arc<Encoded>> = (0..3000)
             .map(|i| cluster(format!("outbound|80||svc-{i}.ns.svc.cluster.local")))
             .collect();
         let big = cluster("x".repeat(20 * 1024));
-        out.resources.insert(1500, big.clone());
-        for wire in [Wire::sotw(&out), Wire::delta(&out)] {
-            assert!(wire.chunks.len() > 3, "{} chunks", wire.chunks.len());
-            assert!(wire
-                .chunks
-                .iter()
-                .all(|c| c.len() <= Framer::CHUNK + Framer::SHARED));
-            assert!(
-                wire.chunks.iter().any(|c| c.as_ptr() == big.wire.as_ptr()),
-                "the large resource is its own shared chunk"
+        items.insert(1500, big.clone());
+        out.resources = Batch::new(items);
+        // Another stream's response of the same batch.
+        let other = Outgoing {
+            version: "v2".into(),
+            nonce: "12".into(),
+            ..out.clone()
+        };
+        for encode in [Wire::sotw, Wire::delta] {
+            let (wire, again) = (encode(&out), encode(&other));
+            // Header, the small ones before, the large one, the small ones
+            // after, the last fields.
+            assert_eq!(wire.chunks.len(), 5);
+            assert_eq!(
+                wire.chunks[2].as_ptr(),
+                big.wire.as_ptr(),
+                "the large resource is not copied"
             );
+            for (a, b) in wire.chunks[1..4].iter().zip(&again.chunks[1..4]) {
+                assert_eq!(a.as_ptr(), b.as_ptr(), "both responses carry the same bytes");
+            }
+            assert_ne!(wire.chunks[0], again.chunks[0], "each has its own version");
         }
-        let sotw = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
-        assert_eq!(
-            sotw.resources,
-            out.resources.iter().map(|r| r.body()).collect::<Vec<_>>()
-        );
-        let delta = DeltaDiscoveryResponse::decode(message(&Wire::delta(&out)).as_slice()).expect("decodes");
-        let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
-        let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, sent);
-        assert_eq!(delta.removed_resources, ["gone"]);
+        // No response holds a body any more: the batch keeps none.
+        for slot in [&out.resources.sotw, &out.resources.delta] {
+            assert!(slot.lock().expect("not poisoned").upgrade().is_none());
+        }
+        for out in [&out, &other] {
+            let sotw = DiscoveryResponse::decode(message(&Wire::sotw(out)).as_slice()).expect("decodes");
+            assert_eq!(
+                sotw.resources,
+                out.resources.iter().map(|r| r.body()).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                (sotw.version_info.as_str(), sotw.nonce.as_str()),
+                (out.version.as_str(), out.nonce.as_str())
+            );
+            let delta =
+                DeltaDiscoveryResponse::decode(message(&Wire::delta(out)).as_slice()).expect("decodes");
+            let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
+            let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(names, sent);
+            assert_eq!(delta.resources[1500].resource.as_ref(), Some(&big.body()));
+            assert_eq!(delta.removed_resources, ["gone"]);
+        }
+        // Nothing to send is a response of the other fields alone.
+        out.resources = Arc::default();
+        let empty = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
+        assert!(empty.resources.is_empty() && empty.nonce == "7");
     }
 }
