@@ -11,6 +11,7 @@ mod gateway;
 mod locality;
 
 pub use gateway::{intersect as gateway_host_intersect, resolve_gateway_ref};
+pub use sidecar::VirtualHostCache;
 mod policy;
 mod route;
 mod route_policy;
@@ -19,6 +20,7 @@ mod sidecar;
 pub mod simulate;
 mod tls;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -66,6 +68,11 @@ pub struct Generated {
     /// SDS Secrets the listeners name, in the proxy's own namespace only.
     pub secrets: Vec<Secret>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Route tables some of whose virtual hosts came already encoded, from
+    /// a `VirtualHostCache` (`listeners_with`): by table name, each such
+    /// host's encoded `VirtualHost` and its position in the table. The
+    /// table's `virtual_hosts` holds the others, in order.
+    pub encoded_vhosts: BTreeMap<String, Vec<(usize, bytes::Bytes)>>,
 }
 
 /// What a proxy's translation depends on: proxies with equal keys in one
@@ -118,6 +125,7 @@ pub fn combine(mut out: Generated, rest: Generated) -> Generated {
     out.routes.extend(rest.routes);
     out.secrets.extend(rest.secrets);
     out.diagnostics.extend(rest.diagnostics);
+    out.encoded_vhosts.extend(rest.encoded_vhosts);
     finish(&mut out);
     out
 }
@@ -136,11 +144,19 @@ pub fn outbound(push: &PushContext, proxy: &Proxy) -> Generated {
 /// Everything else: listeners, routes and the secrets they name, and the
 /// clusters they alone need (inbound, passthrough, policy services).
 pub fn listeners(push: &PushContext, proxy: &Proxy) -> Generated {
+    listeners_with(push, proxy, None)
+}
+
+/// `listeners`, with the virtual hosts of services no VirtualService
+/// routes taken from `cache` already encoded (`Generated::encoded_vhosts`)
+/// rather than built for every config key: a sidecar that sees a thousand
+/// services has a thousand of them in one route table.
+pub fn listeners_with(push: &PushContext, proxy: &Proxy, cache: Option<&VirtualHostCache>) -> Generated {
     let mut out = Generated::default();
     let scope = scope_of(push, proxy);
     match proxy.role {
         Role::Router => gateway::build(push, proxy, &mut out),
-        Role::Sidecar => sidecar::build(push, proxy, &scope, &mut out),
+        Role::Sidecar => sidecar::build(push, proxy, &scope, cache, &mut out),
     }
     finish(&mut out);
     out

@@ -7,6 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
+use prost::Message;
+
 use envoy_types::pb::envoy::config::core::v3::{address, transport_socket, Address, Pipe, TransportSocket};
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
@@ -29,7 +32,7 @@ use super::tls::istio_common_tls_context;
 use super::{
     duration, http_connection_manager, outbound_cluster_name, rds, socket, tcp_proxy, Diagnostic, Generated,
 };
-use crate::config::VirtualService;
+use crate::config::{DestinationRule, VirtualService};
 use crate::model::peer_auth::{self, MtlsMode};
 use crate::model::sidecar_scope::{EgressListener, SidecarScope};
 use crate::model::{is_subset, MeshService, Proxy, PushContext};
@@ -43,10 +46,18 @@ const LOCALHOST: &str = "127.0.0.1";
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
-/// Adds a sidecar's listeners, routes and special clusters to `out`.
-pub fn build(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
+/// Adds a sidecar's listeners, routes and special clusters to `out`; with
+/// a `cache`, default virtual hosts come from it, already encoded (see
+/// `Generated::encoded_vhosts`).
+pub fn build(
+    push: &PushContext,
+    proxy: &Proxy,
+    scope: &SidecarScope,
+    cache: Option<&VirtualHostCache>,
+    out: &mut Generated,
+) {
     inbound(push, proxy, scope, out);
-    outbound(push, proxy, scope, out);
+    outbound(push, proxy, scope, cache, out);
     out.clusters.extend(cluster::passthrough());
 }
 
@@ -344,10 +355,24 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
     out
 }
 
+/// The virtual hosts of services no VirtualService routes for the proxy,
+/// encoded once per push context and shared by every config key that has
+/// them. Such a host is the same for every sidecar that sees the service
+/// but for two things, both in its key: whether the sidecar is in the
+/// service's namespace (the short name is a domain then), and which
+/// DestinationRule applies to it (its consistent-hash policy). Keyed by
+/// the addresses of the service and the rule in the push context, which
+/// outlives the cache (one per generation).
+#[derive(Debug, Default)]
+pub struct VirtualHostCache(dashmap::DashMap<(usize, u16, bool, usize), Bytes>);
+
 /// What the services one egress listener sees contribute to one port.
 #[derive(Default)]
 struct PortPlan {
     vhosts: Vec<VirtualHost>,
+    /// Virtual hosts already encoded (from a `VirtualHostCache`), each
+    /// with its position among all of the port's.
+    encoded: Vec<(usize, Bytes)>,
     /// Chains for TLS services told apart by SNI on the port's listener.
     sni: Vec<FilterChain>,
     /// Services told apart by address: their address (if any), host and
@@ -390,7 +415,13 @@ fn socket_or_pipe(bind: &str, port: u16) -> Address {
     }
 }
 
-fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Generated) {
+fn outbound(
+    push: &PushContext,
+    proxy: &Proxy,
+    scope: &SidecarScope,
+    cache: Option<&VirtualHostCache>,
+    out: &mut Generated,
+) {
     let own_ports: BTreeSet<u16> = scope
         .egress
         .iter()
@@ -411,7 +442,7 @@ fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut G
         } else {
             format!("{ip}_{port}")
         };
-        let plan = plan_port(push, proxy, scope, listener, port, true, out);
+        let plan = plan_port(push, proxy, scope, listener, port, true, cache, out);
         finish_port(scope, binding, port, &name, plan, true, out);
     }
     let catch_all = scope.catch_all();
@@ -430,7 +461,7 @@ fn outbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut G
             .as_deref()
             .unwrap_or(if none { LOCALHOST } else { ANY });
         for port in ports {
-            let plan = plan_port(push, proxy, scope, listener, port, none, out);
+            let plan = plan_port(push, proxy, scope, listener, port, none, cache, out);
             let name = format!("{ip}_{port}");
             finish_port(scope, Binding { ip, bound: none }, port, &name, plan, none, out);
         }
@@ -468,6 +499,7 @@ fn fallback_chain(scope: &SidecarScope) -> FilterChain {
 
 /// What the services `listener` sees on `port` need; with `single`, all
 /// of them on one listener.
+#[allow(clippy::too_many_arguments)]
 fn plan_port(
     push: &PushContext,
     proxy: &Proxy,
@@ -475,6 +507,7 @@ fn plan_port(
     listener: &EgressListener,
     port: u16,
     single: bool,
+    cache: Option<&VirtualHostCache>,
     out: &mut Generated,
 ) -> PortPlan {
     let mut plan = PortPlan::default();
@@ -490,22 +523,41 @@ fn plan_port(
         else {
             continue;
         };
-        let cluster = outbound_cluster_name(port, "", &svc.hostname);
         if sp.is_http() {
             let routes = mesh_routes(push, proxy, svc, port, &mut out.diagnostics);
-            let routes = if routes.is_empty() {
-                default_route(push, proxy, svc, port, &cluster)
-            } else {
-                routes
-            };
-            plan.vhosts.push(VirtualHost {
+            let vhost = |routes| VirtualHost {
                 name: format!("{}:{port}", svc.hostname),
                 domains: domains(svc, port, &proxy.namespace),
                 routes,
                 ..Default::default()
-            });
+            };
+            if !routes.is_empty() {
+                plan.vhosts.push(vhost(routes));
+                continue;
+            }
+            let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
+            let default = || vhost(default_route(dr, svc, port));
+            match cache {
+                Some(cache) => {
+                    let key = (
+                        std::ptr::from_ref(svc) as usize,
+                        port,
+                        svc.namespace == proxy.namespace,
+                        dr.map_or(0, |dr| std::ptr::from_ref(dr) as usize),
+                    );
+                    let found = cache.0.get(&key).map(|e| e.value().clone());
+                    let encoded = found.unwrap_or_else(|| {
+                        let bytes = Bytes::from(default().encode_to_vec());
+                        cache.0.entry(key).or_insert(bytes).clone()
+                    });
+                    plan.encoded
+                        .push((plan.vhosts.len() + plan.encoded.len(), encoded));
+                }
+                None => plan.vhosts.push(default()),
+            }
             continue;
         }
+        let cluster = outbound_cluster_name(port, "", &svc.hostname);
         let default = |diags: &mut Vec<Diagnostic>| {
             tcp_route(push, proxy, svc, port, diags).unwrap_or_else(|| FilterChain {
                 filters: vec![tcp_proxy(&cluster, &cluster)],
@@ -539,16 +591,10 @@ fn plan_port(
 }
 
 /// The route to a service no VirtualService routes: to its cluster, with
-/// the hash policy its DestinationRule's consistent hashing needs.
-fn default_route(
-    push: &PushContext,
-    proxy: &Proxy,
-    svc: &MeshService,
-    port: u16,
-    cluster: &str,
-) -> Vec<Route> {
-    let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
-    let mut route = route_to(cluster);
+/// the hash policy its DestinationRule (`dr`, the one that applies to the
+/// proxy) needs for consistent hashing.
+fn default_route(dr: Option<&DestinationRule>, svc: &MeshService, port: u16) -> Vec<Route> {
+    let mut route = route_to(&outbound_cluster_name(port, "", &svc.hostname));
     if let Some(route::Action::Route(action)) = &mut route.action {
         action.hash_policy =
             super::policy::hash_policy(super::policy::effective(dr, None, port).load_balancer);
@@ -592,8 +638,11 @@ fn finish_port(
     } else {
         name.to_string()
     };
-    if !plan.vhosts.is_empty() {
+    if !plan.vhosts.is_empty() || !plan.encoded.is_empty() {
         out.routes.push(route_table(scope, &route_name, plan.vhosts));
+        if !plan.encoded.is_empty() {
+            out.encoded_vhosts.insert(route_name.clone(), plan.encoded);
+        }
         chains.push(FilterChain {
             filter_chain_match: sni.then(|| FilterChainMatch {
                 transport_protocol: "raw_buffer".into(),

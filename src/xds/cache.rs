@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
@@ -38,9 +39,74 @@ impl Encoded {
     /// (`type_url` = 1, `value` = 2, as prost writes them), rather than
     /// the message encoded and then copied into an `Any`.
     pub fn new<M: Message + Name>(name: String, message: &M) -> Encoded {
+        Encoded::with_value(name, &M::type_url(), message.encoded_len(), |buf| {
+            message.encode_raw(buf)
+        })
+    }
+
+    /// A route table some of whose virtual hosts are already encoded (at
+    /// their positions in `encoded`, the others in `table.virtual_hosts`):
+    /// the same bytes `new` gives for the whole table. prost writes fields
+    /// in tag order, `name` (1) and `virtual_hosts` (2) first, so the
+    /// table is its name, each virtual host as field 2, then the table's
+    /// other fields as prost writes them with those two left out.
+    pub fn route_table(table: &mut RouteConfiguration, encoded: &[(usize, bytes::Bytes)]) -> Encoded {
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
-        let type_url = M::type_url();
-        let len = message.encoded_len();
+        let name = std::mem::take(&mut table.name);
+        let vhosts = std::mem::take(&mut table.virtual_hosts);
+        // Each host in table order: encoded, or to encode.
+        let mut order: Vec<Result<&bytes::Bytes, &VirtualHost>> =
+            Vec::with_capacity(vhosts.len() + encoded.len());
+        let mut built = vhosts.iter();
+        let mut ready = encoded.iter().peekable();
+        loop {
+            let at = order.len();
+            if let Some((_, bytes)) = ready.next_if(|(pos, _)| *pos <= at) {
+                order.push(Ok(bytes));
+            } else if let Some(vhost) = built.next() {
+                order.push(Err(vhost));
+            } else if let Some((_, bytes)) = ready.next() {
+                order.push(Ok(bytes));
+            } else {
+                break;
+            }
+        }
+        let host_len = |h: &Result<&bytes::Bytes, &VirtualHost>| match h {
+            Ok(bytes) => bytes.len(),
+            Err(vhost) => vhost.encoded_len(),
+        };
+        let name_len = if name.is_empty() {
+            0
+        } else {
+            1 + encoded_len_varint(name.len() as u64) + name.len()
+        };
+        let hosts_len: usize = order
+            .iter()
+            .map(|h| 1 + encoded_len_varint(host_len(h) as u64) + host_len(h))
+            .sum();
+        let len = name_len + hosts_len + table.encoded_len();
+        let out = Encoded::with_value(name.clone(), &RouteConfiguration::type_url(), len, |buf| {
+            if !name.is_empty() {
+                prost::encoding::string::encode(1, &name, buf);
+            }
+            for h in &order {
+                encode_key(2, WireType::LengthDelimited, buf);
+                encode_varint(host_len(h) as u64, buf);
+                match h {
+                    Ok(bytes) => buf.extend_from_slice(bytes),
+                    Err(vhost) => vhost.encode_raw(buf),
+                }
+            }
+            table.encode_raw(buf);
+        });
+        table.name = name;
+        table.virtual_hosts = vhosts;
+        out
+    }
+
+    /// An `Any` of `type_url` whose value, `len` bytes, `write` writes.
+    fn with_value(name: String, type_url: &str, len: usize, write: impl FnOnce(&mut Vec<u8>)) -> Encoded {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
         let mut wire = Vec::with_capacity(
             2 + encoded_len_varint(type_url.len() as u64)
                 + type_url.len()
@@ -56,7 +122,8 @@ impl Encoded {
             encode_varint(len as u64, &mut wire);
         }
         let start = wire.len();
-        message.encode_raw(&mut wire);
+        write(&mut wire);
+        debug_assert_eq!(wire.len() - start, len, "the value is as long as said");
         let version = content_hash(&[&wire[start..]]);
         Encoded {
             name,
@@ -135,6 +202,9 @@ struct Generation {
     snapshots: DashMap<String, Arc<Snapshot>>,
     /// Equal resources of different config keys share one encoding.
     interned: DashMap<(XdsType, String), Arc<Encoded>>,
+    /// The virtual hosts no VirtualService routes, encoded once for every
+    /// config key (`translate::listeners_with`).
+    vhosts: translate::VirtualHostCache,
     /// When only endpoints or only VirtualServices changed since the
     /// previous generation: its snapshots, which are patched instead of
     /// translated again.
@@ -406,6 +476,7 @@ impl Generation {
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
+            vhosts: Default::default(),
             base: None,
             stats,
         }
@@ -440,11 +511,11 @@ impl Generation {
             diagnostics: previous.outbound.diagnostics.clone(),
             ..Default::default()
         };
-        let out = translate::combine(kept, translate::listeners(&self.push, proxy));
+        let mut out = translate::combine(kept, self.listeners(proxy));
         warn(proxy, &out.diagnostics);
         let mut resources = previous.resources.clone();
         let mut versions = previous.versions.clone();
-        for (t, map) in self.encode(&out, &[XdsType::Listener, XdsType::Route, XdsType::Secret]) {
+        for (t, map) in self.encode(&mut out, &[XdsType::Listener, XdsType::Route, XdsType::Secret]) {
             versions.insert(t, set_version(&map));
             resources.insert(t, Arc::new(map));
         }
@@ -465,10 +536,10 @@ impl Generation {
             diagnostics: outbound.diagnostics.clone(),
             ..Default::default()
         });
-        let out = translate::combine(outbound, translate::listeners(&self.push, proxy));
+        let mut out = translate::combine(outbound, self.listeners(proxy));
         warn(proxy, &out.diagnostics);
         let resources: BTreeMap<XdsType, Resources> = self
-            .encode(&out, &XdsType::ALL)
+            .encode(&mut out, &XdsType::ALL)
             .into_iter()
             .map(|(t, m)| (t, Arc::new(m)))
             .collect();
@@ -482,9 +553,20 @@ impl Generation {
         }
     }
 
+    /// A proxy's listener half, its default virtual hosts shared with the
+    /// generation's other config keys.
+    fn listeners(&self, proxy: &Proxy) -> Generated {
+        translate::listeners_with(&self.push, proxy, Some(&self.vhosts))
+    }
+
     /// The resources of `types` in `out`, encoded and interned, by type
-    /// (every type given has its map, empty or not).
-    fn encode(&self, out: &Generated, types: &[XdsType]) -> Vec<(XdsType, BTreeMap<String, Arc<Encoded>>)> {
+    /// (every type given has its map, empty or not). Route tables are
+    /// lent out while encoded (`Encoded::route_table`).
+    fn encode(
+        &self,
+        out: &mut Generated,
+        types: &[XdsType],
+    ) -> Vec<(XdsType, BTreeMap<String, Arc<Encoded>>)> {
         types
             .iter()
             .map(|&t| {
@@ -506,10 +588,12 @@ impl Generation {
                         .listeners
                         .iter()
                         .for_each(|l| add(Encoded::new(l.name.clone(), l))),
-                    XdsType::Route => out
-                        .routes
-                        .iter()
-                        .for_each(|r| add(Encoded::new(r.name.clone(), r))),
+                    XdsType::Route => out.routes.iter_mut().for_each(|r| {
+                        add(match out.encoded_vhosts.get(&r.name) {
+                            Some(encoded) => Encoded::route_table(r, encoded),
+                            None => Encoded::new(r.name.clone(), &*r),
+                        })
+                    }),
                     XdsType::Secret => out
                         .secrets
                         .iter()
@@ -543,7 +627,7 @@ fn warn(proxy: &Proxy, diagnostics: &[Diagnostic]) {
 mod tests {
     use super::*;
     use crate::config::parse_file;
-    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::envoy::config::route::v3::{route, RouteConfiguration};
 
     fn push(reviews_ips: &str, extra: &str) -> Arc<PushContext> {
         let yaml = format!(
@@ -764,6 +848,114 @@ mod tests {
             .iter()
             .map(|p| Proxy::parse(&p.id, &p.metadata).expect("proxy"))
             .collect()
+    }
+
+    /// Every golden scenario's proxies, served from one cache (so the
+    /// default virtual hosts one proxy's translation encodes are spliced
+    /// into the other config keys' route tables): every resource, route
+    /// tables included, is byte for byte what encoding the whole
+    /// translation gives.
+    #[test]
+    fn route_tables_with_shared_virtual_hosts_encode_as_whole_tables_do() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let (mut tables, mut shared, mut hashed) = (0, 0, 0);
+        for dir in std::fs::read_dir(&golden).expect("testdata/golden") {
+            let dir = dir.expect("entry").path();
+            if !dir.join("config").is_dir() {
+                continue; // the demo scenario serves the embedded config
+            }
+            let files = crate::source::load_dir(&dir.join("config")).expect("golden config");
+            let push = Arc::new(PushContext::new_at(
+                Arc::new(ConfigSnapshot::from_files(files)),
+                golden_time(),
+            ));
+            let cache = SnapshotCache::new(push.clone());
+            let vhosts = translate::VirtualHostCache::default();
+            for proxy in &scenario_proxies(&dir) {
+                let what = format!("{}, {}", dir.display(), proxy.id);
+                let served = cache.snapshot(proxy);
+                let whole = translate::generate(&push, proxy);
+                assert!(whole.encoded_vhosts.is_empty(), "{what}");
+                // The whole translation encoded by a generation of its own,
+                // which has no virtual host to splice.
+                let apart = Generation::new(push.clone(), Arc::new(PushStats::new(0, Vec::new(), false)));
+                let expected: BTreeMap<(XdsType, String), bytes::Bytes> = apart
+                    .encode(&mut whole.clone(), &XdsType::ALL)
+                    .into_iter()
+                    .flat_map(|(t, m)| {
+                        m.into_values()
+                            .map(move |e| ((t, e.name.clone()), e.wire.clone()))
+                    })
+                    .collect();
+                let got: BTreeMap<(XdsType, String), bytes::Bytes> = served
+                    .resources
+                    .iter()
+                    .flat_map(|(t, m)| m.values().map(move |e| ((*t, e.name.clone()), e.wire.clone())))
+                    .collect();
+                assert_eq!(got, expected, "{what}");
+                tables += whole.routes.len();
+                let spliced = translate::listeners_with(&push, proxy, Some(&vhosts));
+                for (_, bytes) in spliced.encoded_vhosts.values().flatten() {
+                    let vhost = VirtualHost::decode(bytes.clone()).expect("a virtual host");
+                    shared += 1;
+                    hashed += usize::from(vhost.routes.iter().any(
+                        |r| matches!(&r.action, Some(route::Action::Route(a)) if !a.hash_policy.is_empty()),
+                    ));
+                }
+            }
+        }
+        assert!(
+            tables > 20 && shared > 10 && hashed > 0,
+            "{tables} tables, {shared} shared hosts, {hashed} hashed"
+        );
+    }
+
+    /// Two sidecars outside the service's namespace, one under a
+    /// consistent-hash DestinationRule exported to its own namespace only:
+    /// their default virtual hosts for `ratings` differ, and neither is
+    /// served the other's.
+    #[test]
+    fn a_shared_virtual_host_is_told_apart_by_the_destination_rule_that_applies() {
+        let push = push(
+            "{ip: 10.0.0.1}",
+            "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: sticky, namespace: shop}\n\
+             spec:\n  host: ratings.default.svc.cluster.local\n  exportTo: ['.']\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n",
+        );
+        let sidecar = |ns: &str| {
+            let meta = serde_json::json!({"LABELS": {"app": "client"}});
+            Proxy::parse(
+                &format!("sidecar~10.1.0.9~client.{ns}~{ns}.svc.cluster.local"),
+                meta.as_object().expect("object"),
+            )
+            .expect("sidecar")
+        };
+        let cache = SnapshotCache::new(push.clone());
+        let mut tables = Vec::new();
+        for proxy in [sidecar("shop"), sidecar("blog")] {
+            let served = cache.snapshot(&proxy);
+            let whole = translate::generate(&push, &proxy);
+            let table = whole
+                .routes
+                .iter()
+                .find(|r| r.name == "80")
+                .expect("port 80's table");
+            assert_eq!(
+                *served.resources[&XdsType::Route]["80"],
+                Encoded::new("80".into(), table),
+                "{}",
+                proxy.id
+            );
+            tables.push(table.clone());
+        }
+        let hashed = |t: &RouteConfiguration| {
+            t.virtual_hosts.iter().any(|v| {
+                v.name.starts_with("ratings.")
+                    && v.routes.iter().any(
+                        |r| matches!(&r.action, Some(route::Action::Route(a)) if !a.hash_policy.is_empty()),
+                    )
+            })
+        };
+        assert!(hashed(&tables[0]) && !hashed(&tables[1]));
     }
 
     /// From every golden scenario, each VirtualService taken away and put
