@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -83,7 +84,7 @@ pub async fn fan_out(responses: Vec<DiscoveryResponse>, clients: usize) -> anyho
     let serving = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(server)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     let (done_tx, mut done_rx) = mpsc::channel::<Instant>(clients.max(1));
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(clients.max(1));
