@@ -536,3 +536,22 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
     socket.bind(addr).map_err(err)?;
     socket.listen(ACCEPT_BACKLOG).map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn xds_connections_are_accepted_with_nagle_off() {
+        let listener = bind("xDS", "127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bound");
+        let addr = listener.local_addr().expect("address");
+        let mut incoming = no_delay(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connected");
+        let accepted = incoming.next().await.expect("a connection").expect("accepted");
+        assert!(accepted.nodelay().expect("readable option"));
+    }
+}
