@@ -190,7 +190,14 @@ pub fn bootstrap(o: &BootstrapOptions) -> Result<Value, BootstrapError> {
         .get("app")
         .or_else(|| o.labels.get("istio"))
         .unwrap_or(&o.name);
-    let mut grpc_service = json!({"envoy_grpc": {"cluster_name": "xds-grpc"}});
+    // Envoy reconnects its xDS stream with a jittered backoff from 0.5 s
+    // that grows to 30 s by default: an Envoy that failed a few times
+    // while meshd restarted could wait half a minute more for its config.
+    // Capped at 5 s, as meshd is a single process that restarts whole.
+    let mut grpc_service = json!({"envoy_grpc": {
+        "cluster_name": "xds-grpc",
+        "retry_policy": {"retry_back_off": {"base_interval": "0.5s", "max_interval": "5s"}},
+    }});
     if let Some(token) = &o.token {
         grpc_service["initial_metadata"] =
             json!([{"key": "authorization", "value": format!("Bearer {}", token.trim())}]);
@@ -366,6 +373,8 @@ mod tests {
         assert_eq!(b["node"]["metadata"]["LABELS"]["istio"], "ingressgateway");
         assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
         assert_eq!(b["static_resources"]["clusters"][0]["type"], "STATIC");
+        let grpc = &b["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"];
+        assert_eq!(grpc["retry_policy"]["retry_back_off"]["max_interval"], "5s");
     }
 
     #[test]
