@@ -4,7 +4,9 @@
 //! same resources, sorted by name, so goldens are stable and proxies with the
 //! same config key can share one result. What cannot be honoured becomes a
 //! `Diagnostic` next to the resources (best effort, as Envoy Gateway does);
-//! encoding, versioning and sending are left to `xds`.
+//! encoding, versioning and sending are left to `xds`, but for the default
+//! virtual hosts `listeners_with` takes from a `VirtualHostCache`, which
+//! are encoded once so that every config key's route table shares them.
 
 mod cluster;
 mod gateway;

@@ -361,10 +361,29 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
 /// but for two things, both in its key: whether the sidecar is in the
 /// service's namespace (the short name is a domain then), and which
 /// DestinationRule applies to it (its consistent-hash policy). Keyed by
-/// the addresses of the service and the rule in the push context, which
-/// outlives the cache (one per generation).
-#[derive(Debug, Default)]
-pub struct VirtualHostCache(dashmap::DashMap<(usize, u16, bool, usize), Bytes>);
+/// the addresses of the service and the rule in the push context the
+/// cache was made for, and used with that push context alone (the cache
+/// of a generation lives no longer than its push context).
+#[derive(Debug)]
+pub struct VirtualHostCache {
+    /// The address of the push context the keys point into.
+    push: usize,
+    hosts: dashmap::DashMap<(usize, u16, bool, usize), Bytes>,
+}
+
+impl VirtualHostCache {
+    /// An empty cache for translations against `push`.
+    pub fn new(push: &PushContext) -> VirtualHostCache {
+        VirtualHostCache {
+            push: std::ptr::from_ref(push) as usize,
+            hosts: Default::default(),
+        }
+    }
+
+    fn serves(&self, push: &PushContext) -> bool {
+        self.push == std::ptr::from_ref(push) as usize
+    }
+}
 
 /// What the services one egress listener sees contribute to one port.
 #[derive(Default)]
@@ -511,6 +530,8 @@ fn plan_port(
     out: &mut Generated,
 ) -> PortPlan {
     let mut plan = PortPlan::default();
+    // Another push context's cache would name other services.
+    let cache = cache.filter(|c| c.serves(push));
     for svc in push
         .services
         .values()
@@ -545,10 +566,10 @@ fn plan_port(
                         svc.namespace == proxy.namespace,
                         dr.map_or(0, |dr| std::ptr::from_ref(dr) as usize),
                     );
-                    let found = cache.0.get(&key).map(|e| e.value().clone());
+                    let found = cache.hosts.get(&key).map(|e| e.value().clone());
                     let encoded = found.unwrap_or_else(|| {
                         let bytes = Bytes::from(default().encode_to_vec());
-                        cache.0.entry(key).or_insert(bytes).clone()
+                        cache.hosts.entry(key).or_insert(bytes).clone()
                     });
                     plan.encoded
                         .push((plan.vhosts.len() + plan.encoded.len(), encoded));

@@ -473,10 +473,10 @@ impl SnapshotCache {
 impl Generation {
     fn new(push: Arc<PushContext>, stats: Arc<PushStats>) -> Generation {
         Generation {
+            vhosts: translate::VirtualHostCache::new(&push),
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
-            vhosts: Default::default(),
             base: None,
             stats,
         }
@@ -870,7 +870,7 @@ mod tests {
                 golden_time(),
             ));
             let cache = SnapshotCache::new(push.clone());
-            let vhosts = translate::VirtualHostCache::default();
+            let vhosts = translate::VirtualHostCache::new(&push);
             for proxy in &scenario_proxies(&dir) {
                 let what = format!("{}, {}", dir.display(), proxy.id);
                 let served = cache.snapshot(proxy);
@@ -956,6 +956,14 @@ mod tests {
             })
         };
         assert!(hashed(&tables[0]) && !hashed(&tables[1]));
+        // A cache made for another push context is not used.
+        let other = translate::VirtualHostCache::new(&PushContext::new(push.config.clone()));
+        let out = translate::listeners_with(&push, &sidecar("blog"), Some(&other));
+        assert!(out.encoded_vhosts.is_empty());
+        let own = translate::VirtualHostCache::new(&push);
+        assert!(!translate::listeners_with(&push, &sidecar("blog"), Some(&own))
+            .encoded_vhosts
+            .is_empty());
     }
 
     /// From every golden scenario, each VirtualService taken away and put
