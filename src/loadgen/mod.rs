@@ -6,9 +6,9 @@
 //! writes one scripted change and records, per client, the time from the
 //! write to its ACK of a response carrying the change; what each client
 //! received by type and in bytes; and meshd's CPU seconds and peak RSS
-//! (from /proc). With `--baseline` it also fans the same responses out
-//! over as many streams from a server that does no translation, so that
-//! meshd's overhead over pure transport is a ratio.
+//! (from /proc). With `--baseline` it also fans the responses one sidecar
+//! received out over as many streams from a server that does no
+//! translation, so that meshd's overhead over pure transport is a ratio.
 
 pub mod baseline;
 pub mod client;
@@ -430,13 +430,16 @@ pub async fn run(o: &Options) -> Result<Report> {
     let start = Instant::now();
     let mut stats = Vec::new();
     let mut tasks = Vec::new();
+    // The baseline replays what one proxy received: a sidecar (client 1),
+    // as all but one of the proxies are, when there is one.
+    let captured_by = o.clients.min(2).saturating_sub(1);
     for i in 0..o.clients {
         let channel: Channel = Endpoint::from_shared(format!("http://{xds_addr}"))?
             .connect()
             .await
             .with_context(|| format!("connecting client {i} to {xds_addr}"))?;
         let s = Arc::new(Mutex::new(ClientStats {
-            capture: i == 0 && o.baseline,
+            capture: i == captured_by && o.baseline,
             ..Default::default()
         }));
         stats.push(s.clone());
@@ -559,7 +562,11 @@ pub async fn run(o: &Options) -> Result<Report> {
     };
     drop(started);
     if o.baseline {
-        let captured = snapshot.first().map(|s| s.captured.clone()).unwrap_or_default();
+        let captured = snapshot
+            .iter()
+            .find(|s| s.capture)
+            .map(|s| s.captured.clone())
+            .unwrap_or_default();
         if !captured.is_empty() && report.clients_changed > 0 {
             let floor = baseline::fan_out(captured, report.clients_changed).await?;
             let floor_ms = floor.as_secs_f64() * 1e3;
