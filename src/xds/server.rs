@@ -195,8 +195,14 @@ pub(super) trait XdsRequest: Send + 'static {
     fn response_nonce(&self) -> &str;
     /// Set when the request rejects the last response (a NACK).
     fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status>;
-    /// Feeds the request to the state machine.
-    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing>;
+    /// Feeds the request to the state machine; an error (a name that is
+    /// not UTF-8) ends the stream.
+    fn apply(
+        &self,
+        t: XdsType,
+        state: &mut StreamState,
+        snapshot: &super::Snapshot,
+    ) -> Result<Option<Outgoing>, Status>;
     /// Feeds a new snapshot to the state machine.
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing>;
     /// The response carrying `out`.
@@ -303,11 +309,14 @@ impl SotwRequest {
             .collect()
     }
 
-    /// Whether every name is UTF-8, as `names` finds it, without
-    /// collecting them (`check` runs before `names`).
-    fn names_are_utf8(&self) -> bool {
-        // Only when the span fails are the names collected, one by one.
-        self.span().is_some() || self.names().is_ok()
+    /// Whether the names are `subscribed`, byte for byte and in order (then
+    /// they are UTF-8 too), as an ACK repeats them.
+    pub(super) fn names_repeat(&self, subscribed: &std::collections::BTreeSet<String>) -> bool {
+        subscribed.len() == self.names.len()
+            && subscribed
+                .iter()
+                .zip(&self.names)
+                .all(|(n, &(s, e))| n.as_bytes() == &self.frame[s as usize..e as usize])
     }
 
     /// The span from the first name to the last, with its offset in the
@@ -331,15 +340,13 @@ fn not_utf8() -> Status {
 }
 
 impl XdsRequest for SotwRequest {
+    /// The names' UTF-8 is checked in `apply`, only when they are not the
+    /// subscribed ones repeated.
     fn check(&self, limits: &Limits) -> Result<(), Status> {
         if self.names.len() > limits.max_names {
             return Err(too_many_names(limits));
         }
-        if self.names_are_utf8() {
-            Ok(())
-        } else {
-            Err(not_utf8())
-        }
+        Ok(())
     }
     fn node(&self) -> Result<Option<Node>, Status> {
         decode_node(self.node.as_ref())
@@ -353,14 +360,25 @@ impl XdsRequest for SotwRequest {
     fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status> {
         self.error_detail.as_ref()
     }
-    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
+    fn apply(
+        &self,
+        t: XdsType,
+        state: &mut StreamState,
+        snapshot: &super::Snapshot,
+    ) -> Result<Option<Outgoing>, Status> {
         let error = self
             .error_detail
             .as_ref()
             .map(|s| format!("code {}: {}", s.code, s.message));
-        // `check` found every name UTF-8.
-        let names = self.names().unwrap_or_default();
-        state.sotw_request(t, &names, &self.response_nonce, error.as_deref(), snapshot)
+        let (nonce, error) = (self.response_nonce.as_str(), error.as_deref());
+        // An ACK of a thousand names, from every proxy at every push: when
+        // they are the subscribed ones, nothing of them is checked or
+        // collected again.
+        if state.subscribed_names(t).is_some_and(|n| self.names_repeat(n)) {
+            return Ok(state.sotw_request_as_subscribed(t, nonce, error, snapshot));
+        }
+        let names = self.names()?;
+        Ok(state.sotw_request(t, &names, nonce, error, snapshot))
     }
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.sotw_push(snapshot)
@@ -446,7 +464,12 @@ impl XdsRequest for DeltaRequestMessage {
     fn error_detail(&self) -> Option<&envoy_types::pb::google::rpc::Status> {
         self.error_detail.as_ref()
     }
-    fn apply(&self, t: XdsType, state: &mut StreamState, snapshot: &super::Snapshot) -> Option<Outgoing> {
+    fn apply(
+        &self,
+        t: XdsType,
+        state: &mut StreamState,
+        snapshot: &super::Snapshot,
+    ) -> Result<Option<Outgoing>, Status> {
         let error = self
             .error_detail
             .as_ref()
@@ -461,7 +484,7 @@ impl XdsRequest for DeltaRequestMessage {
             nonce: &self.response_nonce,
             error: error.as_deref(),
         };
-        state.delta_request(&req, snapshot)
+        Ok(state.delta_request(&req, snapshot))
     }
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.delta_push(snapshot)
@@ -627,8 +650,13 @@ impl Connection {
                         );
                     }
                     let snapshot = self.snapshot(p, workload.as_ref());
-                    let out = req.apply(t, &mut state, &snapshot);
-                    (out.into_iter().collect::<Vec<_>>(), snapshot)
+                    match req.apply(t, &mut state, &snapshot) {
+                        Ok(out) => (out.into_iter().collect::<Vec<_>>(), snapshot),
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
                 }
                 changed = generations.changed() => {
                     if changed.is_err() {

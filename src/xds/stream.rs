@@ -146,6 +146,36 @@ impl StreamState {
         error: Option<&str>,
         snapshot: &Snapshot,
     ) -> Option<Outgoing> {
+        self.sotw_request_with(t, Some(names), nonce, error, snapshot)
+    }
+
+    /// The names of a type's subscription, once subscribed, in order.
+    pub fn subscribed_names(&self, t: XdsType) -> Option<&BTreeSet<String>> {
+        self.types.get(&t).filter(|s| s.subscribed).map(|s| &*s.names)
+    }
+
+    /// `sotw_request` for a request that names what the type is subscribed
+    /// to, as `subscribed_names` gives them, as an ACK does (the caller
+    /// compared them): its names need no building or comparing again.
+    pub fn sotw_request_as_subscribed(
+        &mut self,
+        t: XdsType,
+        nonce: &str,
+        error: Option<&str>,
+        snapshot: &Snapshot,
+    ) -> Option<Outgoing> {
+        self.sotw_request_with(t, None, nonce, error, snapshot)
+    }
+
+    /// `names` is `None` when they are the subscribed ones.
+    fn sotw_request_with(
+        &mut self,
+        t: XdsType,
+        names: Option<&[&str]>,
+        nonce: &str,
+        error: Option<&str>,
+        snapshot: &Snapshot,
+    ) -> Option<Outgoing> {
         let state = self.types.entry_or_default(t);
         let kind = classify(state, nonce, error);
         if kind == RequestKind::Stale {
@@ -153,14 +183,21 @@ impl StreamState {
             // newer nonce, and the change is seen then.
             return None;
         }
-        let wildcard = names.contains(&"*") || (names.is_empty() && t.wildcard_by_default());
-        // An ACK repeats the subscription, in Envoy's (sorted) order: seen
-        // equal without building a set.
-        let same_names = names.iter().copied().eq(state.names.iter().map(String::as_str)) || {
-            let wanted = intern_names(names);
-            let same = wanted == state.names;
-            state.names = wanted;
-            same
+        let (wildcard, same_names) = match names {
+            // The subscribed names never hold "*" (see `intern_names`).
+            None => (state.names.is_empty() && t.wildcard_by_default(), true),
+            Some(names) => {
+                let wildcard = names.contains(&"*") || (names.is_empty() && t.wildcard_by_default());
+                // An ACK repeats the subscription, in Envoy's (sorted)
+                // order: seen equal without building a set.
+                let same = names.iter().copied().eq(state.names.iter().map(String::as_str)) || {
+                    let wanted = intern_names(names);
+                    let same = wanted == state.names;
+                    state.names = wanted;
+                    same
+                };
+                (wildcard, same)
+            }
         };
         let changed = !state.subscribed || wildcard != state.wildcard || !same_names;
         state.subscribed = true;

@@ -740,11 +740,52 @@ mod tests {
                 prost::encoding::bytes::encode(3, &n.to_vec(), &mut frame);
             }
             let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+            let mut state = crate::xds::stream::StreamState::default();
             assert_eq!(
-                read.check(&Limits::default()).map_err(|s| s.code()),
+                read.apply(XdsType::Endpoint, &mut state, &Default::default())
+                    .map_err(|s| s.code()),
                 Err(tonic::Code::InvalidArgument)
             );
         }
+        // A request that repeats the subscribed names byte for byte (an
+        // ACK) is taken as them; one that differs is read and checked.
+        let snapshot = crate::xds::Snapshot::default();
+        let mut state = crate::xds::stream::StreamState::default();
+        let sotw = |names: Vec<&[u8]>, nonce: &str| {
+            let mut frame = Vec::new();
+            for n in names {
+                prost::encoding::bytes::encode(3, &n.to_vec(), &mut frame);
+            }
+            prost::encoding::string::encode(4, &XdsType::Endpoint.url().to_string(), &mut frame);
+            prost::encoding::string::encode(5, &nonce.to_string(), &mut frame);
+            SotwRequest::decode_request(frame.into()).expect("decodes")
+        };
+        let first = sotw(vec![b"a", "é".as_bytes()], "");
+        let sent = first
+            .apply(XdsType::Endpoint, &mut state, &snapshot)
+            .expect("UTF-8")
+            .expect("answered");
+        let ack = sotw(vec![b"a", "é".as_bytes()], &sent.nonce);
+        assert!(ack.names_repeat(state.subscribed_names(XdsType::Endpoint).expect("subscribed")));
+        assert_eq!(
+            ack.apply(XdsType::Endpoint, &mut state, &snapshot)
+                .map_err(|s| s.code()),
+            Ok(None)
+        );
+        assert_eq!(
+            state
+                .types
+                .get(&XdsType::Endpoint)
+                .and_then(|s| s.acked_version.clone()),
+            Some(sent.version)
+        );
+        let broken = sotw(vec![b"a", &"é".as_bytes()[..1]], &sent.nonce);
+        assert_eq!(
+            broken
+                .apply(XdsType::Endpoint, &mut state, &snapshot)
+                .map_err(|s| s.code()),
+            Err(tonic::Code::InvalidArgument)
+        );
         // Names longer than a one-byte length, and not ASCII, read whole.
         let names = vec![long.clone(), "é".repeat(70), "b".into()];
         let frame = DiscoveryRequest {
