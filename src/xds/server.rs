@@ -335,6 +335,11 @@ impl SotwRequest {
     }
 }
 
+/// A NACK's error, as the state machine records it.
+fn rejection(detail: Option<&envoy_types::pb::google::rpc::Status>) -> Option<String> {
+    detail.map(|s| format!("code {}: {}", s.code, s.message))
+}
+
 fn not_utf8() -> Status {
     Status::invalid_argument("a resource name is not valid UTF-8")
 }
@@ -366,10 +371,7 @@ impl XdsRequest for SotwRequest {
         state: &mut StreamState,
         snapshot: &super::Snapshot,
     ) -> Result<Option<Outgoing>, Status> {
-        let error = self
-            .error_detail
-            .as_ref()
-            .map(|s| format!("code {}: {}", s.code, s.message));
+        let error = rejection(self.error_detail.as_ref());
         let (nonce, error) = (self.response_nonce.as_str(), error.as_deref());
         // An ACK of a thousand names, from every proxy at every push: when
         // they are the subscribed ones, nothing of them is checked or
@@ -470,10 +472,7 @@ impl XdsRequest for DeltaRequestMessage {
         state: &mut StreamState,
         snapshot: &super::Snapshot,
     ) -> Result<Option<Outgoing>, Status> {
-        let error = self
-            .error_detail
-            .as_ref()
-            .map(|s| format!("code {}: {}", s.code, s.message));
+        let error = rejection(self.error_detail.as_ref());
         let subscribe = names_of(&self.resource_names_subscribe);
         let unsubscribe = names_of(&self.resource_names_unsubscribe);
         let req = DeltaRequest {
