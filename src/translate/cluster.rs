@@ -6,7 +6,7 @@
 //! `ROOTCA` and its SPIFFE identity) and everything else plain text.
 //! Also the special clusters sidecars need.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{common_lb_config, CommonLbConfig};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
@@ -69,13 +69,100 @@ pub fn outbound_of(
     only: Option<&BTreeSet<String>>,
     out: &mut Generated,
 ) {
-    let mesh_locality = locality::mesh_default();
-    let services = push
-        .services
+    for s in services(push, proxy, scope, only) {
+        s.translate(push, out);
+    }
+}
+
+/// What a proxy's outbound clusters of a service read of the proxy: its
+/// locality and whether it has a workload certificate; and, when a
+/// DestinationRule applies, its namespace (where the rule's
+/// `credentialName` Secrets are looked up) and labels (`failoverPriority`).
+/// Nothing else of the proxy reaches `ServiceClusters::translate`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterView<'a> {
+    pub locality: &'a str,
+    pub identity: bool,
+    /// With a rule: the proxy's namespace and labels.
+    pub ruled: Option<(&'a str, &'a BTreeMap<String, String>)>,
+}
+
+/// One service as a proxy's outbound clusters take it: the service, the
+/// DestinationRule that applies to it for this proxy, and what of the
+/// proxy they read.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceClusters<'a> {
+    pub service: &'a MeshService,
+    pub rule: Option<&'a DestinationRule>,
+    pub view: ClusterView<'a>,
+}
+
+/// What a service's outbound clusters are a function of, besides the push
+/// context the service and rule belong to (they are told apart by
+/// address): within one push context, equal keys give equal clusters,
+/// endpoints, Secrets and diagnostics. (The rule follows from the service
+/// and, under a rule, the proxy's namespace and labels; it is kept so that
+/// the key names all the clusters read.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterKey {
+    service: usize,
+    rule: usize,
+    locality: String,
+    identity: bool,
+    ruled: Option<(String, BTreeMap<String, String>)>,
+}
+
+/// The services a proxy may reach (those named by `only` when given),
+/// each with what its clusters depend on.
+pub fn services<'a>(
+    push: &'a PushContext,
+    proxy: &'a Proxy,
+    scope: &SidecarScope,
+    only: Option<&BTreeSet<String>>,
+) -> Vec<ServiceClusters<'a>> {
+    push.services
         .values()
-        .filter(|s| only.is_none_or(|o| o.contains(&s.hostname)) && scope.visible(s));
-    for svc in services {
-        let dr = push.destination_rule(&proxy.namespace, &proxy.labels, &svc.hostname, &svc.namespace);
+        .filter(|s| only.is_none_or(|o| o.contains(&s.hostname)) && scope.visible(s))
+        .map(|service| {
+            let rule = push.destination_rule(
+                &proxy.namespace,
+                &proxy.labels,
+                &service.hostname,
+                &service.namespace,
+            );
+            ServiceClusters {
+                service,
+                rule,
+                view: ClusterView {
+                    locality: &proxy.locality,
+                    identity: proxy.identity.is_some(),
+                    ruled: rule.map(|_| (proxy.namespace.as_str(), &proxy.labels)),
+                },
+            }
+        })
+        .collect()
+}
+
+impl ServiceClusters<'_> {
+    /// What the clusters depend on (see `ClusterKey`).
+    pub fn key(&self) -> ClusterKey {
+        ClusterKey {
+            service: std::ptr::from_ref(self.service) as usize,
+            rule: self.rule.map_or(0, |r| std::ptr::from_ref(r) as usize),
+            locality: self.view.locality.to_string(),
+            identity: self.view.identity,
+            ruled: self
+                .view
+                .ruled
+                .map(|(namespace, labels)| (namespace.to_string(), labels.clone())),
+        }
+    }
+
+    /// The service's clusters (one per TCP port and subset) and their
+    /// endpoints, the Secrets they name and what could not be honoured.
+    pub fn translate(&self, push: &PushContext, out: &mut Generated) {
+        let (svc, dr, view) = (self.service, self.rule, self.view);
+        let mesh_locality = locality::mesh_default();
         if let Some(dr) = dr {
             not_applied(dr, &mut out.diagnostics);
         }
@@ -106,8 +193,8 @@ pub fn outbound_of(
                     });
                 }
                 let localities = LocalityPolicy {
-                    proxy: &proxy.locality,
-                    proxy_labels: Some(&proxy.labels),
+                    proxy: view.locality,
+                    proxy_labels: view.ruled.map(|(_, labels)| labels),
                     setting: setting.or(Some(&mesh_locality)),
                     outlier_detection: policy.outlier_detection.is_some(),
                 };
@@ -133,7 +220,7 @@ pub fn outbound_of(
                     });
                 }
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
-                transport(push, proxy, svc, port, dr, policy.tls, &mut cluster, out);
+                transport(push, view, svc, port, dr, policy.tls, &mut cluster, out);
                 let proxy_protocol = subset
                     .and_then(|s| s.traffic_policy.as_ref())
                     .and_then(|p| p.proxy_protocol.as_ref())
@@ -154,7 +241,7 @@ pub fn outbound_of(
 #[allow(clippy::too_many_arguments)] // one cluster's whole context; splitting it would only hide that
 fn transport(
     push: &PushContext,
-    proxy: &Proxy,
+    view: ClusterView<'_>,
     svc: &MeshService,
     port: &ServicePort,
     dr: Option<&DestinationRule>,
@@ -162,7 +249,7 @@ fn transport(
     cluster: &mut Cluster,
     out: &mut Generated,
 ) {
-    let identity = proxy.identity.is_some();
+    let identity = view.identity;
     match tls {
         None if identity => cluster.transport_socket_matches = auto_mtls(push, svc, port),
         None => {}
@@ -179,7 +266,9 @@ fn transport(
                 ),
             }),
             "SIMPLE" | "MUTUAL" => {
-                cluster.transport_socket = origination(push, proxy, svc, tls, out).map(tls_socket);
+                // `tls` is the rule's, so the view has the proxy's namespace.
+                let namespace = view.ruled.map_or("", |(namespace, _)| namespace);
+                cluster.transport_socket = origination(push, namespace, svc, tls, out).map(tls_socket);
             }
             _ => {} // DISABLE: plain text, even to mesh endpoints
         },
@@ -316,7 +405,7 @@ const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// SIMPLE and MUTUAL: TLS originated to a (usually external) service.
 fn origination(
     push: &PushContext,
-    proxy: &Proxy,
+    namespace: &str,
     svc: &MeshService,
     tls: &ClientTlsSettings,
     out: &mut Generated,
@@ -342,7 +431,7 @@ fn origination(
         let mut diags = Vec::new();
         let names = credential_secrets(
             push,
-            proxy,
+            namespace,
             cred,
             tls.mode.as_deref() == Some("MUTUAL"),
             &mut secrets,
@@ -493,7 +582,7 @@ fn original_dst(name: &str) -> Cluster {
     }
 }
 
-fn blackhole() -> Cluster {
+pub(super) fn blackhole() -> Cluster {
     Cluster {
         name: BLACKHOLE.into(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(

@@ -12,6 +12,7 @@ mod cluster;
 mod gateway;
 mod locality;
 
+pub use cluster::{ClusterKey, ServiceClusters};
 pub use gateway::{intersect as gateway_host_intersect, resolve_gateway_ref};
 pub use sidecar::VirtualHostCache;
 mod policy;
@@ -141,6 +142,21 @@ pub fn outbound(push: &PushContext, proxy: &Proxy) -> Generated {
     cluster::outbound(push, proxy, &scope_of(push, proxy), &mut out);
     finish(&mut out);
     out
+}
+
+/// The services whose clusters `outbound` translates for a proxy, each
+/// with what its clusters depend on (`ServiceClusters::key`), so that
+/// config keys can share them: `outbound` is each of these translated,
+/// then `outbound_rest`.
+pub fn outbound_services<'a>(push: &'a PushContext, proxy: &'a Proxy) -> Vec<ServiceClusters<'a>> {
+    cluster::services(push, proxy, &scope_of(push, proxy), None)
+}
+
+/// What `outbound` adds to the services' translations (`BlackHoleCluster`),
+/// everything then put in order.
+pub fn outbound_rest(out: &mut Generated) {
+    out.clusters.push(cluster::blackhole());
+    finish(out);
 }
 
 /// Everything else: listeners, routes and the secrets they name, and the

@@ -284,14 +284,14 @@ pub fn istio_common_tls_context(spiffe_ids: Vec<String>, sans: Vec<String>) -> C
 /// namespace) to `secrets`; `None` with the reasons in `diags`.
 pub(super) fn credential_secrets(
     push: &PushContext,
-    proxy: &Proxy,
+    namespace: &str,
     name: &str,
     mutual: bool,
     secrets: &mut Vec<Secret>,
     diags: &mut Vec<String>,
 ) -> Option<(Option<String>, String)> {
     let cert = if mutual {
-        match push.credentials.server(&proxy.namespace, name) {
+        match push.credentials.server(namespace, name) {
             Ok(c) => {
                 let secret = server_secret(name, &c);
                 let sds_name = secret.name.clone();
@@ -306,7 +306,7 @@ pub(super) fn credential_secrets(
     } else {
         None
     };
-    match push.credentials.client_ca(&proxy.namespace, name) {
+    match push.credentials.client_ca(namespace, name) {
         Ok((_, bundle)) => {
             let ca = format!("kubernetes://{name}-cacert");
             secrets.push(Secret {

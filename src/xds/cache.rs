@@ -205,12 +205,25 @@ struct Generation {
     /// The virtual hosts no VirtualService routes, encoded once for every
     /// config key (`translate::listeners_with`).
     vhosts: translate::VirtualHostCache,
+    /// Each service's outbound clusters and endpoints, encoded once for
+    /// every config key whose proxies read the same of it
+    /// (`translate::ClusterKey`, which points into `push`).
+    services: DashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
     /// When only endpoints or only VirtualServices changed since the
     /// previous generation: its snapshots, which are patched instead of
     /// translated again.
     base: Option<Base>,
     /// Its push, as `/debug/push_status` shows it.
     stats: Arc<PushStats>,
+}
+
+/// One service's part of a proxy's outbound half, its clusters and
+/// endpoints encoded.
+struct ServiceOutbound {
+    clusters: Vec<Arc<Encoded>>,
+    endpoints: Vec<Arc<Encoded>>,
+    secrets: Vec<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
+    diagnostics: Vec<Diagnostic>,
 }
 
 /// The previous generation's snapshots and what changed since.
@@ -474,6 +487,7 @@ impl Generation {
     fn new(push: Arc<PushContext>, stats: Arc<PushStats>) -> Generation {
         Generation {
             vhosts: translate::VirtualHostCache::new(&push),
+            services: DashMap::new(),
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
@@ -530,7 +544,7 @@ impl Generation {
     }
 
     fn build(&self, proxy: &Proxy) -> Snapshot {
-        let outbound = translate::outbound(&self.push, proxy);
+        let (outbound, mut shared) = self.outbound(proxy);
         let kept = Arc::new(Generated {
             secrets: outbound.secrets.clone(),
             diagnostics: outbound.diagnostics.clone(),
@@ -541,7 +555,13 @@ impl Generation {
         let resources: BTreeMap<XdsType, Resources> = self
             .encode(&mut out, &XdsType::ALL)
             .into_iter()
-            .map(|(t, m)| (t, Arc::new(m)))
+            .map(|(t, m)| {
+                // The listener half's clusters after the services', as in
+                // one translation sorted by name.
+                let mut all = shared.remove(&t).unwrap_or_default();
+                all.extend(m);
+                (t, Arc::new(all))
+            })
             .collect();
         Snapshot {
             generation: self.push.config.generation,
@@ -551,6 +571,47 @@ impl Generation {
             outbound: kept,
             walks: Arc::default(),
         }
+    }
+
+    /// A proxy's outbound half (`translate::outbound`): its services'
+    /// clusters and endpoints encoded, by type, each service's shared with
+    /// the generation's other config keys whose proxies read the same of
+    /// it; the rest (`BlackHoleCluster`, Secrets, diagnostics) translated.
+    fn outbound(&self, proxy: &Proxy) -> (Generated, BTreeMap<XdsType, BTreeMap<String, Arc<Encoded>>>) {
+        let mut out = Generated::default();
+        let (mut clusters, mut endpoints) = (BTreeMap::new(), BTreeMap::new());
+        for service in translate::outbound_services(&self.push, proxy) {
+            let part = self.service_outbound(&service);
+            clusters.extend(part.clusters.iter().map(|e| (e.name.clone(), e.clone())));
+            endpoints.extend(part.endpoints.iter().map(|e| (e.name.clone(), e.clone())));
+            out.secrets.extend(part.secrets.iter().cloned());
+            out.diagnostics.extend(part.diagnostics.iter().cloned());
+        }
+        translate::outbound_rest(&mut out);
+        let encoded = [(XdsType::Cluster, clusters), (XdsType::Endpoint, endpoints)];
+        (out, encoded.into())
+    }
+
+    /// One service's clusters and endpoints, translated and encoded on
+    /// first use by a config key whose proxies read what this one does.
+    fn service_outbound(&self, service: &translate::ServiceClusters<'_>) -> Arc<ServiceOutbound> {
+        let key = service.key();
+        if let Some(part) = self.services.get(&key) {
+            return part.clone();
+        }
+        let mut out = Generated::default();
+        service.translate(&self.push, &mut out);
+        let part = Arc::new(ServiceOutbound {
+            clusters: (out.clusters.iter())
+                .map(|c| self.intern(XdsType::Cluster, Encoded::new(c.name.clone(), c)))
+                .collect(),
+            endpoints: (out.endpoints.iter())
+                .map(|c| self.intern(XdsType::Endpoint, Encoded::new(c.cluster_name.clone(), c)))
+                .collect(),
+            secrets: out.secrets,
+            diagnostics: out.diagnostics,
+        });
+        self.services.entry(key).or_insert(part).clone()
     }
 
     /// A proxy's listener half, its default virtual hosts shared with the
@@ -907,6 +968,90 @@ mod tests {
         assert!(
             tables > 20 && shared > 10 && hashed > 0,
             "{tables} tables, {shared} shared hosts, {hashed} hashed"
+        );
+    }
+
+    /// Sidecars that differ in one thing an outbound cluster reads of them
+    /// (namespace, locality, a label `failoverPriority` ranks by, having a
+    /// workload certificate), all served from one cache, which shares each
+    /// service's clusters between the config keys that read the same of
+    /// it: each is served what it is served alone, diagnostics included,
+    /// and each of the four tells some of them apart.
+    #[test]
+    fn shared_service_clusters_are_told_apart_by_what_they_read_of_the_proxy() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let mut told_apart = BTreeSet::new();
+        for scenario in ["locality", "gateway-tls"] {
+            let files =
+                crate::source::load_dir(&golden.join(scenario).join("config")).expect("golden config");
+            let push = Arc::new(PushContext::new_at(
+                Arc::new(ConfigSnapshot::from_files(files)),
+                golden_time(),
+            ));
+            let mut proxies = Vec::new();
+            for namespace in ["default", "istio-system"] {
+                for locality in ["us-east/z1", "us-west/z2"] {
+                    for network in ["net-a", "net-b"] {
+                        for identity in [true, false] {
+                            let meta = serde_json::json!({"LABELS": {"app": "client", "network": network}});
+                            let mut proxy = Proxy::parse(
+                                &format!("sidecar~10.9.0.1~client.{namespace}~{namespace}.svc.cluster.local"),
+                                meta.as_object().expect("object"),
+                            )
+                            .expect("sidecar");
+                            proxy.locality = locality.into();
+                            proxy.identity =
+                                identity.then(|| format!("spiffe://cluster.local/ns/{namespace}/sa/client"));
+                            proxies.push((
+                                [namespace, locality, network, ["-", "id"][usize::from(identity)]],
+                                proxy,
+                            ));
+                        }
+                    }
+                }
+            }
+            let shared = SnapshotCache::new(push.clone());
+            let outbound = |s: &Snapshot| -> BTreeMap<(XdsType, String), bytes::Bytes> {
+                [XdsType::Cluster, XdsType::Endpoint, XdsType::Secret]
+                    .into_iter()
+                    .flat_map(|t| {
+                        s.resources[&t]
+                            .values()
+                            .map(move |e| ((t, e.name.clone()), e.wire.clone()))
+                    })
+                    .collect()
+            };
+            let mut served = Vec::new();
+            for (traits, proxy) in &proxies {
+                let got = shared.snapshot(proxy);
+                let alone = SnapshotCache::new(push.clone()).snapshot(proxy);
+                let what = format!("{scenario}, {traits:?}");
+                let wires = |s: &Snapshot| -> BTreeMap<(XdsType, String), bytes::Bytes> {
+                    s.resources
+                        .iter()
+                        .flat_map(|(t, m)| m.values().map(move |e| ((*t, e.name.clone()), e.wire.clone())))
+                        .collect()
+                };
+                assert_eq!(wires(&got), wires(&alone), "{what}");
+                assert_eq!(got.diagnostics, alone.diagnostics, "{what}");
+                assert_eq!(got.outbound, alone.outbound, "{what}");
+                served.push((traits, outbound(&got), got.outbound.clone()));
+            }
+            for (a, out_a, kept_a) in &served {
+                for (b, out_b, kept_b) in &served {
+                    let differing: Vec<usize> = (0..4).filter(|&i| a[i] != b[i]).collect();
+                    if let [i] = differing[..] {
+                        if out_a != out_b || kept_a != kept_b {
+                            told_apart.insert(["namespace", "locality", "label", "identity"][i]);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            told_apart,
+            BTreeSet::from(["namespace", "locality", "label", "identity"]),
+            "what each tells apart"
         );
     }
 
