@@ -20,7 +20,7 @@ use crate::translate::{self, Diagnostic, Generated};
 
 /// One resource, encoded once: its name, its content version and the `Any`
 /// that goes on the wire.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     pub name: String,
     /// First 16 hex digits of the SHA-256 of the encoded bytes.
@@ -181,10 +181,6 @@ pub fn set_version(resources: &BTreeMap<String, Arc<Encoded>>) -> String {
     content_hash(&parts)
 }
 
-fn versions_of(resources: &BTreeMap<XdsType, Resources>) -> BTreeMap<XdsType, String> {
-    resources.iter().map(|(t, m)| (*t, set_version(m))).collect()
-}
-
 impl Snapshot {
     /// The resources of one type.
     pub fn of(&self, t: XdsType) -> Option<&BTreeMap<String, Arc<Encoded>>> {
@@ -209,6 +205,15 @@ struct Generation {
     /// every config key whose proxies read the same of it
     /// (`translate::ClusterKey`, which points into `push`).
     services: DashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
+    /// Resource maps equal between config keys, shared: by type and set
+    /// version (and compared, should two versions collide).
+    maps: DashMap<(XdsType, String), Resources>,
+    /// The endpoint patches made: from a previous map (by address; held
+    /// here, so the address is not reused) and the new assignments (by
+    /// address; held by the patched map) to the patched map and its
+    /// version. Config keys that shared a map before an endpoint change
+    /// share the patched one, made once.
+    patched: DashMap<(usize, Vec<usize>), Patched>,
     /// When only endpoints or only VirtualServices changed since the
     /// previous generation: its snapshots, which are patched instead of
     /// translated again.
@@ -224,6 +229,13 @@ struct ServiceOutbound {
     endpoints: Vec<Arc<Encoded>>,
     secrets: Vec<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
     diagnostics: Vec<Diagnostic>,
+}
+
+/// An endpoint patch: the map patched, the result and its version.
+struct Patched {
+    _from: Resources,
+    map: Resources,
+    version: String,
 }
 
 /// The previous generation's snapshots and what changed since.
@@ -488,6 +500,8 @@ impl Generation {
         Generation {
             vhosts: translate::VirtualHostCache::new(&push),
             services: DashMap::new(),
+            maps: DashMap::new(),
+            patched: DashMap::new(),
             push,
             snapshots: DashMap::new(),
             interned: DashMap::new(),
@@ -499,14 +513,37 @@ impl Generation {
     /// The previous snapshot of a config key with the endpoints of `hosts`
     /// translated again: all an endpoint-only change can alter.
     fn patch_endpoints(&self, proxy: &Proxy, previous: &Snapshot, hosts: &BTreeSet<String>) -> Snapshot {
+        let updates: Vec<Arc<Encoded>> = translate::endpoints_of(&self.push, proxy, hosts)
+            .iter()
+            .map(|cla| self.intern(XdsType::Endpoint, Encoded::new(cla.cluster_name.clone(), cla)))
+            .collect();
+        let from = previous
+            .resources
+            .get(&XdsType::Endpoint)
+            .cloned()
+            .unwrap_or_default();
+        let key = (
+            Arc::as_ptr(&from) as usize,
+            updates.iter().map(|e| Arc::as_ptr(e) as usize).collect(),
+        );
+        let (map, version) = match self.patched.entry(key) {
+            dashmap::Entry::Occupied(done) => (done.get().map.clone(), done.get().version.clone()),
+            dashmap::Entry::Vacant(todo) => {
+                let mut map = (*from).clone();
+                map.extend(updates.into_iter().map(|e| (e.name.clone(), e)));
+                let (map, version) = self.share(XdsType::Endpoint, map);
+                todo.insert(Patched {
+                    _from: from,
+                    map: map.clone(),
+                    version: version.clone(),
+                });
+                (map, version)
+            }
+        };
         let mut resources = previous.resources.clone();
-        let endpoints = Arc::make_mut(resources.entry(XdsType::Endpoint).or_default());
-        for cla in translate::endpoints_of(&self.push, proxy, hosts) {
-            let e = self.intern(XdsType::Endpoint, Encoded::new(cla.cluster_name.clone(), &cla));
-            endpoints.insert(e.name.clone(), e);
-        }
+        resources.insert(XdsType::Endpoint, map);
         let mut versions = previous.versions.clone();
-        versions.insert(XdsType::Endpoint, set_version(endpoints));
+        versions.insert(XdsType::Endpoint, version);
         Snapshot {
             generation: self.push.config.generation,
             resources,
@@ -530,8 +567,9 @@ impl Generation {
         let mut resources = previous.resources.clone();
         let mut versions = previous.versions.clone();
         for (t, map) in self.encode(&mut out, &[XdsType::Listener, XdsType::Route, XdsType::Secret]) {
-            versions.insert(t, set_version(&map));
-            resources.insert(t, Arc::new(map));
+            let (map, version) = self.share(t, map);
+            versions.insert(t, version);
+            resources.insert(t, map);
         }
         Snapshot {
             generation: self.push.config.generation,
@@ -552,20 +590,20 @@ impl Generation {
         });
         let mut out = translate::combine(outbound, self.listeners(proxy));
         warn(proxy, &out.diagnostics);
-        let resources: BTreeMap<XdsType, Resources> = self
-            .encode(&mut out, &XdsType::ALL)
-            .into_iter()
-            .map(|(t, m)| {
-                // The listener half's clusters after the services', as in
-                // one translation sorted by name.
-                let mut all = shared.remove(&t).unwrap_or_default();
-                all.extend(m);
-                (t, Arc::new(all))
-            })
-            .collect();
+        let mut resources = BTreeMap::new();
+        let mut versions = BTreeMap::new();
+        for (t, m) in self.encode(&mut out, &XdsType::ALL) {
+            // The listener half's clusters after the services', as in one
+            // translation sorted by name.
+            let mut all = shared.remove(&t).unwrap_or_default();
+            all.extend(m);
+            let (map, version) = self.share(t, all);
+            resources.insert(t, map);
+            versions.insert(t, version);
+        }
         Snapshot {
             generation: self.push.config.generation,
-            versions: versions_of(&resources),
+            versions,
             resources,
             diagnostics: out.diagnostics,
             outbound: kept,
@@ -663,6 +701,18 @@ impl Generation {
                 (t, map)
             })
             .collect()
+    }
+
+    /// `map` and its set version; the map another config key made, when
+    /// equal.
+    fn share(&self, t: XdsType, map: BTreeMap<String, Arc<Encoded>>) -> (Resources, String) {
+        let version = set_version(&map);
+        let shared = match self.maps.entry((t, version.clone())) {
+            dashmap::Entry::Occupied(e) if **e.get() == map => e.get().clone(),
+            dashmap::Entry::Occupied(_) => Arc::new(map),
+            dashmap::Entry::Vacant(e) => e.insert(Arc::new(map)).clone(),
+        };
+        (shared, version)
     }
 
     fn intern(&self, t: XdsType, e: Encoded) -> Arc<Encoded> {
@@ -777,6 +827,89 @@ mod tests {
                 patched.resources[&XdsType::Endpoint][v2].version
             );
         }
+    }
+
+    /// Config keys whose endpoints were equal share one map; after an
+    /// endpoint change those that get equal assignments share one patched
+    /// map, made once, and one that gets others (ranked from another
+    /// locality) has its own. Each equals a whole translation.
+    #[test]
+    fn config_keys_with_equal_endpoints_share_one_patched_map() {
+        let extra = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: east, namespace: default, labels: {istio-locality: us-east.z1}}\nstatus: {podIP: 10.0.0.3}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: west, namespace: default, labels: {istio-locality: us-west.z2}}\nstatus: {podIP: 10.0.0.4}\n\
+             ---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: ranked, namespace: default}\n\
+             spec:\n  host: ratings\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 5}\n";
+        let with_ratings = |ips: &str| {
+            let base = push("{ip: 10.0.0.1}", extra);
+            let mut config = (*base.config).clone();
+            let yaml = format!(
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: ratings, namespace: default}}\nsubsets:\n- addresses: [{ips}]\n  ports: [{{name: http, port: 80}}]\n"
+            );
+            let ratings = ConfigSnapshot::from_files(vec![parse_file("r.yaml", &yaml)]);
+            for (key, value) in ratings.resources {
+                config.resources.insert(key, value);
+            }
+            config.generation += u64::from(!ips.is_empty());
+            Arc::new(PushContext::new(Arc::new(config)))
+        };
+        let sidecar = |ns: &str, locality: &str| {
+            let meta = serde_json::json!({"LABELS": {"app": "client"}});
+            let mut proxy = Proxy::parse(
+                &format!("sidecar~10.1.0.9~client.{ns}~{ns}.svc.cluster.local"),
+                meta.as_object().expect("object"),
+            )
+            .expect("sidecar");
+            proxy.locality = locality.into();
+            proxy
+        };
+        let proxies = [
+            sidecar("default", "us-east/z1"),
+            sidecar("shop", "us-east/z1"),
+            sidecar("default", "us-west/z2"),
+        ];
+        let (before, after) = (with_ratings(""), with_ratings("{ip: 10.0.0.3}, {ip: 10.0.0.4}"));
+        let cache = SnapshotCache::new(before.clone());
+        let old: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
+        let endpoints = |s: &Snapshot| s.resources[&XdsType::Endpoint].clone();
+        assert!(Arc::ptr_eq(&endpoints(&old[0]), &endpoints(&old[1])));
+        assert!(Arc::ptr_eq(&endpoints(&old[0]), &endpoints(&old[2])));
+        cache.update(after.clone());
+        assert!(cache.push_history()[0].endpoint_only);
+        let new: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
+        for (proxy, patched) in proxies.iter().zip(&new) {
+            let fresh = SnapshotCache::new(after.clone()).snapshot(proxy);
+            assert_eq!(versions(patched), versions(&fresh), "{}", proxy.id);
+            assert_eq!(patched.versions, fresh.versions, "{}", proxy.id);
+        }
+        assert!(Arc::ptr_eq(&endpoints(&new[0]), &endpoints(&new[1])));
+        assert!(!Arc::ptr_eq(&endpoints(&new[0]), &endpoints(&new[2])));
+        let cluster = "outbound|80||ratings.default.svc.cluster.local";
+        assert_ne!(
+            endpoints(&new[0])[cluster].version,
+            endpoints(&new[2])[cluster].version,
+            "ranked from the proxy's own locality"
+        );
+    }
+
+    /// Two maps whose set versions collide are not taken for each other.
+    #[test]
+    fn maps_with_colliding_versions_are_not_shared() {
+        let g = Generation::new(
+            push("{ip: 10.0.0.1}", ""),
+            Arc::new(PushStats::new(0, Vec::new(), false)),
+        );
+        let map = |name: &str| {
+            let e = Arc::new(Encoded::new(name.into(), &RouteConfiguration::default()));
+            BTreeMap::from([(name.to_string(), e)])
+        };
+        let (a, b) = (map("a"), map("b"));
+        g.maps.insert((XdsType::Route, set_version(&b)), Arc::new(a));
+        let (shared, version) = g.share(XdsType::Route, b.clone());
+        assert_eq!(*shared, b);
+        assert_eq!(version, set_version(&b));
+        let (again, _) = g.share(XdsType::Route, map("c"));
+        let (same, _) = g.share(XdsType::Route, map("c"));
+        assert!(Arc::ptr_eq(&again, &same), "equal maps are shared");
     }
 
     /// Changes handed in are used against the push context they were
