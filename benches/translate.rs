@@ -4,8 +4,10 @@
 //! and a VirtualService each, all bound to one Gateway and the mesh), then
 //! measures: loading it (parse and validate), building the push context,
 //! translating and encoding one gateway's snapshot and one sidecar's (which
-//! sees every service), serving 1,000 gateway proxies with the same
-//! config key from the cache, and updating the push context for one
+//! sees every service; from a cache of its own, so none of the gateway's
+//! clusters is reused), then a sidecar of another namespace (another
+//! config key, which shares the first sidecar's clusters), serving 1,000
+//! gateway proxies with the same config key from the cache, and updating the push context for one
 //! service's endpoints changed and for one VirtualService edited. Prints a table; run it twice to compare.
 //! Under `cargo test` it runs the smallest size once, as a check that the
 //! bench still works.
@@ -75,10 +77,10 @@ fn gateway(i: usize) -> Proxy {
     .expect("proxy")
 }
 
-fn sidecar() -> Proxy {
+fn sidecar(ns: &str) -> Proxy {
     let meta = serde_json::json!({"LABELS": {"app": "client"}});
     Proxy::parse(
-        "sidecar~10.250.0.1~client-0.ns-0~ns-0.svc.cluster.local",
+        &format!("sidecar~10.250.0.1~client-0.{ns}~{ns}.svc.cluster.local"),
         meta.as_object().expect("object"),
     )
     .expect("proxy")
@@ -93,7 +95,7 @@ fn main() {
     let sizes: &[usize] = if full { &[100, 1000, 10000] } else { &[10] };
     let proxies = if full { 1000 } else { 10 };
     println!(
-        "{:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>16} | {:>9} | {:>11}",
+        "{:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {:>9} | {:>11}",
         "services",
         "endpoints",
         "load ms",
@@ -102,11 +104,12 @@ fn main() {
         "vs upd ms",
         "gateway 1st ms",
         "sidecar 1st ms",
+        "2nd key ms",
         format!("{proxies} cached ms"),
         "resources",
         "encoded KiB"
     );
-    println!("{}", "-".repeat(157));
+    println!("{}", "-".repeat(174));
     for &n in sizes {
         let text = mesh_text(n);
         let t = Instant::now();
@@ -137,16 +140,28 @@ fn main() {
         let vs_update_time = t.elapsed();
         assert_eq!(after_edit.virtual_services.len(), n);
 
-        let cache = SnapshotCache::new(push);
+        let cache = SnapshotCache::new(push.clone());
         let t = Instant::now();
         let first = cache.snapshot(&gateway(0));
         let first_time = t.elapsed();
+        let sidecars = SnapshotCache::new(push);
         let t = Instant::now();
-        let side = cache.snapshot(&sidecar());
+        let side = sidecars.snapshot(&sidecar("ns-0"));
         let sidecar_time = t.elapsed();
         assert!(
             side.of(XdsType::Cluster).is_some_and(|c| c.len() > n),
             "the sidecar sees every service"
+        );
+        let t = Instant::now();
+        let other = sidecars.snapshot(&sidecar("ns-1"));
+        let other_time = t.elapsed();
+        assert!(!Arc::ptr_eq(&side, &other), "another config key");
+        assert!(
+            Arc::ptr_eq(
+                &side.resources[&XdsType::Cluster],
+                &other.resources[&XdsType::Cluster]
+            ),
+            "the same clusters, shared"
         );
 
         let t = Instant::now();
@@ -171,7 +186,7 @@ fn main() {
             .map(|e| e.wire.len())
             .sum();
         println!(
-            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>16} | {resources:>9} | {:>11}",
+            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {resources:>9} | {:>11}",
             n * ENDPOINTS,
             ms(load_time),
             ms(push_time),
@@ -179,6 +194,7 @@ fn main() {
             ms(vs_update_time),
             ms(first_time),
             ms(sidecar_time),
+            ms(other_time),
             ms(cached_time),
             bytes / 1024
         );
