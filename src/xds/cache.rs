@@ -422,11 +422,12 @@ impl SnapshotCache {
             next.base = Some(Base { snapshots, patch });
         }
         let next = Arc::new(next);
-        match self.current.write() {
-            Ok(mut g) => *g = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
+        let old = match self.current.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, next),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), next),
+        };
         self.notify.send_replace(generation);
+        retire(old);
     }
 
     /// A receiver that changes whenever a new generation is installed.
@@ -724,6 +725,17 @@ impl Generation {
             return Arc::new(e);
         }
         self.interned.entry(key).or_insert_with(|| Arc::new(e)).clone()
+    }
+}
+
+/// Drops a generation no longer served off the async workers, once the
+/// streams were told of the next: its caches are thousands of small
+/// allocations, and freeing them held the write lock streams read the
+/// generation through, and the push, for a millisecond or more.
+fn retire(old: Arc<Generation>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
+        Err(_) => drop(old),
     }
 }
 
