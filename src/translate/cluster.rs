@@ -75,16 +75,17 @@ pub fn outbound_of(
 }
 
 /// What a proxy's outbound clusters of a service read of the proxy: its
-/// locality and whether it has a workload certificate; and, when a
-/// DestinationRule applies, its namespace (where the rule's
-/// `credentialName` Secrets are looked up) and labels (`failoverPriority`).
-/// Nothing else of the proxy reaches `ServiceClusters::translate`.
+/// locality and whether it has a workload certificate; its namespace only
+/// when the DestinationRule that applies names a `credentialName` (whose
+/// Secrets are the proxy's namespace's), and its labels only when the rule
+/// ranks endpoints by `failoverPriority`. Nothing else of the proxy reaches
+/// `ServiceClusters::translate`.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterView<'a> {
     pub locality: &'a str,
     pub identity: bool,
-    /// With a rule: the proxy's namespace and labels.
-    pub ruled: Option<(&'a str, &'a BTreeMap<String, String>)>,
+    pub namespace: Option<&'a str>,
+    pub labels: Option<&'a BTreeMap<String, String>>,
 }
 
 /// One service as a proxy's outbound clusters take it: the service, the
@@ -100,16 +101,15 @@ pub struct ServiceClusters<'a> {
 /// What a service's outbound clusters are a function of, besides the push
 /// context the service and rule belong to (they are told apart by
 /// address): within one push context, equal keys give equal clusters,
-/// endpoints, Secrets and diagnostics. (The rule follows from the service
-/// and, under a rule, the proxy's namespace and labels; it is kept so that
-/// the key names all the clusters read.)
+/// endpoints, Secrets and diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
     service: usize,
     rule: usize,
     locality: String,
     identity: bool,
-    ruled: Option<(String, BTreeMap<String, String>)>,
+    namespace: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 /// The services a proxy may reach (those named by `only` when given),
@@ -130,13 +130,20 @@ pub fn services<'a>(
                 &service.hostname,
                 &service.namespace,
             );
+            let settings = || rule.into_iter().flat_map(policy::settings);
+            let credentials = settings().any(|(_, tls)| tls.is_some_and(|t| t.credential_name.is_some()));
+            let ranked = settings().any(|(lb, _)| {
+                lb.and_then(|l| l.locality_lb_setting.as_ref())
+                    .is_some_and(|l| !l.failover_priority.is_empty())
+            });
             ServiceClusters {
                 service,
                 rule,
                 view: ClusterView {
                     locality: &proxy.locality,
                     identity: proxy.identity.is_some(),
-                    ruled: rule.map(|_| (proxy.namespace.as_str(), &proxy.labels)),
+                    namespace: credentials.then_some(proxy.namespace.as_str()),
+                    labels: ranked.then_some(&proxy.labels),
                 },
             }
         })
@@ -151,10 +158,8 @@ impl ServiceClusters<'_> {
             rule: self.rule.map_or(0, |r| std::ptr::from_ref(r) as usize),
             locality: self.view.locality.to_string(),
             identity: self.view.identity,
-            ruled: self
-                .view
-                .ruled
-                .map(|(namespace, labels)| (namespace.to_string(), labels.clone())),
+            namespace: self.view.namespace.map(str::to_string),
+            labels: self.view.labels.cloned(),
         }
     }
 
@@ -194,7 +199,7 @@ impl ServiceClusters<'_> {
                 }
                 let localities = LocalityPolicy {
                     proxy: view.locality,
-                    proxy_labels: view.ruled.map(|(_, labels)| labels),
+                    proxy_labels: view.labels,
                     setting: setting.or(Some(&mesh_locality)),
                     outlier_detection: policy.outlier_detection.is_some(),
                 };
@@ -266,8 +271,9 @@ fn transport(
                 ),
             }),
             "SIMPLE" | "MUTUAL" => {
-                // `tls` is the rule's, so the view has the proxy's namespace.
-                let namespace = view.ruled.map_or("", |(namespace, _)| namespace);
+                // The view has the namespace when the rule names a credential,
+                // the only time `origination` reads it.
+                let namespace = view.namespace.unwrap_or_default();
                 cluster.transport_socket = origination(push, namespace, svc, tls, out).map(tls_socket);
             }
             _ => {} // DISABLE: plain text, even to mesh endpoints

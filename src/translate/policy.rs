@@ -35,6 +35,21 @@ fn port_level(policy: Option<&TrafficPolicy>, port: u16) -> Option<&PortTrafficP
         .find(|p| p.port.as_ref().map(|p| p.number) == Some(u32::from(port)))
 }
 
+/// Every load balancer and TLS setting of a rule: its own and its ports',
+/// then each subset's and its ports'.
+pub fn settings(
+    dr: &DestinationRule,
+) -> impl Iterator<Item = (Option<&LoadBalancerSettings>, Option<&ClientTlsSettings>)> {
+    let subsets = dr.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref());
+    dr.spec.traffic_policy.iter().chain(subsets).flat_map(|p| {
+        let ports = p
+            .port_level_settings
+            .iter()
+            .map(|l| (l.load_balancer.as_ref(), l.tls.as_ref()));
+        std::iter::once((p.load_balancer.as_ref(), p.tls.as_ref())).chain(ports)
+    })
+}
+
 /// The effective policy of (rule, subset, port).
 pub fn effective<'a>(
     dr: Option<&'a DestinationRule>,

@@ -1200,6 +1200,100 @@ mod tests {
         );
     }
 
+    /// A DestinationRule puts the proxy's namespace in its services' cluster
+    /// keys only when it names a `credentialName`, and the proxy's labels
+    /// only when it ranks by `failoverPriority`: other rules leave proxies
+    /// of every namespace and labels sharing one translation.
+    #[test]
+    fn a_rule_puts_namespace_or_labels_in_the_key_only_when_it_reads_them() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        // Whether sidecars a and b, (namespace, network label), get one key
+        // for `host`'s clusters (keys point into the push context, so both
+        // are made from one).
+        let same_key = |scenario: &str, a: (&str, &str), b: (&str, &str), host: &str| {
+            let files =
+                crate::source::load_dir(&golden.join(scenario).join("config")).expect("golden config");
+            let push = PushContext::new_at(Arc::new(ConfigSnapshot::from_files(files)), golden_time());
+            let key = |(namespace, network): (&str, &str)| {
+                let meta = serde_json::json!({"LABELS": {"app": "client", "network": network}});
+                let proxy = Proxy::parse(
+                    &format!("sidecar~10.9.0.1~client.{namespace}~{namespace}.svc.cluster.local"),
+                    meta.as_object().expect("object"),
+                )
+                .expect("sidecar");
+                let services = translate::outbound_services(&push, &proxy);
+                let s = services.iter().find(|s| s.service.hostname == host).expect(host);
+                assert!(s.rule.is_some(), "{host} is under a rule");
+                s.key()
+            };
+            key(a) == key(b)
+        };
+        // reviews: failover by region only.
+        let reviews = "reviews.default.svc.cluster.local";
+        assert!(same_key(
+            "locality",
+            ("default", "net-a"),
+            ("istio-system", "net-a"),
+            reviews
+        ));
+        assert!(same_key(
+            "locality",
+            ("default", "net-a"),
+            ("default", "net-b"),
+            reviews
+        ));
+        // details: failoverPriority by network.
+        let details = "details.internal";
+        assert!(same_key(
+            "locality",
+            ("default", "net-a"),
+            ("istio-system", "net-a"),
+            details
+        ));
+        assert!(!same_key(
+            "locality",
+            ("default", "net-a"),
+            ("default", "net-b"),
+            details
+        ));
+        // secure: TLS originated with a credentialName.
+        let secure = "secure.default.svc.cluster.local";
+        assert!(!same_key(
+            "gateway-tls",
+            ("default", "net-a"),
+            ("istio-system", "net-a"),
+            secure
+        ));
+        assert!(same_key(
+            "gateway-tls",
+            ("default", "net-a"),
+            ("default", "net-b"),
+            secure
+        ));
+    }
+
+    /// A `credentialName` or `failoverPriority` counts wherever the rule has
+    /// it: in a subset's policy for one port as at the top.
+    #[test]
+    fn a_rule_reads_the_proxy_through_its_subsets_and_ports_too() {
+        let push = push(
+            "{ip: 10.0.0.1}",
+            "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: ratings, namespace: default}\n\
+             spec:\n  host: ratings\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      \
+             loadBalancer: {localityLbSetting: {failoverPriority: [network]}}\n      \
+             portLevelSettings:\n      - port: {number: 80}\n        tls: {mode: SIMPLE, credentialName: ratings-ca}\n",
+        );
+        let proxy = &proxies()[1];
+        let services = translate::outbound_services(&push, proxy);
+        let view = |host: &str| {
+            let s = services.iter().find(|s| s.service.hostname == host).expect(host);
+            assert!(s.rule.is_some(), "{host} is under a rule");
+            (s.view.namespace.is_some(), s.view.labels.is_some())
+        };
+        assert_eq!(view("ratings.default.svc.cluster.local"), (true, true));
+        assert_eq!(view("reviews.default.svc.cluster.local"), (false, false));
+    }
+
     /// Two sidecars outside the service's namespace, one under a
     /// consistent-hash DestinationRule exported to its own namespace only:
     /// their default virtual hosts for `ratings` differ, and neither is
