@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::{value, Any, Struct, Value};
 use prost::Message;
@@ -154,23 +153,126 @@ struct RdsHead {
     route_config_name: String,
 }
 
-/// The EDS clusters a response's clusters name.
-fn eds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<String> {
-    resources
+/// An `Any` as the simulator reads it: both fields left as slices of the
+/// received message, so a response of a thousand resources is not copied
+/// a thousand times (`type_url` is a string on the wire, read as bytes).
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyHead {
+    #[prost(bytes = "bytes", tag = "1")]
+    type_url: bytes::Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    value: bytes::Bytes,
+}
+
+impl AnyHead {
+    fn to_any(&self) -> Any {
+        Any {
+            type_url: String::from_utf8_lossy(&self.type_url).into_owned(),
+            value: self.value.to_vec(),
+        }
+    }
+}
+
+/// A `DiscoveryResponse` as the simulator reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwResponse {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<AnyHead>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// A `DeltaDiscoveryResponse` as the simulator reads it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeltaResponse {
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<ResourceHead>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    removed_resources: Vec<String>,
+}
+
+/// A delta `Resource`: its name (a slice, made a `String` only for the
+/// clusters and listeners the simulator keeps) and the resource.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceHead {
+    #[prost(message, optional, tag = "2")]
+    resource: Option<AnyHead>,
+    #[prost(bytes = "bytes", tag = "3")]
+    name: bytes::Bytes,
+}
+
+/// The simulator's codec: its requests encoded as prost does, responses
+/// decoded into `R` with the size of the message on the wire (the heads
+/// leave fields out, so their own encoded length would be short of it).
+struct Codec<Q, R>(std::marker::PhantomData<fn(Q) -> R>);
+
+impl<Q, R> Default for Codec<Q, R> {
+    fn default() -> Self {
+        Codec(std::marker::PhantomData)
+    }
+}
+
+struct Decoder<R>(std::marker::PhantomData<fn() -> R>);
+
+impl<R: Message + Default + 'static> tonic::codec::Decoder for Decoder<R> {
+    type Item = (R, usize);
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<(R, usize)>, tonic::Status> {
+        sized(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("a response does not decode: {e}")))
+    }
+}
+
+/// A message that is all of `buf`, and its size.
+fn sized<R: Message + Default>(buf: impl bytes::Buf) -> Result<(R, usize), prost::DecodeError> {
+    let len = buf.remaining();
+    R::decode(buf).map(|r| (r, len))
+}
+
+impl<Q, R> tonic::codec::Codec for Codec<Q, R>
+where
+    Q: Message + Send + 'static,
+    R: Message + Default + Send + 'static,
+{
+    type Encode = Q;
+    type Decode = (R, usize);
+    type Encoder = tonic_prost::ProstEncoder<Q>;
+    type Decoder = Decoder<R>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(std::marker::PhantomData)
+    }
+}
+
+/// The EDS clusters a response's clusters name (their encoded values).
+fn eds_names<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<String> {
+    values
         .into_iter()
-        .filter_map(|a| ClusterHead::decode(a.value.as_slice()).ok())
+        .filter_map(|v| ClusterHead::decode(v).ok())
         .filter(|c| c.discovery_type == Some(cluster::DiscoveryType::Eds as i32))
         .map(|c| c.name)
         .collect()
 }
 
-/// The route tables a response's listeners name over RDS.
-fn rds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<String> {
+/// The route tables a response's listeners name over RDS (their encoded
+/// values).
+fn rds_names<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for l in resources
-        .into_iter()
-        .filter_map(|a| ListenerHead::decode(a.value.as_slice()).ok())
-    {
+    for l in values.into_iter().filter_map(|v| ListenerHead::decode(v).ok()) {
         for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
             for any in chain.filters.iter().filter_map(|f| f.typed_config.as_ref()) {
                 if !any.type_url.ends_with("HttpConnectionManager") {
@@ -186,7 +288,7 @@ fn rds_names<'a>(resources: impl IntoIterator<Item = &'a Any>) -> BTreeSet<Strin
 }
 
 /// Records one response (already ACKed).
-fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize, resources: &[&Any]) {
+fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize, resources: &[&AnyHead]) {
     let carries = resources.iter().any(|a| shared.marks(&a.value));
     let after = shared.change_written();
     if let Ok(mut s) = stats.lock() {
@@ -203,7 +305,7 @@ fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize,
                     type_url: t.url().to_string(),
                     version_info: format!("replay-{n}"),
                     nonce: n.to_string(),
-                    resources: resources.iter().map(|a| (*a).clone()).collect(),
+                    resources: resources.iter().map(|a| a.to_any()).collect(),
                     ..Default::default()
                 });
             }
@@ -359,7 +461,7 @@ pub async fn run_sotw(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
     );
-    let codec = tonic_prost::ProstCodec::<Ack, DiscoveryResponse>::default();
+    let codec = Codec::<Ack, SotwResponse>::default();
     let mut stream = grpc
         .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
         .await?
@@ -367,7 +469,7 @@ pub async fn run_sotw(
     let mut sync = Sync::default();
     // Last (version, nonce) per type, for requests that change names.
     let mut last: BTreeMap<XdsType, (String, String)> = BTreeMap::new();
-    while let Some(resp) = stream.message().await? {
+    while let Some((resp, size)) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
         };
@@ -378,13 +480,14 @@ pub async fn run_sotw(
         {
             break;
         }
-        let anys: Vec<&Any> = resp.resources.iter().collect();
-        record(&stats, &shared, t, resp.encoded_len(), &anys);
+        let anys: Vec<&AnyHead> = resp.resources.iter().collect();
+        record(&stats, &shared, t, size, &anys);
         last.insert(t, (resp.version_info.clone(), resp.nonce.clone()));
         sync.received.insert(t);
+        let values = || resp.resources.iter().map(|a| &a.value[..]);
         let follow = match t {
-            XdsType::Cluster => Some((XdsType::Endpoint, eds_names(&resp.resources))),
-            XdsType::Listener => Some((XdsType::Route, rds_names(&resp.resources))),
+            XdsType::Cluster => Some((XdsType::Endpoint, eds_names(values()))),
+            XdsType::Listener => Some((XdsType::Route, rds_names(values()))),
             _ => None,
         };
         if let Some((dep, wanted)) = follow {
@@ -425,16 +528,23 @@ pub async fn run_delta(
             })
             .await;
     }
-    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
-    let mut stream = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+    );
+    let codec = Codec::<DeltaDiscoveryRequest, DeltaResponse>::default();
+    let mut stream = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
         .await?
         .into_inner();
     let mut sync = Sync::default();
     // Per held cluster and listener, what it names (its EDS cluster, its
     // route tables), to know the subscriptions after a partial update.
     let mut names: BTreeMap<XdsType, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    while let Some(resp) = stream.message().await? {
+    while let Some((resp, size)) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
         };
@@ -446,12 +556,12 @@ pub async fn run_delta(
         if tx.send(ack).await.is_err() {
             break;
         }
-        let anys: Vec<&Any> = resp
+        let anys: Vec<&AnyHead> = resp
             .resources
             .iter()
             .filter_map(|r| r.resource.as_ref())
             .collect();
-        record(&stats, &shared, t, resp.encoded_len(), &anys);
+        record(&stats, &shared, t, size, &anys);
         sync.received.insert(t);
         let dep = match t {
             XdsType::Cluster => Some(XdsType::Endpoint),
@@ -463,10 +573,10 @@ pub async fn run_delta(
             for r in &resp.resources {
                 if let Some(any) = &r.resource {
                     let named = match t {
-                        XdsType::Cluster => eds_names([any]),
-                        _ => rds_names([any]),
+                        XdsType::Cluster => eds_names([&any.value[..]]),
+                        _ => rds_names([&any.value[..]]),
                     };
-                    held.insert(r.name.clone(), named);
+                    held.insert(String::from_utf8_lossy(&r.name).into_owned(), named);
                 }
             }
             for name in &resp.removed_resources {
@@ -580,7 +690,11 @@ mod tests {
                 .map(|c| c.name)
                 .collect();
             assert!(!full.is_empty(), "{id} has EDS clusters");
-            assert_eq!(eds_names(&clusters), full, "{id}");
+            assert_eq!(
+                eds_names(clusters.iter().map(|a| a.value.as_slice())),
+                full,
+                "{id}"
+            );
             let listeners = anys(XdsType::Listener);
             let mut full = BTreeSet::new();
             for l in listeners
@@ -601,8 +715,84 @@ mod tests {
                 }
             }
             assert!(!full.is_empty(), "{id} has RDS route tables");
-            assert_eq!(rds_names(&listeners), full, "{id}");
+            assert_eq!(
+                rds_names(listeners.iter().map(|a| a.value.as_slice())),
+                full,
+                "{id}"
+            );
         }
+    }
+
+    /// The heads read what the full responses hold, state of the world and
+    /// incremental, and the codec gives the size of the message as sent.
+    #[test]
+    fn heads_read_responses_as_the_full_messages_do() {
+        use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+        let anys = [
+            Any {
+                type_url: XdsType::Cluster.url().into(),
+                value: b"\x0a\x03abc".to_vec(),
+            },
+            Any {
+                type_url: XdsType::Cluster.url().into(),
+                value: b"\x0a\x01\xc3\xa9".to_vec(),
+            },
+        ];
+        let sotw = DiscoveryResponse {
+            version_info: "v1".into(),
+            resources: anys.to_vec(),
+            canary: true,
+            type_url: XdsType::Cluster.url().into(),
+            nonce: "3".into(),
+            ..Default::default()
+        };
+        let delta = DeltaDiscoveryResponse {
+            system_version_info: "s".into(),
+            resources: anys
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Resource {
+                    name: format!("c{i}"),
+                    version: "v".into(),
+                    resource: Some(a.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: XdsType::Cluster.url().into(),
+            removed_resources: vec!["gone".into()],
+            nonce: "4".into(),
+            ..Default::default()
+        };
+        fn decode<R: Message + Default>(bytes: Vec<u8>) -> (R, usize) {
+            sized(bytes::Bytes::from(bytes)).expect("decodes")
+        }
+        let (head, size) = decode::<SotwResponse>(sotw.encode_to_vec());
+        assert_eq!(size, sotw.encoded_len());
+        assert_eq!(
+            (
+                head.version_info.as_str(),
+                head.type_url.as_str(),
+                head.nonce.as_str()
+            ),
+            ("v1", sotw.type_url.as_str(), "3")
+        );
+        assert_eq!(
+            head.resources.iter().map(AnyHead::to_any).collect::<Vec<_>>(),
+            anys
+        );
+        let (head, size) = decode::<DeltaResponse>(delta.encode_to_vec());
+        assert_eq!(size, delta.encoded_len());
+        assert_eq!(
+            (head.type_url.as_str(), head.nonce.as_str()),
+            (delta.type_url.as_str(), "4")
+        );
+        assert_eq!(head.removed_resources, ["gone"]);
+        let names: Vec<&[u8]> = head.resources.iter().map(|r| &r.name[..]).collect();
+        assert_eq!(names, [&b"c0"[..], b"c1"]);
+        let read: Vec<Any> = (head.resources.iter())
+            .filter_map(|r| r.resource.as_ref().map(AnyHead::to_any))
+            .collect();
+        assert_eq!(read, anys);
     }
 
     /// A client knows a resource carries the change by the marker in its
