@@ -442,6 +442,31 @@ impl SotwRequests {
     }
 }
 
+/// Opens an ADS stream (`method`: `StreamAggregatedResources` or
+/// `DeltaAggregatedResources`) that sends what `rx` gives.
+async fn open<Q, R>(
+    channel: Channel,
+    method: &'static str,
+    rx: mpsc::Receiver<Q>,
+) -> Result<tonic::Streaming<(R, usize)>, tonic::Status>
+where
+    Q: Message + Send + 'static,
+    R: Message + Default + Send + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let path = format!("/envoy.service.discovery.v3.AggregatedDiscoveryService/{method}");
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path)
+        .map_err(|e| tonic::Status::internal(format!("{method}: {e}")))?;
+    let request = tonic::Request::new(ReceiverStream::new(rx));
+    Ok(grpc
+        .streaming(request, path, Codec::<Q, R>::default())
+        .await?
+        .into_inner())
+}
+
 /// Runs one state-of-the-world client until the stream ends.
 pub async fn run_sotw(
     channel: Channel,
@@ -454,18 +479,7 @@ pub async fn run_sotw(
     for t in [XdsType::Cluster, XdsType::Listener] {
         let _ = tx.send(requests.request(t, "", "")).await;
     }
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-    );
-    let codec = Codec::<Ack, SotwResponse>::default();
-    let mut stream = grpc
-        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
-        .await?
-        .into_inner();
+    let mut stream = open::<Ack, SotwResponse>(channel, "StreamAggregatedResources", rx).await?;
     let mut sync = Sync::default();
     // Last (version, nonce) per type, for requests that change names.
     let mut last: BTreeMap<XdsType, (String, String)> = BTreeMap::new();
@@ -528,18 +542,8 @@ pub async fn run_delta(
             })
             .await;
     }
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
-    );
-    let codec = Codec::<DeltaDiscoveryRequest, DeltaResponse>::default();
-    let mut stream = grpc
-        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
-        .await?
-        .into_inner();
+    let mut stream =
+        open::<DeltaDiscoveryRequest, DeltaResponse>(channel, "DeltaAggregatedResources", rx).await?;
     let mut sync = Sync::default();
     // Per held cluster and listener, what it names (its EDS cluster, its
     // route tables), to know the subscriptions after a partial update.
