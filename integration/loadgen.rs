@@ -77,6 +77,16 @@ fn a_virtual_service_change_is_rds_only_and_a_new_service_reaches_every_proxy() 
     );
     assert_eq!(svc["clients_changed"], 12, "{svc}");
     assert!(svc["baseline_ratio"].as_f64().is_some(), "{svc}");
+    // The baseline's floor is the median of its runs.
+    let mut runs: Vec<f64> = svc["baseline_runs_ms"]
+        .as_array()
+        .expect("the baseline's runs")
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    assert_eq!(runs.len(), 3, "{svc}");
+    assert_eq!(svc["baseline_fan_out_ms"].as_f64(), Some(runs[1]), "{svc}");
 }
 
 #[test]
