@@ -865,12 +865,7 @@ mod tests {
             Arc::new(PushContext::new(Arc::new(config)))
         };
         let sidecar = |ns: &str, locality: &str| {
-            let meta = serde_json::json!({"LABELS": {"app": "client"}});
-            let mut proxy = Proxy::parse(
-                &format!("sidecar~10.1.0.9~client.{ns}~{ns}.svc.cluster.local"),
-                meta.as_object().expect("object"),
-            )
-            .expect("sidecar");
+            let mut proxy = client(ns, serde_json::json!({"app": "client"}));
             proxy.locality = locality.into();
             proxy
         };
@@ -995,6 +990,26 @@ mod tests {
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_893_456_000)
     }
 
+    /// A golden scenario's config (`dir`) as a push context at
+    /// `golden_time`.
+    fn golden_push(dir: &std::path::Path) -> Arc<PushContext> {
+        let files = crate::source::load_dir(&dir.join("config")).expect("golden config");
+        Arc::new(PushContext::new_at(
+            Arc::new(ConfigSnapshot::from_files(files)),
+            golden_time(),
+        ))
+    }
+
+    /// A sidecar `client` in `namespace`, with `labels`.
+    fn client(namespace: &str, labels: serde_json::Value) -> Proxy {
+        let meta = serde_json::json!({ "LABELS": labels });
+        Proxy::parse(
+            &format!("sidecar~10.1.0.9~client.{namespace}~{namespace}.svc.cluster.local"),
+            meta.as_object().expect("object"),
+        )
+        .expect("sidecar")
+    }
+
     /// An endpoint change whose generation falls after a gateway
     /// certificate expired (gateway-tls's `expired-credential` ends
     /// 2026-11-26 19:12:10 UTC): the listeners judged it valid before and
@@ -1070,11 +1085,7 @@ mod tests {
             if !dir.join("config").is_dir() {
                 continue; // the demo scenario serves the embedded config
             }
-            let files = crate::source::load_dir(&dir.join("config")).expect("golden config");
-            let push = Arc::new(PushContext::new_at(
-                Arc::new(ConfigSnapshot::from_files(files)),
-                golden_time(),
-            ));
+            let push = golden_push(&dir);
             let cache = SnapshotCache::new(push.clone());
             let vhosts = translate::VirtualHostCache::new(&push);
             for proxy in &scenario_proxies(&dir) {
@@ -1127,23 +1138,14 @@ mod tests {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
         let mut told_apart = BTreeSet::new();
         for scenario in ["locality", "gateway-tls"] {
-            let files =
-                crate::source::load_dir(&golden.join(scenario).join("config")).expect("golden config");
-            let push = Arc::new(PushContext::new_at(
-                Arc::new(ConfigSnapshot::from_files(files)),
-                golden_time(),
-            ));
+            let push = golden_push(&golden.join(scenario));
             let mut proxies = Vec::new();
             for namespace in ["default", "istio-system"] {
                 for locality in ["us-east/z1", "us-west/z2"] {
                     for network in ["net-a", "net-b"] {
                         for identity in [true, false] {
-                            let meta = serde_json::json!({"LABELS": {"app": "client", "network": network}});
-                            let mut proxy = Proxy::parse(
-                                &format!("sidecar~10.9.0.1~client.{namespace}~{namespace}.svc.cluster.local"),
-                                meta.as_object().expect("object"),
-                            )
-                            .expect("sidecar");
+                            let labels = serde_json::json!({"app": "client", "network": network});
+                            let mut proxy = client(namespace, labels);
                             proxy.locality = locality.into();
                             proxy.identity =
                                 identity.then(|| format!("spiffe://cluster.local/ns/{namespace}/sa/client"));
@@ -1211,16 +1213,12 @@ mod tests {
         // for `host`'s clusters (keys point into the push context, so both
         // are made from one).
         let same_key = |scenario: &str, a: (&str, &str), b: (&str, &str), host: &str| {
-            let files =
-                crate::source::load_dir(&golden.join(scenario).join("config")).expect("golden config");
-            let push = PushContext::new_at(Arc::new(ConfigSnapshot::from_files(files)), golden_time());
+            let push = golden_push(&golden.join(scenario));
             let key = |(namespace, network): (&str, &str)| {
-                let meta = serde_json::json!({"LABELS": {"app": "client", "network": network}});
-                let proxy = Proxy::parse(
-                    &format!("sidecar~10.9.0.1~client.{namespace}~{namespace}.svc.cluster.local"),
-                    meta.as_object().expect("object"),
-                )
-                .expect("sidecar");
+                let proxy = client(
+                    namespace,
+                    serde_json::json!({"app": "client", "network": network}),
+                );
                 let services = translate::outbound_services(&push, &proxy);
                 let s = services.iter().find(|s| s.service.hostname == host).expect(host);
                 assert!(s.rule.is_some(), "{host} is under a rule");
@@ -1305,14 +1303,7 @@ mod tests {
             "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: sticky, namespace: shop}\n\
              spec:\n  host: ratings.default.svc.cluster.local\n  exportTo: ['.']\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n",
         );
-        let sidecar = |ns: &str| {
-            let meta = serde_json::json!({"LABELS": {"app": "client"}});
-            Proxy::parse(
-                &format!("sidecar~10.1.0.9~client.{ns}~{ns}.svc.cluster.local"),
-                meta.as_object().expect("object"),
-            )
-            .expect("sidecar")
-        };
+        let sidecar = |ns: &str| client(ns, serde_json::json!({"app": "client"}));
         let cache = SnapshotCache::new(push.clone());
         let mut tables = Vec::new();
         for proxy in [sidecar("shop"), sidecar("blog")] {
