@@ -247,8 +247,15 @@ proptest! {
     /// request cut short or garbled, give a request or an error.
     #[test]
     fn sotw_request_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), cut in 0usize..400) {
-        use meshd::xds::server::{DecodeRequest, SotwRequest};
-        if let Ok(read) = SotwRequest::decode_request(bytes.clone().into()) {
+        use meshd::xds::request::SotwRequest;
+        // The names are compared with subscriptions as they are read: one
+        // the good request repeats, one it starts with.
+        let name = "outbound|80||a.default.svc.cluster.local".to_string();
+        let subscribed = [
+            std::sync::Arc::new([name.clone(), "é".repeat(70)].into_iter().collect()),
+            std::sync::Arc::new([name].into_iter().collect()),
+        ];
+        if let Ok(read) = SotwRequest::read(bytes.clone().into(), &subscribed) {
             let _ = read.names();
         }
         let good = prost::Message::encode_to_vec(&envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
@@ -264,7 +271,7 @@ proptest! {
             garbled[at] ^= b;
         }
         for frame in [good[..cut.min(good.len())].to_vec(), garbled] {
-            if let Ok(read) = SotwRequest::decode_request(frame.into()) {
+            if let Ok(read) = SotwRequest::read(frame.into(), &subscribed) {
                 let _ = read.names();
             }
         }

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod metric;
+pub mod request;
 pub mod server;
 pub mod status;
 pub mod stream;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tonic::{Request, Status};
 
 use super::cache::{Encoded, Snapshot, SnapshotCache};
+use super::request::{not_utf8, DecodeRequest, Framed, SotwRequest, Subscriptions};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
 use super::wire::{Requests, Wire};
@@ -161,6 +162,7 @@ impl AdsServer {
     ) -> Result<(), Status>
     where
         R: XdsRequest + DecodeRequest,
+        R::Decoder: Unpin,
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
@@ -173,11 +175,12 @@ impl AdsServer {
             )));
         }
         let caller = self.caller(credentials(&request)).await?;
-        let requests = Requests::<B, R>::new(request.into_inner());
+        let subscriptions = Subscriptions::default();
+        let requests = Requests::new(request.into_inner(), R::decoder(subscriptions.clone()));
         let conn = Connection::new(self, mode, caller);
         tokio::spawn(async move {
             let _slot = slot;
-            conn.run(requests, tx).await;
+            conn.run(requests, subscriptions, tx).await;
         });
         Ok(())
     }
@@ -209,146 +212,16 @@ pub(super) trait XdsRequest: Send + 'static {
     fn wire(out: &Outgoing) -> Wire;
 }
 
-/// How a request message is read from its gRPC frame.
-pub trait DecodeRequest: Sized {
-    fn decode_request(frame: bytes::Bytes) -> Result<Self, Status>;
-}
-
-/// Messages prost decodes as they are (the delta request).
-impl<T: prost::Message + Default> DecodeRequest for T {
-    fn decode_request(frame: bytes::Bytes) -> Result<T, Status> {
-        T::decode(frame).map_err(bad_request)
-    }
-}
-
-fn bad_request(e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("bad request: {e}"))
-}
-
-/// A `DiscoveryRequest` as the server reads it, by hand: the subscribed
-/// names stay ranges of the received frame. A SotW ACK repeats every
-/// name, a thousand of them for a sidecar's EDS; making each a `String`,
-/// or even a reference-counted slice, and checking each for UTF-8 on its
-/// own was most of what serving an endpoint change cost.
-#[derive(Debug, Clone, Default)]
-pub struct SotwRequest {
-    pub version_info: String,
-    /// The `Node` message, left encoded: Envoy sends it on every request
-    /// and only the first is read.
-    pub node: Option<bytes::Bytes>,
-    pub type_url: String,
-    pub response_nonce: String,
-    pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
-    /// The message the names are ranges of.
-    frame: bytes::Bytes,
-    /// Each `resource_names` entry, as (start, end) in `frame`.
-    names: Vec<(u32, u32)>,
-}
-
-impl DecodeRequest for SotwRequest {
-    fn decode_request(frame: bytes::Bytes) -> Result<SotwRequest, Status> {
-        use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
-        use prost::Message;
-        let mut out = SotwRequest {
-            frame: frame.clone(),
-            // Most of a large request is names (Envoy's run to ~40 bytes
-            // each): sized so that an ACK of thousands rarely grows it.
-            names: Vec::with_capacity(frame.len() / 40),
-            ..Default::default()
-        };
-        let string = |b: &[u8]| std::str::from_utf8(b).map(str::to_string).map_err(bad_request);
-        let mut buf: &[u8] = &frame;
-        while !buf.is_empty() {
-            let (tag, wire) = decode_key(&mut buf).map_err(bad_request)?;
-            if !(1..=6).contains(&tag) {
-                skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(bad_request)?;
-                continue;
-            }
-            if wire != WireType::LengthDelimited {
-                return Err(bad_request(format!("field {tag} has wire type {wire:?}")));
-            }
-            let len = usize::try_from(decode_varint(&mut buf).map_err(bad_request)?).unwrap_or(usize::MAX);
-            if len > buf.len() {
-                return Err(bad_request("a field runs past the end of the message"));
-            }
-            let start = frame.len() - buf.len();
-            let (field, rest) = buf.split_at(len);
-            match tag {
-                1 => out.version_info = string(field)?,
-                2 => out.node = Some(frame.slice(start..start + len)),
-                // Frames are at most a few MiB: offsets fit in u32.
-                3 => out.names.push((start as u32, (start + len) as u32)),
-                4 => out.type_url = string(field)?,
-                5 => out.response_nonce = string(field)?,
-                _ => {
-                    let status = envoy_types::pb::google::rpc::Status::decode(field).map_err(bad_request)?;
-                    out.error_detail = Some(status);
-                }
-            }
-            buf = rest;
-        }
-        Ok(out)
-    }
-}
-
-impl SotwRequest {
-    /// The subscribed names, in the order sent. One UTF-8 check covers the
-    /// span that holds them all (the tags and lengths between short names
-    /// are ASCII); each name is checked on its own only when that fails.
-    pub fn names(&self) -> Result<Vec<&str>, Status> {
-        if let Some((base, span)) = self.span() {
-            return Ok(self
-                .names
-                .iter()
-                .map(|&(s, e)| span.get(s as usize - base..e as usize - base).unwrap_or_default())
-                .collect());
-        }
-        self.names
-            .iter()
-            .map(|&(s, e)| std::str::from_utf8(&self.frame[s as usize..e as usize]).map_err(|_| not_utf8()))
-            .collect()
-    }
-
-    /// Whether the names are `subscribed`, byte for byte and in order (then
-    /// they are UTF-8 too), as an ACK repeats them.
-    pub(super) fn names_repeat(&self, subscribed: &std::collections::BTreeSet<String>) -> bool {
-        subscribed.len() == self.names.len()
-            && subscribed
-                .iter()
-                .zip(&self.names)
-                .all(|(n, &(s, e))| n.as_bytes() == &self.frame[s as usize..e as usize])
-    }
-
-    /// The span from the first name to the last, with its offset in the
-    /// frame, when it is UTF-8 and every name starts and ends on one of its
-    /// character boundaries (then each name is UTF-8).
-    fn span(&self) -> Option<(usize, &str)> {
-        let (first, last) = (self.names.first()?, self.names.last()?);
-        let base = first.0 as usize;
-        let span = std::str::from_utf8(&self.frame[base..last.1 as usize]).ok()?;
-        self.names
-            .iter()
-            .all(|&(s, e)| {
-                span.is_char_boundary(s as usize - base) && span.is_char_boundary(e as usize - base)
-            })
-            .then_some((base, span))
-    }
-}
-
 /// A NACK's error, as the state machine records it.
 fn rejection(detail: Option<&envoy_types::pb::google::rpc::Status>) -> Option<String> {
     detail.map(|s| format!("code {}: {}", s.code, s.message))
-}
-
-fn not_utf8() -> Status {
-    Status::invalid_argument("a resource name is not valid UTF-8")
 }
 
 impl XdsRequest for SotwRequest {
     /// The names' UTF-8 is checked in `apply`, only when they are not the
     /// subscribed ones repeated.
     fn check(&self, limits: &Limits) -> Result<(), Status> {
-        if self.names.len() > limits.max_names {
+        if self.name_count() > limits.max_names {
             return Err(too_many_names(limits));
         }
         Ok(())
@@ -443,6 +316,13 @@ fn too_many_names(limits: &Limits) -> Status {
 /// The names, as `&str` (`check_names` passed).
 fn names_of(names: &[bytes::Bytes]) -> Vec<&str> {
     names.iter().filter_map(|n| std::str::from_utf8(n).ok()).collect()
+}
+
+impl DecodeRequest for DeltaRequestMessage {
+    type Decoder = Framed<DeltaRequestMessage>;
+    fn decoder(_: Subscriptions) -> Framed<DeltaRequestMessage> {
+        Framed::default()
+    }
 }
 
 impl XdsRequest for DeltaRequestMessage {
@@ -585,6 +465,7 @@ impl Connection {
     async fn run<R: XdsRequest>(
         self,
         mut inbound: impl futures::Stream<Item = Result<R, Status>> + Send + Unpin,
+        subscriptions: Subscriptions,
         tx: mpsc::Sender<Result<Wire, Status>>,
     ) {
         let mut generations = self.cache.subscribe();
@@ -649,7 +530,10 @@ impl Connection {
                         );
                     }
                     let snapshot = self.snapshot(p, workload.as_ref());
-                    match req.apply(t, &mut state, &snapshot) {
+                    let applied = req.apply(t, &mut state, &snapshot);
+                    // What the stream's next requests most likely repeat.
+                    subscriptions.publish(&state);
+                    match applied {
                         Ok(out) => (out.into_iter().collect::<Vec<_>>(), snapshot),
                         Err(status) => {
                             let _ = tx.send(Err(status)).await;

@@ -23,6 +23,7 @@ use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::Status;
 
+use super::request::MessageDecoder;
 use super::server::AdsServer;
 use super::stream::Outgoing;
 use super::Encoded;
@@ -300,123 +301,81 @@ impl Wire {
     }
 }
 
-/// Requests largest accepted, as tonic's default.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
-
-/// The requests of one ADS stream, decoded from the gRPC frames of the
-/// request body. Between messages it keeps no buffer (a SotW EDS ACK
-/// repeats every subscribed name, and a buffer kept at that size per
-/// stream is what a large mesh's memory would go to).
-pub struct Requests<B, T> {
+/// The requests of one ADS stream, read by `D` from the DATA frames of
+/// the request body as they arrive.
+pub struct Requests<B, D> {
     body: B,
-    buf: BytesMut,
+    decoder: D,
+    /// What is left of the last DATA frame.
+    data: Bytes,
     /// The body has ended.
     done: bool,
     /// An error was returned: the stream is over.
     failed: bool,
-    _message: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<B, T> Requests<B, T> {
-    pub fn new(body: B) -> Self {
+impl<B, D> Requests<B, D> {
+    pub fn new(body: B, decoder: D) -> Self {
         Requests {
             body,
-            buf: BytesMut::new(),
+            decoder,
+            data: Bytes::new(),
             done: false,
             failed: false,
-            _message: std::marker::PhantomData,
         }
     }
 
-    /// Appends received bytes. A message that starts here and does not end
-    /// here gets a buffer of exactly its size: a SotW ACK of 30 KB arrives
-    /// as two frames, and growing by doubling would copy it once and keep
-    /// 32 KiB, for every stream ACKing at once.
-    fn append(&mut self, data: &[u8]) {
-        if self.buf.is_empty() && data.len() >= 5 {
-            let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
-            if len <= MAX_REQUEST && data.len() < 5 + len {
-                self.buf = BytesMut::with_capacity(5 + len);
-            }
-        }
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next whole message in the buffer, if one has arrived.
-    fn next_message(&mut self) -> Result<Option<Bytes>, Status> {
-        if self.buf.len() < 5 {
-            return Ok(None);
-        }
-        if self.buf[0] != 0 {
-            return Err(Status::unimplemented("compressed requests are not supported"));
-        }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_REQUEST {
-            return Err(Status::resource_exhausted(format!(
-                "a request of {len} bytes is over the {MAX_REQUEST} byte limit"
-            )));
-        }
-        if self.buf.len() < 5 + len {
-            return Ok(None);
-        }
-        let mut frame = self.buf.split_to(5 + len);
-        // Whatever follows moves to a buffer of its own, so the message's
-        // allocation goes when the message does.
-        self.buf = BytesMut::from(&self.buf[..]);
-        Ok(Some(frame.split_off(5).freeze()))
+    /// Ends the stream with `status`.
+    fn fail<T>(&mut self, status: Status) -> Poll<Option<Result<T, Status>>> {
+        self.failed = true;
+        Poll::Ready(Some(Err(status)))
     }
 }
 
-impl<B, T> futures::Stream for Requests<B, T>
+impl<B, D> futures::Stream for Requests<B, D>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
-    T: super::server::DecodeRequest,
+    D: MessageDecoder + Unpin,
 {
-    type Item = Result<T, Status>;
+    type Item = Result<D::Item, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if self.failed {
+            if this.failed {
                 return Poll::Ready(None);
             }
-            match self.next_message() {
-                Ok(Some(bytes)) => {
-                    return Poll::Ready(Some(T::decode_request(bytes)));
+            if !this.data.is_empty() {
+                match this.decoder.decode(&mut this.data) {
+                    Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                    Ok(None) => {}
+                    Err(status) => return this.fail(status),
                 }
-                Ok(None) => {}
-                Err(status) => return self.fail(status),
+                continue;
             }
-            if self.done {
+            if this.done {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut self.body).poll_frame(cx) {
+            match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    self.done = true;
-                    if !self.buf.is_empty() {
-                        return self.fail(Status::internal("the request stream ended inside a message"));
+                    this.done = true;
+                    if this.decoder.mid_message() {
+                        return this.fail(Status::internal("the request stream ended inside a message"));
                     }
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    return self.fail(Status::unavailable(format!("request stream: {e}")));
+                    return this.fail(Status::unavailable(format!("request stream: {e}")));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        self.append(&data);
+                        this.data = data;
                     }
                 }
             }
         }
-    }
-}
-
-impl<B, T> Requests<B, T> {
-    /// Ends the stream with `status`.
-    fn fail(&mut self, status: Status) -> Poll<Option<Result<T, Status>>> {
-        self.failed = true;
-        Poll::Ready(Some(Err(status)))
     }
 }
 
@@ -527,7 +486,7 @@ where
             let started = match path.rsplit('/').next() {
                 Some("StreamAggregatedResources") => {
                     server
-                        .start::<super::server::SotwRequest, B>("sotw", request, tx)
+                        .start::<super::request::SotwRequest, B>("sotw", request, tx)
                         .await
                 }
                 Some("DeltaAggregatedResources") => {
@@ -559,6 +518,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::xds::request::Framed;
     use crate::xds::{Encoded, XdsType};
 
     fn outgoing() -> Outgoing {
@@ -602,7 +562,7 @@ mod tests {
             .into_iter()
             .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c))));
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        let reader = Requests::<_, DiscoveryRequest>::new(body);
+        let reader = Requests::new(body, Framed::<DiscoveryRequest>::default());
         futures::executor::block_on(reader.collect::<Vec<_>>())
     }
 
@@ -674,7 +634,8 @@ mod tests {
 
     #[test]
     fn the_server_reads_a_discovery_request_as_envoy_encodes_it() {
-        use crate::xds::server::{DecodeRequest, DeltaRequestMessage, Limits, SotwRequest, XdsRequest};
+        use crate::xds::request::SotwRequest;
+        use crate::xds::server::{DeltaRequestMessage, Limits, XdsRequest};
         let request = DiscoveryRequest {
             version_info: "v3".into(),
             node: Some(Node {
@@ -691,7 +652,7 @@ mod tests {
             }),
             resource_locators: vec![],
         };
-        let read = SotwRequest::decode_request(request.encode_to_vec().into()).expect("decodes");
+        let read = SotwRequest::read(request.encode_to_vec().into(), &[]).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.version_info, request.version_info);
         assert_eq!(XdsRequest::node(&read).expect("node decodes"), request.node);
@@ -709,7 +670,7 @@ mod tests {
             error_detail: request.error_detail.clone(),
             ..Default::default()
         };
-        let read = DeltaRequestMessage::decode_request(delta.encode_to_vec().into()).expect("decodes");
+        let read = DeltaRequestMessage::decode(Bytes::from(delta.encode_to_vec())).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(XdsRequest::node(&read).expect("node decodes"), delta.node);
         assert_eq!(read.type_url, delta.type_url);
@@ -739,7 +700,7 @@ mod tests {
             for n in &names {
                 prost::encoding::bytes::encode(3, &n.to_vec(), &mut frame);
             }
-            let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+            let read = SotwRequest::read(frame.into(), &[]).expect("decodes");
             let mut state = crate::xds::stream::StreamState::default();
             assert_eq!(
                 read.apply(XdsType::Endpoint, &mut state, &Default::default())
@@ -758,7 +719,7 @@ mod tests {
             }
             prost::encoding::string::encode(4, &XdsType::Endpoint.url().to_string(), &mut frame);
             prost::encoding::string::encode(5, &nonce.to_string(), &mut frame);
-            SotwRequest::decode_request(frame.into()).expect("decodes")
+            SotwRequest::read(frame.into(), &[]).expect("decodes")
         };
         let first = sotw(vec![b"a", "é".as_bytes()], "");
         let sent = first
@@ -793,14 +754,14 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        let read = SotwRequest::decode_request(frame.into()).expect("decodes");
+        let read = SotwRequest::read(frame.into(), &[]).expect("decodes");
         assert!(read.check(&Limits::default()).is_ok());
         assert_eq!(read.names().expect("UTF-8"), names);
         // Truncated and wrongly typed fields are bad requests.
         let mut frame = request.encode_to_vec();
         frame.truncate(frame.len() - 3);
-        assert!(SotwRequest::decode_request(frame.into()).is_err());
-        assert!(SotwRequest::decode_request(Bytes::from_static(&[0x18, 0x01])).is_err());
+        assert!(SotwRequest::read(frame.into(), &[]).is_err());
+        assert!(SotwRequest::read(Bytes::from_static(&[0x18, 0x01]), &[]).is_err());
     }
 
     #[test]
