@@ -6,7 +6,8 @@
 //! `ROOTCA` and its SPIFFE identity) and everything else plain text.
 //! Also the special clusters sidecars need.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{common_lb_config, CommonLbConfig};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
@@ -110,6 +111,36 @@ pub struct ClusterKey {
     identity: bool,
     namespace: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+}
+
+/// The services and DestinationRules of a push context, by address. A
+/// `ClusterKey` made in an earlier push context whose service and rule are
+/// both among them names the very objects it was made of (the earlier
+/// context holds its objects while it lives, so an address both hold is one
+/// object, shared by `PushContext::next`): the clusters it gave are the
+/// ones it gives now, as long as nothing else they read changed (the trust
+/// domain, the Secrets a rule's `credentialName` names).
+pub struct ClusterObjects {
+    services: HashSet<usize>,
+    rules: HashSet<usize>,
+}
+
+impl ClusterObjects {
+    pub fn of(push: &PushContext) -> ClusterObjects {
+        ClusterObjects {
+            services: push.services.values().map(|s| Arc::as_ptr(s) as usize).collect(),
+            rules: push
+                .destination_rules
+                .iter()
+                .map(|r| Arc::as_ptr(r) as usize)
+                .collect(),
+        }
+    }
+
+    /// Whether `key`'s service and rule are objects of this push context.
+    pub fn hold(&self, key: &ClusterKey) -> bool {
+        self.services.contains(&key.service) && (key.rule == 0 || self.rules.contains(&key.rule))
+    }
 }
 
 /// The services a proxy may reach (those named by `only` when given),

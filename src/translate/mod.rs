@@ -12,7 +12,7 @@ mod cluster;
 mod gateway;
 mod locality;
 
-pub use cluster::{ClusterKey, ServiceClusters};
+pub use cluster::{ClusterKey, ClusterObjects, ServiceClusters};
 pub use gateway::{intersect as gateway_host_intersect, resolve_gateway_ref};
 pub use sidecar::VirtualHostCache;
 mod policy;

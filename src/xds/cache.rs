@@ -205,6 +205,10 @@ struct Generation {
     /// every config key whose proxies read the same of it
     /// (`translate::ClusterKey`, which points into `push`).
     services: DashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
+    /// The previous generation's `services` still valid in this one
+    /// (`carried_services`), moved into `services` as they are used: a
+    /// change that leaves most services alone translates only its own.
+    carried: std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
     /// Resource maps equal between config keys, shared: by type and set
     /// version (and compared, should two versions collide).
     maps: DashMap<(XdsType, String), Resources>,
@@ -413,6 +417,7 @@ impl SnapshotCache {
             history.push_back(stats.clone());
         }
         let mut next = Generation::new(push, stats);
+        next.carried = carried_services(prev, &next.push);
         if let Some(patch) = patch {
             let snapshots = prev
                 .snapshots
@@ -501,6 +506,7 @@ impl Generation {
         Generation {
             vhosts: translate::VirtualHostCache::new(&push),
             services: DashMap::new(),
+            carried: std::collections::HashMap::new(),
             maps: DashMap::new(),
             patched: DashMap::new(),
             push,
@@ -638,6 +644,9 @@ impl Generation {
         if let Some(part) = self.services.get(&key) {
             return part.clone();
         }
+        if let Some(part) = self.carried.get(&key) {
+            return self.services.entry(key).or_insert_with(|| part.clone()).clone();
+        }
         let mut out = Generated::default();
         service.translate(&self.push, &mut out);
         let part = Arc::new(ServiceOutbound {
@@ -732,6 +741,26 @@ impl Generation {
 /// streams were told of the next: its caches are thousands of small
 /// allocations, and freeing them held the write lock streams read the
 /// generation through, and the push, for a millisecond or more.
+/// The service clusters `prev` made that hold in `push` too: those of its
+/// services and rules that `push` still holds (`ClusterObjects`), when
+/// what else a service's clusters read is the same (the trust domain, and
+/// the Secrets, judged alike). Only those `prev` used: one it carried and
+/// never used is left behind.
+fn carried_services(
+    prev: &Generation,
+    push: &PushContext,
+) -> std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>> {
+    if prev.push.trust_domain != push.trust_domain || !prev.push.credentials.judged_alike(&push.credentials) {
+        return std::collections::HashMap::new();
+    }
+    let objects = translate::ClusterObjects::of(push);
+    prev.services
+        .iter()
+        .filter(|e| objects.hold(e.key()))
+        .map(|e| (e.key().clone(), e.value().clone()))
+        .collect()
+}
+
 fn retire(old: Arc<Generation>) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
@@ -998,6 +1027,83 @@ mod tests {
             Arc::new(ConfigSnapshot::from_files(files)),
             golden_time(),
         ))
+    }
+
+    /// A change that leaves most services alone (a new Service), and two
+    /// that alter what many services' clusters read (a mesh-wide
+    /// DestinationRule, a Secret a rule's `credentialName` names): every
+    /// golden proxy is served what a cache started on the new push context
+    /// serves it, and after the new Service the other services' clusters
+    /// are the very encodings of the generation before (carried over, not
+    /// translated again).
+    #[test]
+    fn service_clusters_carry_over_to_the_next_generation_only_when_unchanged() {
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: default}\n\
+                       spec:\n  selector: {app: added}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n\
+                       ---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: added, namespace: default}\n\
+                       subsets:\n- addresses: [{ip: 10.9.0.1}]\n  ports: [{name: http, port: 8080}]\n";
+        let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+                    metadata: {name: added-everywhere, namespace: istio-system}\n\
+                    spec:\n  host: '*.svc.cluster.local'\n  \
+                    trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}\n";
+        // gateway-tls's client credential without its CA.
+        let secrets =
+            std::fs::read_to_string(golden.join("gateway-tls/config/secrets.yaml")).expect("secrets");
+        let secret: String = (secrets.split("\n---\n"))
+            .find(|d| d.contains("name: egress-credential"))
+            .expect("egress-credential")
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("ca.crt:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (mut carried, mut changed) = (0, 0);
+        for scenario in [
+            "destination-rules",
+            "sidecar-mtls",
+            "locality",
+            "traffic",
+            "gateway-tls",
+        ] {
+            let dir = golden.join(scenario);
+            let earlier = golden_push(&dir);
+            let proxies = scenario_proxies(&dir);
+            for (change, text) in [("service", service), ("rule", rule), ("secret", secret.as_str())] {
+                let mut config = (*earlier.config).clone();
+                config.generation += 1;
+                let added = ConfigSnapshot::from_files(vec![parse_file("changed.yaml", text)]);
+                config.resources.extend(added.resources);
+                let later = Arc::new(earlier.next(Arc::new(config), golden_time()));
+                let cache = SnapshotCache::new(earlier.clone());
+                let before: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
+                cache.update(later.clone());
+                let fresh = SnapshotCache::new(later);
+                for (proxy, before) in proxies.iter().zip(&before) {
+                    let what = format!("{scenario}, {change}, {}", proxy.id);
+                    let served = cache.snapshot(proxy);
+                    let expected = fresh.snapshot(proxy);
+                    assert_eq!(versions(&served), versions(&expected), "{what}");
+                    assert_eq!(served.diagnostics, expected.diagnostics, "{what}");
+                    changed += usize::from(versions(before) != versions(&served));
+                    let clusters =
+                        |s: &Snapshot| s.resources.get(&XdsType::Cluster).cloned().unwrap_or_default();
+                    let (was, is) = (clusters(before), clusters(&served));
+                    let same = is
+                        .iter()
+                        .filter(|(name, e)| {
+                            name.starts_with("outbound|") && was.get(*name).is_some_and(|o| Arc::ptr_eq(o, e))
+                        })
+                        .count();
+                    if change == "service" {
+                        carried += same;
+                    }
+                }
+            }
+        }
+        assert!(
+            carried >= 30 && changed >= 10,
+            "{carried} clusters carried, {changed} snapshots changed"
+        );
     }
 
     /// A sidecar `client` in `namespace`, with `labels`.
