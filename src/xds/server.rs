@@ -178,10 +178,9 @@ impl AdsServer {
         let subscriptions = Subscriptions::default();
         let requests = Requests::new(request.into_inner(), R::decoder(subscriptions.clone()));
         let conn = Connection::new(self, mode, caller);
-        tokio::spawn(async move {
-            let _slot = slot;
-            conn.run(requests, subscriptions, tx).await;
-        });
+        // The stream's own future, not one wrapped around it: a wrapper
+        // keeps a second copy of everything `run` is handed.
+        tokio::spawn(conn.run(requests, subscriptions, tx, slot));
         Ok(())
     }
 }
@@ -467,6 +466,7 @@ impl Connection {
         mut inbound: impl futures::Stream<Item = Result<R, Status>> + Send + Unpin,
         subscriptions: Subscriptions,
         tx: mpsc::Sender<Result<Wire, Status>>,
+        _slot: StreamSlot,
     ) {
         let mut generations = self.cache.subscribe();
         let mut state = StreamState::default();
