@@ -205,9 +205,10 @@ struct Generation {
     /// every config key whose proxies read the same of it
     /// (`translate::ClusterKey`, which points into `push`).
     services: DashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
-    /// The previous generation's `services` still valid in this one
-    /// (`carried_services`), moved into `services` as they are used: a
-    /// change that leaves most services alone translates only its own.
+    /// The previous generation's `services` (and what it carried) still
+    /// valid in this one (`carried_services`), moved into `services` as
+    /// they are used: a change that leaves most services alone translates
+    /// only its own.
     carried: std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
     /// Resource maps equal between config keys, shared: by type and set
     /// version (and compared, should two versions collide).
@@ -741,11 +742,12 @@ impl Generation {
 /// streams were told of the next: its caches are thousands of small
 /// allocations, and freeing them held the write lock streams read the
 /// generation through, and the push, for a millisecond or more.
-/// The service clusters `prev` made that hold in `push` too: those of its
-/// services and rules that `push` still holds (`ClusterObjects`), when
-/// what else a service's clusters read is the same (the trust domain, and
-/// the Secrets, judged alike). Only those `prev` used: one it carried and
-/// never used is left behind.
+/// The service clusters `prev` made or carried that hold in `push` too:
+/// those of services and rules that `push` still holds (`ClusterObjects`),
+/// when what else a service's clusters read is the same (the trust domain,
+/// and the Secrets, judged alike). What `prev` carried and did not use is
+/// carried on: a generation that patched its snapshots (an endpoint or a
+/// VirtualService change) uses none, and the one after it still has them.
 fn carried_services(
     prev: &Generation,
     push: &PushContext,
@@ -754,11 +756,14 @@ fn carried_services(
         return std::collections::HashMap::new();
     }
     let objects = translate::ClusterObjects::of(push);
-    prev.services
-        .iter()
-        .filter(|e| objects.hold(e.key()))
-        .map(|e| (e.key().clone(), e.value().clone()))
-        .collect()
+    let mut carried: std::collections::HashMap<_, _> = (prev.carried.iter())
+        .filter(|(key, _)| objects.hold(key))
+        .map(|(key, part)| (key.clone(), part.clone()))
+        .collect();
+    for e in prev.services.iter().filter(|e| objects.hold(e.key())) {
+        carried.insert(e.key().clone(), e.value().clone());
+    }
+    carried
 }
 
 fn retire(old: Arc<Generation>) {
@@ -1104,6 +1109,56 @@ mod tests {
             carried >= 30 && changed >= 10,
             "{carried} clusters carried, {changed} snapshots changed"
         );
+    }
+
+    /// A generation that patches its snapshots (an endpoint change) uses
+    /// none of the service clusters it carried: the next one still has them.
+    #[test]
+    fn service_clusters_carry_over_through_a_patched_generation() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/traffic");
+        let first = golden_push(&dir);
+        let next = |push: &PushContext, text: &str| {
+            let mut config = (*push.config).clone();
+            config.generation += 1;
+            let added = ConfigSnapshot::from_files(vec![parse_file("changed.yaml", text)]);
+            config.resources.extend(added.resources);
+            Arc::new(push.next(Arc::new(config), golden_time()))
+        };
+        let moved = next(
+            &first,
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: reviews, namespace: default}\n\
+             subsets:\n- addresses: [{ip: 127.0.0.9}]\n  ports: [{name: http, port: 9080}]\n",
+        );
+        assert!(first.config.endpoint_only_change(&moved.config).is_some());
+        let added = next(
+            &moved,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: default}\n\
+             spec:\n  ports: [{name: http, port: 80}]\n",
+        );
+        let proxies = scenario_proxies(&dir);
+        let cache = SnapshotCache::new(first);
+        let before: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
+        cache.update(moved);
+        proxies.iter().for_each(|p| drop(cache.snapshot(p)));
+        cache.update(added.clone());
+        let fresh = SnapshotCache::new(added);
+        let mut carried = 0;
+        for (proxy, before) in proxies.iter().zip(&before) {
+            let served = cache.snapshot(proxy);
+            assert_eq!(
+                versions(&served),
+                versions(&fresh.snapshot(proxy)),
+                "{}",
+                proxy.id
+            );
+            let was = &before.resources[&XdsType::Cluster];
+            carried += (served.resources[&XdsType::Cluster].iter())
+                .filter(|(name, e)| {
+                    name.starts_with("outbound|") && was.get(*name).is_some_and(|o| Arc::ptr_eq(o, e))
+                })
+                .count();
+        }
+        assert!(carried > 0, "nothing carried through the endpoint change");
     }
 
     /// A sidecar `client` in `namespace`, with `labels`.
