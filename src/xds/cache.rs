@@ -1074,11 +1074,7 @@ mod tests {
             let earlier = golden_push(&dir);
             let proxies = scenario_proxies(&dir);
             for (change, text) in [("service", service), ("rule", rule), ("secret", secret.as_str())] {
-                let mut config = (*earlier.config).clone();
-                config.generation += 1;
-                let added = ConfigSnapshot::from_files(vec![parse_file("changed.yaml", text)]);
-                config.resources.extend(added.resources);
-                let later = Arc::new(earlier.next(Arc::new(config), golden_time()));
+                let later = with_document(&earlier, text);
                 let cache = SnapshotCache::new(earlier.clone());
                 let before: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
                 cache.update(later.clone());
@@ -1090,17 +1086,8 @@ mod tests {
                     assert_eq!(versions(&served), versions(&expected), "{what}");
                     assert_eq!(served.diagnostics, expected.diagnostics, "{what}");
                     changed += usize::from(versions(before) != versions(&served));
-                    let clusters =
-                        |s: &Snapshot| s.resources.get(&XdsType::Cluster).cloned().unwrap_or_default();
-                    let (was, is) = (clusters(before), clusters(&served));
-                    let same = is
-                        .iter()
-                        .filter(|(name, e)| {
-                            name.starts_with("outbound|") && was.get(*name).is_some_and(|o| Arc::ptr_eq(o, e))
-                        })
-                        .count();
                     if change == "service" {
-                        carried += same;
+                        carried += same_service_clusters(before, &served);
                     }
                 }
             }
@@ -1111,26 +1098,41 @@ mod tests {
         );
     }
 
+    /// `push`'s next push context, with the documents of `text` added (or
+    /// replacing those of the same kind, namespace and name).
+    fn with_document(push: &PushContext, text: &str) -> Arc<PushContext> {
+        let mut config = (*push.config).clone();
+        config.generation += 1;
+        let added = ConfigSnapshot::from_files(vec![parse_file("changed.yaml", text)]);
+        config.resources.extend(added.resources);
+        Arc::new(push.next(Arc::new(config), golden_time()))
+    }
+
+    /// The services' clusters (`outbound|…`) `after` holds in the very
+    /// encodings `before` held.
+    fn same_service_clusters(before: &Snapshot, after: &Snapshot) -> usize {
+        let clusters = |s: &Snapshot| s.resources.get(&XdsType::Cluster).cloned().unwrap_or_default();
+        let (was, is) = (clusters(before), clusters(after));
+        is.iter()
+            .filter(|(name, e)| {
+                name.starts_with("outbound|") && was.get(*name).is_some_and(|o| Arc::ptr_eq(o, e))
+            })
+            .count()
+    }
+
     /// A generation that patches its snapshots (an endpoint change) uses
     /// none of the service clusters it carried: the next one still has them.
     #[test]
     fn service_clusters_carry_over_through_a_patched_generation() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/traffic");
         let first = golden_push(&dir);
-        let next = |push: &PushContext, text: &str| {
-            let mut config = (*push.config).clone();
-            config.generation += 1;
-            let added = ConfigSnapshot::from_files(vec![parse_file("changed.yaml", text)]);
-            config.resources.extend(added.resources);
-            Arc::new(push.next(Arc::new(config), golden_time()))
-        };
-        let moved = next(
+        let moved = with_document(
             &first,
             "apiVersion: v1\nkind: Endpoints\nmetadata: {name: reviews, namespace: default}\n\
              subsets:\n- addresses: [{ip: 127.0.0.9}]\n  ports: [{name: http, port: 9080}]\n",
         );
         assert!(first.config.endpoint_only_change(&moved.config).is_some());
-        let added = next(
+        let added = with_document(
             &moved,
             "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: default}\n\
              spec:\n  ports: [{name: http, port: 80}]\n",
@@ -1151,12 +1153,7 @@ mod tests {
                 "{}",
                 proxy.id
             );
-            let was = &before.resources[&XdsType::Cluster];
-            carried += (served.resources[&XdsType::Cluster].iter())
-                .filter(|(name, e)| {
-                    name.starts_with("outbound|") && was.get(*name).is_some_and(|o| Arc::ptr_eq(o, e))
-                })
-                .count();
+            carried += same_service_clusters(before, &served);
         }
         assert!(carried > 0, "nothing carried through the endpoint change");
     }
