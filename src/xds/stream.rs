@@ -200,6 +200,11 @@ impl StreamState {
             }
         };
         let changed = !state.subscribed || wildcard != state.wildcard || !same_names;
+        // Names added to or dropped from a named subscription (Envoy's EDS
+        // request after a cluster is added or removed, its RDS request after
+        // a listener change) are answered with what the proxy does not hold
+        // yet, as a push is.
+        let resubscribed = state.subscribed && !state.wildcard && !wildcard && !same_names;
         state.subscribed = true;
         state.wildcard = wildcard;
         let initial = kind == RequestKind::Initial;
@@ -217,11 +222,37 @@ impl StreamState {
                 });
             }
         }
-        if initial || changed {
+        if initial {
+            Some(self.sotw_respond(t, snapshot, false))
+        } else if resubscribed {
+            self.sotw_resubscribed(t, snapshot)
+        } else if changed {
             Some(self.sotw_respond(t, snapshot, false))
         } else {
             None
         }
+    }
+
+    /// Answers a named subscription whose names changed with only the
+    /// resources the proxy does not hold in their current version: the xDS
+    /// protocol lets an EDS or RDS response carry a part of the set, and
+    /// Envoy updates only the resources a response names. Sending every
+    /// endpoint set again to every proxy that subscribes to one more
+    /// cluster is what a new service's push spent its memory on. Names
+    /// dropped are forgotten, so that they are sent again if they come
+    /// back; a request that only drops names is not answered.
+    fn sotw_resubscribed(&mut self, t: XdsType, snapshot: &Snapshot) -> Option<Outgoing> {
+        let state = self.types.entry_or_default(t);
+        if state.held.keys().any(|n| !state.names.contains(n)) {
+            let names = state.names.clone();
+            Arc::make_mut(&mut state.held).retain(|n, _| names.contains(n));
+            share_if_equal(&mut state.held, snapshot.shared(t));
+        }
+        let selected = sotw_select(state, snapshot, t, true);
+        if selected.resources.is_empty() {
+            return None;
+        }
+        Some(self.sotw_send(t, snapshot, selected))
     }
 
     /// Handles a new snapshot: the responses to send, in push order.
@@ -777,6 +808,51 @@ mod tests {
         let again = s.sotw_request(XdsType::Endpoint, &names, &second[0].nonce, None, &snap);
         let again = again.expect("the subscription change is answered");
         assert_eq!(again.resources.len(), 2);
+    }
+
+    #[test]
+    fn sotw_names_added_get_only_what_the_proxy_lacks_and_names_dropped_are_forgotten() {
+        let snap = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "1"), ("c", "1")]);
+        let mut s = StreamState::default();
+        let sent = |o: &Outgoing| -> Vec<String> { o.resources.iter().map(|r| r.name.clone()).collect() };
+        let first = s
+            .sotw_request(XdsType::Endpoint, &["a", "b"], "", None, &snap)
+            .expect("answered");
+        assert_eq!(sent(&first), ["a", "b"]);
+        // A cluster is added: its endpoints alone go out, under the version
+        // of all three.
+        let added = s
+            .sotw_request(XdsType::Endpoint, &["a", "b", "c"], &first.nonce, None, &snap)
+            .expect("the new name is answered");
+        assert_eq!(sent(&added), ["c"]);
+        let mut again = StreamState::default();
+        let whole = again
+            .sotw_request(XdsType::Endpoint, &["a", "b", "c"], "", None, &snap)
+            .expect("answered");
+        assert_eq!(
+            added.version, whole.version,
+            "the version names the whole subscription"
+        );
+        // A cluster is removed: nothing to send.
+        assert_eq!(
+            s.sotw_request(XdsType::Endpoint, &["a", "c"], &added.nonce, None, &snap),
+            None
+        );
+        assert_eq!(
+            s.types[&XdsType::Endpoint].held.keys().collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        // It comes back: the proxy no longer holds it, so it is sent.
+        let back = s
+            .sotw_request(XdsType::Endpoint, &["a", "b", "c"], &added.nonce, None, &snap)
+            .expect("answered");
+        assert_eq!(sent(&back), ["b"]);
+        // A push then sends only what changed.
+        let pushed = s.sotw_push(&snapshot(
+            XdsType::Endpoint,
+            &[("a", "1"), ("b", "2"), ("c", "1")],
+        ));
+        assert_eq!(pushed.iter().map(sent).collect::<Vec<_>>(), [["b"]]);
     }
 
     #[test]
