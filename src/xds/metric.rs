@@ -76,6 +76,12 @@ impl StreamMetrics {
     }
 }
 
+impl std::fmt::Debug for StreamMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamMetrics").finish_non_exhaustive()
+    }
+}
+
 impl Default for StreamMetrics {
     fn default() -> Self {
         StreamMetrics::new()

@@ -35,6 +35,8 @@ pub struct AdsServer {
     limits: Limits,
     /// Streams open now, on every port this server's clones serve.
     streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The per-type metric handles, looked up once for every stream.
+    metrics: Arc<metric::StreamMetrics>,
 }
 
 /// What one client may ask of the server. A client over a limit is
@@ -116,6 +118,7 @@ impl AdsServer {
             tls: false,
             limits: Limits::default(),
             streams: Arc::default(),
+            metrics: Arc::new(metric::StreamMetrics::new()),
         }
     }
 
@@ -372,11 +375,26 @@ impl XdsRequest for DeltaRequestMessage {
     }
 }
 
+/// What a turn of a stream's loop came to.
+enum Step {
+    /// Responses to send, computed from the snapshot.
+    Send(Vec<Outgoing>, Arc<Snapshot>),
+    /// A new generation is out: compute the push once a permit is free.
+    Push,
+    /// Nothing to do.
+    Idle,
+    /// The stream is over.
+    Stop,
+    /// The stream ends with this status.
+    Fail(Status),
+}
+
 /// One ADS stream.
 struct Connection {
     cache: Arc<SnapshotCache>,
     registry: Arc<Registry>,
     push_permits: Arc<Semaphore>,
+    metrics: Arc<metric::StreamMetrics>,
     mode: &'static str,
     ca: Option<Arc<WorkloadCa>>,
     tls: bool,
@@ -403,6 +421,7 @@ impl Connection {
             cache: server.cache.clone(),
             registry: server.registry.clone(),
             push_permits: server.push_permits.clone(),
+            metrics: server.metrics.clone(),
             mode,
             ca: server.ca.clone(),
             tls: server.tls,
@@ -472,79 +491,49 @@ impl Connection {
         let mut state = StreamState::default();
         let mut proxy: Option<(Proxy, u64)> = None;
         let mut workload: Option<Workload> = None;
-        let stream_metrics = metric::StreamMetrics::new();
         let mut rate = RateLimit::new(&self.limits);
+        // What ends the stream with a status, sent once the loop is left.
+        let mut failed: Option<Status> = None;
         loop {
             let renew_at = workload.as_ref().map(|w| w.renew_at);
+            // The branches do not wait on anything themselves: their
+            // futures would be kept in the stream's task next to the ones
+            // `select!` holds, for every stream open.
+            let step = tokio::select! {
+                msg = futures::StreamExt::next(&mut inbound) => match msg {
+                    Some(Ok(req)) => self.request(req, &mut rate, &mut proxy, &mut workload, &mut state, &subscriptions),
+                    None => Step::Stop,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "stream closed");
+                        Step::Stop
+                    }
+                },
+                changed = generations.changed() => match changed {
+                    Err(_) => Step::Stop,
+                    Ok(()) if proxy.is_none() => Step::Idle,
+                    Ok(()) => Step::Push,
+                },
+                _ = sleep_until_some(renew_at) => match &proxy {
+                    None => Step::Idle,
+                    Some((p, _)) => {
+                        workload = workload.take().and_then(|w| self.workload(w.identity));
+                        let snapshot = self.snapshot(p, workload.as_ref());
+                        Step::Send(R::push(&mut state, &snapshot), snapshot)
+                    }
+                },
+            };
             // Set when a new config generation is pushed: when its
             // computation started.
             let mut pushed: Option<Instant> = None;
-            let outgoing = tokio::select! {
-                msg = futures::StreamExt::next(&mut inbound) => {
-                    let req = match msg {
-                        Some(Ok(req)) => req,
-                        None => break,
-                        Some(Err(status)) => {
-                            tracing::debug!(%status, "stream closed");
-                            break;
-                        }
-                    };
-                    if let Err(status) = req.check(&self.limits) {
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                    if !rate.take() {
-                        let status = Status::resource_exhausted(format!(
-                            "more than {} requests a second (bursts of {}) on one stream: disconnected",
-                            self.limits.requests_per_second, self.limits.request_burst
-                        ));
-                        tracing::warn!(proxy = ?proxy.as_ref().map(|(p, _)| &p.id), "{}", status.message());
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                    if proxy.is_none() {
-                        match req.node().and_then(|node| self.identify(node.as_ref())) {
-                            Ok((p, id, identity)) => {
-                                workload = identity.and_then(|i| self.workload(i));
-                                proxy = Some((p, id));
-                            }
-                            Err(status) => {
-                                let _ = tx.send(Err(status)).await;
-                                break;
-                            }
-                        }
-                    }
-                    let Some(t) = XdsType::from_url(req.type_url()) else {
-                        tracing::debug!(type_url = req.type_url(), "ignoring a request for an unknown type");
-                        continue;
-                    };
-                    let Some((p, _)) = &proxy else { break };
-                    if let Some(error) = req.error_detail() {
-                        stream_metrics.rejected(t);
-                        tracing::warn!(
-                            proxy = %p.id,
-                            r#type = t.short_name(),
-                            nonce = req.response_nonce(),
-                            "proxy rejected the config: {}",
-                            error.message
-                        );
-                    }
-                    let snapshot = self.snapshot(p, workload.as_ref());
-                    let applied = req.apply(t, &mut state, &snapshot);
-                    // What the stream's next requests most likely repeat.
-                    subscriptions.publish(&state);
-                    match applied {
-                        Ok(out) => (out.into_iter().collect::<Vec<_>>(), snapshot),
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                    }
+            let (outgoing, snapshot) = match step {
+                Step::Send(outgoing, snapshot) => (outgoing, snapshot),
+                Step::Idle => continue,
+                Step::Stop => break,
+                Step::Fail(status) => {
+                    failed = Some(status);
+                    break;
                 }
-                changed = generations.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
+                Step::Push => {
                     let Some((p, _)) = &proxy else { continue };
                     // A closed semaphore never happens; without a permit we
                     // would still compute, so the error is only ignored.
@@ -553,14 +542,7 @@ impl Connection {
                     let snapshot = self.snapshot(p, workload.as_ref());
                     (R::push(&mut state, &snapshot), snapshot)
                 }
-                _ = sleep_until_some(renew_at) => {
-                    let Some((p, _)) = &proxy else { continue };
-                    workload = workload.take().and_then(|w| self.workload(w.identity));
-                    let snapshot = self.snapshot(p, workload.as_ref());
-                    (R::push(&mut state, &snapshot), snapshot)
-                }
             };
-            let (outgoing, snapshot) = outgoing;
             let Some((p, id)) = &proxy else { break };
             let sent: Vec<XdsType> = outgoing.iter().map(|o| o.type_).collect();
             self.registry
@@ -568,14 +550,14 @@ impl Connection {
             let push_time = pushed.map(|started| started.elapsed().as_secs_f64());
             for out in outgoing {
                 let wire = R::wire(&out);
-                stream_metrics.sent(out.type_, wire.len(), push_time);
+                self.metrics.sent(out.type_, wire.len(), push_time);
                 if tx.send(Ok(wire)).await.is_err() {
                     break;
                 }
             }
             if pushed.is_some() && !sent.is_empty() {
                 if let Some(since) = self.cache.pushed(snapshot.generation) {
-                    stream_metrics.converged(since.as_secs_f64());
+                    self.metrics.converged(since.as_secs_f64());
                 }
                 tracing::debug!(
                     proxy = %p.id,
@@ -585,9 +567,73 @@ impl Connection {
                 );
             }
         }
+        if let Some(status) = failed {
+            let _ = tx.send(Err(status)).await;
+        }
         if let Some((p, id)) = proxy {
             tracing::info!(proxy = %p.id, mode = self.mode, "proxy disconnected");
             self.registry.remove(id);
+        }
+    }
+
+    /// What one request asks of the stream: checked, the proxy identified
+    /// from its node if it is the first, then applied to the state.
+    fn request<R: XdsRequest>(
+        &self,
+        req: R,
+        rate: &mut RateLimit,
+        proxy: &mut Option<(Proxy, u64)>,
+        workload: &mut Option<Workload>,
+        state: &mut StreamState,
+        subscriptions: &Subscriptions,
+    ) -> Step {
+        if let Err(status) = req.check(&self.limits) {
+            return Step::Fail(status);
+        }
+        if !rate.take() {
+            let status = Status::resource_exhausted(format!(
+                "more than {} requests a second (bursts of {}) on one stream: disconnected",
+                self.limits.requests_per_second, self.limits.request_burst
+            ));
+            tracing::warn!(proxy = ?proxy.as_ref().map(|(p, _)| &p.id), "{}", status.message());
+            return Step::Fail(status);
+        }
+        if proxy.is_none() {
+            match req.node().and_then(|node| self.identify(node.as_ref())) {
+                Ok((p, id, identity)) => {
+                    *workload = identity.and_then(|i| self.workload(i));
+                    *proxy = Some((p, id));
+                }
+                Err(status) => return Step::Fail(status),
+            }
+        }
+        let Some(t) = XdsType::from_url(req.type_url()) else {
+            tracing::debug!(
+                type_url = req.type_url(),
+                "ignoring a request for an unknown type"
+            );
+            return Step::Idle;
+        };
+        let Some((p, _)) = proxy.as_ref() else {
+            return Step::Stop;
+        };
+        if let Some(error) = req.error_detail() {
+            self.metrics.rejected(t);
+            tracing::warn!(
+                proxy = %p.id,
+                r#type = t.short_name(),
+                nonce = req.response_nonce(),
+                "proxy rejected the config: {}",
+                error.message
+            );
+        }
+        let snapshot = self.snapshot(p, workload.as_ref());
+        let applied = req.apply(t, state, &snapshot);
+        // What the stream's next requests most likely repeat.
+        subscriptions.publish(state);
+        match applied {
+            Ok(out) => Step::Send(out.into_iter().collect(), snapshot),
+            Err(status) => Step::Fail(status),
         }
     }
 
