@@ -28,13 +28,11 @@ use super::server::AdsServer;
 use super::stream::Outgoing;
 use super::Encoded;
 
-/// One encoded ADS response: its chunks, gRPC header first.
+/// One encoded ADS response: its chunks, gRPC header first. The middle
+/// chunks are the batch's body, and each holds it (see `Batch`).
 #[derive(Debug, Default)]
 pub struct Wire {
     pub chunks: Vec<Bytes>,
-    /// The batch body the middle chunks come from, held until they are
-    /// handed to HTTP/2 (see `Batch`).
-    body: Option<Arc<Body>>,
 }
 
 fn varint(buf: &mut BytesMut, mut v: u64) {
@@ -97,7 +95,10 @@ fn control_plane_id() -> String {
 /// A stream's walk over a snapshot is shared by the streams of one config
 /// key (`Walks`), and so is its batch: two thousand proxies sent the same
 /// thousand clusters at once hold one copy of the encoded bytes, not one
-/// each. Once no response being sent holds it, the body is dropped, so a
+/// each. Every chunk of the body handed to HTTP/2 holds it until h2 has
+/// written that chunk (a body dropped when its chunks were handed over was
+/// made again, a copy, for each next stream while h2 still queued the
+/// last one's). Once no chunk holds it, the body is dropped, so a
 /// snapshot does not keep a second copy of its resources.
 #[derive(Default)]
 pub struct Batch {
@@ -113,6 +114,19 @@ pub struct Batch {
 struct Body {
     segments: Vec<Bytes>,
     len: usize,
+}
+
+/// One segment of a body as a chunk of a response: it keeps the body, so
+/// the batch hands the same body to other streams while h2 holds it.
+struct Segment {
+    body: Arc<Body>,
+    index: usize,
+}
+
+impl AsRef<[u8]> for Segment {
+    fn as_ref(&self) -> &[u8] {
+        &self.body.segments[self.index]
+    }
 }
 
 impl Batch {
@@ -261,14 +275,16 @@ impl Wire {
         last(&mut tail);
         let mut chunks = Vec::with_capacity(body.segments.len() + 2);
         chunks.push(head.freeze());
-        chunks.extend(body.segments.iter().cloned());
+        chunks.extend((0..body.segments.len()).map(|index| {
+            Bytes::from_owner(Segment {
+                body: body.clone(),
+                index,
+            })
+        }));
         if !tail.is_empty() {
             chunks.push(tail.freeze());
         }
-        Wire {
-            chunks,
-            body: Some(body),
-        }
+        Wire { chunks }
     }
 
     /// A `DiscoveryResponse`.
@@ -385,8 +401,6 @@ struct ResponseBody {
     rx: mpsc::Receiver<Result<Wire, Status>>,
     /// The chunks of the response being sent not yet handed to HTTP/2.
     pending: std::vec::IntoIter<Bytes>,
-    /// Its batch body, held until then.
-    body: Option<Arc<Body>>,
     done: bool,
 }
 
@@ -402,7 +416,6 @@ impl http_body::Body for ResponseBody {
             if let Some(chunk) = self.pending.next() {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
-            self.body = None;
             if self.done {
                 return Poll::Ready(None);
             }
@@ -410,7 +423,6 @@ impl http_body::Body for ResponseBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(wire))) => {
                     self.pending = wire.chunks.into_iter();
-                    self.body = wire.body;
                 }
                 Poll::Ready(end) => {
                     self.done = true;
@@ -480,7 +492,6 @@ where
             let body = ResponseBody {
                 rx,
                 pending: Vec::new().into_iter(),
-                body: None,
                 done: false,
             };
             let started = match path.rsplit('/').next() {
@@ -808,6 +819,18 @@ mod tests {
         for slot in [&out.resources.sotw, &out.resources.delta] {
             assert!(slot.lock().expect("not poisoned").upgrade().is_none());
         }
+        // A chunk handed to HTTP/2 and not yet written holds its body: the
+        // next stream's response carries the same bytes, not a copy.
+        let queued = Wire::sotw(&out).chunks.swap_remove(1);
+        assert_eq!(Wire::sotw(&other).chunks[1].as_ptr(), queued.as_ptr());
+        drop(queued);
+        assert!(out
+            .resources
+            .sotw
+            .lock()
+            .expect("not poisoned")
+            .upgrade()
+            .is_none());
         for out in [&out, &other] {
             let sotw = DiscoveryResponse::decode(message(&Wire::sotw(out)).as_slice()).expect("decodes");
             assert_eq!(
