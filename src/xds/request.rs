@@ -7,11 +7,12 @@
 //! field as its bytes arrive, and its names are compared with the stream's
 //! current subscriptions (`Subscriptions`): names that repeat one are not
 //! kept at all. Only names that differ from every subscription (a new one)
-//! are stored, in one buffer.
+//! are stored, in one buffer. Each subscription is compared as the bytes a
+//! request encodes it in (`Flat`, made once per interned set): a run of
+//! names that repeats it is one comparison of bytes, not one per name.
 
-use std::collections::{btree_set, BTreeSet};
-use std::ops::Bound;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tonic::Status;
@@ -132,10 +133,83 @@ impl<T: prost::Message + Default + 'static> MessageDecoder for Framed<T> {
 #[derive(Debug, Clone, Default)]
 pub struct Subscriptions(Arc<Mutex<NameSets>>);
 
-/// Name sets, shared by the stream's loop and its reader (the sets
-/// themselves are shared by many streams: taking this one `Arc` does not
-/// touch their counts).
-type NameSets = Arc<Vec<Arc<BTreeSet<String>>>>;
+/// Name sets with their encodings, shared by the stream's loop and its
+/// reader (the sets themselves are shared by many streams: taking this one
+/// `Arc` does not touch their counts).
+type NameSets = Arc<Vec<Candidate>>;
+
+/// A set of names a request may repeat, and the bytes it repeats it in.
+type Candidate = (Arc<BTreeSet<String>>, Arc<Flat>);
+
+/// A set's names as a request encodes them: each a `resource_names` field
+/// (3) in order, one after the other, and where each name lies.
+#[derive(Debug, Default)]
+struct Flat {
+    wire: Vec<u8>,
+    /// Each name's start and the end of its field, in `wire`.
+    names: Vec<(u32, u32)>,
+}
+
+impl Flat {
+    fn of(set: &BTreeSet<String>) -> Flat {
+        let mut flat = Flat::default();
+        for name in set {
+            flat.wire.push(NAME_KEY);
+            let mut len = name.len();
+            while len >= 0x80 {
+                flat.wire.push((len as u8) | 0x80);
+                len >>= 7;
+            }
+            flat.wire.push(len as u8);
+            let start = flat.wire.len() as u32;
+            flat.wire.extend_from_slice(name.as_bytes());
+            flat.names.push((start, flat.wire.len() as u32));
+        }
+        flat
+    }
+
+    /// The `i`th name.
+    fn name(&self, i: usize) -> Option<&[u8]> {
+        let &(start, end) = self.names.get(i)?;
+        Some(&self.wire[start as usize..end as usize])
+    }
+
+    /// Where the `i`th name's field begins.
+    fn field_start(&self, i: usize) -> usize {
+        match i.checked_sub(1) {
+            Some(before) => self.names[before].1 as usize,
+            None => 0,
+        }
+    }
+}
+
+/// The encoding of each interned set some stream subscribes to, made once
+/// (by the set's address; the `Weak` tells a reused address apart).
+fn flat_of(set: &Arc<BTreeSet<String>>) -> Arc<Flat> {
+    type Flats = Mutex<HashMap<usize, (Weak<BTreeSet<String>>, Arc<Flat>)>>;
+    static FLATS: std::sync::OnceLock<Flats> = std::sync::OnceLock::new();
+    let key = Arc::as_ptr(set) as usize;
+    let mut flats = FLATS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((held, flat)) = flats.get(&key) {
+        if held.upgrade().is_some_and(|held| Arc::ptr_eq(&held, set)) {
+            return flat.clone();
+        }
+    }
+    // Forget the sets no stream holds any more, now and then.
+    if flats.len() >= 64 && flats.len().is_power_of_two() {
+        flats.retain(|_, (held, _)| held.strong_count() > 0);
+    }
+    let flat = Arc::new(Flat::of(set));
+    flats.insert(key, (Arc::downgrade(set), flat.clone()));
+    flat
+}
+
+fn candidates(sets: &[Arc<BTreeSet<String>>]) -> NameSets {
+    Arc::new(sets.iter().map(|s| (s.clone(), flat_of(s))).collect())
+}
 
 impl Subscriptions {
     /// Publishes `state`'s named subscriptions, when they changed.
@@ -151,10 +225,10 @@ impl Subscriptions {
         let mut now = named();
         let same = current
             .iter()
-            .all(|c| now.next().is_some_and(|n| Arc::ptr_eq(c, n)))
+            .all(|(c, _)| now.next().is_some_and(|n| Arc::ptr_eq(c, n)))
             && now.next().is_none();
         if !same {
-            *current = Arc::new(named().cloned().collect());
+            *current = Arc::new(named().map(|s| (s.clone(), flat_of(s))).collect());
         }
     }
 
@@ -208,7 +282,7 @@ impl SotwRequest {
     /// Reads one message (without its gRPC prefix), its names compared
     /// with `subscriptions`.
     pub fn read(message: Bytes, subscriptions: &[Arc<BTreeSet<String>>]) -> Result<SotwRequest, Status> {
-        let mut reader = SotwReader::new(message.len(), Arc::new(subscriptions.to_vec()));
+        let mut reader = SotwReader::new(message.len(), candidates(subscriptions));
         let mut data = message;
         reader.read(&mut data)?;
         reader.finish()
@@ -338,16 +412,7 @@ impl SotwReader {
 
     /// Reads from `data`; true once the message has ended.
     fn read(&mut self, data: &mut Bytes) -> Result<bool, Status> {
-        let sets = self.names.sets.clone();
-        let mut cursor = Cursor::new(&sets, &self.names.alive, self.names.last.as_deref());
-        let read = self.read_fields(&data[..data.len().min(self.remaining)], &mut cursor);
-        if let Some(last) = cursor.last {
-            self.names.last = Some(last.clone());
-        }
-        for (alive, place) in self.names.alive.iter_mut().zip(&cursor.places) {
-            *alive = place.is_some();
-        }
-        let read = read?;
+        let read = self.read_fields(&data[..data.len().min(self.remaining)])?;
         data.advance(read);
         self.remaining -= read;
         if self.remaining == 0 && (self.field != Field::Head || !self.head.is_empty()) {
@@ -358,24 +423,32 @@ impl SotwReader {
 
     /// Reads the fields in `data` (no further than the message's end):
     /// how many bytes it read.
-    fn read_fields(&mut self, data: &[u8], cursor: &mut Cursor<'_>) -> Result<usize, Status> {
+    fn read_fields(&mut self, data: &[u8]) -> Result<usize, Status> {
         let mut at = 0;
         while at < data.len() {
             let rest = &data[at..];
+            // Names that repeat the one subscription left, as many as are
+            // whole in the frame: most of an ACK, in one compare.
+            if self.field == Field::Head && self.head.is_empty() && rest[0] == NAME_KEY {
+                let repeated = self.names.repeats(rest);
+                if repeated > 0 {
+                    at += repeated;
+                    continue;
+                }
+            }
             match self.field {
-                // A name shorter than 128 bytes, whole in the frame: most
-                // of an ACK.
+                // A name shorter than 128 bytes, whole in the frame.
                 Field::Head if self.head.is_empty() && rest.len() > 2 && rest[0] == NAME_KEY => {
                     let len = usize::from(rest[1]);
                     match rest.get(2..2 + len) {
                         Some(name) if len < 0x80 => {
-                            self.names.name(name, cursor);
+                            self.names.name(name);
                             at += 2 + len;
                         }
-                        _ => at += self.head(rest, self.remaining - at, cursor)?,
+                        _ => at += self.head(rest, self.remaining - at)?,
                     }
                 }
-                Field::Head => at += self.head(rest, self.remaining - at, cursor)?,
+                Field::Head => at += self.head(rest, self.remaining - at)?,
                 Field::Name(left) => {
                     let n = left.min(rest.len());
                     at += n;
@@ -384,11 +457,11 @@ impl SotwReader {
                         self.name.extend_from_slice(&rest[..n]);
                     } else if self.name.is_empty() {
                         self.field = Field::Head;
-                        self.names.name(&rest[..n], cursor);
+                        self.names.name(&rest[..n]);
                     } else {
                         self.field = Field::Head;
                         self.name.extend_from_slice(&rest[..n]);
-                        self.names.name(&self.name, cursor);
+                        self.names.name(&self.name);
                         self.name.clear();
                     }
                 }
@@ -410,7 +483,7 @@ impl SotwReader {
     /// Reads a field's key and length from `data`, continuing one cut off
     /// before; `remaining` bytes are left of the message. Returns how many
     /// bytes of `data` it read.
-    fn head(&mut self, data: &[u8], remaining: usize, cursor: &mut Cursor<'_>) -> Result<usize, Status> {
+    fn head(&mut self, data: &[u8], remaining: usize) -> Result<usize, Status> {
         let before = self.head.len();
         let take = (MAX_HEAD - before).min(data.len());
         let parsed = if before == 0 {
@@ -447,7 +520,7 @@ impl SotwReader {
         self.head.clear();
         self.field = match field {
             Field::Name(0) => {
-                self.names.name(b"", cursor);
+                self.names.name(b"");
                 Field::Head
             }
             Field::Other(0) => Field::Head,
@@ -559,31 +632,22 @@ fn parse_rest(frame: Bytes) -> Result<SotwRequest, Status> {
     Ok(out)
 }
 
-/// Where each candidate is in its set while one DATA frame's names are
-/// compared with it.
-struct Cursor<'a> {
-    /// Each candidate's next names, or `None` once one differed.
-    places: Vec<Option<btree_set::Range<'a, String>>>,
-    sets: &'a [Arc<BTreeSet<String>>],
-    /// The last name matched in this frame.
-    last: Option<&'a String>,
-}
-
-impl<'a> Cursor<'a> {
-    /// Each of `sets` still `alive` from after `last` (from its start
-    /// without one).
-    fn new(sets: &'a [Arc<BTreeSet<String>>], alive: &[bool], last: Option<&str>) -> Cursor<'a> {
-        let after = last.map_or(Bound::Unbounded, Bound::Excluded);
-        Cursor {
-            places: sets
-                .iter()
-                .zip(alive)
-                .map(|(s, &alive)| alive.then(|| s.range::<str, _>((after, Bound::Unbounded))))
-                .collect(),
-            sets,
-            last: None,
-        }
+/// How many bytes `a` and `b` begin with alike: one compare when they
+/// agree as far as the shorter goes, as an ACK does.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    if a[..n] == b[..n] {
+        return n;
     }
+    // Narrowed down in blocks, then byte by byte.
+    let mut i = 0;
+    while i + 256 <= n && a[i..i + 256] == b[i..i + 256] {
+        i += 256;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
 }
 
 /// A request's names as they are read.
@@ -595,8 +659,6 @@ struct NameReader {
     alive: Vec<bool>,
     /// How many names they repeat.
     matched: usize,
-    /// The last of those names: where comparing resumes in the next frame.
-    last: Option<String>,
     /// No candidate is left: names are stored.
     storing: bool,
     /// Then, the candidate that held out longest: the first `matched`
@@ -607,28 +669,57 @@ struct NameReader {
 }
 
 impl NameReader {
-    fn name(&mut self, name: &[u8], cursor: &mut Cursor<'_>) {
+    fn name(&mut self, name: &[u8]) {
         if !self.storing {
-            let (mut held, mut next) = (None, None);
-            for (i, place) in cursor.places.iter_mut().enumerate() {
-                let Some(p) = place else { continue };
+            let (mut held, mut next) = (None, false);
+            for (i, (alive, (_, flat))) in self.alive.iter_mut().zip(self.sets.iter()).enumerate() {
+                if !*alive {
+                    continue;
+                }
                 held.get_or_insert(i);
-                match p.next() {
-                    Some(n) if n.as_bytes() == name => next = Some(n),
-                    _ => *place = None,
+                if flat.name(self.matched) == Some(name) {
+                    next = true;
+                } else {
+                    *alive = false;
                 }
             }
-            if let Some(n) = next {
+            if next {
                 self.matched += 1;
-                cursor.last = Some(n);
                 return;
             }
             self.storing = true;
-            self.repeated = held.map(|i| cursor.sets[i].clone());
+            self.repeated = held.map(|i| self.sets[i].0.clone());
         }
         self.stored.extend_from_slice(name);
         // Requests are at most `MAX_REQUEST` bytes: ends fit in u32.
         self.ends.push(self.stored.len() as u32);
+    }
+
+    /// With one candidate left, how many bytes at the start of `data` are
+    /// whole name fields that go on repeating it (0 for none, or when
+    /// several candidates are left: `name` tells them apart). Those names
+    /// are counted as matched.
+    fn repeats(&mut self, data: &[u8]) -> usize {
+        if self.storing {
+            return 0;
+        }
+        let mut alive = self.alive.iter().enumerate().filter(|(_, a)| **a);
+        let (Some((only, _)), None) = (alive.next(), alive.next()) else {
+            return 0;
+        };
+        let flat = &self.sets[only].1;
+        if self.matched >= flat.names.len() {
+            return 0;
+        }
+        let from = flat.field_start(self.matched);
+        let same = common_prefix(data, &flat.wire[from..]);
+        // The names whose fields end within the bytes that agree.
+        let whole = flat.names[self.matched..].partition_point(|&(_, end)| end as usize - from <= same);
+        if whole == 0 {
+            return 0;
+        }
+        self.matched += whole;
+        flat.field_start(self.matched) - from
     }
 
     fn finish(self) -> Names {
@@ -642,7 +733,7 @@ impl NameReader {
                     .sets
                     .iter()
                     .zip(&self.alive)
-                    .filter_map(|(s, &a)| a.then_some(s));
+                    .filter_map(|((s, _), &a)| a.then_some(s));
                 alive
                     .clone()
                     .find(|s| s.len() == matched)
@@ -683,7 +774,7 @@ mod tests {
         cuts: &[usize],
         sets: &[Arc<BTreeSet<String>>],
     ) -> Vec<Result<SotwRequest, Status>> {
-        let subscriptions = Subscriptions(Arc::new(Mutex::new(Arc::new(sets.to_vec()))));
+        let subscriptions = Subscriptions(Arc::new(Mutex::new(candidates(sets))));
         let mut decoder = SotwRequest::decoder(subscriptions);
         let mut out = Vec::new();
         let mut from = 0;
@@ -727,11 +818,16 @@ mod tests {
             .collect()
     }
 
+    /// `n` cluster names, in order.
+    fn cluster_names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("outbound|80||svc-{i:03}.ns.svc.cluster.local"))
+            .collect()
+    }
+
     #[test]
     fn an_ack_that_repeats_a_subscription_is_read_without_keeping_its_names() {
-        let eds: Vec<String> = (0..40)
-            .map(|i| format!("outbound|80||svc-{i:02}.ns.svc.cluster.local"))
-            .collect();
+        let eds = cluster_names(40);
         let eds: Vec<&str> = eds.iter().map(String::as_str).collect();
         let (rds, sds, eds_set) = (set(&["80"]), set(&["default"]), set(&eds));
         let sent = request(&eds);
@@ -758,6 +854,37 @@ mod tests {
                 got.node.as_ref().map(|n| Node::decode(n.clone()).expect("node")),
                 sent.node
             );
+        }
+    }
+
+    #[test]
+    fn a_long_list_that_differs_from_its_subscription_deep_inside_is_read_exactly() {
+        let subscribed = cluster_names(300);
+        let sub: Vec<&str> = subscribed.iter().map(String::as_str).collect();
+        let candidates = [set(&sub[..10]), set(&sub)];
+        let long = "l".repeat(200);
+        let mut changed = sub.clone();
+        changed[150] = "outbound|80||svc-150.ns.svc.cluster.localx";
+        let mut inserted = sub.clone();
+        inserted.insert(200, "outbound|80||svc-1999.ns.svc.cluster.local");
+        let mut dropped = sub.clone();
+        dropped.remove(299);
+        let mut longer = sub.clone();
+        longer.insert(100, &long);
+        for sent in [sub.clone(), changed, inserted, dropped, longer] {
+            let bytes = framed(&request(&sent).encode_to_vec());
+            let small: Vec<usize> = (1..bytes.len()).step_by(7).collect();
+            let cuts = (0..=bytes.len()).step_by(3).map(|c| vec![c]).chain([small]);
+            for cuts in cuts {
+                let got = read(&bytes, &cuts, &candidates);
+                let [Ok(got)] = &got[..] else {
+                    panic!("one request at {cuts:?}: {got:?}")
+                };
+                assert_eq!(names(got), sent, "at {cuts:?}");
+                assert_eq!(got.names_repeat(&candidates[1]), sent == sub);
+                // Only names past where they part from it are stored.
+                assert_eq!(got.names.stored.is_empty(), sub.starts_with(&sent), "at {cuts:?}");
+            }
         }
     }
 
@@ -873,7 +1000,7 @@ mod tests {
         // Wildcard CDS names nothing; EDS its two, the interned set itself.
         assert_eq!(published.len(), 1);
         assert!(Arc::ptr_eq(
-            &published[0],
+            &published[0].0,
             &state.types.get(&XdsType::Endpoint).expect("EDS").names
         ));
         let bytes = framed(&request(&["a", "b"]).encode_to_vec());
