@@ -190,6 +190,10 @@ impl AdsServer {
 
 /// A request of either variant, as the loop needs it.
 pub(super) trait XdsRequest: Send + 'static {
+    /// Whether the stream's reader compares requests with what the stream
+    /// subscribes to (`Subscriptions`): SotW's does, delta's reads whole
+    /// requests and needs nothing published.
+    const READS_SUBSCRIPTIONS: bool = false;
     /// What decoding alone does not check; an error ends the stream.
     fn check(&self, _limits: &Limits) -> Result<(), Status> {
         Ok(())
@@ -220,6 +224,8 @@ fn rejection(detail: Option<&envoy_types::pb::google::rpc::Status>) -> Option<St
 }
 
 impl XdsRequest for SotwRequest {
+    const READS_SUBSCRIPTIONS: bool = true;
+
     /// The names' UTF-8 is checked in `apply`, only when they are not the
     /// subscribed ones repeated.
     fn check(&self, limits: &Limits) -> Result<(), Status> {
@@ -630,7 +636,9 @@ impl Connection {
         let snapshot = self.snapshot(p, workload.as_ref());
         let applied = req.apply(t, state, &snapshot);
         // What the stream's next requests most likely repeat.
-        subscriptions.publish(state);
+        if R::READS_SUBSCRIPTIONS {
+            subscriptions.publish(state);
+        }
         match applied {
             Ok(out) => Step::Send(out.into_iter().collect(), snapshot),
             Err(status) => Step::Fail(status),
