@@ -154,16 +154,9 @@ impl Flat {
     fn of(set: &BTreeSet<String>) -> Flat {
         let mut flat = Flat::default();
         for name in set {
-            flat.wire.push(NAME_KEY);
-            let mut len = name.len();
-            while len >= 0x80 {
-                flat.wire.push((len as u8) | 0x80);
-                len >>= 7;
-            }
-            flat.wire.push(len as u8);
-            let start = flat.wire.len() as u32;
-            flat.wire.extend_from_slice(name.as_bytes());
-            flat.names.push((start, flat.wire.len() as u32));
+            prost::encoding::string::encode(3, name, &mut flat.wire);
+            let end = flat.wire.len();
+            flat.names.push(((end - name.len()) as u32, end as u32));
         }
         flat
     }
@@ -862,6 +855,12 @@ mod tests {
         let subscribed = cluster_names(300);
         let sub: Vec<&str> = subscribed.iter().map(String::as_str).collect();
         let candidates = [set(&sub[..10]), set(&sub)];
+        // The bytes a run of names is compared with are the request's own.
+        let names_only = DiscoveryRequest {
+            resource_names: subscribed.clone(),
+            ..Default::default()
+        };
+        assert_eq!(Flat::of(&candidates[1]).wire, names_only.encode_to_vec());
         let long = "l".repeat(200);
         let mut changed = sub.clone();
         changed[150] = "outbound|80||svc-150.ns.svc.cluster.localx";
