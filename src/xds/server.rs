@@ -385,7 +385,8 @@ impl XdsRequest for DeltaRequestMessage {
 enum Step {
     /// Responses to send, computed from the snapshot.
     Send(Vec<Outgoing>, Arc<Snapshot>),
-    /// A new generation is out: compute the push once a permit is free.
+    /// A new generation is out: once a permit is free, compute the push
+    /// (nothing before the proxy is known).
     Push,
     /// Nothing to do.
     Idle,
@@ -516,7 +517,6 @@ impl Connection {
                 },
                 changed = generations.changed() => match changed {
                     Err(_) => Step::Stop,
-                    Ok(()) if proxy.is_none() => Step::Idle,
                     Ok(()) => Step::Push,
                 },
                 _ = sleep_until_some(renew_at) => match &proxy {

@@ -222,11 +222,9 @@ impl StreamState {
                 });
             }
         }
-        if initial {
-            Some(self.sotw_respond(t, snapshot, false))
-        } else if resubscribed {
+        if resubscribed && !initial {
             self.sotw_resubscribed(t, snapshot)
-        } else if changed {
+        } else if initial || changed {
             Some(self.sotw_respond(t, snapshot, false))
         } else {
             None
