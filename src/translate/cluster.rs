@@ -139,7 +139,13 @@ impl ClusterObjects {
 
     /// Whether `key`'s service and rule are objects of this push context.
     pub fn hold(&self, key: &ClusterKey) -> bool {
-        self.services.contains(&key.service) && (key.rule == 0 || self.rules.contains(&key.rule))
+        self.hold_objects(key.service, key.rule)
+    }
+
+    /// Whether a service and a rule (0: none), by address, are objects of
+    /// this push context.
+    pub fn hold_objects(&self, service: usize, rule: usize) -> bool {
+        self.services.contains(&service) && (rule == 0 || self.rules.contains(&rule))
     }
 }
 

@@ -362,8 +362,9 @@ fn domains(svc: &MeshService, port: u16, from_namespace: &str) -> Vec<String> {
 /// service's namespace (the short name is a domain then), and which
 /// DestinationRule applies to it (its consistent-hash policy). Keyed by
 /// the addresses of the service and the rule in the push context the
-/// cache was made for, and used with that push context alone (the cache
-/// of a generation lives no longer than its push context).
+/// cache was made for, and used with that push context alone; the next
+/// push context's cache starts with the entries whose objects it shares
+/// (`carried`).
 #[derive(Debug)]
 pub struct VirtualHostCache {
     /// The address of the push context the keys point into.
@@ -378,6 +379,37 @@ impl VirtualHostCache {
             push: std::ptr::from_ref(push) as usize,
             hosts: Default::default(),
         }
+    }
+
+    /// A cache for translations against `push` holding the entries of
+    /// `prev` (made for an earlier push context, alive while this runs)
+    /// whose service and rule `push` still holds (`objects`, of `push`):
+    /// an address both contexts hold is one object, shared by
+    /// `PushContext::next`, and such a host reads nothing else of the
+    /// context. A change that leaves most services alone encodes only its
+    /// own hosts again.
+    pub fn carried(
+        prev: &VirtualHostCache,
+        push: &PushContext,
+        objects: &super::ClusterObjects,
+    ) -> VirtualHostCache {
+        let next = VirtualHostCache::new(push);
+        for e in prev.hosts.iter() {
+            let (service, _, _, rule) = *e.key();
+            if objects.hold_objects(service, rule) {
+                next.hosts.insert(*e.key(), e.value().clone());
+            }
+        }
+        next
+    }
+
+    /// The virtual hosts held.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
     }
 
     fn serves(&self, push: &PushContext) -> bool {
@@ -561,7 +593,7 @@ fn plan_port(
             match cache {
                 Some(cache) => {
                     let key = (
-                        std::ptr::from_ref(svc) as usize,
+                        std::sync::Arc::as_ptr(svc) as usize,
                         port,
                         svc.namespace == proxy.namespace,
                         dr.map_or(0, |dr| std::ptr::from_ref(dr) as usize),

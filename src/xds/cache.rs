@@ -418,7 +418,9 @@ impl SnapshotCache {
             history.push_back(stats.clone());
         }
         let mut next = Generation::new(push, stats);
-        next.carried = carried_services(prev, &next.push);
+        let objects = translate::ClusterObjects::of(&next.push);
+        next.carried = carried_services(prev, &next.push, &objects);
+        next.vhosts = translate::VirtualHostCache::carried(&prev.vhosts, &next.push, &objects);
         if let Some(patch) = patch {
             let snapshots = prev
                 .snapshots
@@ -738,10 +740,6 @@ impl Generation {
     }
 }
 
-/// Drops a generation no longer served off the async workers, once the
-/// streams were told of the next: its caches are thousands of small
-/// allocations, and freeing them held the write lock streams read the
-/// generation through, and the push, for a millisecond or more.
 /// The service clusters `prev` made or carried that hold in `push` too:
 /// those of services and rules that `push` still holds (`ClusterObjects`),
 /// when what else a service's clusters read is the same (the trust domain,
@@ -751,11 +749,11 @@ impl Generation {
 fn carried_services(
     prev: &Generation,
     push: &PushContext,
+    objects: &translate::ClusterObjects,
 ) -> std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>> {
     if prev.push.trust_domain != push.trust_domain || !prev.push.credentials.judged_alike(&push.credentials) {
         return std::collections::HashMap::new();
     }
-    let objects = translate::ClusterObjects::of(push);
     let mut carried: std::collections::HashMap<_, _> = (prev.carried.iter())
         .filter(|(key, _)| objects.hold(key))
         .map(|(key, part)| (key.clone(), part.clone()))
@@ -766,6 +764,10 @@ fn carried_services(
     carried
 }
 
+/// Drops a generation no longer served off the async workers, once the
+/// streams were told of the next: its caches are thousands of small
+/// allocations, and freeing them held the write lock streams read the
+/// generation through, and the push, for a millisecond or more.
 fn retire(old: Arc<Generation>) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
@@ -1040,7 +1042,8 @@ mod tests {
     /// golden proxy is served what a cache started on the new push context
     /// serves it, and after the new Service the other services' clusters
     /// are the very encodings of the generation before (carried over, not
-    /// translated again).
+    /// translated again), as are the virtual hosts no VirtualService
+    /// routes (which the route tables splice in).
     #[test]
     fn service_clusters_carry_over_to_the_next_generation_only_when_unchanged() {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
@@ -1062,7 +1065,7 @@ mod tests {
             .filter(|l| !l.trim_start().starts_with("ca.crt:"))
             .map(|l| format!("{l}\n"))
             .collect();
-        let (mut carried, mut changed) = (0, 0);
+        let (mut carried, mut changed, mut hosts_carried) = (0, 0, 0);
         for scenario in [
             "destination-rules",
             "sidecar-mtls",
@@ -1078,6 +1081,9 @@ mod tests {
                 let cache = SnapshotCache::new(earlier.clone());
                 let before: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
                 cache.update(later.clone());
+                if change == "service" {
+                    hosts_carried += cache.generation().vhosts.len();
+                }
                 let fresh = SnapshotCache::new(later);
                 for (proxy, before) in proxies.iter().zip(&before) {
                     let what = format!("{scenario}, {change}, {}", proxy.id);
@@ -1093,9 +1099,67 @@ mod tests {
             }
         }
         assert!(
-            carried >= 30 && changed >= 10,
-            "{carried} clusters carried, {changed} snapshots changed"
+            carried >= 30 && changed >= 10 && hosts_carried > 0,
+            "{carried} clusters carried, {changed} snapshots changed, {hosts_carried} virtual hosts carried"
         );
+    }
+
+    /// The virtual hosts of services no VirtualService routes carry over
+    /// to the next generation while their service and DestinationRule are
+    /// the same objects, and are encoded again when the rule is new or the
+    /// service changed: after each change the route tables are what a
+    /// cache started on the new push context serves.
+    #[test]
+    fn default_virtual_hosts_carry_over_only_while_their_service_and_rule_are_unchanged() {
+        let proxy = client("default", serde_json::json!({"app": "client"}));
+        let mut earlier = push("{ip: 10.0.0.1}", "");
+        let cache = SnapshotCache::new(earlier.clone());
+        let mut before = cache.snapshot(&proxy);
+        let held = cache.generation().vhosts.len();
+        assert!(held >= 2, "reviews and ratings: {held}");
+        let hashed = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+                      metadata: {name: ratings, namespace: default}\nspec:\n  host: ratings\n  \
+                      trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n";
+        for (change, text, carried) in [
+            (
+                "a new service",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: default}\n\
+                 spec:\n  ports: [{name: http, port: 80}]\n",
+                held,
+            ),
+            ("a rule for ratings", hashed, held + 1),
+            (
+                "an address for ratings",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\n\
+                 spec:\n  clusterIP: 10.96.0.9\n  ports: [{name: http, port: 80}]\n",
+                held,
+            ),
+        ] {
+            let later = with_document(&earlier, text);
+            cache.update(later.clone());
+            assert_eq!(cache.generation().vhosts.len(), carried, "{change}");
+            let served = cache.snapshot(&proxy);
+            let fresh = SnapshotCache::new(later.clone()).snapshot(&proxy);
+            let routes = |s: &Snapshot| s.resources.get(&XdsType::Route).cloned().unwrap_or_default();
+            assert_eq!(routes(&served), routes(&fresh), "{change}");
+            assert_ne!(routes(&served), routes(&before), "{change}");
+            (earlier, before) = (later, served);
+        }
+        let table = before
+            .of(XdsType::Route)
+            .and_then(|m| m.get("80"))
+            .expect("route table 80");
+        let table = RouteConfiguration::decode(table.body().value.as_slice()).expect("a route table");
+        let ratings = table
+            .virtual_hosts
+            .iter()
+            .find(|v| v.name.starts_with("ratings."))
+            .expect("ratings' host");
+        assert!(
+            matches!(&ratings.routes[0].action, Some(route::Action::Route(a)) if !a.hash_policy.is_empty()),
+            "{ratings:?}"
+        );
+        assert!(ratings.domains.iter().any(|d| d == "10.96.0.9"), "{ratings:?}");
     }
 
     /// `push`'s next push context, with the documents of `text` added (or
