@@ -209,7 +209,7 @@ struct Generation {
     /// valid in this one (`carried_services`), moved into `services` as
     /// they are used: a change that leaves most services alone translates
     /// only its own.
-    carried: std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>>,
+    carried: std::collections::HashMap<translate::ClusterKey, Carried>,
     /// Resource maps equal between config keys, shared: by type and set
     /// version (and compared, should two versions collide).
     maps: DashMap<(XdsType, String), Resources>,
@@ -235,6 +235,22 @@ struct ServiceOutbound {
     secrets: Vec<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
     diagnostics: Vec<Diagnostic>,
 }
+
+/// A service's part carried from an earlier generation, and how many
+/// generations that translated clusters since have not used it.
+#[derive(Clone)]
+struct Carried {
+    part: Arc<ServiceOutbound>,
+    idle: u8,
+}
+
+/// Generations that translate clusters and leave a carried part unused,
+/// after which it is dropped. A part is only of use to proxies that read
+/// the same of its service (`ClusterKey`: locality, labels a failover
+/// ranks by, namespace): when no such proxy is left, as after a rollout
+/// gave every pod new labels, nothing else would ever drop it. A part
+/// dropped too soon is translated again.
+const CARRIED_IDLE_MAX: u8 = 8;
 
 /// An endpoint patch: the map patched, the result and its version.
 struct Patched {
@@ -647,8 +663,12 @@ impl Generation {
         if let Some(part) = self.services.get(&key) {
             return part.clone();
         }
-        if let Some(part) = self.carried.get(&key) {
-            return self.services.entry(key).or_insert_with(|| part.clone()).clone();
+        if let Some(carried) = self.carried.get(&key) {
+            return self
+                .services
+                .entry(key)
+                .or_insert_with(|| carried.part.clone())
+                .clone();
         }
         let mut out = Generated::default();
         service.translate(&self.push, &mut out);
@@ -745,21 +765,34 @@ impl Generation {
 /// when what else a service's clusters read is the same (the trust domain,
 /// and the Secrets, judged alike). What `prev` carried and did not use is
 /// carried on: a generation that patched its snapshots (an endpoint or a
-/// VirtualService change) uses none, and the one after it still has them.
+/// VirtualService change) uses none, and the one after it still has them;
+/// a generation that translated clusters and left it unused makes it older
+/// (`CARRIED_IDLE_MAX`).
 fn carried_services(
     prev: &Generation,
     push: &PushContext,
     objects: &translate::ClusterObjects,
-) -> std::collections::HashMap<translate::ClusterKey, Arc<ServiceOutbound>> {
+) -> std::collections::HashMap<translate::ClusterKey, Carried> {
     if prev.push.trust_domain != push.trust_domain || !prev.push.credentials.judged_alike(&push.credentials) {
         return std::collections::HashMap::new();
     }
+    let aging = u8::from(prev.base.is_none());
     let mut carried: std::collections::HashMap<_, _> = (prev.carried.iter())
-        .filter(|(key, _)| objects.hold(key))
-        .map(|(key, part)| (key.clone(), part.clone()))
+        .filter(|(key, c)| objects.hold(key) && c.idle + aging <= CARRIED_IDLE_MAX)
+        .map(|(key, c)| {
+            let c = Carried {
+                part: c.part.clone(),
+                idle: c.idle + aging,
+            };
+            (key.clone(), c)
+        })
         .collect();
     for e in prev.services.iter().filter(|e| objects.hold(e.key())) {
-        carried.insert(e.key().clone(), e.value().clone());
+        let c = Carried {
+            part: e.value().clone(),
+            idle: 0,
+        };
+        carried.insert(e.key().clone(), c);
     }
     carried
 }
@@ -1185,17 +1218,26 @@ mod tests {
     }
 
     /// A generation that patches its snapshots (an endpoint change) uses
-    /// none of the service clusters it carried: the next one still has them.
+    /// none of the service clusters it carried: the next one still has
+    /// them, after more such generations than a carried part may go unused
+    /// through generations that translate clusters.
     #[test]
-    fn service_clusters_carry_over_through_a_patched_generation() {
+    fn service_clusters_carry_over_through_patched_generations() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/traffic");
         let first = golden_push(&dir);
-        let moved = with_document(
-            &first,
-            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: reviews, namespace: default}\n\
-             subsets:\n- addresses: [{ip: 127.0.0.9}]\n  ports: [{name: http, port: 9080}]\n",
-        );
-        assert!(first.config.endpoint_only_change(&moved.config).is_some());
+        let mut moves = Vec::new();
+        for i in 0..=CARRIED_IDLE_MAX {
+            let endpoints = format!(
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: reviews, namespace: default}}\n\
+                 subsets:\n- addresses: [{{ip: 127.0.0.{}}}]\n  ports: [{{name: http, port: 9080}}]\n",
+                10 + i
+            );
+            let from = moves.last().unwrap_or(&first);
+            let moved = with_document(from, &endpoints);
+            assert!(from.config.endpoint_only_change(&moved.config).is_some());
+            moves.push(moved);
+        }
+        let moved = moves.last().expect("moved").clone();
         let added = with_document(
             &moved,
             "apiVersion: v1\nkind: Service\nmetadata: {name: added, namespace: default}\n\
@@ -1204,8 +1246,10 @@ mod tests {
         let proxies = scenario_proxies(&dir);
         let cache = SnapshotCache::new(first);
         let before: Vec<Arc<Snapshot>> = proxies.iter().map(|p| cache.snapshot(p)).collect();
-        cache.update(moved);
-        proxies.iter().for_each(|p| drop(cache.snapshot(p)));
+        for moved in moves {
+            cache.update(moved);
+            proxies.iter().for_each(|p| drop(cache.snapshot(p)));
+        }
         cache.update(added.clone());
         let fresh = SnapshotCache::new(added);
         let mut carried = 0;
@@ -1220,6 +1264,48 @@ mod tests {
             carried += same_service_clusters(before, &served);
         }
         assert!(carried > 0, "nothing carried through the endpoint change");
+    }
+
+    /// A service's clusters carried for proxies that are gone (here of
+    /// another locality; after a rollout, of other labels) are dropped
+    /// once `CARRIED_IDLE_MAX` generations that translated clusters went by
+    /// without them; a proxy back before that is served them. Either way
+    /// it is served what a cache started on the push context serves.
+    #[test]
+    fn carried_service_clusters_no_proxy_reads_are_dropped_after_a_while() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/traffic");
+        let first = golden_push(&dir);
+        let at = |locality: &str| {
+            let mut proxy = client("default", serde_json::json!({"app": "client"}));
+            proxy.locality = locality.into();
+            proxy
+        };
+        let (east, west) = (at("us-east/z1"), at("us-west/z2"));
+        // West's clusters still carried when it comes back at generation
+        // `back`, east served at every generation before.
+        let carried_when_back = |back: u8| {
+            let cache = SnapshotCache::new(first.clone());
+            drop(cache.snapshot(&east));
+            let before = cache.snapshot(&west);
+            let mut push = first.clone();
+            for g in 1..=back {
+                let service = format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: added-{g}, namespace: default}}\n\
+                     spec:\n  ports: [{{name: http, port: 80}}]\n"
+                );
+                push = with_document(&push, &service);
+                cache.update(push.clone());
+                if g < back {
+                    drop(cache.snapshot(&east));
+                }
+            }
+            let served = cache.snapshot(&west);
+            let fresh = SnapshotCache::new(push).snapshot(&west);
+            assert_eq!(versions(&served), versions(&fresh), "back at {back}");
+            same_service_clusters(&before, &served)
+        };
+        assert!(carried_when_back(CARRIED_IDLE_MAX + 1) > 0);
+        assert_eq!(carried_when_back(CARRIED_IDLE_MAX + 2), 0);
     }
 
     /// A sidecar `client` in `namespace`, with `labels`.
