@@ -296,14 +296,8 @@ impl StreamState {
             resources,
             covers,
             only_changed,
+            fresh,
         } = selected;
-        // What the proxy did not hold in this version: only those
-        // resources' dependents are owed again.
-        let fresh: Vec<Arc<Encoded>> = resources
-            .iter()
-            .filter(|r| state.held.get(&r.name).is_none_or(|h| h.version != r.version))
-            .cloned()
-            .collect();
         let before = state.sent_version.replace(version.clone());
         state.sent_nonce = Some(nonce.clone());
         state.force.clear();
@@ -446,6 +440,7 @@ impl StreamState {
             send,
             removed,
             covers,
+            ..
         } = snapshot.walks.walk(t, state, snapshot, true);
         if send.is_empty() && removed.is_empty() {
             if let Some(s) = self.types.get_mut(&t) {
@@ -612,6 +607,13 @@ struct Walk {
     removed: Vec<String>,
     /// The subscription takes in every resource the snapshot has of the type.
     covers: bool,
+    /// The subscribed resources the proxy does not hold in this version
+    /// (sent, in any case): only their dependents are owed again.
+    fresh: Arc<[Arc<Encoded>]>,
+    /// When the subscription does not cover the type: the version of the
+    /// part it takes in (all of it, not only what is sent), once per
+    /// subscription (`Walks::part_version`).
+    part_version: Option<String>,
 }
 
 /// Walks made over one snapshot, by what they were made from. The streams
@@ -620,7 +622,16 @@ struct Walk {
 /// need the same walk: it is made once and its result shared. The key holds
 /// the `Arc`s it names, so their addresses are not reused while it lives.
 #[derive(Debug, Default)]
-pub struct Walks(std::sync::Mutex<Vec<(WalkKey, Walk)>>);
+pub struct Walks {
+    walks: std::sync::Mutex<Vec<(WalkKey, Walk)>>,
+    /// The version of each subscribed part that does not cover its type,
+    /// by type and (interned) names: it does not depend on what a proxy
+    /// holds, so streams whose walks are their own share it too.
+    parts: std::sync::Mutex<Vec<PartVersion>>,
+}
+
+/// A subscribed part's version: its type, its names and the version.
+type PartVersion = (XdsType, Arc<BTreeSet<String>>, String);
 
 #[derive(Debug)]
 struct WalkKey {
@@ -629,6 +640,9 @@ struct WalkKey {
     held: Resources,
     wildcard: bool,
     only_changed: bool,
+    /// Names sent again whatever the proxy holds: after a cluster change,
+    /// the same few for every stream of a config key.
+    force: BTreeSet<String>,
 }
 
 /// Different subscriptions one snapshot remembers walks for, at most.
@@ -636,12 +650,52 @@ const WALKS_KEPT: usize = 16;
 
 impl Walks {
     /// `walk` over the snapshot's resources of `t`, made once per distinct
-    /// (names, held) pair. Streams with names to force, and secrets, make
-    /// their own.
+    /// (names, held, forced names). Secrets make their own.
     fn walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
+        let mut out = self.shared_walk(t, state, snapshot, only_changed);
+        if !out.covers && out.part_version.is_none() {
+            out.part_version = Some(self.part_version(t, state, snapshot.of(t)));
+        }
+        out
+    }
+
+    /// The version of the part of `all` that `state`'s names take in.
+    fn part_version(
+        &self,
+        t: XdsType,
+        state: &TypeState,
+        all: Option<&BTreeMap<String, Arc<Encoded>>>,
+    ) -> String {
+        let same = |(type_, names, _): &PartVersion| *type_ == t && Arc::ptr_eq(names, &state.names);
+        let known = self
+            .parts
+            .lock()
+            .ok()
+            .and_then(|m| m.iter().find(|p| same(p)).map(|p| p.2.clone()));
+        if let Some(version) = known {
+            return version;
+        }
+        let mut names = state.names.iter().peekable();
+        let parts: Vec<&[u8]> = (all.into_iter().flatten())
+            .filter(|(name, _)| {
+                while names.next_if(|n| n < name).is_some() {}
+                names.next_if(|n| n == name).is_some()
+            })
+            .flat_map(|(name, e)| [name.as_bytes(), e.version.as_bytes()])
+            .collect();
+        let version = content_hash(&parts);
+        if let Ok(mut memo) = self.parts.lock() {
+            if memo.len() < WALKS_KEPT && !memo.iter().any(same) {
+                memo.push((t, state.names.clone(), version.clone()));
+            }
+        }
+        version
+    }
+
+    fn shared_walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
         let all = snapshot.of(t);
         // Secrets are each workload's own: nothing to share.
-        if !state.force.is_empty() || t == XdsType::Secret {
+        if t == XdsType::Secret {
             return walk(state, all, only_changed);
         }
         let same = |k: &WalkKey| {
@@ -650,9 +704,10 @@ impl Walks {
                 && k.only_changed == only_changed
                 && Arc::ptr_eq(&k.names, &state.names)
                 && Arc::ptr_eq(&k.held, &state.held)
+                && k.force == state.force
         };
         if let Some((_, w)) = self
-            .0
+            .walks
             .lock()
             .ok()
             .as_ref()
@@ -661,7 +716,7 @@ impl Walks {
             return w.clone();
         }
         let out = walk(state, all, only_changed);
-        if let Ok(mut memo) = self.0.lock() {
+        if let Ok(mut memo) = self.walks.lock() {
             if memo.len() < WALKS_KEPT && !memo.iter().any(|(k, _)| same(k)) {
                 let key = WalkKey {
                     type_: t,
@@ -669,6 +724,7 @@ impl Walks {
                     held: state.held.clone(),
                     wildcard: state.wildcard,
                     only_changed,
+                    force: state.force.clone(),
                 };
                 memo.push((key, out.clone()));
             }
@@ -683,6 +739,7 @@ fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_ch
     let mut send = Vec::new();
     let mut removed = Vec::new();
     let mut covers = true;
+    let mut fresh = Vec::new();
     for (name, e) in all.into_iter().flatten() {
         while let Some((h, _)) = held.next_if(|(h, _)| *h < name) {
             removed.push(h.clone());
@@ -697,6 +754,9 @@ fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_ch
             continue;
         }
         let current = holds.is_some_and(|(_, x)| Arc::ptr_eq(x, e) || x.version == e.version);
+        if !current {
+            fresh.push(e.clone());
+        }
         if !only_changed || !current || (!state.force.is_empty() && state.force.contains(name)) {
             send.push(e.clone());
         }
@@ -706,6 +766,8 @@ fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_ch
         send: Batch::new(send),
         removed,
         covers,
+        fresh: fresh.into(),
+        part_version: None,
     }
 }
 
@@ -717,23 +779,27 @@ struct Selection {
     /// The subscription takes in every resource the snapshot has of the type.
     covers: bool,
     only_changed: bool,
+    /// What of `resources` the proxy did not hold in this version.
+    fresh: Arc<[Arc<Encoded>]>,
 }
 
 /// What a stream subscribes to of a type, with the snapshot's own version of
 /// the type when the subscription takes in all of it; with `only_changed`,
 /// only the resources the proxy does not hold in their current version.
 fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed: bool) -> Selection {
-    let all = snapshot.of(t);
-    let Walk { send, covers, .. } = snapshot.walks.walk(t, state, snapshot, only_changed);
-    let version = match snapshot.versions.get(&t).filter(|_| covers) {
-        Some(version) => version.clone(),
-        None => {
-            // The version of the subscribed part (all of it, not only what
-            // is sent).
-            let parts: Vec<&[u8]> = all
-                .into_iter()
-                .flatten()
-                .filter(|(n, _)| state.wildcard || state.names.contains(*n))
+    let Walk {
+        send,
+        covers,
+        fresh,
+        part_version,
+        ..
+    } = snapshot.walks.walk(t, state, snapshot, only_changed);
+    let version = match (snapshot.versions.get(&t).filter(|_| covers), part_version) {
+        (Some(version), _) => version.clone(),
+        (None, Some(version)) => version,
+        // All of the type, whose version the snapshot does not record.
+        (None, None) => {
+            let parts: Vec<&[u8]> = (snapshot.of(t).into_iter().flatten())
                 .flat_map(|(n, e)| [n.as_bytes(), e.version.as_bytes()])
                 .collect();
             content_hash(&parts)
@@ -744,6 +810,7 @@ fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed:
         resources: send,
         covers,
         only_changed,
+        fresh,
     }
 }
 
@@ -763,6 +830,37 @@ mod tests {
             .collect();
         s.resources.insert(t, Arc::new(map));
         s
+    }
+
+    /// The version of a part of a type is that of the names it takes in
+    /// and their versions, whatever each proxy holds, and is made once per
+    /// subscription for the streams that share a snapshot.
+    #[test]
+    fn a_subscribed_part_has_the_version_of_what_it_takes_in() {
+        let snap = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "1"), ("c", "1")]);
+        let expected = content_hash(&[b"a", b"1", b"c", b"1"]);
+        let mut first = StreamState::default();
+        let mut second = StreamState::default();
+        let sent = first
+            .sotw_request(XdsType::Endpoint, &["a", "c"], "", None, &snap)
+            .expect("answered");
+        assert_eq!(sent.version, expected);
+        // The other stream holds something else before it asks for the same.
+        second
+            .sotw_request(XdsType::Endpoint, &["b"], "", None, &snap)
+            .expect("answered");
+        let other = second
+            .sotw_request(XdsType::Endpoint, &["a", "c"], "", None, &snap)
+            .expect("answered");
+        assert_eq!(other.version, expected);
+        assert_eq!(snap.walks.parts.lock().expect("parts").len(), 2, "[b] and [a, c]");
+        // A change outside the part leaves it alone; one inside changes it.
+        let outside = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "2"), ("c", "1")]);
+        assert!(first.sotw_push(&outside).is_empty());
+        let inside = snapshot(XdsType::Endpoint, &[("a", "1"), ("b", "2"), ("c", "2")]);
+        let pushed = first.sotw_push(&inside);
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(pushed[0].version, content_hash(&[b"a", b"1", b"c", b"2"]));
     }
 
     #[test]
