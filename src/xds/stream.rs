@@ -610,10 +610,6 @@ struct Walk {
     /// The subscribed resources the proxy does not hold in this version
     /// (sent, in any case): only their dependents are owed again.
     fresh: Arc<[Arc<Encoded>]>,
-    /// When the subscription does not cover the type: the version of the
-    /// part it takes in (all of it, not only what is sent), once per
-    /// subscription (`Walks::part_version`).
-    part_version: Option<String>,
 }
 
 /// Walks made over one snapshot, by what they were made from. The streams
@@ -649,17 +645,8 @@ struct WalkKey {
 const WALKS_KEPT: usize = 16;
 
 impl Walks {
-    /// `walk` over the snapshot's resources of `t`, made once per distinct
-    /// (names, held, forced names). Secrets make their own.
-    fn walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
-        let mut out = self.shared_walk(t, state, snapshot, only_changed);
-        if !out.covers && out.part_version.is_none() {
-            out.part_version = Some(self.part_version(t, state, snapshot.of(t)));
-        }
-        out
-    }
-
-    /// The version of the part of `all` that `state`'s names take in.
+    /// The version of the part of `all` that `state`'s names take in (all
+    /// of it, not only what is sent), made once per subscription.
     fn part_version(
         &self,
         t: XdsType,
@@ -692,7 +679,9 @@ impl Walks {
         version
     }
 
-    fn shared_walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
+    /// `walk` over the snapshot's resources of `t`, made once per distinct
+    /// (names, held, forced names). Secrets make their own.
+    fn walk(&self, t: XdsType, state: &TypeState, snapshot: &Snapshot, only_changed: bool) -> Walk {
         let all = snapshot.of(t);
         // Secrets are each workload's own: nothing to share.
         if t == XdsType::Secret {
@@ -767,7 +756,6 @@ fn walk(state: &TypeState, all: Option<&BTreeMap<String, Arc<Encoded>>>, only_ch
         removed,
         covers,
         fresh: fresh.into(),
-        part_version: None,
     }
 }
 
@@ -788,17 +776,13 @@ struct Selection {
 /// only the resources the proxy does not hold in their current version.
 fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed: bool) -> Selection {
     let Walk {
-        send,
-        covers,
-        fresh,
-        part_version,
-        ..
+        send, covers, fresh, ..
     } = snapshot.walks.walk(t, state, snapshot, only_changed);
-    let version = match (snapshot.versions.get(&t).filter(|_| covers), part_version) {
-        (Some(version), _) => version.clone(),
-        (None, Some(version)) => version,
+    let version = match snapshot.versions.get(&t) {
+        _ if !covers => snapshot.walks.part_version(t, state, snapshot.of(t)),
+        Some(version) => version.clone(),
         // All of the type, whose version the snapshot does not record.
-        (None, None) => {
+        None => {
             let parts: Vec<&[u8]> = (snapshot.of(t).into_iter().flatten())
                 .flat_map(|(n, e)| [n.as_bytes(), e.version.as_bytes()])
                 .collect();
