@@ -260,12 +260,16 @@ where
 
 /// The EDS clusters a response's clusters name (their encoded values).
 fn eds_names<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<String> {
-    values
-        .into_iter()
-        .filter_map(|v| ClusterHead::decode(v).ok())
+    values.into_iter().filter_map(eds_name).collect()
+}
+
+/// The name of a cluster (its encoded value) if it takes its endpoints
+/// from EDS.
+fn eds_name(value: &[u8]) -> Option<String> {
+    ClusterHead::decode(value)
+        .ok()
         .filter(|c| c.discovery_type == Some(cluster::DiscoveryType::Eds as i32))
         .map(|c| c.name)
-        .collect()
 }
 
 /// The route tables a response's listeners name over RDS (their encoded
@@ -547,7 +551,7 @@ pub async fn run_delta(
     let mut sync = Sync::default();
     // Per held cluster and listener, what it names (its EDS cluster, its
     // route tables), to know the subscriptions after a partial update.
-    let mut names: BTreeMap<XdsType, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    let mut names: BTreeMap<XdsType, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     while let Some((resp, size)) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
@@ -576,9 +580,9 @@ pub async fn run_delta(
             let held = names.entry(t).or_default();
             for r in &resp.resources {
                 if let Some(any) = &r.resource {
-                    let named = match t {
-                        XdsType::Cluster => eds_names([&any.value[..]]),
-                        _ => rds_names([&any.value[..]]),
+                    let named: Vec<String> = match t {
+                        XdsType::Cluster => eds_name(&any.value).into_iter().collect(),
+                        _ => rds_names([&any.value[..]]).into_iter().collect(),
                     };
                     held.insert(String::from_utf8_lossy(&r.name).into_owned(), named);
                 }
@@ -586,16 +590,29 @@ pub async fn run_delta(
             for name in &resp.removed_resources {
                 held.remove(name);
             }
-            let wanted = held.values().flatten().cloned().collect::<BTreeSet<String>>();
+            // What the held resources name, borrowed: only the names to
+            // subscribe to are copied.
+            let wanted: BTreeSet<&str> = held.values().flatten().map(String::as_str).collect();
             let current = if dep == XdsType::Endpoint {
                 &mut sync.eds
             } else {
                 &mut sync.rds
             };
-            let subscribe: Vec<String> = wanted.difference(current).cloned().collect();
-            let unsubscribe: Vec<String> = current.difference(&wanted).cloned().collect();
+            let subscribe: Vec<String> = wanted
+                .iter()
+                .filter(|n| !current.contains(**n))
+                .map(|n| n.to_string())
+                .collect();
+            let unsubscribe: Vec<String> = current
+                .iter()
+                .filter(|n| !wanted.contains(n.as_str()))
+                .cloned()
+                .collect();
             if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                *current = wanted;
+                for n in &unsubscribe {
+                    current.remove(n);
+                }
+                current.extend(subscribe.iter().cloned());
                 let req = DeltaDiscoveryRequest {
                     type_url: dep.url().to_string(),
                     resource_names_subscribe: subscribe,
