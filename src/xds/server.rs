@@ -16,7 +16,7 @@ use super::cache::{Encoded, Snapshot, SnapshotCache};
 use super::request::{not_utf8, DecodeRequest, Framed, SotwRequest, Subscriptions};
 use super::status::Registry;
 use super::stream::{DeltaRequest, Outgoing, StreamState};
-use super::wire::{Requests, Wire};
+use super::wire::{RecentBodies, Requests, Wire};
 use super::{metric, XdsType};
 use crate::ca::auth::{credentials, Caller, Credentials};
 use crate::ca::{SpiffeId, WorkloadCa};
@@ -37,6 +37,8 @@ pub struct AdsServer {
     streams: Arc<std::sync::atomic::AtomicUsize>,
     /// The per-type metric handles, looked up once for every stream.
     metrics: Arc<metric::StreamMetrics>,
+    /// Response bodies kept for the next streams sending the same batch.
+    recent: Arc<RecentBodies>,
 }
 
 /// What one client may ask of the server. A client over a limit is
@@ -119,6 +121,7 @@ impl AdsServer {
             limits: Limits::default(),
             streams: Arc::default(),
             metrics: Arc::new(metric::StreamMetrics::new()),
+            recent: Arc::default(),
         }
     }
 
@@ -215,7 +218,7 @@ pub(super) trait XdsRequest: Send + 'static {
     /// Feeds a new snapshot to the state machine.
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing>;
     /// The response carrying `out`.
-    fn wire(out: &Outgoing) -> Wire;
+    fn wire(out: &Outgoing, recent: &RecentBodies) -> Wire;
 }
 
 /// A NACK's error, as the state machine records it.
@@ -266,8 +269,8 @@ impl XdsRequest for SotwRequest {
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.sotw_push(snapshot)
     }
-    fn wire(out: &Outgoing) -> Wire {
-        Wire::sotw(out)
+    fn wire(out: &Outgoing, recent: &RecentBodies) -> Wire {
+        Wire::sotw(out, recent)
     }
 }
 
@@ -376,8 +379,8 @@ impl XdsRequest for DeltaRequestMessage {
     fn push(state: &mut StreamState, snapshot: &super::Snapshot) -> Vec<Outgoing> {
         state.delta_push(snapshot)
     }
-    fn wire(out: &Outgoing) -> Wire {
-        Wire::delta(out)
+    fn wire(out: &Outgoing, recent: &RecentBodies) -> Wire {
+        Wire::delta(out, recent)
     }
 }
 
@@ -402,6 +405,7 @@ struct Connection {
     registry: Arc<Registry>,
     push_permits: Arc<Semaphore>,
     metrics: Arc<metric::StreamMetrics>,
+    recent: Arc<RecentBodies>,
     mode: &'static str,
     ca: Option<Arc<WorkloadCa>>,
     tls: bool,
@@ -429,6 +433,7 @@ impl Connection {
             registry: server.registry.clone(),
             push_permits: server.push_permits.clone(),
             metrics: server.metrics.clone(),
+            recent: server.recent.clone(),
             mode,
             ca: server.ca.clone(),
             tls: server.tls,
@@ -555,7 +560,7 @@ impl Connection {
                 .update(*id, &state, &sent, snapshot.generation, &snapshot.diagnostics);
             let push_time = pushed.map(|started| started.elapsed().as_secs_f64());
             for out in outgoing {
-                let wire = R::wire(&out);
+                let wire = R::wire(&out, &self.recent);
                 self.metrics.sent(out.type_, wire.len(), push_time);
                 if tx.send(Ok(wire)).await.is_err() {
                     break;

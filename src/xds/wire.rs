@@ -11,6 +11,7 @@
 //! The two ADS methods are served by `AdsService`, a gRPC service written
 //! against tonic's request decoding and an `http_body::Body` of our own.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -98,8 +99,9 @@ fn control_plane_id() -> String {
 /// each. Every chunk of the body handed to HTTP/2 holds it until h2 has
 /// written that chunk (a body dropped when its chunks were handed over was
 /// made again, a copy, for each next stream while h2 still queued the
-/// last one's). Once no chunk holds it, the body is dropped, so a
-/// snapshot does not keep a second copy of its resources.
+/// last one's). Once no chunk holds it and `RecentBodies` has let it go,
+/// the body is dropped, so a snapshot does not keep a second copy of its
+/// resources.
 #[derive(Default)]
 pub struct Batch {
     items: Vec<Arc<Encoded>>,
@@ -123,6 +125,114 @@ struct Segment {
     index: usize,
 }
 
+/// The bodies made last, kept for the streams that send the same
+/// resources after HTTP/2 has written every response holding one: at an
+/// initial sync, proxies connect one after another, those of every config
+/// key are sent the same thousand clusters (one shared map, walked once
+/// per config key, so a batch of each), and each would copy them into a
+/// body of its own. A body is found again by the resources it was made of
+/// (the same `Encoded`s, in order). At most `budget` bytes are kept (the
+/// bodies' segments, the shared ones included, and the resource lists),
+/// the oldest let go first; a body larger than that is not kept.
+pub struct RecentBodies {
+    budget: usize,
+    kept: Mutex<KeptBodies>,
+}
+
+#[derive(Default)]
+struct KeptBodies {
+    bodies: VecDeque<Kept>,
+    bytes: usize,
+}
+
+/// A kept body and what it was made of. The `Weak`s keep the resources'
+/// allocations (not their contents), so an address seen again is the same
+/// resource, not a new one where a dropped one was.
+struct Kept {
+    delta: bool,
+    items: Vec<Weak<Encoded>>,
+    body: Arc<Body>,
+}
+
+impl Kept {
+    fn bytes(&self) -> usize {
+        self.body.len + self.items.len() * std::mem::size_of::<Weak<Encoded>>()
+    }
+}
+
+impl RecentBodies {
+    /// What a server keeps: a few config keys' clusters and endpoints at
+    /// a thousand services.
+    pub const BUDGET: usize = 4 << 20;
+
+    pub fn new(budget: usize) -> RecentBodies {
+        RecentBodies {
+            budget,
+            kept: Mutex::default(),
+        }
+    }
+
+    /// A kept body of the `delta` variant made of `items`.
+    fn find(&self, delta: bool, items: &[Arc<Encoded>]) -> Option<Arc<Body>> {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.bodies
+            .iter()
+            .rev()
+            .find(|k| {
+                k.delta == delta
+                    && k.items.len() == items.len()
+                    && k.items
+                        .iter()
+                        .zip(items)
+                        .all(|(w, a)| w.as_ptr() == Arc::as_ptr(a))
+            })
+            .map(|k| k.body.clone())
+    }
+
+    fn keep(&self, delta: bool, items: &[Arc<Encoded>], body: &Arc<Body>) {
+        let kept = Kept {
+            delta,
+            items: items.iter().map(Arc::downgrade).collect(),
+            body: body.clone(),
+        };
+        if kept.bytes() > self.budget {
+            return;
+        }
+        let mut gone = Vec::new();
+        {
+            let mut all = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+            all.bytes += kept.bytes();
+            all.bodies.push_back(kept);
+            while all.bytes > self.budget {
+                let Some(oldest) = all.bodies.pop_front() else {
+                    break;
+                };
+                all.bytes -= oldest.bytes();
+                gone.push(oldest);
+            }
+        }
+        // Freed outside the lock.
+        drop(gone);
+    }
+}
+
+impl std::fmt::Debug for RecentBodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("RecentBodies")
+            .field("budget", &self.budget)
+            .field("bodies", &kept.bodies.len())
+            .field("bytes", &kept.bytes)
+            .finish()
+    }
+}
+
+impl Default for RecentBodies {
+    fn default() -> RecentBodies {
+        RecentBodies::new(RecentBodies::BUDGET)
+    }
+}
+
 impl AsRef<[u8]> for Segment {
     fn as_ref(&self) -> &[u8] {
         &self.body.segments[self.index]
@@ -140,20 +250,30 @@ impl Batch {
         })
     }
 
-    /// The body in `slot` if a response still holds it, else a new one.
-    fn body(slot: &Mutex<Weak<Body>>, make: impl FnOnce() -> Body) -> Arc<Body> {
+    /// The body in `slot` if a response still holds it, else the one
+    /// `recent` kept of the same resources, else a new one, which `recent`
+    /// keeps for a while.
+    fn body(&self, delta: bool, recent: &RecentBodies, make: impl FnOnce() -> Body) -> Arc<Body> {
+        let slot = if delta { &self.delta } else { &self.sotw };
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(body) = slot.upgrade() {
             return body;
         }
-        let body = Arc::new(make());
+        let body = match recent.find(delta, &self.items) {
+            Some(body) => body,
+            None => {
+                let body = Arc::new(make());
+                recent.keep(delta, &self.items, &body);
+                body
+            }
+        };
         *slot = Arc::downgrade(&body);
         body
     }
 
     /// `repeated google.protobuf.Any resources = 2` of a `DiscoveryResponse`.
-    fn sotw(&self) -> Arc<Body> {
-        Batch::body(&self.sotw, || {
+    fn sotw(&self, recent: &RecentBodies) -> Arc<Body> {
+        self.body(false, recent, || {
             Body::of(
                 &self.items,
                 |r| (prefix_len(r.wire.len()), 0),
@@ -165,8 +285,8 @@ impl Batch {
 
     /// `repeated Resource resources = 2` of a `DeltaDiscoveryResponse`,
     /// each `Resource { version = 1, resource = 2 (the Any), name = 3 }`.
-    fn delta(&self) -> Arc<Body> {
-        Batch::body(&self.delta, || {
+    fn delta(&self, recent: &RecentBodies) -> Arc<Body> {
+        self.body(true, recent, || {
             let inner =
                 |r: &Encoded| string_len(&r.version) + delimited_len(r.wire.len()) + string_len(&r.name);
             Body::of(
@@ -288,10 +408,10 @@ impl Wire {
     }
 
     /// A `DiscoveryResponse`.
-    pub fn sotw(out: &Outgoing) -> Wire {
+    pub fn sotw(out: &Outgoing, recent: &RecentBodies) -> Wire {
         let id = control_plane_id();
         let tail = string_len(out.type_.url()) + string_len(&out.nonce) + delimited_len(string_len(&id));
-        Wire::frame(&out.version, out.resources.sotw(), tail, |buf| {
+        Wire::frame(&out.version, out.resources.sotw(recent), tail, |buf| {
             string_field(buf, 4, out.type_.url());
             string_field(buf, 5, &out.nonce);
             delimited(buf, 6, string_len(&id));
@@ -300,12 +420,12 @@ impl Wire {
     }
 
     /// A `DeltaDiscoveryResponse`.
-    pub fn delta(out: &Outgoing) -> Wire {
+    pub fn delta(out: &Outgoing, recent: &RecentBodies) -> Wire {
         let id = control_plane_id();
         let removed: usize = out.removed.iter().map(|n| string_len(n)).sum();
         let tail =
             string_len(out.type_.url()) + string_len(&out.nonce) + removed + delimited_len(string_len(&id));
-        Wire::frame(&out.version, out.resources.delta(), tail, |buf| {
+        Wire::frame(&out.version, out.resources.delta(recent), tail, |buf| {
             string_field(buf, 4, out.type_.url());
             string_field(buf, 5, &out.nonce);
             for removed in &out.removed {
@@ -551,6 +671,15 @@ mod tests {
         }
     }
 
+    /// Keeps no body: a body lives while a response holds it.
+    static NONE: RecentBodies = RecentBodies {
+        budget: 0,
+        kept: Mutex::new(KeptBodies {
+            bodies: VecDeque::new(),
+            bytes: 0,
+        }),
+    };
+
     fn message(wire: &Wire) -> Vec<u8> {
         let all: Vec<u8> = wire.chunks.iter().flat_map(|c| c.iter().copied()).collect();
         assert_eq!(all[0], 0, "not compressed");
@@ -620,7 +749,7 @@ mod tests {
     #[test]
     fn the_wire_encodings_decode_as_the_messages_they_stand_for() {
         let out = outgoing();
-        let sotw = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
+        let sotw = DiscoveryResponse::decode(message(&Wire::sotw(&out, &NONE)).as_slice()).expect("decodes");
         assert_eq!(sotw.version_info, "v1");
         assert_eq!(sotw.nonce, "7");
         assert_eq!(sotw.type_url, XdsType::Cluster.url());
@@ -631,7 +760,8 @@ mod tests {
         assert!(sotw
             .control_plane
             .is_some_and(|c| c.identifier.starts_with("meshd ")));
-        let delta = DeltaDiscoveryResponse::decode(message(&Wire::delta(&out)).as_slice()).expect("decodes");
+        let delta =
+            DeltaDiscoveryResponse::decode(message(&Wire::delta(&out, &NONE)).as_slice()).expect("decodes");
         assert_eq!(delta.system_version_info, "v1");
         assert_eq!(delta.removed_resources, ["gone"]);
         let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
@@ -801,7 +931,7 @@ mod tests {
             ..out.clone()
         };
         for encode in [Wire::sotw, Wire::delta] {
-            let (wire, again) = (encode(&out), encode(&other));
+            let (wire, again) = (encode(&out, &NONE), encode(&other, &NONE));
             // Header, the small ones before, the large one, the small ones
             // after, the last fields.
             assert_eq!(wire.chunks.len(), 5);
@@ -821,8 +951,8 @@ mod tests {
         }
         // A chunk handed to HTTP/2 and not yet written holds its body: the
         // next stream's response carries the same bytes, not a copy.
-        let queued = Wire::sotw(&out).chunks.swap_remove(1);
-        assert_eq!(Wire::sotw(&other).chunks[1].as_ptr(), queued.as_ptr());
+        let queued = Wire::sotw(&out, &NONE).chunks.swap_remove(1);
+        assert_eq!(Wire::sotw(&other, &NONE).chunks[1].as_ptr(), queued.as_ptr());
         drop(queued);
         assert!(out
             .resources
@@ -832,7 +962,8 @@ mod tests {
             .upgrade()
             .is_none());
         for out in [&out, &other] {
-            let sotw = DiscoveryResponse::decode(message(&Wire::sotw(out)).as_slice()).expect("decodes");
+            let sotw =
+                DiscoveryResponse::decode(message(&Wire::sotw(out, &NONE)).as_slice()).expect("decodes");
             assert_eq!(
                 sotw.resources,
                 out.resources.iter().map(|r| r.body()).collect::<Vec<_>>()
@@ -841,8 +972,8 @@ mod tests {
                 (sotw.version_info.as_str(), sotw.nonce.as_str()),
                 (out.version.as_str(), out.nonce.as_str())
             );
-            let delta =
-                DeltaDiscoveryResponse::decode(message(&Wire::delta(out)).as_slice()).expect("decodes");
+            let delta = DeltaDiscoveryResponse::decode(message(&Wire::delta(out, &NONE)).as_slice())
+                .expect("decodes");
             let names: Vec<&str> = delta.resources.iter().map(|r| r.name.as_str()).collect();
             let sent: Vec<&str> = out.resources.iter().map(|r| r.name.as_str()).collect();
             assert_eq!(names, sent);
@@ -851,7 +982,68 @@ mod tests {
         }
         // Nothing to send is a response of the other fields alone.
         out.resources = Arc::default();
-        let empty = DiscoveryResponse::decode(message(&Wire::sotw(&out)).as_slice()).expect("decodes");
+        let empty = DiscoveryResponse::decode(message(&Wire::sotw(&out, &NONE)).as_slice()).expect("decodes");
         assert!(empty.resources.is_empty() && empty.nonce == "7");
+    }
+
+    #[test]
+    fn recent_bodies_serve_the_same_resources_again_within_their_budget() {
+        let clusters = |prefix: &str| -> Vec<Arc<Encoded>> {
+            (0..100)
+                .map(|i| {
+                    let name = format!("outbound|80||{prefix}-{i}.ns.svc.cluster.local");
+                    Arc::new(Encoded::new(
+                        name.clone(),
+                        &Cluster {
+                            name,
+                            ..Default::default()
+                        },
+                    ))
+                })
+                .collect()
+        };
+        let (a, b) = (clusters("a"), clusters("b"));
+        let response = |items: &[Arc<Encoded>]| Outgoing {
+            resources: Batch::new(items.to_vec()),
+            ..outgoing()
+        };
+        // A chunk of a response's body: it holds the body, so that no
+        // other is made where it was.
+        let body = |wire: &Wire| wire.chunks[1].clone();
+        let one_body = Wire::sotw(&response(&a), &NONE).chunks[1].len();
+        let recent = RecentBodies::new(one_body * 3);
+
+        // No response holds the first body any more; another batch of the
+        // same resources (another config key's walk) is sent its bytes.
+        let first = body(&Wire::sotw(&response(&a), &recent));
+        assert_eq!(body(&Wire::sotw(&response(&a), &recent)).as_ptr(), first.as_ptr());
+        // The delta variant and other resources are bodies of their own.
+        let delta = body(&Wire::delta(&response(&a), &recent));
+        assert_ne!(delta.as_ptr(), first.as_ptr());
+        assert_eq!(
+            body(&Wire::delta(&response(&a), &recent)).as_ptr(),
+            delta.as_ptr()
+        );
+        // The same names in new resources (a new generation) are not the
+        // same resources.
+        let renewed = clusters("a");
+        let wire = Wire::sotw(&response(&renewed), &recent);
+        assert_ne!(body(&wire).as_ptr(), first.as_ptr());
+        assert_eq!(
+            DiscoveryResponse::decode(message(&wire).as_slice())
+                .expect("decodes")
+                .resources,
+            renewed.iter().map(|r| r.body()).collect::<Vec<_>>()
+        );
+        // Over the budget (three sotw bodies, with the delta one larger),
+        // the oldest go first, and the first is made again; the newest
+        // stays.
+        let other = body(&Wire::sotw(&response(&b), &recent));
+        assert_ne!(body(&Wire::sotw(&response(&a), &recent)).as_ptr(), first.as_ptr());
+        assert_eq!(body(&Wire::sotw(&response(&b), &recent)).as_ptr(), other.as_ptr());
+        // A body over the whole budget is not kept at all.
+        let small = RecentBodies::new(one_body / 2);
+        let made = body(&Wire::sotw(&response(&a), &small));
+        assert_ne!(body(&Wire::sotw(&response(&a), &small)).as_ptr(), made.as_ptr());
     }
 }
