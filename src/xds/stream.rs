@@ -379,27 +379,31 @@ impl StreamState {
         let edits = !req.subscribe.is_empty() || !req.unsubscribe.is_empty();
         if edits {
             changed = true;
-            let mut names: BTreeSet<&str> = state.names.iter().map(String::as_str).collect();
+            // The names as a list, sorted and deduplicated once by
+            // `intern_names`: a first request subscribes to a thousand.
+            let mut names: Vec<&str> = state.names.iter().map(String::as_str).collect();
             for name in req.subscribe {
                 match *name {
                     "*" => state.wildcard = true,
-                    n => {
-                        names.insert(n);
-                    }
+                    n => names.push(n),
                 }
             }
-            for name in req.unsubscribe {
-                match *name {
-                    "*" => state.wildcard = false,
-                    n => {
-                        names.remove(n);
-                        if state.held.contains_key(n) {
-                            Arc::make_mut(&mut state.held).remove(n);
+            if !req.unsubscribe.is_empty() {
+                let mut gone: Vec<&str> = Vec::new();
+                for name in req.unsubscribe {
+                    match *name {
+                        "*" => state.wildcard = false,
+                        n => {
+                            gone.push(n);
+                            if state.held.contains_key(n) {
+                                Arc::make_mut(&mut state.held).remove(n);
+                            }
                         }
                     }
                 }
+                gone.sort_unstable();
+                names.retain(|n| gone.binary_search(n).is_err());
             }
-            let names: Vec<&str> = names.into_iter().collect();
             let wanted = intern_names(&names);
             if wanted != state.names {
                 state.names = wanted;
