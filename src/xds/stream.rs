@@ -381,7 +381,8 @@ impl StreamState {
             changed = true;
             // The names as a list, sorted and deduplicated once by
             // `intern_names`: a first request subscribes to a thousand.
-            let mut names: Vec<&str> = state.names.iter().map(String::as_str).collect();
+            let mut names: Vec<&str> = Vec::with_capacity(state.names.len() + req.subscribe.len());
+            names.extend(state.names.iter().map(String::as_str));
             for name in req.subscribe {
                 match *name {
                     "*" => state.wildcard = true,
@@ -549,7 +550,8 @@ fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
 /// and a copy per stream is what a large mesh's memory would go to. No
 /// `String` is made when another stream already holds the same set.
 fn intern_names(names: &[&str]) -> Arc<BTreeSet<String>> {
-    let mut sorted: Vec<&str> = names.iter().copied().filter(|n| *n != "*").collect();
+    let mut sorted = Vec::with_capacity(names.len());
+    sorted.extend(names.iter().copied().filter(|n| *n != "*"));
     sorted.sort_unstable();
     sorted.dedup();
     if sorted.is_empty() {
