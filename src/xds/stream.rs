@@ -552,7 +552,9 @@ fn share_if_equal(held: &mut Resources, current: Option<&Resources>) {
 fn intern_names(names: &[&str]) -> Arc<BTreeSet<String>> {
     let mut sorted = Vec::with_capacity(names.len());
     sorted.extend(names.iter().copied().filter(|n| *n != "*"));
-    sorted.sort_unstable();
+    // A stable sort merges sorted runs: a delta request's names are the
+    // subscribed ones (sorted) and the few it adds.
+    sorted.sort();
     sorted.dedup();
     if sorted.is_empty() {
         return no_names();
