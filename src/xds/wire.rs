@@ -132,8 +132,11 @@ struct Segment {
 /// per config key, so a batch of each), and each would copy them into a
 /// body of its own. A body is found again by the resources it was made of
 /// (the same `Encoded`s, in order). At most `budget` bytes are kept (the
-/// bodies' segments, the shared ones included, and the resource lists),
-/// the oldest let go first; a body larger than that is not kept.
+/// bodies' segments, the shared ones included, and the resource lists)
+/// in at most `KEPT_MAX` bodies, the oldest let go first; a body larger
+/// than the budget is not kept, nor one under `KEPT_MIN` bytes (made again
+/// for less than finding it costs: an endpoint change's bodies of one
+/// assignment would otherwise fill the list with thousands).
 pub struct RecentBodies {
     budget: usize,
     kept: Mutex<KeptBodies>,
@@ -164,6 +167,9 @@ impl RecentBodies {
     /// What a server keeps: a few config keys' clusters and endpoints at
     /// a thousand services.
     pub const BUDGET: usize = 4 << 20;
+    /// Bodies kept at most, so that finding one is a short walk.
+    const KEPT_MAX: usize = 64;
+    const KEPT_MIN: usize = 16 * 1024;
 
     pub fn new(budget: usize) -> RecentBodies {
         RecentBodies {
@@ -195,7 +201,7 @@ impl RecentBodies {
             items: items.iter().map(Arc::downgrade).collect(),
             body: body.clone(),
         };
-        if kept.bytes() > self.budget {
+        if kept.bytes() > self.budget || body.len < RecentBodies::KEPT_MIN {
             return;
         }
         let mut gone = Vec::new();
@@ -203,7 +209,7 @@ impl RecentBodies {
             let mut all = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
             all.bytes += kept.bytes();
             all.bodies.push_back(kept);
-            while all.bytes > self.budget {
+            while all.bytes > self.budget || all.bodies.len() > RecentBodies::KEPT_MAX {
                 let Some(oldest) = all.bodies.pop_front() else {
                     break;
                 };
@@ -988,8 +994,9 @@ mod tests {
 
     #[test]
     fn recent_bodies_serve_the_same_resources_again_within_their_budget() {
+        // Enough clusters for a body over the size worth keeping.
         let clusters = |prefix: &str| -> Vec<Arc<Encoded>> {
-            (0..100)
+            (0..400)
                 .map(|i| {
                     let name = format!("outbound|80||{prefix}-{i}.ns.svc.cluster.local");
                     Arc::new(Encoded::new(
@@ -1011,6 +1018,7 @@ mod tests {
         // other is made where it was.
         let body = |wire: &Wire| wire.chunks[1].clone();
         let one_body = Wire::sotw(&response(&a), &NONE).chunks[1].len();
+        assert!(one_body >= RecentBodies::KEPT_MIN);
         let recent = RecentBodies::new(one_body * 3);
 
         // No response holds the first body any more; another batch of the
@@ -1045,5 +1053,27 @@ mod tests {
         let small = RecentBodies::new(one_body / 2);
         let made = body(&Wire::sotw(&response(&a), &small));
         assert_ne!(body(&Wire::sotw(&response(&a), &small)).as_ptr(), made.as_ptr());
+        // Nor is a body under the size worth keeping.
+        let recent = RecentBodies::default();
+        let few = &a[..10];
+        let made = body(&Wire::sotw(&response(few), &recent));
+        assert_ne!(body(&Wire::sotw(&response(few), &recent)).as_ptr(), made.as_ptr());
+        // Within the budget, no more than `KEPT_MAX` bodies are kept: the
+        // oldest goes first.
+        let all: Vec<Arc<Encoded>> = a.iter().chain(&b).cloned().collect();
+        let part = |i: usize| &all[i..i + 300];
+        let oldest = body(&Wire::sotw(&response(part(0)), &recent));
+        let mut newest = oldest.clone();
+        for i in 1..=RecentBodies::KEPT_MAX {
+            newest = body(&Wire::sotw(&response(part(i)), &recent));
+        }
+        assert_ne!(
+            body(&Wire::sotw(&response(part(0)), &recent)).as_ptr(),
+            oldest.as_ptr()
+        );
+        assert_eq!(
+            body(&Wire::sotw(&response(part(RecentBodies::KEPT_MAX)), &recent)).as_ptr(),
+            newest.as_ptr()
+        );
     }
 }
