@@ -18,7 +18,9 @@ struct Uses {
     other: u32,
 }
 
-type Bucket = BTreeMap<String, BTreeMap<u16, Uses>>;
+/// By IP, its ports (sorted, without duplicates) and their uses: most
+/// workloads serve one or two ports, so a short list rather than a map.
+type Bucket = BTreeMap<String, Vec<(u16, Uses)>>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkloadPorts {
@@ -77,18 +79,27 @@ impl WorkloadPorts {
             for e in &sp.endpoints {
                 let bucket = Arc::make_mut(&mut self.buckets[bucket_of(&e.ip)]);
                 if add {
-                    let uses = bucket.entry(e.ip.clone()).or_default().entry(e.port).or_default();
+                    let ports = bucket.entry(e.ip.clone()).or_default();
+                    let i = match ports.binary_search_by_key(&e.port, |(port, _)| *port) {
+                        Ok(i) => i,
+                        Err(i) => {
+                            ports.insert(i, (e.port, Uses::default()));
+                            i
+                        }
+                    };
+                    let uses = &mut ports[i].1;
                     *(if http { &mut uses.http } else { &mut uses.other }) += 1;
                     continue;
                 }
                 let Some(ports) = bucket.get_mut(&e.ip) else {
                     continue;
                 };
-                if let Some(uses) = ports.get_mut(&e.port) {
+                if let Ok(i) = ports.binary_search_by_key(&e.port, |(port, _)| *port) {
+                    let uses = &mut ports[i].1;
                     let n = if http { &mut uses.http } else { &mut uses.other };
                     *n = n.saturating_sub(1);
                     if *uses == Uses::default() {
-                        ports.remove(&e.port);
+                        ports.remove(i);
                     }
                 }
                 if ports.is_empty() {
