@@ -159,7 +159,11 @@ struct Kept {
 
 impl Kept {
     fn bytes(&self) -> usize {
-        self.body.len + self.items.len() * std::mem::size_of::<Weak<Encoded>>()
+        Kept::size(&self.body, self.items.len())
+    }
+
+    fn size(body: &Body, items: usize) -> usize {
+        body.len + items * std::mem::size_of::<Weak<Encoded>>()
     }
 }
 
@@ -196,14 +200,14 @@ impl RecentBodies {
     }
 
     fn keep(&self, delta: bool, items: &[Arc<Encoded>], body: &Arc<Body>) {
+        if Kept::size(body, items.len()) > self.budget || body.len < RecentBodies::KEPT_MIN {
+            return;
+        }
         let kept = Kept {
             delta,
             items: items.iter().map(Arc::downgrade).collect(),
             body: body.clone(),
         };
-        if kept.bytes() > self.budget || body.len < RecentBodies::KEPT_MIN {
-            return;
-        }
         let mut gone = Vec::new();
         {
             let mut all = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
