@@ -125,18 +125,19 @@ struct Segment {
     index: usize,
 }
 
-/// The bodies made last, kept for the streams that send the same
+/// The bodies used last, kept for the streams that send the same
 /// resources after HTTP/2 has written every response holding one: at an
 /// initial sync, proxies connect one after another, those of every config
 /// key are sent the same thousand clusters (one shared map, walked once
 /// per config key, so a batch of each), and each would copy them into a
 /// body of its own. A body is found again by the resources it was made of
 /// (the same `Encoded`s, in order). At most `budget` bytes are kept (the
-/// bodies' segments, the shared ones included, and the resource lists)
-/// in at most `KEPT_MAX` bodies, the oldest let go first; a body larger
-/// than the budget is not kept, nor one under `KEPT_MIN` bytes (made again
-/// for less than finding it costs: an endpoint change's bodies of one
-/// assignment would otherwise fill the list with thousands).
+/// bodies' segments, the shared ones included, and what the resource
+/// lists hold) in at most `KEPT_MAX` bodies, the one used longest ago let
+/// go first; a body larger than the budget is not kept, nor one under
+/// `KEPT_MIN` bytes (made again for less than finding it costs: an
+/// endpoint change's bodies of one assignment would otherwise fill the
+/// list with thousands).
 pub struct RecentBodies {
     budget: usize,
     kept: Mutex<KeptBodies>,
@@ -162,8 +163,12 @@ impl Kept {
         Kept::size(&self.body, self.items.len())
     }
 
+    /// What keeping `body` holds at most: its bytes, and for each of its
+    /// `items` a `Weak` and the allocation it keeps once the resource is
+    /// dropped (the `Encoded` and its two reference counts).
     fn size(body: &Body, items: usize) -> usize {
-        body.len + items * std::mem::size_of::<Weak<Encoded>>()
+        use std::mem::size_of;
+        body.len + items * (size_of::<Weak<Encoded>>() + size_of::<Encoded>() + 2 * size_of::<usize>())
     }
 }
 
@@ -182,21 +187,22 @@ impl RecentBodies {
         }
     }
 
-    /// A kept body of the `delta` variant made of `items`.
+    /// A kept body of the `delta` variant made of `items`, which is then
+    /// the last to be let go.
     fn find(&self, delta: bool, items: &[Arc<Encoded>]) -> Option<Arc<Body>> {
-        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
-        kept.bodies
-            .iter()
-            .rev()
-            .find(|k| {
-                k.delta == delta
-                    && k.items.len() == items.len()
-                    && k.items
-                        .iter()
-                        .zip(items)
-                        .all(|(w, a)| w.as_ptr() == Arc::as_ptr(a))
-            })
-            .map(|k| k.body.clone())
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = kept.bodies.iter().rposition(|k| {
+            k.delta == delta
+                && k.items.len() == items.len()
+                && k.items
+                    .iter()
+                    .zip(items)
+                    .all(|(w, a)| w.as_ptr() == Arc::as_ptr(a))
+        })?;
+        let found = kept.bodies.remove(at)?;
+        let body = found.body.clone();
+        kept.bodies.push_back(found);
+        Some(body)
     }
 
     fn keep(&self, delta: bool, items: &[Arc<Encoded>], body: &Arc<Body>) {
@@ -1023,7 +1029,15 @@ mod tests {
         let body = |wire: &Wire| wire.chunks[1].clone();
         let one_body = Wire::sotw(&response(&a), &NONE).chunks[1].len();
         assert!(one_body >= RecentBodies::KEPT_MIN);
-        let recent = RecentBodies::new(one_body * 3);
+        // What keeping one such body counts for.
+        let one_kept = Kept::size(
+            &Body {
+                segments: Vec::new(),
+                len: one_body,
+            },
+            a.len(),
+        );
+        let recent = RecentBodies::new(one_kept * 3);
 
         // No response holds the first body any more; another batch of the
         // same resources (another config key's walk) is sent its bytes.
@@ -1054,7 +1068,7 @@ mod tests {
         assert_ne!(body(&Wire::sotw(&response(&a), &recent)).as_ptr(), first.as_ptr());
         assert_eq!(body(&Wire::sotw(&response(&b), &recent)).as_ptr(), other.as_ptr());
         // A body over the whole budget is not kept at all.
-        let small = RecentBodies::new(one_body / 2);
+        let small = RecentBodies::new(one_kept / 2);
         let made = body(&Wire::sotw(&response(&a), &small));
         assert_ne!(body(&Wire::sotw(&response(&a), &small)).as_ptr(), made.as_ptr());
         // Nor is a body under the size worth keeping.
@@ -1062,22 +1076,20 @@ mod tests {
         let few = &a[..10];
         let made = body(&Wire::sotw(&response(few), &recent));
         assert_ne!(body(&Wire::sotw(&response(few), &recent)).as_ptr(), made.as_ptr());
-        // Within the budget, no more than `KEPT_MAX` bodies are kept: the
-        // oldest goes first.
+        // Well within the budget, no more than `KEPT_MAX` bodies are kept,
+        // and the one used longest ago goes first.
+        let recent = RecentBodies::new(1 << 30);
         let all: Vec<Arc<Encoded>> = a.iter().chain(&b).cloned().collect();
         let part = |i: usize| &all[i..i + 300];
-        let oldest = body(&Wire::sotw(&response(part(0)), &recent));
-        let mut newest = oldest.clone();
-        for i in 1..=RecentBodies::KEPT_MAX {
-            newest = body(&Wire::sotw(&response(part(i)), &recent));
+        let sotw = |i: usize| body(&Wire::sotw(&response(part(i)), &recent));
+        let (first, second) = (sotw(0), sotw(1));
+        for i in 2..RecentBodies::KEPT_MAX {
+            sotw(i);
         }
-        assert_ne!(
-            body(&Wire::sotw(&response(part(0)), &recent)).as_ptr(),
-            oldest.as_ptr()
-        );
-        assert_eq!(
-            body(&Wire::sotw(&response(part(RecentBodies::KEPT_MAX)), &recent)).as_ptr(),
-            newest.as_ptr()
-        );
+        assert_eq!(sotw(0).as_ptr(), first.as_ptr());
+        let newest = sotw(RecentBodies::KEPT_MAX);
+        assert_ne!(sotw(1).as_ptr(), second.as_ptr());
+        assert_eq!(sotw(0).as_ptr(), first.as_ptr());
+        assert_eq!(sotw(RecentBodies::KEPT_MAX).as_ptr(), newest.as_ptr());
     }
 }
