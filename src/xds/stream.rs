@@ -790,12 +790,9 @@ fn sotw_select(state: &TypeState, snapshot: &Snapshot, t: XdsType, only_changed:
         _ if !covers => snapshot.walks.part_version(t, state, snapshot.of(t)),
         Some(version) => version.clone(),
         // All of the type, whose version the snapshot does not record.
-        None => {
-            let parts: Vec<&[u8]> = (snapshot.of(t).into_iter().flatten())
-                .flat_map(|(n, e)| [n.as_bytes(), e.version.as_bytes()])
-                .collect();
-            content_hash(&parts)
-        }
+        None => snapshot
+            .of(t)
+            .map_or_else(|| content_hash(&[]), super::cache::set_version),
     };
     Selection {
         version,
