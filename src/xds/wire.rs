@@ -143,7 +143,6 @@ pub struct RecentBodies {
     kept: Mutex<KeptBodies>,
 }
 
-#[derive(Default)]
 struct KeptBodies {
     bodies: VecDeque<Kept>,
     bytes: usize,
@@ -180,10 +179,13 @@ impl RecentBodies {
     const KEPT_MAX: usize = 64;
     const KEPT_MIN: usize = 16 * 1024;
 
-    pub fn new(budget: usize) -> RecentBodies {
+    pub const fn new(budget: usize) -> RecentBodies {
         RecentBodies {
             budget,
-            kept: Mutex::default(),
+            kept: Mutex::new(KeptBodies {
+                bodies: VecDeque::new(),
+                bytes: 0,
+            }),
         }
     }
 
@@ -688,13 +690,7 @@ mod tests {
     }
 
     /// Keeps no body: a body lives while a response holds it.
-    static NONE: RecentBodies = RecentBodies {
-        budget: 0,
-        kept: Mutex::new(KeptBodies {
-            bodies: VecDeque::new(),
-            bytes: 0,
-        }),
-    };
+    static NONE: RecentBodies = RecentBodies::new(0);
 
     fn message(wire: &Wire) -> Vec<u8> {
         let all: Vec<u8> = wire.chunks.iter().flat_map(|c| c.iter().copied()).collect();
