@@ -126,12 +126,23 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Authority, CaErr
         dir: dir.to_path_buf(),
     };
     let required = [CaFiles::CA_CERT, CaFiles::CA_KEY, CaFiles::ROOT_CERT];
-    let present: Vec<&str> = required
-        .iter()
-        .copied()
-        .filter(|f| files.path(f).exists())
-        .collect();
-    if present.is_empty() && !files.path(CaFiles::CERT_CHAIN).exists() {
+    let look = || {
+        let present: Vec<&str> = required
+            .iter()
+            .copied()
+            .filter(|f| files.path(f).exists())
+            .collect();
+        let none = present.is_empty() && !files.path(CaFiles::CERT_CHAIN).exists();
+        (present, none)
+    };
+    let (mut present, mut none) = look();
+    if !none && present.len() < required.len() {
+        // The files are looked at one by one, so a root that another meshd
+        // renamed into place between two looks shows as part of a set. Its
+        // files are never taken away again: a second look sees all of it.
+        (present, none) = look();
+    }
+    if none {
         create(&files, trust_domain)?;
     } else if present.len() < required.len() {
         let missing: Vec<&str> = required
