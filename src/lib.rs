@@ -24,6 +24,7 @@ pub mod debug;
 pub mod inject;
 pub mod loadgen;
 pub mod model;
+pub mod parallel;
 pub mod process;
 pub mod serve;
 pub mod source;

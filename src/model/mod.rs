@@ -115,7 +115,6 @@ impl PushContext {
         let (pods, pods_by_name) = index_pods(&config);
         let services = service::build(&config, &pods, &pods_by_name);
         let mut push = PushContext {
-            workload_ports: WorkloadPorts::of(services.values()),
             services,
             namespaces: namespaces(&config),
             credentials: Credentials::new(secrets(&config), now),
@@ -125,8 +124,19 @@ impl PushContext {
             config,
             ..PushContext::default()
         };
-        push.index_policies();
-        push.index_routing();
+        // The workload ports and the policy and routing indexes are read
+        // apart from each other: on a large mesh, at once.
+        let large = push.services.len() >= crate::parallel::LARGE_MESH;
+        let services: Vec<Arc<MeshService>> = push.services.values().cloned().collect();
+        let ((), workload_ports) = crate::parallel::join(
+            large,
+            || {
+                push.index_policies();
+                push.index_routing();
+            },
+            move || WorkloadPorts::of(&services),
+        );
+        push.workload_ports = workload_ports;
         push.sidecar_label_keys = sidecar_label_keys(&push);
         push
     }

@@ -136,15 +136,25 @@ pub(super) fn build(
         );
         endpoints.insert(key, e);
     }
-    let mut out = BTreeMap::new();
-    for svc in config.of_kind(Kind::Service) {
-        let Resource::Service(svc) = svc else { continue };
+    let services: Vec<&Service> = config
+        .of_kind(Kind::Service)
+        .filter_map(|r| match r {
+            Resource::Service(svc) => Some(svc),
+            _ => None,
+        })
+        .collect();
+    // Each Service is read apart from the others: on a large mesh, on every core.
+    let large = services.len() >= crate::parallel::LARGE_MESH;
+    let built = crate::parallel::map(large, &services, |svc| {
         let key = (
             svc.metadata.namespace.clone().unwrap_or_default(),
             svc.metadata.name.clone().unwrap_or_default(),
         );
         let svc_slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let service = from_service(svc, svc_slices, endpoints.get(&key).copied(), pods, pods_by_name);
+        from_service(svc, svc_slices, endpoints.get(&key).copied(), pods, pods_by_name)
+    });
+    let mut out = BTreeMap::new();
+    for service in built {
         out.insert(service.hostname.clone(), Arc::new(service));
     }
     for r in config.of_kind(Kind::ServiceEntry) {

@@ -608,13 +608,16 @@ impl Generation {
     }
 
     fn build(&self, proxy: &Proxy) -> Snapshot {
-        let (outbound, mut shared) = self.outbound(proxy);
+        // The halves read only the push context: on a large mesh, made at once.
+        let large = self.push.services.len() >= crate::parallel::LARGE_MESH;
+        let ((outbound, mut shared), listeners) =
+            crate::parallel::join(large, || self.outbound(proxy), || self.listeners(proxy));
         let kept = Arc::new(Generated {
             secrets: outbound.secrets.clone(),
             diagnostics: outbound.diagnostics.clone(),
             ..Default::default()
         });
-        let mut out = translate::combine(outbound, self.listeners(proxy));
+        let mut out = translate::combine(outbound, listeners);
         warn(proxy, &out.diagnostics);
         let mut resources = BTreeMap::new();
         let mut versions = BTreeMap::new();
@@ -1384,6 +1387,101 @@ mod tests {
     /// into the other config keys' route tables): every resource, route
     /// tables included, is byte for byte what encoding the whole
     /// translation gives.
+    /// A snapshot's resources, as they go on the wire.
+    fn wires(served: &Snapshot) -> BTreeMap<(XdsType, String), bytes::Bytes> {
+        served
+            .resources
+            .iter()
+            .flat_map(|(t, m)| m.values().map(move |e| ((*t, e.name.clone()), e.wire.clone())))
+            .collect()
+    }
+
+    /// A whole translation encoded by a generation of its own, which has
+    /// no virtual host to splice and no service's clusters to share.
+    fn encoded_apart(
+        push: &Arc<PushContext>,
+        whole: &Generated,
+    ) -> BTreeMap<(XdsType, String), bytes::Bytes> {
+        let apart = Generation::new(push.clone(), Arc::new(PushStats::new(0, Vec::new(), false)));
+        apart
+            .encode(&mut whole.clone(), &XdsType::ALL)
+            .into_iter()
+            .flat_map(|(t, m)| {
+                m.into_values()
+                    .map(move |e| ((t, e.name.clone()), e.wire.clone()))
+            })
+            .collect()
+    }
+
+    /// A mesh large enough that its push context's services and its
+    /// snapshots are made on every core: the push context equals the one
+    /// an update from an empty mesh makes service by service, and each
+    /// proxy is served what one thread's whole translation gives.
+    #[test]
+    fn a_large_mesh_is_served_what_one_thread_makes_of_it() {
+        let n = crate::parallel::LARGE_MESH;
+        let mut items = vec![serde_json::json!({
+            "apiVersion": "networking.istio.io/v1beta1", "kind": "Gateway",
+            "metadata": {"name": "gw", "namespace": "istio-system"},
+            "spec": {"selector": {"istio": "ingressgateway"},
+                     "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}]}
+        })];
+        for i in 0..n {
+            let (name, namespace) = (format!("svc-{i}"), format!("ns-{}", i % 7));
+            let meta = serde_json::json!({"name": name, "namespace": namespace});
+            items.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": meta,
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                                   {"name": "tcp-db", "port": 5432}]}
+            }));
+            // Each workload IP is some other services' endpoint too.
+            let ips: Vec<_> = [i % 211, i % 97 + 300]
+                .iter()
+                .map(|k| serde_json::json!({"ip": format!("10.1.{}.{}", k / 250, k % 250 + 1)}))
+                .collect();
+            items.push(serde_json::json!({
+                "apiVersion": "v1", "kind": "Endpoints", "metadata": meta,
+                "subsets": [{"addresses": ips,
+                             "ports": [{"name": "http", "port": 8080}, {"name": "tcp-db", "port": 5432}]}]
+            }));
+            if i % 50 == 0 {
+                items.push(serde_json::json!({
+                    "apiVersion": "networking.istio.io/v1beta1", "kind": "VirtualService", "metadata": meta,
+                    "spec": {"hosts": [name, format!("{name}.example.com")], "gateways": ["istio-system/gw", "mesh"],
+                             "http": [{"route": [{"destination": {"host": format!("svc-{}", i + 1)}}]}]}
+                }));
+            }
+        }
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let config = Arc::new(ConfigSnapshot::from_files(vec![parse_file(
+            "mesh.json",
+            &list.to_string(),
+        )]));
+        assert!(config.rejections.is_empty(), "{:?}", config.rejections.first());
+        let push = Arc::new(PushContext::new_at(config.clone(), golden_time()));
+        let empty = Arc::new(ConfigSnapshot::from_files(Vec::new()));
+        let one_by_one = PushContext::new_at(empty, golden_time()).next(config, golden_time());
+        assert_eq!(push.services.len(), n);
+        assert_eq!(push.services, one_by_one.services);
+        assert_eq!(push.workload_ports, one_by_one.workload_ports);
+        assert_eq!(push.gateways, one_by_one.gateways);
+        assert_eq!(push.virtual_services, one_by_one.virtual_services);
+        assert_eq!(push.virtual_services_by_host, one_by_one.virtual_services_by_host);
+        let cache = SnapshotCache::new(push.clone());
+        let mut proxies = proxies();
+        proxies.push(client("ns-3", serde_json::json!({"app": "db"})));
+        for proxy in &proxies {
+            let whole = translate::generate(&push, proxy);
+            assert!(whole.clusters.len() > n, "{}", proxy.id);
+            assert_eq!(
+                wires(&cache.snapshot(proxy)),
+                encoded_apart(&push, &whole),
+                "{}",
+                proxy.id
+            );
+        }
+    }
+
     #[test]
     fn route_tables_with_shared_virtual_hosts_encode_as_whole_tables_do() {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
@@ -1398,26 +1496,13 @@ mod tests {
             let vhosts = translate::VirtualHostCache::new(&push);
             for proxy in &scenario_proxies(&dir) {
                 let what = format!("{}, {}", dir.display(), proxy.id);
-                let served = cache.snapshot(proxy);
                 let whole = translate::generate(&push, proxy);
                 assert!(whole.encoded_vhosts.is_empty(), "{what}");
-                // The whole translation encoded by a generation of its own,
-                // which has no virtual host to splice.
-                let apart = Generation::new(push.clone(), Arc::new(PushStats::new(0, Vec::new(), false)));
-                let expected: BTreeMap<(XdsType, String), bytes::Bytes> = apart
-                    .encode(&mut whole.clone(), &XdsType::ALL)
-                    .into_iter()
-                    .flat_map(|(t, m)| {
-                        m.into_values()
-                            .map(move |e| ((t, e.name.clone()), e.wire.clone()))
-                    })
-                    .collect();
-                let got: BTreeMap<(XdsType, String), bytes::Bytes> = served
-                    .resources
-                    .iter()
-                    .flat_map(|(t, m)| m.values().map(move |e| ((*t, e.name.clone()), e.wire.clone())))
-                    .collect();
-                assert_eq!(got, expected, "{what}");
+                assert_eq!(
+                    wires(&cache.snapshot(proxy)),
+                    encoded_apart(&push, &whole),
+                    "{what}"
+                );
                 tables += whole.routes.len();
                 let spliced = translate::listeners_with(&push, proxy, Some(&vhosts));
                 for (_, bytes) in spliced.encoded_vhosts.values().flatten() {
