@@ -347,8 +347,9 @@ impl ConfigSnapshot {
     /// Builds a snapshot straight from documents (no earlier generation), as
     /// `meshd analyze` and the tests do.
     pub fn from_files(files: Vec<FileLoad>) -> ConfigSnapshot {
-        let mut store = ConfigStore::default();
-        Arc::unwrap_or_clone(store.apply(files))
+        // A preview, not applied: no store keeps it, so it is moved out
+        // rather than copied.
+        Arc::unwrap_or_clone(ConfigStore::default().preview(files))
     }
 
     /// Every resource that differs between this generation and `next`, in

@@ -31,7 +31,11 @@ pub struct DocumentLoad {
 pub fn parse_file(file: &str, text: &str) -> FileLoad {
     let documents = if file.ends_with(".json") {
         serde_json::from_str::<Value>(text)
-            .map(|v| decode_all(file, vec![v], &[1], 0))
+            .map(|v| {
+                let mut out = Vec::new();
+                decode_value(file, v, &[1], 0, &mut out);
+                out
+            })
             .map_err(|e| e.to_string())
     } else {
         yaml_file(file, text)
@@ -53,25 +57,23 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
     }
 }
 
-/// Decodes `values`, the documents of `file` from the `first`-th on
-/// (0-based), each starting on its line in `lines` (the whole file's).
-fn decode_all(file: &str, values: Vec<Value>, lines: &[usize], first: usize) -> Vec<DocumentLoad> {
-    values
-        .into_iter()
-        .enumerate()
-        .filter(|(_, v)| !v.is_null())
-        .flat_map(|(i, v)| {
-            let i = first + i;
-            let origin = Origin {
-                file: file.to_string(),
-                document: i + 1,
-                line: lines.get(i).copied().unwrap_or(0),
-            };
-            expand_list(v)
-                .into_iter()
-                .map(move |item| decode_document(origin.clone(), item))
-        })
-        .collect()
+/// Decodes `value`, the `i`-th document of `file` (0-based; a List gives
+/// one load per item, an empty document none), onto `out`; `lines` has
+/// the line each of the file's documents starts on.
+fn decode_value(file: &str, value: Value, lines: &[usize], i: usize, out: &mut Vec<DocumentLoad>) {
+    if value.is_null() {
+        return;
+    }
+    let origin = Origin {
+        file: file.to_string(),
+        document: i + 1,
+        line: lines.get(i).copied().unwrap_or(0),
+    };
+    out.extend(
+        expand_list(value)
+            .into_iter()
+            .map(|item| decode_document(origin.clone(), item)),
+    );
 }
 
 /// Files at least this large are parsed on every core.
@@ -89,7 +91,7 @@ fn yaml_file(file: &str, text: &str) -> Result<Vec<DocumentLoad>, String> {
             return Ok(documents);
         }
     }
-    Ok(decode_all(file, yaml_documents(text)?, &lines, 0))
+    Ok(yaml_decoded(file, text, &lines)?.1)
 }
 
 fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Option<Vec<DocumentLoad>> {
@@ -108,10 +110,7 @@ fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Optio
             .windows(2)
             .map(|w| {
                 let part = &text[w[0]..w[1]];
-                scope.spawn(move || {
-                    let values = yaml_documents(part).ok()?;
-                    Some((values.len(), decode_all(file, values, &[], 0)))
-                })
+                scope.spawn(move || yaml_decoded(file, part, &[]).ok())
             })
             .collect();
         handles.into_iter().map(|h| h.join().ok().flatten()).collect()
@@ -197,12 +196,21 @@ fn document_lines(text: &str) -> Vec<usize> {
     starts
 }
 
-fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
+/// The documents of a YAML stream, each decoded as soon as it is parsed,
+/// so that one document's JSON value is freed before the next is made:
+/// how many documents the stream holds, and their loads. Any document
+/// that does not parse fails the whole stream.
+fn yaml_decoded(file: &str, text: &str, lines: &[usize]) -> Result<(usize, Vec<DocumentLoad>), String> {
     use serde::Deserialize;
-    serde_norway::Deserializer::from_str(text)
-        // Straight into JSON values: no YAML value tree built and converted.
-        .map(|doc| Value::deserialize(doc).map_err(|e| e.to_string()))
-        .collect()
+    let mut out = Vec::new();
+    let mut count = 0;
+    for doc in serde_norway::Deserializer::from_str(text) {
+        // Straight into a JSON value: no YAML value tree built and converted.
+        let value = Value::deserialize(doc).map_err(|e| e.to_string())?;
+        decode_value(file, value, lines, count, &mut out);
+        count += 1;
+    }
+    Ok((count, out))
 }
 
 fn expand_list(value: Value) -> Vec<Value> {
@@ -412,7 +420,7 @@ mod tests {
         assert!(text.len() >= PARALLEL_FROM);
         let lines = document_lines(&text);
         let parts = yaml_in_parts("big.yaml", &text, &lines, 3).expect("the parts agree with the whole");
-        let whole = decode_all("big.yaml", yaml_documents(&text).expect("parses"), &lines, 0);
+        let (_, whole) = yaml_decoded("big.yaml", &text, &lines).expect("parses");
         assert_eq!(parts.len(), whole.len());
         for (a, b) in parts.iter().zip(&whole) {
             assert_eq!(a.origin, b.origin);
