@@ -329,8 +329,14 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
     })
 }
 
-/// Deserializes with the path of the failing field.
+/// Deserializes, with the path of the failing field. Most documents
+/// decode, so the value is read first without tracking the path (which
+/// copies every map key it passes); only a failing one is read again.
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T, DecodeError> {
+    T::deserialize(&value).or_else(|_| with_path(value))
+}
+
+fn with_path<T: DeserializeOwned>(value: Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = (path != ".").then_some(path);
