@@ -1382,11 +1382,6 @@ mod tests {
             .collect()
     }
 
-    /// Every golden scenario's proxies, served from one cache (so the
-    /// default virtual hosts one proxy's translation encodes are spliced
-    /// into the other config keys' route tables): every resource, route
-    /// tables included, is byte for byte what encoding the whole
-    /// translation gives.
     /// A snapshot's resources, as they go on the wire.
     fn wires(served: &Snapshot) -> BTreeMap<(XdsType, String), bytes::Bytes> {
         served
@@ -1482,6 +1477,11 @@ mod tests {
         }
     }
 
+    /// Every golden scenario's proxies, served from one cache (so the
+    /// default virtual hosts one proxy's translation encodes are spliced
+    /// into the other config keys' route tables): every resource, route
+    /// tables included, is byte for byte what encoding the whole
+    /// translation gives.
     #[test]
     fn route_tables_with_shared_virtual_hosts_encode_as_whole_tables_do() {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
