@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 /// proxies, 3 MB more peak RSS for 10% less CPU after a new service.
 pub const LARGE_MESH: usize = 5000;
 
-/// How many threads a step is spread over: the cores, at most 8.
+/// How many threads a step is spread over (a large config file's parse
+/// too): the cores, at most 8.
 pub fn cores() -> usize {
     static CORES: OnceLock<usize> = OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))

@@ -85,7 +85,7 @@ const PARALLEL_FROM: usize = 1 << 20;
 /// file is parsed again as one, so reports are the same either way.
 fn yaml_file(file: &str, text: &str) -> Result<Vec<DocumentLoad>, String> {
     let lines = document_lines(text);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let cores = crate::parallel::cores();
     if text.len() >= PARALLEL_FROM && cores > 1 {
         if let Some(documents) = yaml_in_parts(file, text, &lines, cores) {
             return Ok(documents);
