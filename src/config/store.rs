@@ -1,7 +1,7 @@
 //! The config store: turns a complete reading of the sources into the next
 //! generation, keeping the last good version of anything that went bad.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map, BTreeMap};
 use std::sync::Arc;
 
 use super::{ConfigSnapshot, Entry, FileLoad, Rejection, Resource, ResourceKey};
@@ -52,31 +52,32 @@ impl ConfigStore {
                     for doc in documents {
                         match doc.result {
                             Ok(resource) => {
-                                let key = resource.key();
-                                if let Some(first) = resources.get(&key) {
-                                    rejections.push(Rejection {
-                                        origin: doc.origin,
-                                        key: Some(key),
-                                        field: Some("metadata.name".into()),
-                                        reason: format!(
-                                            "also defined at {}; the first one is used",
-                                            first.origin
-                                        ),
-                                        last_good_kept: false,
-                                    });
-                                    continue;
-                                }
+                                let slot = match resources.entry(resource.key()) {
+                                    btree_map::Entry::Occupied(first) => {
+                                        rejections.push(Rejection {
+                                            origin: doc.origin,
+                                            key: Some(first.key().clone()),
+                                            field: Some("metadata.name".into()),
+                                            reason: format!(
+                                                "also defined at {}; the first one is used",
+                                                first.get().origin
+                                            ),
+                                            last_good_kept: false,
+                                        });
+                                        continue;
+                                    }
+                                    btree_map::Entry::Vacant(slot) => slot,
+                                };
                                 // An unchanged resource keeps its Arc, so later
                                 // stages see at once that it did not change.
-                                let resource = match prev.resources.get(&key) {
+                                let resource = match prev.resources.get(slot.key()) {
                                     Some(old) if same(&old.resource, &resource) => old.resource.clone(),
                                     _ => resource,
                                 };
-                                let entry = Entry {
+                                slot.insert(Entry {
                                     origin: doc.origin,
                                     resource,
-                                };
-                                resources.insert(key, entry);
+                                });
                             }
                             Err(rejection) => {
                                 let keys = rejection.key.iter().cloned().collect();

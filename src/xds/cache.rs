@@ -608,10 +608,23 @@ impl Generation {
     }
 
     fn build(&self, proxy: &Proxy) -> Snapshot {
-        // The halves read only the push context: on a large mesh, made at once.
+        // The halves read only the push context: on a large mesh, made at
+        // once. Listeners and routes come from the listener half alone, so
+        // its thread encodes and shares them too (they intern under types
+        // of their own, apart from the outbound half's).
         let large = self.push.services.len() >= crate::parallel::LARGE_MESH;
-        let ((outbound, mut shared), listeners) =
-            crate::parallel::join(large, || self.outbound(proxy), || self.listeners(proxy));
+        const OWN: [XdsType; 2] = [XdsType::Listener, XdsType::Route];
+        let ((outbound, mut shared), (listeners, own)) = crate::parallel::join(
+            large,
+            || self.outbound(proxy),
+            || {
+                let mut half = self.listeners(proxy);
+                let own: Vec<_> = (self.encode(&mut half, &OWN).into_iter())
+                    .map(|(t, m)| (t, self.share(t, m)))
+                    .collect();
+                (half, own)
+            },
+        );
         let kept = Arc::new(Generated {
             secrets: outbound.secrets.clone(),
             diagnostics: outbound.diagnostics.clone(),
@@ -621,12 +634,15 @@ impl Generation {
         warn(proxy, &out.diagnostics);
         let mut resources = BTreeMap::new();
         let mut versions = BTreeMap::new();
-        for (t, m) in self.encode(&mut out, &XdsType::ALL) {
+        let rest: Vec<XdsType> = XdsType::ALL.into_iter().filter(|t| !OWN.contains(t)).collect();
+        let rest = self.encode(&mut out, &rest).into_iter().map(|(t, m)| {
             // The listener half's clusters after the services', as in one
             // translation sorted by name.
             let mut all = shared.remove(&t).unwrap_or_default();
             all.extend(m);
-            let (map, version) = self.share(t, all);
+            (t, self.share(t, all))
+        });
+        for (t, (map, version)) in own.into_iter().chain(rest) {
             resources.insert(t, map);
             versions.insert(t, version);
         }
