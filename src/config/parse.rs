@@ -105,16 +105,8 @@ fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Optio
         }
     }
     cuts.push(text.len());
-    let parsed: Vec<Option<(usize, Vec<DocumentLoad>)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = cuts
-            .windows(2)
-            .map(|w| {
-                let part = &text[w[0]..w[1]];
-                scope.spawn(move || yaml_decoded(file, part, &[]).ok())
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().ok().flatten()).collect()
-    });
+    let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let parsed = crate::parallel::map(true, &pieces, |part| yaml_decoded(file, part, &[]).ok());
     let mut out = Vec::new();
     let mut first = 0;
     for part in parsed {
