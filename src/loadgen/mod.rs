@@ -313,22 +313,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Runs of the baseline's fan-out; the median is compared with meshd's.
 const BASELINE_RUNS: usize = 3;
 
-/// Sum of what every client has received so far.
-fn total_responses(stats: &[Arc<Mutex<ClientStats>>]) -> u64 {
-    stats
-        .iter()
-        .map(|s| s.lock().map(|s| s.responses.values().sum::<u64>()).unwrap_or(0))
-        .sum()
-}
-
 /// Waits until no client has received anything for `quiet`, or `max`.
-async fn settle(stats: &[Arc<Mutex<ClientStats>>], quiet: Duration, max: Duration) {
+async fn settle(shared: &Shared, quiet: Duration, max: Duration) {
     let deadline = Instant::now() + max;
-    let mut seen = total_responses(stats);
+    let mut seen = shared.responses();
     let mut since = Instant::now();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = total_responses(stats);
+        let now = shared.responses();
         if now != seen {
             seen = now;
             since = Instant::now();
@@ -353,6 +345,7 @@ async fn churn(
     spec: &MeshSpec,
     soak: Soak,
     stats: &[Arc<Mutex<ClientStats>>],
+    shared: &Shared,
     pid: Option<u32>,
 ) -> Result<SoakReport> {
     let before = responses(stats);
@@ -374,7 +367,7 @@ async fn churn(
         next += every;
         tokio::time::sleep_until(next).await;
     }
-    settle(stats, Duration::from_millis(500), Duration::from_secs(30)).await;
+    settle(shared, Duration::from_millis(500), Duration::from_secs(30)).await;
     let during: Vec<u64> = responses(stats)
         .iter()
         .zip(&before)
@@ -450,6 +443,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         }));
         stats.push(s.clone());
         let who = identity(i, &o.mesh);
+        let shared_by_task = shared.clone();
         let shared = shared.clone();
         let delta = o.delta;
         tasks.push(tokio::spawn(async move {
@@ -458,25 +452,25 @@ pub async fn run(o: &Options) -> Result<Report> {
             } else {
                 client::run_sotw(channel, who, s.clone(), shared).await
             };
-            if let (Err(e), Ok(mut st)) = (result, s.lock()) {
-                st.error = Some(e.to_string());
+            if let Err(e) = result {
+                shared_by_task.fail(&s, e.to_string());
             }
         }));
     }
     // Initial sync: every client holds every type it subscribed to.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let synced = stats
-            .iter()
-            .filter(|s| s.lock().is_ok_and(|s| s.synced_at.is_some()))
-            .count();
+        // The counts, not each client's stats: the clients are measured
+        // on the same cores.
+        let synced = shared.synced();
         if synced == o.clients {
             break;
         }
-        if let Some(e) = stats
-            .iter()
-            .find_map(|s| s.lock().ok().and_then(|s| s.error.clone()))
-        {
+        if shared.failed() > 0 {
+            let e = stats
+                .iter()
+                .find_map(|s| s.lock().ok().and_then(|s| s.error.clone()))
+                .unwrap_or_default();
             bail!("a client failed: {e}");
         }
         if Instant::now() > deadline {
@@ -494,30 +488,24 @@ pub async fn run(o: &Options) -> Result<Report> {
         "initial sync done in {:.2} s; the change follows once the clients are quiet",
         initial_sync.as_secs_f64()
     );
-    settle(&stats, Duration::from_millis(500), Duration::from_secs(30)).await;
+    settle(&shared, Duration::from_millis(500), Duration::from_secs(30)).await;
     let soak = match o.soak {
-        Some(soak) => Some(churn(&config_dir, &o.mesh, soak, &stats, pid).await?),
+        Some(soak) => Some(churn(&config_dir, &o.mesh, soak, &stats, &shared, pid).await?),
         None => None,
     };
     // The change.
     let cpu_before_change = pid.and_then(crate::process::cpu_seconds);
-    let written = Instant::now();
-    if let Ok(mut c) = shared.changed.lock() {
-        *c = Some(written);
-    }
+    let written = shared.write_change();
     mesh::apply(&config_dir, &o.mesh, o.change)?;
     // Until every client that got anything has been quiet for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let any = stats
-            .iter()
-            .any(|s| s.lock().is_ok_and(|s| s.changed_at.is_some()));
-        if any || Instant::now() > deadline {
+        if shared.holding() > 0 || Instant::now() > deadline {
             break;
         }
     }
-    settle(&stats, Duration::from_millis(1500), Duration::from_secs(60)).await;
+    settle(&shared, Duration::from_millis(1500), Duration::from_secs(60)).await;
     let cpu_end = pid.and_then(crate::process::cpu_seconds);
     let memory = pid.and_then(crate::process::rss_mb);
     let meshd_push_ms = match &debug_addr {
