@@ -5,7 +5,7 @@
 //! type and in bytes, when it was first in sync, and when it first held
 //! the scripted change.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -479,8 +479,9 @@ fn record(stats: &Mutex<ClientStats>, shared: &Shared, t: XdsType, bytes: usize,
 #[derive(Default)]
 struct Sync {
     received: BTreeSet<XdsType>,
-    eds: BTreeSet<String>,
-    rds: BTreeSet<String>,
+    /// Whether the client subscribes to any endpoints, any route tables.
+    eds: bool,
+    rds: bool,
     /// Whether the client was counted in sync (once).
     counted: bool,
 }
@@ -489,8 +490,8 @@ impl Sync {
     fn done(&self) -> bool {
         self.received.contains(&XdsType::Cluster)
             && self.received.contains(&XdsType::Listener)
-            && (self.eds.is_empty() || self.received.contains(&XdsType::Endpoint))
-            && (self.rds.is_empty() || self.received.contains(&XdsType::Route))
+            && (!self.eds || self.received.contains(&XdsType::Endpoint))
+            && (!self.rds || self.received.contains(&XdsType::Route))
     }
 }
 
@@ -668,6 +669,8 @@ pub async fn run_sotw(
     }
     let mut stream = open::<Ack, SotwResponse>(channel, "StreamAggregatedResources", rx).await?;
     let mut sync = Sync::default();
+    // The names subscribed to, per type.
+    let mut subscribed: BTreeMap<XdsType, BTreeSet<String>> = BTreeMap::new();
     // Last (version, nonce) per type, for requests that change names.
     let mut last: BTreeMap<XdsType, (String, String)> = BTreeMap::new();
     while let Some((resp, size)) = stream.message().await? {
@@ -692,13 +695,14 @@ pub async fn run_sotw(
             _ => None,
         };
         if let Some((dep, wanted)) = follow {
-            let held = if dep == XdsType::Endpoint {
-                &mut sync.eds
-            } else {
-                &mut sync.rds
-            };
+            let held = subscribed.entry(dep).or_default();
             if *held != wanted {
                 requests.subscribe(dep, &wanted);
+                if dep == XdsType::Endpoint {
+                    sync.eds = !wanted.is_empty();
+                } else {
+                    sync.rds = !wanted.is_empty();
+                }
                 *held = wanted;
                 let (version, nonce) = last.get(&dep).cloned().unwrap_or_default();
                 if tx.send(requests.request(dep, &version, &nonce)).await.is_err() {
@@ -709,6 +713,72 @@ pub async fn run_sotw(
         mark_synced(&stats, &shared, &mut sync);
     }
     Ok(())
+}
+
+/// What a delta client's held clusters (or listeners) name: their EDS
+/// clusters (or route tables), per resource and counted, so that an update
+/// of a few resources changes the subscriptions by what those few name.
+#[derive(Default)]
+struct Follows {
+    /// Each held resource's names.
+    held: HashMap<String, Vec<String>>,
+    /// How many held resources name each.
+    named: HashMap<String, usize>,
+}
+
+/// Names to subscribe to and to drop.
+#[derive(Default)]
+struct Subscription {
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
+}
+
+impl Follows {
+    /// The resource `name` is held and names `names` now.
+    fn hold(&mut self, name: String, names: Vec<String>, changes: &mut Subscription) {
+        for n in &names {
+            let count = self.named.entry(n.clone()).or_default();
+            *count += 1;
+            if *count == 1 {
+                // Dropped and named again within one response: neither.
+                match changes.unsubscribe.iter().position(|u| u == n) {
+                    Some(i) => {
+                        changes.unsubscribe.swap_remove(i);
+                    }
+                    None => changes.subscribe.push(n.clone()),
+                }
+            }
+        }
+        if let Some(before) = self.held.insert(name, names) {
+            self.forget(before, changes);
+        }
+    }
+
+    /// The resource `name` is no longer held.
+    fn drop_resource(&mut self, name: &str, changes: &mut Subscription) {
+        if let Some(before) = self.held.remove(name) {
+            self.forget(before, changes);
+        }
+    }
+
+    fn forget(&mut self, names: Vec<String>, changes: &mut Subscription) {
+        for n in names {
+            let Some(count) = self.named.get_mut(&n) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.named.remove(&n);
+                // Subscribed and dropped within one response: neither.
+                match changes.subscribe.iter().position(|s| *s == n) {
+                    Some(i) => {
+                        changes.subscribe.swap_remove(i);
+                    }
+                    None => changes.unsubscribe.push(n),
+                }
+            }
+        }
+    }
 }
 
 /// Runs one incremental (delta) client until the stream ends.
@@ -732,9 +802,7 @@ pub async fn run_delta(
     let mut stream =
         open::<DeltaDiscoveryRequest, DeltaResponse>(channel, "DeltaAggregatedResources", rx).await?;
     let mut sync = Sync::default();
-    // Per held cluster and listener, what it names (its EDS cluster, its
-    // route tables), to know the subscriptions after a partial update.
-    let mut names: BTreeMap<XdsType, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    let mut follows: BTreeMap<XdsType, Follows> = BTreeMap::new();
     while let Some((resp, size)) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
@@ -760,46 +828,32 @@ pub async fn run_delta(
             _ => None,
         };
         if let Some(dep) = dep {
-            let held = names.entry(t).or_default();
+            let follows = follows.entry(t).or_default();
+            let mut changes = Subscription::default();
+            follows.held.reserve(resp.resources.len());
             for r in &resp.resources {
                 if let Some(any) = &r.resource {
                     let named: Vec<String> = match t {
                         XdsType::Cluster => eds_name(&any.value).into_iter().collect(),
                         _ => rds_names([&any.value[..]]).into_iter().collect(),
                     };
-                    held.insert(String::from_utf8_lossy(&r.name).into_owned(), named);
+                    follows.hold(String::from_utf8_lossy(&r.name).into_owned(), named, &mut changes);
                 }
             }
             for name in &resp.removed_resources {
-                held.remove(name);
+                follows.drop_resource(name, &mut changes);
             }
-            // What the held resources name, borrowed: only the names to
-            // subscribe to are copied.
-            let wanted: BTreeSet<&str> = held.values().flatten().map(String::as_str).collect();
-            let current = if dep == XdsType::Endpoint {
-                &mut sync.eds
+            let any = !follows.named.is_empty();
+            if dep == XdsType::Endpoint {
+                sync.eds = any;
             } else {
-                &mut sync.rds
-            };
-            let subscribe: Vec<String> = wanted
-                .iter()
-                .filter(|n| !current.contains(**n))
-                .map(|n| n.to_string())
-                .collect();
-            let unsubscribe: Vec<String> = current
-                .iter()
-                .filter(|n| !wanted.contains(n.as_str()))
-                .cloned()
-                .collect();
-            if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                for n in &unsubscribe {
-                    current.remove(n);
-                }
-                current.extend(subscribe.iter().cloned());
+                sync.rds = any;
+            }
+            if !changes.subscribe.is_empty() || !changes.unsubscribe.is_empty() {
                 let req = DeltaDiscoveryRequest {
                     type_url: dep.url().to_string(),
-                    resource_names_subscribe: subscribe,
-                    resource_names_unsubscribe: unsubscribe,
+                    resource_names_subscribe: changes.subscribe,
+                    resource_names_unsubscribe: changes.unsubscribe,
                     ..Default::default()
                 };
                 if tx.send(req).await.is_err() {
@@ -1031,6 +1085,40 @@ mod tests {
             .filter_map(|r| r.resource.as_ref().map(AnyHead::to_any))
             .collect();
         assert_eq!(read, anys);
+    }
+
+    /// A delta client subscribes to what its held resources name, counted
+    /// across them, and to nothing twice.
+    #[test]
+    fn follows_count_what_held_resources_name() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut follows = Follows::default();
+        let mut first = Subscription::default();
+        follows.hold("l1".into(), names(&["80", "90"]), &mut first);
+        follows.hold("l2".into(), names(&["80"]), &mut first);
+        assert_eq!(
+            (first.subscribe, first.unsubscribe),
+            (names(&["80", "90"]), names(&[]))
+        );
+
+        let mut same = Subscription::default();
+        follows.hold("l1".into(), names(&["80", "90"]), &mut same);
+        assert!(same.subscribe.is_empty() && same.unsubscribe.is_empty());
+
+        // l1 drops 90 and l2 goes; 80 is still named by l1.
+        let mut fewer = Subscription::default();
+        follows.hold("l1".into(), names(&["80"]), &mut fewer);
+        follows.drop_resource("l2", &mut fewer);
+        assert_eq!((fewer.subscribe, fewer.unsubscribe), (names(&[]), names(&["90"])));
+
+        // Within one response, 80 is dropped by l1 and named by l3: it
+        // stays; 70 is named by l1 then dropped with it: never asked for.
+        let mut moved = Subscription::default();
+        follows.hold("l1".into(), names(&["70"]), &mut moved);
+        follows.hold("l3".into(), names(&["80"]), &mut moved);
+        follows.drop_resource("l1", &mut moved);
+        assert_eq!((moved.subscribe, moved.unsubscribe), (names(&[]), names(&[])));
+        assert_eq!(follows.named.keys().collect::<Vec<_>>(), ["80"]);
     }
 
     /// A stream that ends with an error status, or inside a response, is an
