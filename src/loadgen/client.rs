@@ -721,9 +721,9 @@ pub async fn run_sotw(
 #[derive(Default)]
 struct Follows {
     /// Each held resource's names.
-    held: HashMap<String, Vec<String>>,
+    held: HashMap<String, Vec<String>, foldhash::fast::RandomState>,
     /// How many held resources name each.
-    named: HashMap<String, usize>,
+    named: HashMap<String, usize, foldhash::fast::RandomState>,
 }
 
 /// Names to subscribe to and to drop.
