@@ -5,7 +5,7 @@
 //! type and in bytes, when it was first in sync, and when it first held
 //! the scripted change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -733,6 +733,55 @@ struct Subscription {
     unsubscribe: Vec<String>,
 }
 
+impl Subscription {
+    /// `name` is wanted now (dropped and wanted again within one
+    /// response: neither).
+    fn want(&mut self, name: &str) {
+        match self.unsubscribe.iter().position(|u| u == name) {
+            Some(i) => {
+                self.unsubscribe.swap_remove(i);
+            }
+            None => self.subscribe.push(name.to_string()),
+        }
+    }
+
+    /// `name` is no longer wanted (wanted and dropped within one
+    /// response: neither).
+    fn drop_name(&mut self, name: String) {
+        match self.subscribe.iter().position(|s| *s == name) {
+            Some(i) => {
+                self.subscribe.swap_remove(i);
+            }
+            None => self.unsubscribe.push(name),
+        }
+    }
+}
+
+/// A delta client's EDS clusters: those of its held clusters that take
+/// their endpoints from EDS, each by its own name (the cluster's name is
+/// all the simulator reads of it besides its type).
+#[derive(Default)]
+struct EdsClusters(HashSet<String, foldhash::fast::RandomState>);
+
+impl EdsClusters {
+    /// The cluster `name` is held now, and is an EDS cluster or not.
+    fn hold(&mut self, name: &str, eds: bool, changes: &mut Subscription) {
+        if !eds {
+            self.drop_resource(name, changes);
+        } else if !self.0.contains(name) {
+            self.0.insert(name.to_string());
+            changes.want(name);
+        }
+    }
+
+    /// The cluster `name` is no longer held.
+    fn drop_resource(&mut self, name: &str, changes: &mut Subscription) {
+        if let Some(name) = self.0.take(name) {
+            changes.drop_name(name);
+        }
+    }
+}
+
 impl Follows {
     /// The resource `name` is held and names `names` now.
     fn hold(&mut self, name: String, names: Vec<String>, changes: &mut Subscription) {
@@ -740,13 +789,7 @@ impl Follows {
             let count = self.named.entry(n.clone()).or_default();
             *count += 1;
             if *count == 1 {
-                // Dropped and named again within one response: neither.
-                match changes.unsubscribe.iter().position(|u| u == n) {
-                    Some(i) => {
-                        changes.unsubscribe.swap_remove(i);
-                    }
-                    None => changes.subscribe.push(n.clone()),
-                }
+                changes.want(n);
             }
         }
         if let Some(before) = self.held.insert(name, names) {
@@ -769,13 +812,7 @@ impl Follows {
             *count -= 1;
             if *count == 0 {
                 self.named.remove(&n);
-                // Subscribed and dropped within one response: neither.
-                match changes.subscribe.iter().position(|s| *s == n) {
-                    Some(i) => {
-                        changes.subscribe.swap_remove(i);
-                    }
-                    None => changes.unsubscribe.push(n),
-                }
+                changes.drop_name(n);
             }
         }
     }
@@ -802,7 +839,8 @@ pub async fn run_delta(
     let mut stream =
         open::<DeltaDiscoveryRequest, DeltaResponse>(channel, "DeltaAggregatedResources", rx).await?;
     let mut sync = Sync::default();
-    let mut follows: BTreeMap<XdsType, Follows> = BTreeMap::new();
+    let mut eds = EdsClusters::default();
+    let mut routes = Follows::default();
     while let Some((resp, size)) = stream.message().await? {
         let Some(t) = XdsType::from_url(&resp.type_url) else {
             continue;
@@ -828,27 +866,26 @@ pub async fn run_delta(
             _ => None,
         };
         if let Some(dep) = dep {
-            let follows = follows.entry(t).or_default();
             let mut changes = Subscription::default();
-            follows.held.reserve(resp.resources.len());
             for r in &resp.resources {
-                if let Some(any) = &r.resource {
-                    let named: Vec<String> = match t {
-                        XdsType::Cluster => eds_name(&any.value).into_iter().collect(),
-                        _ => rds_names([&any.value[..]]).into_iter().collect(),
-                    };
-                    follows.hold(String::from_utf8_lossy(&r.name).into_owned(), named, &mut changes);
+                let Some(any) = &r.resource else { continue };
+                let name = String::from_utf8_lossy(&r.name);
+                if t == XdsType::Cluster {
+                    eds.hold(&name, eds_name(&any.value).is_some(), &mut changes);
+                } else {
+                    let named = rds_names([&any.value[..]]).into_iter().collect();
+                    routes.hold(name.into_owned(), named, &mut changes);
                 }
             }
             for name in &resp.removed_resources {
-                follows.drop_resource(name, &mut changes);
+                if t == XdsType::Cluster {
+                    eds.drop_resource(name, &mut changes);
+                } else {
+                    routes.drop_resource(name, &mut changes);
+                }
             }
-            let any = !follows.named.is_empty();
-            if dep == XdsType::Endpoint {
-                sync.eds = any;
-            } else {
-                sync.rds = any;
-            }
+            sync.eds = !eds.0.is_empty();
+            sync.rds = !routes.named.is_empty();
             if !changes.subscribe.is_empty() || !changes.unsubscribe.is_empty() {
                 let req = DeltaDiscoveryRequest {
                     type_url: dep.url().to_string(),
@@ -1119,6 +1156,34 @@ mod tests {
         follows.drop_resource("l1", &mut moved);
         assert_eq!((moved.subscribe, moved.unsubscribe), (names(&[]), names(&[])));
         assert_eq!(follows.named.keys().collect::<Vec<_>>(), ["80"]);
+    }
+
+    /// A delta client subscribes to the endpoints of its EDS clusters, by
+    /// their names, and drops them with the clusters.
+    #[test]
+    fn eds_clusters_follow_the_held_clusters() {
+        let mut eds = EdsClusters::default();
+        let mut first = Subscription::default();
+        eds.hold("a", true, &mut first);
+        eds.hold("b", true, &mut first);
+        eds.hold("static", false, &mut first);
+        eds.hold("a", true, &mut first);
+        assert_eq!(
+            (first.subscribe, first.unsubscribe),
+            (vec!["a".to_string(), "b".into()], vec![])
+        );
+
+        let mut next = Subscription::default();
+        eds.hold("a", false, &mut next);
+        eds.drop_resource("b", &mut next);
+        eds.drop_resource("never held", &mut next);
+        eds.hold("c", true, &mut next);
+        eds.drop_resource("c", &mut next);
+        assert_eq!(
+            (next.subscribe, next.unsubscribe),
+            (vec![], vec!["a".to_string(), "b".into()])
+        );
+        assert!(eds.0.is_empty());
     }
 
     /// A stream that ends with an error status, or inside a response, is an
