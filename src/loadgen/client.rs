@@ -715,9 +715,9 @@ pub async fn run_sotw(
     Ok(())
 }
 
-/// What a delta client's held clusters (or listeners) name: their EDS
-/// clusters (or route tables), per resource and counted, so that an update
-/// of a few resources changes the subscriptions by what those few name.
+/// What a delta client's held listeners name: their route tables, per
+/// listener and counted (listeners may share one), so that an update of a
+/// few listeners changes the subscriptions by what those few name.
 #[derive(Default)]
 struct Follows {
     /// Each held resource's names.

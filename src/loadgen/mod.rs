@@ -443,17 +443,16 @@ pub async fn run(o: &Options) -> Result<Report> {
         }));
         stats.push(s.clone());
         let who = identity(i, &o.mesh);
-        let shared_by_task = shared.clone();
         let shared = shared.clone();
         let delta = o.delta;
         tasks.push(tokio::spawn(async move {
             let result = if delta {
-                client::run_delta(channel, who, s.clone(), shared).await
+                client::run_delta(channel, who, s.clone(), shared.clone()).await
             } else {
-                client::run_sotw(channel, who, s.clone(), shared).await
+                client::run_sotw(channel, who, s.clone(), shared.clone()).await
             };
             if let Err(e) = result {
-                shared_by_task.fail(&s, e.to_string());
+                shared.fail(&s, e.to_string());
             }
         }));
     }
