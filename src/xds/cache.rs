@@ -311,6 +311,8 @@ fn endpoint_only_change(
 pub struct SnapshotCache {
     current: RwLock<Arc<Generation>>,
     notify: watch::Sender<u64>,
+    /// See `installs`.
+    installs: std::sync::atomic::AtomicU64,
     /// The last pushes, newest last.
     history: std::sync::Mutex<std::collections::VecDeque<Arc<PushStats>>>,
 }
@@ -390,6 +392,7 @@ impl SnapshotCache {
         SnapshotCache {
             current: RwLock::new(Arc::new(Generation::new(push, stats.clone()))),
             notify: watch::Sender::new(generation),
+            installs: std::sync::atomic::AtomicU64::new(0),
             history: std::sync::Mutex::new([stats].into()),
         }
     }
@@ -450,8 +453,16 @@ impl SnapshotCache {
             Ok(mut g) => std::mem::replace(&mut *g, next),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), next),
         };
+        self.installs.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.notify.send_replace(generation);
         retire(old);
+    }
+
+    /// How many generations were installed: it moves (after the
+    /// generation is served) at every install, even one of the same
+    /// config generation.
+    pub fn installs(&self) -> u64 {
+        self.installs.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A receiver that changes whenever a new generation is installed.

@@ -386,8 +386,9 @@ impl XdsRequest for DeltaRequestMessage {
 
 /// What a turn of a stream's loop came to.
 enum Step {
-    /// Responses to send, computed from the snapshot.
-    Send(Vec<Outgoing>, Arc<Snapshot>),
+    /// Responses to send, computed from the snapshot; with the type a
+    /// request was about, whose state it changed even when nothing is sent.
+    Send(Vec<Outgoing>, Arc<Snapshot>, Option<XdsType>),
     /// A new generation is out: once a permit is free, compute the push
     /// (nothing before the proxy is known).
     Push,
@@ -398,6 +399,18 @@ enum Step {
     /// The stream ends with this status.
     Fail(Status),
 }
+
+/// What a stream's requests read and set besides the protocol state.
+struct Stream<'a> {
+    /// The proxy, once its first request named it, and its registry id.
+    proxy: &'a mut Option<(Proxy, u64)>,
+    workload: &'a mut Option<Workload>,
+    served: &'a mut Option<Served>,
+}
+
+/// A stream's last snapshot, and how many generations the cache had
+/// installed when it was looked up.
+type Served = (u64, Arc<Snapshot>);
 
 /// One ADS stream.
 struct Connection {
@@ -440,6 +453,26 @@ impl Connection {
             caller,
             limits: server.limits,
         }
+    }
+
+    /// The proxy's snapshot in the current generation: `served` again
+    /// while no newer generation is out (an ACK needs no config key
+    /// computed and looked up), else looked up and kept in `served`.
+    fn serve(
+        &self,
+        served: &mut Option<Served>,
+        proxy: &Proxy,
+        workload: Option<&Workload>,
+    ) -> Arc<Snapshot> {
+        // Read before the lookup: the snapshot is of this install or a
+        // later one, never an earlier one.
+        let installs = self.cache.installs();
+        if let Some((_, s)) = served.as_ref().filter(|(n, _)| *n == installs) {
+            return s.clone();
+        }
+        let snapshot = self.snapshot(proxy, workload);
+        *served = Some((installs, snapshot.clone()));
+        snapshot
     }
 
     /// The proxy's snapshot, with its own workload certificates added.
@@ -503,6 +536,8 @@ impl Connection {
         let mut state = StreamState::default();
         let mut proxy: Option<(Proxy, u64)> = None;
         let mut workload: Option<Workload> = None;
+        // The snapshot last served, reused while its generation is current.
+        let mut served: Option<Served> = None;
         let mut rate = RateLimit::new(&self.limits);
         // What ends the stream with a status, sent once the loop is left.
         let mut failed: Option<Status> = None;
@@ -513,7 +548,10 @@ impl Connection {
             // `select!` holds, for every stream open.
             let step = tokio::select! {
                 msg = futures::StreamExt::next(&mut inbound) => match msg {
-                    Some(Ok(req)) => self.request(req, &mut rate, &mut proxy, &mut workload, &mut state, &subscriptions),
+                    Some(Ok(req)) => {
+                        let stream = Stream { proxy: &mut proxy, workload: &mut workload, served: &mut served };
+                        self.request(req, &mut rate, stream, &mut state, &subscriptions)
+                    }
                     None => Step::Stop,
                     Some(Err(status)) => {
                         tracing::debug!(%status, "stream closed");
@@ -528,16 +566,17 @@ impl Connection {
                     None => Step::Idle,
                     Some((p, _)) => {
                         workload = workload.take().and_then(|w| self.workload(w.identity));
-                        let snapshot = self.snapshot(p, workload.as_ref());
-                        Step::Send(R::push(&mut state, &snapshot), snapshot)
+                        served = None; // it carries the old certificates
+                        let snapshot = self.serve(&mut served, p, workload.as_ref());
+                        Step::Send(R::push(&mut state, &snapshot), snapshot, None)
                     }
                 },
             };
             // Set when a new config generation is pushed: when its
             // computation started.
             let mut pushed: Option<Instant> = None;
-            let (outgoing, snapshot) = match step {
-                Step::Send(outgoing, snapshot) => (outgoing, snapshot),
+            let (outgoing, snapshot, asked) = match step {
+                Step::Send(outgoing, snapshot, asked) => (outgoing, snapshot, asked),
                 Step::Idle => continue,
                 Step::Stop => break,
                 Step::Fail(status) => {
@@ -550,14 +589,20 @@ impl Connection {
                     // would still compute, so the error is only ignored.
                     let _permit = self.push_permits.acquire().await;
                     pushed = Some(Instant::now());
-                    let snapshot = self.snapshot(p, workload.as_ref());
-                    (R::push(&mut state, &snapshot), snapshot)
+                    let snapshot = self.serve(&mut served, p, workload.as_ref());
+                    (R::push(&mut state, &snapshot), snapshot, None)
                 }
             };
             let Some((p, id)) = &proxy else { break };
             let sent: Vec<XdsType> = outgoing.iter().map(|o| o.type_).collect();
-            self.registry
-                .update(*id, &state, &sent, snapshot.generation, &snapshot.diagnostics);
+            self.registry.update(
+                *id,
+                &state,
+                asked,
+                &sent,
+                snapshot.generation,
+                &snapshot.diagnostics,
+            );
             let push_time = pushed.map(|started| started.elapsed().as_secs_f64());
             for out in outgoing {
                 let wire = R::wire(&out, &self.recent);
@@ -593,11 +638,15 @@ impl Connection {
         &self,
         req: R,
         rate: &mut RateLimit,
-        proxy: &mut Option<(Proxy, u64)>,
-        workload: &mut Option<Workload>,
+        stream: Stream<'_>,
         state: &mut StreamState,
         subscriptions: &Subscriptions,
     ) -> Step {
+        let Stream {
+            proxy,
+            workload,
+            served,
+        } = stream;
         if let Err(status) = req.check(&self.limits) {
             return Step::Fail(status);
         }
@@ -638,14 +687,14 @@ impl Connection {
                 error.message
             );
         }
-        let snapshot = self.snapshot(p, workload.as_ref());
+        let snapshot = self.serve(served, p, workload.as_ref());
         let applied = req.apply(t, state, &snapshot);
         // What the stream's next requests most likely repeat.
         if R::READS_SUBSCRIPTIONS {
             subscriptions.publish(state);
         }
         match applied {
-            Ok(out) => Step::Send(out.into_iter().collect(), snapshot),
+            Ok(out) => Step::Send(out.into_iter().collect(), snapshot, Some(t)),
             Err(status) => Step::Fail(status),
         }
     }

@@ -65,12 +65,14 @@ impl Registry {
         id
     }
 
-    /// Copies the stream's protocol state in. `sent` names the types a
-    /// response just went out for.
+    /// Copies the stream's protocol state in: of the type a request was
+    /// about (`asked`) and of the types a response just went out for
+    /// (`sent`), the only ones whose state can have changed.
     pub fn update(
         &self,
         id: u64,
         state: &StreamState,
+        asked: Option<XdsType>,
         sent: &[XdsType],
         generation: u64,
         diagnostics: &[Diagnostic],
@@ -83,7 +85,11 @@ impl Registry {
             conn.diagnostics = diagnostics.to_vec();
         }
         let now = SystemTime::now();
-        for (t, s) in &state.types {
+        let changed = state
+            .types
+            .iter()
+            .filter(|(t, _)| asked == Some(**t) || sent.contains(t));
+        for (t, s) in changed {
             let status = conn.types.entry_or_default(*t);
             // An ACK changes one field of one type: `clone_from` reuses
             // what is there instead of allocating every string again.
