@@ -8,14 +8,15 @@
 //! clusters is reused), then a sidecar of another namespace (another
 //! config key, which shares the first sidecar's clusters), serving 1,000
 //! gateway proxies with the same config key from the cache, and updating the push context for one
-//! service's endpoints changed and for one VirtualService edited. Prints a table; run it twice to compare.
+//! service's endpoints changed and for one VirtualService edited, and the
+//! config store for one endpoint moved. Prints a table; run it twice to compare.
 //! Under `cargo test` it runs the smallest size once, as a check that the
 //! bench still works.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshd::config::{parse_file, ConfigSnapshot};
+use meshd::config::{parse_file, ConfigSnapshot, ConfigStore};
 use meshd::model::{Proxy, PushContext};
 use meshd::xds::{SnapshotCache, XdsType};
 
@@ -65,6 +66,27 @@ fn edited(config: &ConfigSnapshot, doc: &str) -> Arc<ConfigSnapshot> {
     Arc::new(next)
 }
 
+/// The config store taking in one endpoint moved in a small file next to
+/// the mesh's (read again, the mesh's file hands on its earlier reading):
+/// parsing that file and the store's next generation.
+fn store_update(mesh: &str) -> Duration {
+    let endpoints = |ip: &str| {
+        parse_file(
+            "endpoints.yaml",
+            &format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: extra, namespace: ns-0}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{name: http, port: 8080}}]\n"),
+        )
+    };
+    let mesh = parse_file("mesh.yaml", mesh);
+    let mut store = ConfigStore::default();
+    let before = store.apply(vec![mesh.clone(), endpoints("10.254.0.1")]);
+    let t = Instant::now();
+    let next = store.apply(vec![mesh, endpoints("10.254.0.2")]);
+    let elapsed = t.elapsed();
+    assert_eq!(next.generation, before.generation + 1);
+    assert_eq!(before.changes(&next).len(), 1, "one resource changed");
+    elapsed
+}
+
 fn gateway(i: usize) -> Proxy {
     let meta = serde_json::json!({"LABELS": {"istio": "ingressgateway"}});
     Proxy::parse(
@@ -95,11 +117,12 @@ fn main() {
     let sizes: &[usize] = if full { &[100, 1000, 10000] } else { &[10] };
     let proxies = if full { 1000 } else { 10 };
     println!(
-        "{:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {:>9} | {:>11}",
+        "{:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {:>9} | {:>11}",
         "services",
         "endpoints",
         "load ms",
         "push ctx ms",
+        "store upd ms",
         "endpoint upd ms",
         "vs upd ms",
         "gateway 1st ms",
@@ -109,7 +132,7 @@ fn main() {
         "resources",
         "encoded KiB"
     );
-    println!("{}", "-".repeat(174));
+    println!("{}", "-".repeat(189));
     for &n in sizes {
         let text = mesh_text(n);
         let t = Instant::now();
@@ -118,6 +141,7 @@ fn main() {
         let t = Instant::now();
         let push = Arc::new(PushContext::new(config.clone()));
         let push_time = t.elapsed();
+        let store_update_time = store_update(&text);
 
         let moved = edited(
             &config,
@@ -186,10 +210,11 @@ fn main() {
             .map(|e| e.wire.len())
             .sum();
         println!(
-            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {resources:>9} | {:>11}",
+            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {resources:>9} | {:>11}",
             n * ENDPOINTS,
             ms(load_time),
             ms(push_time),
+            ms(store_update_time),
             ms(endpoint_update_time),
             ms(vs_update_time),
             ms(first_time),

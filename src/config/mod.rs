@@ -29,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 pub use parse::{decode_document, parse_file, DocumentLoad, FileLoad};
-pub use store::ConfigStore;
+pub use store::{ConfigStore, Preview};
 
 /// The kinds of resource meshd reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -347,9 +347,9 @@ impl ConfigSnapshot {
     /// Builds a snapshot straight from documents (no earlier generation), as
     /// `meshd analyze` and the tests do.
     pub fn from_files(files: Vec<FileLoad>) -> ConfigSnapshot {
-        // A preview, not applied: no store keeps it, so it is moved out
-        // rather than copied.
-        Arc::unwrap_or_clone(ConfigStore::default().preview(files))
+        // Built, not applied: no store keeps it, so it is moved out rather
+        // than copied.
+        Arc::unwrap_or_clone(ConfigStore::default().rebuild(files))
     }
 
     /// Every resource that differs between this generation and `next`, in

@@ -10,6 +10,17 @@ use super::{ConfigSnapshot, Entry, FileLoad, Rejection, Resource, ResourceKey};
 #[derive(Debug, Default)]
 pub struct ConfigStore {
     last: Arc<ConfigSnapshot>,
+    /// The files `last` was made from, in order: the next preview compares
+    /// its files with them, and when only a few documents changed in
+    /// place, patches `last` instead of building every key again.
+    read: Vec<FileLoad>,
+}
+
+/// A generation `preview` made, and the files it was made from.
+#[derive(Debug)]
+pub struct Preview {
+    pub snapshot: Arc<ConfigSnapshot>,
+    read: Vec<FileLoad>,
 }
 
 impl ConfigStore {
@@ -30,7 +41,82 @@ impl ConfigStore {
     }
 
     /// What `apply` would make the next generation, without making it so.
-    pub fn preview(&self, files: Vec<FileLoad>) -> Arc<ConfigSnapshot> {
+    pub fn preview(&self, files: Vec<FileLoad>) -> Preview {
+        let snapshot = match self.patched(&files) {
+            Some(snapshot) => snapshot,
+            None => self.rebuild(files.clone()),
+        };
+        Preview {
+            snapshot,
+            read: files,
+        }
+    }
+
+    /// The next generation when the files are the ones `last` was made
+    /// from, in the same order, and the only changes are documents whose
+    /// keys stay where they were: every document of a changed file (before
+    /// and after) good, and no rejection naming its key. What `rebuild`
+    /// would make, with no key built or looked up but the changed ones'.
+    /// `None` otherwise.
+    fn patched(&self, files: &[FileLoad]) -> Option<Arc<ConfigSnapshot>> {
+        let prev = &self.last;
+        if self.read.len() != files.len() {
+            return None;
+        }
+        let mut updates = Vec::new();
+        for (old, new) in self.read.iter().zip(files) {
+            if old.file != new.file {
+                return None;
+            }
+            if same_load(old, new) {
+                continue;
+            }
+            let (Ok(old_docs), Ok(new_docs)) = (&old.documents, &new.documents) else {
+                return None;
+            };
+            if old_docs.len() != new_docs.len() {
+                return None;
+            }
+            for (o, n) in old_docs.iter().zip(new_docs) {
+                let (Ok(was), Ok(now)) = (&o.result, &n.result) else {
+                    return None;
+                };
+                // A document that lost its key to another is named by the
+                // duplicate's rejection, as is one whose origin another
+                // rejection's reason quotes.
+                let key = now.key();
+                let named = prev.rejections.iter().any(|r| r.key.as_ref() == Some(&key));
+                if was.key() != key || named {
+                    return None;
+                }
+                updates.push((key, n.origin.clone(), now.clone()));
+            }
+        }
+        let changed = updates.iter().any(|(key, origin, resource)| {
+            prev.resources
+                .get(key)
+                .is_none_or(|e| e.origin != *origin || !same(&e.resource, resource))
+        });
+        if !changed {
+            return Some(prev.clone());
+        }
+        let mut resources = prev.resources.clone();
+        for (key, origin, resource) in updates {
+            let entry = resources.get_mut(&key)?;
+            if !same(&entry.resource, &resource) {
+                entry.resource = resource;
+            }
+            entry.origin = origin;
+        }
+        Some(Arc::new(ConfigSnapshot {
+            generation: prev.generation + 1,
+            resources,
+            rejections: prev.rejections.clone(),
+        }))
+    }
+
+    /// The next generation built from every document of `files`.
+    pub(super) fn rebuild(&self, files: Vec<FileLoad>) -> Arc<ConfigSnapshot> {
         let prev = &self.last;
         let mut resources: BTreeMap<ResourceKey, Entry> = BTreeMap::new();
         let mut rejections = Vec::new();
@@ -115,9 +201,31 @@ impl ConfigStore {
     }
 
     /// Makes a generation from `preview` the current one.
-    pub fn commit(&mut self, next: Arc<ConfigSnapshot>) -> Arc<ConfigSnapshot> {
-        self.last = next;
+    pub fn commit(&mut self, next: Preview) -> Arc<ConfigSnapshot> {
+        self.last = next.snapshot;
+        self.read = next.read;
         self.last.clone()
+    }
+}
+
+/// The same reading of a file: the same documents from the same places,
+/// each the same shared resource (a file re-read unchanged hands on the
+/// same `Arc`s) or the same rejection.
+fn same_load(a: &FileLoad, b: &FileLoad) -> bool {
+    match (&a.documents, &b.documents) {
+        (Ok(x), Ok(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(d, e)| {
+                    d.origin == e.origin
+                        && match (&d.result, &e.result) {
+                            (Ok(r), Ok(s)) => Arc::ptr_eq(r, s),
+                            (Err(r), Err(s)) => r == s,
+                            _ => false,
+                        }
+                })
+        }
+        (Err(x), Err(y)) => x == y,
+        _ => false,
     }
 }
 
@@ -165,6 +273,149 @@ mod tests {
         let a = store.apply(vec![parse_file("vs.yaml", &format!("{VS}hw}}\n"))]);
         let b = store.apply(vec![parse_file("vs.yaml", &format!("{VS}hw}}\n"))]);
         assert_eq!(a.generation, b.generation);
+    }
+
+    /// A document of the tests' small universe: `kind` 0 to 2 an
+    /// Endpoints of `n` + 1 addresses, a line each (so that the documents
+    /// after it move), 3 and 4 a Service, 5 a VirtualService that is
+    /// rejected with its key.
+    fn doc((kind, name, n): (u8, u8, u8)) -> String {
+        let meta = format!("metadata: {{name: s{name}, namespace: default}}");
+        match kind {
+            0..=2 => {
+                let addresses: String = (0..=n).map(|i| format!("  - {{ip: 10.0.0.{i}}}\n")).collect();
+                format!("apiVersion: v1\nkind: Endpoints\n{meta}\nsubsets:\n- addresses:\n{addresses}  ports: [{{port: 80}}]\n")
+            }
+            3 | 4 => format!("apiVersion: v1\nkind: Service\n{meta}\nspec:\n  ports: [{{port: 80}}]\n"),
+            _ => format!("{VS}\"\"}}\n").replace("name: hw", &format!("name: s{name}")),
+        }
+    }
+
+    /// Reads `texts` (file name → text, `None` for no such file) as the
+    /// file source does: a file whose text did not change hands on its
+    /// earlier reading, the same `Arc`s.
+    fn read(texts: &[Option<String>], seen: &mut BTreeMap<String, (String, FileLoad)>) -> Vec<FileLoad> {
+        let mut files = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let name = format!("f{i}.yaml");
+            let Some(text) = text else {
+                seen.remove(&name);
+                continue;
+            };
+            match seen.get(&name) {
+                Some((was, load)) if was == text => files.push(load.clone()),
+                _ => {
+                    let load = parse_file(&name, text);
+                    seen.insert(name, (text.clone(), load.clone()));
+                    files.push(load);
+                }
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn an_endpoint_edited_in_place_is_patched_in() {
+        let mut store = ConfigStore::default();
+        let mut seen = BTreeMap::new();
+        let texts = |ip| {
+            [
+                Some([doc((3, 0, 0)), doc((0, 0, ip))].join("---\n")),
+                Some([doc((3, 1, 0)), doc((0, 1, 1))].join("---\n")),
+            ]
+        };
+        let first = store.apply(read(&texts(1), &mut seen));
+        let files = read(&texts(2), &mut seen);
+        let patched = store.patched(&files).expect("patched, not rebuilt");
+        assert_eq!(patched.generation, first.generation + 1);
+        assert_eq!(patched.resources, store.rebuild(files.clone()).resources);
+        let key = |kind, name: &str| ResourceKey {
+            kind,
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let unchanged = key(crate::config::Kind::Endpoints, "s1");
+        assert!(Arc::ptr_eq(
+            &first.resources[&unchanged].resource,
+            &patched.resources[&unchanged].resource
+        ));
+        let moved = key(crate::config::Kind::Endpoints, "s0");
+        assert_ne!(first.resources[&moved], patched.resources[&moved]);
+
+        // A document that moves to another key is not patched in.
+        let renamed = [
+            Some([doc((3, 0, 0)), doc((0, 2, 2))].join("---\n")),
+            texts(2)[1].clone(),
+        ];
+        assert!(store.patched(&read(&renamed, &mut seen)).is_none());
+    }
+
+    /// The proptest's files: unparseable or not, and their documents.
+    type Files = Vec<Option<(bool, Vec<(u8, u8, u8)>)>>;
+
+    /// Applies one edit of the proptest below to the files.
+    fn edit(files: &mut Files, (op, file, slot, d): (u8, usize, usize, (u8, u8, u8))) {
+        let Some((broken, docs)) = &mut files[file] else {
+            files[file] = Some((false, vec![d]));
+            return;
+        };
+        let at = slot % docs.len().max(1);
+        match op {
+            // Most edits move an endpoint, in place.
+            0..=7 if !docs.is_empty() => docs[at].2 = d.2,
+            8 if !docs.is_empty() => docs[at] = d,
+            9 if !docs.is_empty() => drop(docs.remove(at)),
+            10 => *broken = !*broken,
+            11 => files[file] = None,
+            _ => docs.insert(at, d),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Any run of edits to three files (endpoints moved in place,
+        /// documents replaced, added and removed, so keys move, repeat and
+        /// are rejected; files made unparseable and whole again, removed
+        /// and added): each preview is the generation built from scratch.
+        #[test]
+        fn a_preview_is_the_rebuilt_generation(
+            first in proptest::collection::vec((0u8..6, 0u8..6, 0u8..3), 0..10),
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..14, 0usize..3, 0usize..4, (0u8..6, 0u8..6, 0u8..3)), 1..3),
+                1..10,
+            )
+        ) {
+            let mut files: Files = vec![Some((false, Vec::new())); 3];
+            for (i, d) in first.into_iter().enumerate() {
+                if let Some((_, docs)) = &mut files[i % 3] {
+                    docs.push(d);
+                }
+            }
+            let mut store = ConfigStore::default();
+            let mut seen = BTreeMap::new();
+            for (n, step) in std::iter::once(Vec::new()).chain(steps).enumerate() {
+                for e in step {
+                    edit(&mut files, e);
+                }
+                let texts: Vec<Option<String>> = files
+                    .iter()
+                    .map(|file| {
+                        file.as_ref().map(|(broken, docs)| match broken {
+                            true => "spec: [\n".to_string(),
+                            false => docs.iter().copied().map(doc).collect::<Vec<_>>().join("---\n"),
+                        })
+                    })
+                    .collect();
+                let read = read(&texts, &mut seen);
+                let rebuilt = store.rebuild(read.clone());
+                let next = store.preview(read);
+                proptest::prop_assert_eq!(next.snapshot.generation, rebuilt.generation, "step {}", n);
+                proptest::prop_assert_eq!(&next.snapshot.resources, &rebuilt.resources, "step {}", n);
+                proptest::prop_assert_eq!(&next.snapshot.rejections, &rebuilt.rejections, "step {}", n);
+                store.commit(next);
+            }
+        }
     }
 
     #[test]

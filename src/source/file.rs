@@ -239,8 +239,6 @@ pub fn watch_dir(
     Ok(())
 }
 
-/// Publishes what the directory holds now if that differs from the served
-/// config in endpoints alone and rejects nothing new; says whether it did.
 /// Whether a watch event can mean a changed file. Opening and reading one
 /// cannot, and counting them had the source re-read the directory after
 /// each of its own readings, ten times a second, for ever.
@@ -248,6 +246,8 @@ fn changes_files(kind: &notify::EventKind) -> bool {
     !matches!(kind, notify::EventKind::Access(_))
 }
 
+/// Publishes what the directory holds now if that differs from the served
+/// config in endpoints alone and rejects nothing new; says whether it did.
 fn publish_endpoints(
     store: &mut ConfigStore,
     cache: &mut ParseCache,
@@ -260,9 +260,9 @@ fn publish_endpoints(
         return Ok(false);
     }
     let next = store.preview(files);
-    let endpoints_only = next.generation != before.generation
-        && next.rejections == before.rejections
-        && before.endpoint_only_change(&next).is_some();
+    let endpoints_only = next.snapshot.generation != before.generation
+        && next.snapshot.rejections == before.rejections
+        && before.endpoint_only_change(&next.snapshot).is_some();
     if !endpoints_only {
         return Ok(false);
     }
