@@ -157,9 +157,15 @@ pub fn services<'a>(
     scope: &SidecarScope,
     only: Option<&BTreeSet<String>>,
 ) -> Vec<ServiceClusters<'a>> {
-    push.services
-        .values()
-        .filter(|s| only.is_none_or(|o| o.contains(&s.hostname)) && scope.visible(s))
+    // Only some hosts (an endpoint change's): looked up, not every
+    // service of the mesh walked. Either way in hostname order.
+    let picked: Vec<&'a Arc<MeshService>> = match only {
+        Some(hosts) => hosts.iter().filter_map(|h| push.services.get(h)).collect(),
+        None => push.services.values().collect(),
+    };
+    picked
+        .into_iter()
+        .filter(|s| scope.visible(s))
         .map(|service| {
             let rule = push.destination_rule(
                 &proxy.namespace,
