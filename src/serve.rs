@@ -340,7 +340,12 @@ pub async fn run(
             updater.update_from(&prev, push.clone(), &changes);
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
             analyzer.run(push.clone());
-            pushed_tx.send_replace(push);
+            let replaced = pushed_tx.send_replace(push);
+            drop(changes);
+            // The old push context's last holder may be here: its indexes
+            // (a mesh's worth) are freed off the runtime's workers, which
+            // are pushing the new one.
+            tokio::task::spawn_blocking(move || drop((prev, replaced)));
         }
     });
 
