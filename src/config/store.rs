@@ -318,9 +318,10 @@ mod tests {
     fn an_endpoint_edited_in_place_is_patched_in() {
         let mut store = ConfigStore::default();
         let mut seen = BTreeMap::new();
-        let texts = |ip| {
+        // Service s0 and its endpoints (`n` + 1 addresses), s1 and its.
+        let texts = |n| {
             [
-                Some([doc((3, 0, 0)), doc((0, 0, ip))].join("---\n")),
+                Some([doc((3, 0, 0)), doc((0, 0, n))].join("---\n")),
                 Some([doc((3, 1, 0)), doc((0, 1, 1))].join("---\n")),
             ]
         };
