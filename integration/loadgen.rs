@@ -2,11 +2,13 @@
 //! sends, and to whom. An endpoint change is EDS only, and only to the
 //! proxies whose scope holds that service; a VirtualService change is RDS
 //! only; a new service's cluster and endpoints reach every proxy. (Times
-//! are measured by `make bench`, not asserted here.)
+//! are measured by `make bench`, not asserted here.) Against a running
+//! meshd, a run starts on the mesh it wrote, not on what a run before left
+//! in the directory.
 
 use serde_json::Value;
 
-use crate::common::meshd;
+use crate::common::{meshd, Meshd};
 
 fn loadgen(args: &[&str]) -> Value {
     let mut all = vec![
@@ -104,4 +106,45 @@ fn a_short_soak_keeps_every_client_fed_and_ends_on_the_final_version() {
         r["clients_changed"], 12,
         "every client ends on the final version: {r}"
     );
+}
+
+#[test]
+fn a_run_against_a_running_meshd_starts_on_the_mesh_it_wrote() {
+    let work = tempfile::tempdir().expect("tmp");
+    let dir = work.path().join("config");
+    std::fs::create_dir(&dir).expect("config dir");
+    // A run before left its new service behind, without endpoints.
+    std::fs::write(
+        dir.join("new-service.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: loadgen-new, namespace: ns-0}\n\
+         spec:\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+    )
+    .expect("stale file");
+    let m = Meshd::start(&dir, work.path());
+    let pid = m.proc.child.id().to_string();
+    let addr = format!("127.0.0.1:{}", m.xds_port);
+    let dir = dir.to_str().expect("utf-8 path");
+    let r = loadgen(&[
+        "--change",
+        "service",
+        "--xds-addr",
+        &addr,
+        "--config-dir",
+        dir,
+        "--meshd-pid",
+        &pid,
+    ]);
+    // The service is new to every proxy: its cluster as well as its
+    // endpoints arrive with the change.
+    let t = types(&r);
+    assert!(
+        t.contains(&"cds".to_string()) && t.contains(&"eds".to_string()),
+        "{r}"
+    );
+    assert_eq!(r["clients_changed"], 12, "{r}");
+    assert!(r["meshd_peak_rss_mb"].as_f64().is_some_and(|mb| mb > 0.0), "{r}");
+    // The marking service is gone from the directory and from the mesh.
+    assert!(!std::path::Path::new(dir).join("loadgen-sync.yaml").exists());
+    let services = m.json("/debug/registryz");
+    assert!(!services.to_string().contains("loadgen-sync"), "{services}");
 }

@@ -130,7 +130,7 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-fn node(who: &Identity) -> Node {
+pub(super) fn node(who: &Identity) -> Node {
     let labels = Struct {
         fields: who
             .labels

@@ -95,8 +95,25 @@ fn virtual_service_doc(spec: &MeshSpec, i: usize, changed: bool) -> String {
     )
 }
 
+/// Writes `text` to `dir/file` in one step (a temporary file renamed), so
+/// a meshd watching `dir` never reads it half-written.
+fn write_file(dir: &Path, file: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join(file))
+}
+
+/// The file of a scripted new service: a run leaves it behind, and the
+/// next run in the same directory must start without it.
+const NEW_SERVICE_FILE: &str = "new-service.yaml";
+
+/// The file that tells a running meshd's clusters apart from a mesh
+/// written before (see [`write_sync`]).
+const SYNC_FILE: &str = "loadgen-sync.yaml";
+
 /// Writes the mesh into `dir`: one file for most of it, and the resources
-/// the changes touch in files of their own.
+/// the changes touch in files of their own. A new service a run before
+/// left in `dir` is removed.
 pub fn write(dir: &Path, spec: &MeshSpec) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut main = String::from(
@@ -128,14 +145,36 @@ pub fn write(dir: &Path, spec: &MeshSpec) -> std::io::Result<()> {
             main.push_str(&virtual_service_doc(spec, i, false));
         }
     }
-    std::fs::write(dir.join("mesh.yaml"), main)?;
+    write_file(dir, "mesh.yaml", &main)?;
     if spec.services > 0 {
-        std::fs::write(dir.join("endpoints-0.yaml"), endpoints_doc(spec, 0, false))?;
+        write_file(dir, "endpoints-0.yaml", &endpoints_doc(spec, 0, false))?;
         if spec.virtual_services > 0 {
-            std::fs::write(dir.join("vs-0.yaml"), virtual_service_doc(spec, 0, false))?;
+            write_file(dir, "vs-0.yaml", &virtual_service_doc(spec, 0, false))?;
         }
     }
-    Ok(())
+    remove(dir, NEW_SERVICE_FILE)
+}
+
+fn remove(dir: &Path, file: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(file)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes, after the mesh, a service of the first namespace named after
+/// `nonce`; returns its name. Its cluster reaches a sidecar of that
+/// namespace only from a reading of `dir` made after every file of the
+/// mesh was in place.
+pub fn write_sync(dir: &Path, spec: &MeshSpec, nonce: u64) -> std::io::Result<String> {
+    let name = format!("loadgen-sync-{nonce:016x}");
+    write_file(dir, SYNC_FILE, &service_doc(&name, &namespace(spec, 0)))?;
+    Ok(name)
+}
+
+/// Removes the service [`write_sync`] wrote.
+pub fn remove_sync(dir: &Path) -> std::io::Result<()> {
+    remove(dir, SYNC_FILE)
 }
 
 /// Soak churn step `k`: svc-0's endpoints move to another address (never
@@ -147,9 +186,7 @@ pub fn churn(dir: &Path, spec: &MeshSpec, k: u64) -> std::io::Result<()> {
         let end = text[first..].find('}').map_or(text.len(), |e| first + e + 1);
         text.replace_range(first..end, &format!("{{ip: {moved}}}"));
     }
-    let tmp = dir.join(".endpoints-0.yaml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join("endpoints-0.yaml"))
+    write_file(dir, "endpoints-0.yaml", &text)
 }
 
 /// Applies `change` to the mesh in `dir` (written in one step, so the
@@ -166,12 +203,10 @@ pub fn apply(dir: &Path, spec: &MeshSpec, change: Change) -> std::io::Result<()>
                  - addresses: [{{ip: 10.255.255.1}}]\n  ports: [{{name: http, port: 8080}}]\n",
                 service_doc(name, &ns)
             );
-            ("new-service.yaml", text)
+            (NEW_SERVICE_FILE, text)
         }
     };
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join(file))
+    write_file(dir, file, &text)
 }
 
 #[cfg(test)]

@@ -400,6 +400,88 @@ fn slope(points: &[(f64, f64)]) -> Option<f64> {
     (den > 0.0).then(|| num / den)
 }
 
+/// How long a running meshd may take to serve the mesh written for it.
+const SERVE_WAIT: Duration = Duration::from_secs(120);
+
+/// Against a running meshd (`--xds-addr`), waits until it serves the mesh
+/// just written to `dir`, so that the clients' initial sync is of that
+/// mesh and not of what meshd served before it read the directory again.
+/// A service named after a fresh nonce is written last: once a sidecar's
+/// clusters hold it, meshd serves a reading of `dir` made after the whole
+/// mesh was in place. Its file is then removed, and the wait is for its
+/// cluster to be gone, so that the mesh served is the one written.
+async fn await_served(xds_addr: &str, dir: &Path, spec: &MeshSpec) -> Result<()> {
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+    let deadline = Instant::now() + SERVE_WAIT;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // Truncated nanoseconds: only the runs in one directory must differ.
+    let nonce = (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 40);
+    let name = mesh::write_sync(dir, spec, nonce)?;
+    let channel: Channel = Endpoint::from_shared(format!("http://{xds_addr}"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to meshd at {xds_addr}"))?;
+    // A sidecar of the first namespace, where the marking service is: in
+    // its scope with Sidecar scoping too.
+    let who = Identity {
+        id: "sidecar~10.253.0.2~loadgen-sync.ns-0~ns-0.svc.cluster.local".into(),
+        namespace: "ns-0".into(),
+        labels: [("app".to_string(), "loadgen-sync".to_string())].into(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let subscribe = DiscoveryRequest {
+        node: Some(client::node(&who)),
+        type_url: crate::xds::XdsType::Cluster.url().into(),
+        ..Default::default()
+    };
+    tx.send(subscribe).await?;
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .with_context(|| format!("opening an ADS stream to meshd at {xds_addr}"))?
+        .into_inner();
+    let marker = memchr::memmem::Finder::new(name.as_bytes());
+    let mut removed = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let response = match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => bail!("meshd at {xds_addr} closed the stream"),
+            Ok(Err(status)) => bail!("meshd at {xds_addr} ended the stream: {status}"),
+            Err(_) if removed => bail!(
+                "meshd at {xds_addr} still served the service {name} {} s after its file was removed from {}",
+                SERVE_WAIT.as_secs(),
+                dir.display()
+            ),
+            Err(_) => bail!(
+                "meshd at {xds_addr} did not serve the mesh written to {} within {} s: \
+                 is that the directory it watches (`meshd serve --config-dir`)?",
+                dir.display(),
+                SERVE_WAIT.as_secs()
+            ),
+        };
+        let holds = response.resources.iter().any(|a| marker.find(&a.value).is_some());
+        tx.send(DiscoveryRequest {
+            type_url: response.type_url,
+            version_info: response.version_info,
+            response_nonce: response.nonce,
+            ..Default::default()
+        })
+        .await?;
+        if holds && !removed {
+            mesh::remove_sync(dir)?;
+            removed = true;
+        } else if !holds && removed {
+            return Ok(());
+        }
+    }
+}
+
 pub async fn run(o: &Options) -> Result<Report> {
     let (config_dir, _started_dir) = match &o.config_dir {
         Some(dir) => (dir.clone(), None),
@@ -416,7 +498,13 @@ pub async fn run(o: &Options) -> Result<Report> {
     }
     let mut started = None;
     let (xds_addr, pid, debug_addr) = match &o.xds_addr {
-        Some(addr) => (addr.clone(), o.meshd_pid, None),
+        Some(addr) => {
+            let served = await_served(addr, &config_dir, &o.mesh).await;
+            // The marking service goes whether or not meshd served it.
+            mesh::remove_sync(&config_dir)?;
+            served?;
+            (addr.clone(), o.meshd_pid, None)
+        }
         None => {
             let (s, xds, debug) = start_ready(&o.meshd_bin, &config_dir).await?;
             let pid = s.child.id();
