@@ -266,7 +266,8 @@ impl Resource {
 /// Where a resource was read from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Origin {
-    pub file: String,
+    /// Shared by the origins of one file's documents.
+    pub file: Arc<str>,
     /// 1-based index of the document in its file; 0 for the file as a
     /// whole, and for an object read from the cluster (whose `file` is its
     /// API path).

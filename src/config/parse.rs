@@ -14,9 +14,10 @@ use super::{validate, Kind, Origin, Rejection, Resource, ResourceKey};
 /// The outcome of reading one file.
 #[derive(Debug, Clone)]
 pub struct FileLoad {
-    pub file: String,
-    /// `Err` when the file as a whole could not be read or parsed.
-    pub documents: Result<Vec<DocumentLoad>, Rejection>,
+    pub file: Arc<str>,
+    /// `Err` when the file as a whole could not be read or parsed. Shared:
+    /// a file re-read unchanged hands on the same documents.
+    pub documents: Result<Arc<[DocumentLoad]>, Rejection>,
 }
 
 /// The outcome of decoding one document.
@@ -29,20 +30,22 @@ pub struct DocumentLoad {
 
 /// Parses a file's text. `file` is the name used in reports.
 pub fn parse_file(file: &str, text: &str) -> FileLoad {
+    // One name shared by the file's every origin.
+    let name: Arc<str> = file.into();
     let documents = if file.ends_with(".json") {
         serde_json::from_str::<Value>(text)
             .map(|v| {
                 let mut out = Vec::new();
-                decode_value(file, v, &[1], 0, &mut out);
+                decode_value(&name, v, &[1], 0, &mut out);
                 out
             })
             .map_err(|e| e.to_string())
     } else {
-        yaml_file(file, text)
+        yaml_file(&name, text)
     };
-    let documents = documents.map_err(|reason| Rejection {
+    let documents = documents.map(Arc::from).map_err(|reason| Rejection {
         origin: Origin {
-            file: file.to_string(),
+            file: name.clone(),
             document: 0,
             line: 0,
         },
@@ -52,7 +55,7 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
         last_good_kept: false,
     });
     FileLoad {
-        file: file.to_string(),
+        file: name,
         documents,
     }
 }
@@ -60,12 +63,12 @@ pub fn parse_file(file: &str, text: &str) -> FileLoad {
 /// Decodes `value`, the `i`-th document of `file` (0-based; a List gives
 /// one load per item, an empty document none), onto `out`; `lines` has
 /// the line each of the file's documents starts on.
-fn decode_value(file: &str, value: Value, lines: &[usize], i: usize, out: &mut Vec<DocumentLoad>) {
+fn decode_value(file: &Arc<str>, value: Value, lines: &[usize], i: usize, out: &mut Vec<DocumentLoad>) {
     if value.is_null() {
         return;
     }
     let origin = Origin {
-        file: file.to_string(),
+        file: file.clone(),
         document: i + 1,
         line: lines.get(i).copied().unwrap_or(0),
     };
@@ -83,7 +86,7 @@ const PARALLEL_FROM: usize = 1 << 20;
 /// markers into one part per core, parsed and decoded at once; where the
 /// parts disagree with the whole (a count that differs, an error), the
 /// file is parsed again as one, so reports are the same either way.
-fn yaml_file(file: &str, text: &str) -> Result<Vec<DocumentLoad>, String> {
+fn yaml_file(file: &Arc<str>, text: &str) -> Result<Vec<DocumentLoad>, String> {
     let lines = document_lines(text);
     let cores = crate::parallel::cores();
     if text.len() >= PARALLEL_FROM && cores > 1 {
@@ -94,7 +97,7 @@ fn yaml_file(file: &str, text: &str) -> Result<Vec<DocumentLoad>, String> {
     Ok(yaml_decoded(file, text, &lines)?.1)
 }
 
-fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Option<Vec<DocumentLoad>> {
+fn yaml_in_parts(file: &Arc<str>, text: &str, lines: &[usize], parts: usize) -> Option<Vec<DocumentLoad>> {
     let mut cuts = vec![0];
     for k in 1..parts {
         let from = (text.len() * k / parts).max(*cuts.last()?);
@@ -114,7 +117,7 @@ fn yaml_in_parts(file: &str, text: &str, lines: &[usize], parts: usize) -> Optio
         for mut d in documents {
             let i = first + d.origin.document - 1;
             let origin = Origin {
-                file: file.to_string(),
+                file: file.clone(),
                 document: i + 1,
                 line: lines.get(i).copied().unwrap_or(0),
             };
@@ -192,7 +195,7 @@ fn document_lines(text: &str) -> Vec<usize> {
 /// so that one document's JSON value is freed before the next is made:
 /// how many documents the stream holds, and their loads. Any document
 /// that does not parse fails the whole stream.
-fn yaml_decoded(file: &str, text: &str, lines: &[usize]) -> Result<(usize, Vec<DocumentLoad>), String> {
+fn yaml_decoded(file: &Arc<str>, text: &str, lines: &[usize]) -> Result<(usize, Vec<DocumentLoad>), String> {
     use serde::Deserialize;
     let mut out = Vec::new();
     let mut count = 0;
@@ -368,8 +371,8 @@ mod tests {
     fn rejection(text: &str) -> Rejection {
         let load = parse_file("t.yaml", text);
         let docs = load.documents.expect("file parses");
-        docs.into_iter()
-            .find_map(|d| d.result.err())
+        docs.iter()
+            .find_map(|d| d.result.clone().err())
             .expect("a rejection")
     }
 
@@ -417,8 +420,9 @@ mod tests {
         let text = docs.join("---\n");
         assert!(text.len() >= PARALLEL_FROM);
         let lines = document_lines(&text);
-        let parts = yaml_in_parts("big.yaml", &text, &lines, 3).expect("the parts agree with the whole");
-        let (_, whole) = yaml_decoded("big.yaml", &text, &lines).expect("parses");
+        let parts =
+            yaml_in_parts(&"big.yaml".into(), &text, &lines, 3).expect("the parts agree with the whole");
+        let (_, whole) = yaml_decoded(&"big.yaml".into(), &text, &lines).expect("parses");
         assert_eq!(parts.len(), whole.len());
         for (a, b) in parts.iter().zip(&whole) {
             assert_eq!(a.origin, b.origin);

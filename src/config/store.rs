@@ -77,7 +77,7 @@ impl ConfigStore {
             if old_docs.len() != new_docs.len() {
                 return None;
             }
-            for (o, n) in old_docs.iter().zip(new_docs) {
+            for (o, n) in old_docs.iter().zip(new_docs.iter()) {
                 let (Ok(was), Ok(now)) = (&o.result, &n.result) else {
                     return None;
                 };
@@ -135,13 +135,13 @@ impl ConfigStore {
                     rejections.push(rejection);
                 }
                 Ok(documents) => {
-                    for doc in documents {
-                        match doc.result {
+                    for doc in documents.iter() {
+                        match doc.result.clone() {
                             Ok(resource) => {
                                 let slot = match resources.entry(resource.key()) {
                                     btree_map::Entry::Occupied(first) => {
                                         rejections.push(Rejection {
-                                            origin: doc.origin,
+                                            origin: doc.origin.clone(),
                                             key: Some(first.key().clone()),
                                             field: Some("metadata.name".into()),
                                             reason: format!(
@@ -161,7 +161,7 @@ impl ConfigStore {
                                     _ => resource,
                                 };
                                 slot.insert(Entry {
-                                    origin: doc.origin,
+                                    origin: doc.origin.clone(),
                                     resource,
                                 });
                             }
@@ -215,7 +215,7 @@ fn same_load(a: &FileLoad, b: &FileLoad) -> bool {
     match (&a.documents, &b.documents) {
         (Ok(x), Ok(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y).all(|(d, e)| {
+                && x.iter().zip(y.iter()).all(|(d, e)| {
                     d.origin == e.origin
                         && match (&d.result, &e.result) {
                             (Ok(r), Ok(s)) => Arc::ptr_eq(r, s),

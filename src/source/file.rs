@@ -167,6 +167,7 @@ impl ParseCache {
 }
 
 fn unreadable(name: String, e: &std::io::Error) -> FileLoad {
+    let name: Arc<str> = name.into();
     FileLoad {
         file: name.clone(),
         documents: Err(Rejection {

@@ -526,7 +526,7 @@ impl ClusterSource {
             .filter(|((ns, _), _)| ns.is_empty() || selected.as_ref().is_none_or(|sel| sel.contains(ns)))
             .map(|(_, doc)| FileLoad {
                 file: doc.origin.file.clone(),
-                documents: Ok(vec![doc.clone()]),
+                documents: Ok(Arc::from([doc.clone()])),
             })
             .collect();
         let before = self.store.current();
@@ -658,7 +658,7 @@ fn decode(watched: Watched, mut obj: DynamicObject) -> (ObjectKey, DocumentLoad)
         map.insert("kind".into(), Value::String(watched.kind.into()));
     }
     let origin = Origin {
-        file: watched.path(&key.0, &key.1),
+        file: watched.path(&key.0, &key.1).into(),
         document: 0,
         line: 0,
     };
@@ -755,8 +755,8 @@ mod tests {
         let load = parse_file("t.yaml", yaml);
         load.documents
             .expect("parses")
-            .into_iter()
-            .map(|d| d.result.expect("valid"))
+            .iter()
+            .map(|d| d.result.clone().expect("valid"))
             .collect()
     }
 
