@@ -16,6 +16,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use crate::analyze::Analysis;
 use crate::ca::auth::{Authenticator, TokenReviewer, TokenVerifier};
 use crate::ca::service::CertificateService;
 use crate::ca::{self, CaError, Issued, WorkloadCa};
@@ -316,17 +317,17 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     let updater = cache.clone();
-    let analyzer = Analyzer::default();
-    analyzer.run(cache.push_context());
-    let (pushed_tx, pushed_rx) = watch::channel(cache.push_context());
+    let analyzer = Analyzer::new();
     if let (Some(client), Some(_)) = (client, &kube_sync) {
+        // Subscribed before the first generation is analyzed.
         tokio::spawn(crate::status::write_statuses(
             client,
-            pushed_rx,
+            analyzer.subscribe(),
             registry.clone(),
             opts.write_analysis_status,
         ));
     }
+    analyzer.run(cache.push_context());
     tokio::spawn(async move {
         while config_rx.changed().await.is_ok() {
             let config = config_rx.borrow_and_update().clone();
@@ -339,13 +340,12 @@ pub async fn run(
             let push = Arc::new(prev.next_with(config.clone(), std::time::SystemTime::now(), &changes));
             updater.update_from(&prev, push.clone(), &changes);
             tracing::debug!(generation, elapsed = ?started.elapsed(), "push context built");
-            analyzer.run(push.clone());
-            let replaced = pushed_tx.send_replace(push);
+            analyzer.run(push);
             drop(changes);
             // The old push context's last holder may be here: its indexes
             // (a mesh's worth) are freed off the runtime's workers, which
             // are pushing the new one.
-            tokio::task::spawn_blocking(move || drop((prev, replaced)));
+            tokio::task::spawn_blocking(move || drop(prev));
         }
     });
 
@@ -443,10 +443,13 @@ pub async fn run(
 
 /// Runs the analyzers over each new generation off the push path, and logs
 /// the findings that were not there before (so a mistake is reported once,
-/// when it is made), at warn for errors and warnings, info otherwise.
-#[derive(Default, Clone)]
+/// when it is made), at warn for errors and warnings, info otherwise;
+/// hands each analysis on to its subscribers (the status writer), so that
+/// a generation is analyzed once.
+#[derive(Clone)]
 struct Analyzer {
     state: Arc<std::sync::Mutex<AnalyzerState>>,
+    analyzed: Arc<watch::Sender<Option<Arc<Analysis>>>>,
 }
 
 #[derive(Default)]
@@ -458,6 +461,18 @@ struct AnalyzerState {
 }
 
 impl Analyzer {
+    fn new() -> Analyzer {
+        Analyzer {
+            state: Default::default(),
+            analyzed: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// The newest generation analyzed, from the next one on.
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<Analysis>>> {
+        self.analyzed.subscribe()
+    }
+
     fn run(&self, push: Arc<PushContext>) {
         let Ok(mut state) = self.state.lock() else { return };
         if state.running {
@@ -484,6 +499,12 @@ impl Analyzer {
                     }
                 }
                 state.reported = now;
+                // Kept only for a subscriber: the analysis holds its push
+                // context until the next one replaces it.
+                if me.analyzed.receiver_count() > 0 {
+                    me.analyzed
+                        .send_replace(Some(Arc::new(Analysis { push, findings })));
+                }
                 next = state.pending.take();
                 if next.is_none() {
                     state.running = false;

@@ -23,7 +23,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::analyze::{Finding, Level};
+use crate::analyze::{Analysis, Finding, Level};
 use crate::config::{Kind, Resource, ResourceKey};
 use crate::model::gateway_status::status_of;
 use crate::model::PushContext;
@@ -45,11 +45,12 @@ const ISTIO_KINDS: &[Kind] = &[
     Kind::AuthorizationPolicy,
 ];
 
-/// Keeps the cluster's statuses in line with each pushed generation, for
-/// as long as `pushes` has a sender.
+/// Keeps the cluster's statuses in line with each analyzed generation
+/// (`meshd serve`'s analyzer hands each on once it is analyzed), for as
+/// long as `analyzed` has a sender.
 pub async fn write_statuses(
     client: Client,
-    mut pushes: watch::Receiver<Arc<PushContext>>,
+    mut analyzed: watch::Receiver<Option<Arc<Analysis>>>,
     registry: Arc<Registry>,
     analysis: bool,
 ) {
@@ -60,24 +61,27 @@ pub async fn write_statuses(
     let mut written: BTreeMap<ResourceKey, Value> = BTreeMap::new();
     // The findings of the generation last analyzed: they change with the
     // config only, while the tick is for proxies coming and going.
-    let mut analyzed: Option<(u64, Findings)> = None;
+    let mut by_resource: Option<(u64, Findings)> = None;
     loop {
         tokio::select! {
-            changed = pushes.changed() => if changed.is_err() { return },
+            changed = analyzed.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
         }
-        let push = pushes.borrow_and_update().clone();
+        let Some(latest) = analyzed.borrow_and_update().clone() else {
+            continue; // the first generation is not analyzed yet
+        };
+        let push = &latest.push;
         let generation = push.config.generation;
-        if analysis && analyzed.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if analysis && by_resource.as_ref().is_none_or(|(g, _)| *g != generation) {
             let mut findings = Findings::new();
-            for f in crate::analyze::analyze_push(&push) {
-                findings.entry(f.resource.clone()).or_default().push(f);
+            for f in &latest.findings {
+                findings.entry(f.resource.clone()).or_default().push(f.clone());
             }
-            analyzed = Some((generation, findings));
+            by_resource = Some((generation, findings));
         }
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let findings = analyzed.as_ref().map(|(_, f)| f);
-        for (key, resource, status) in desired(&push, &registry, findings) {
+        let findings = by_resource.as_ref().map(|(_, f)| f);
+        for (key, resource, status) in desired(push, &registry, findings) {
             let current = current_status(&resource);
             let status = keep_transition_times(status, &current, &now);
             if status == current || written.get(&key) == Some(&status) {

@@ -146,6 +146,13 @@ pub fn analyze_at(config: &ConfigSnapshot, now: std::time::SystemTime) -> Vec<Fi
     analyze_push(&PushContext::new_at(std::sync::Arc::new(config.clone()), now))
 }
 
+/// A generation and what the analyzers found in it.
+#[derive(Debug)]
+pub struct Analysis {
+    pub push: std::sync::Arc<PushContext>,
+    pub findings: Vec<Finding>,
+}
+
 /// `analyze` over a push context already built (what `meshd serve` runs
 /// on each new generation).
 pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
