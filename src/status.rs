@@ -220,7 +220,7 @@ fn keep_transition_times(mut status: Value, current: &Value, now: &str) -> Value
 
 async fn write(client: &Client, key: &ResourceKey, status: Value) -> Result<(), String> {
     let resource = crate::source::api_resource(key.kind).ok_or("not a kind meshd writes")?;
-    let api: Api<DynamicObject> = match key.namespace.as_str() {
+    let api: Api<DynamicObject> = match &*key.namespace {
         "" => Api::all_with(client.clone(), &resource),
         ns => Api::namespaced_with(client.clone(), ns, &resource),
     };

@@ -569,7 +569,7 @@ fn sidecars_expected(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<
         .collect();
     let advice = "label the namespace istio-injection=enabled (or inject its workloads) and restart its pods";
     for (key, entry) in &config.resources {
-        if !bare.contains(&key.namespace.as_str()) {
+        if !bare.contains(&&*key.namespace) {
             continue;
         }
         let message = match &*entry.resource {
@@ -617,8 +617,8 @@ fn traffic_references(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec
     };
     let key = |kind: Kind, ns: &str, name: &str| crate::config::ResourceKey {
         kind,
-        namespace: ns.to_string(),
-        name: name.to_string(),
+        namespace: ns.into(),
+        name: name.into(),
     };
     let mut on_gateway: std::collections::BTreeMap<(String, String, String), Vec<String>> =
         Default::default();

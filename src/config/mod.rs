@@ -108,8 +108,9 @@ impl fmt::Display for Kind {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ResourceKey {
     pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
+    /// Shared, so that copying a generation's keys copies no text.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl fmt::Display for ResourceKey {
@@ -257,8 +258,8 @@ impl Resource {
         let meta = self.metadata();
         ResourceKey {
             kind: self.kind(),
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
         }
     }
 }
@@ -393,7 +394,7 @@ impl ConfigSnapshot {
         for (key, _) in changes {
             let (a, b) = (self.resources.get(key), next.resources.get(key));
             let service = match key.kind {
-                Kind::Endpoints => key.name.clone(),
+                Kind::Endpoints => key.name.to_string(),
                 Kind::EndpointSlice => {
                     let label = |e: Option<&Entry>| {
                         e.and_then(|e| e.resource.metadata().labels.as_ref())
@@ -403,7 +404,7 @@ impl ConfigSnapshot {
                 }
                 _ => return None,
             };
-            services.insert((key.namespace.clone(), service));
+            services.insert((key.namespace.to_string(), service));
         }
         Some(services)
     }
@@ -413,8 +414,8 @@ impl ConfigSnapshot {
         // Keys sort by kind first: the kind's resources are one range.
         let first = ResourceKey {
             kind,
-            namespace: String::new(),
-            name: String::new(),
+            namespace: "".into(),
+            name: "".into(),
         };
         self.resources
             .range(first..)

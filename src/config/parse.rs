@@ -270,8 +270,8 @@ pub fn decode_document(origin: Origin, mut value: Value) -> DocumentLoad {
         }
         let key = ResourceKey {
             kind,
-            namespace,
-            name,
+            namespace: namespace.into(),
+            name: name.into(),
         };
         if key.name.is_empty() {
             return Err(reject(
@@ -448,6 +448,6 @@ mod tests {
         );
         let docs = load.documents.expect("parses");
         let res = docs[0].result.clone().expect("ok");
-        assert_eq!(res.key().namespace, "default");
+        assert_eq!(&*res.key().namespace, "default");
     }
 }

@@ -58,8 +58,8 @@ pub fn class_status(class: &GatewayClass) -> Option<Value> {
 fn exists(config: &ConfigSnapshot, kind: Kind, namespace: &str, name: &str) -> bool {
     config.resources.contains_key(&ResourceKey {
         kind,
-        namespace: namespace.to_string(),
-        name: name.to_string(),
+        namespace: namespace.into(),
+        name: name.into(),
     })
 }
 

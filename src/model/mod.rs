@@ -258,13 +258,13 @@ impl PushContext {
             let versions = versions.iter().flatten().map(|e| e.resource.as_ref());
             match key.kind {
                 Kind::Service | Kind::Endpoints => {
-                    out.insert((key.namespace.clone(), key.name.clone()));
+                    out.insert((key.namespace.to_string(), key.name.to_string()));
                 }
                 Kind::EndpointSlice => {
                     for r in versions {
                         if let Resource::EndpointSlice(s) = r {
                             if let Some(svc) = service::slice_service(s) {
-                                out.insert((key.namespace.clone(), svc.to_string()));
+                                out.insert((key.namespace.to_string(), svc.to_string()));
                             }
                         }
                     }
@@ -275,7 +275,7 @@ impl PushContext {
                             pod_ips.extend(p.status.as_ref().and_then(|s| s.pod_ip.clone()));
                         }
                     }
-                    pod_names.insert((key.namespace.clone(), key.name.clone()));
+                    pod_names.insert((key.namespace.to_string(), key.name.to_string()));
                 }
                 _ => {}
             }

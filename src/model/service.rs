@@ -253,8 +253,8 @@ pub(super) fn rebuild(
         let get = |kind: Kind| {
             let key = ResourceKey {
                 kind,
-                namespace: namespace.clone(),
-                name: name.clone(),
+                namespace: namespace.as_str().into(),
+                name: name.as_str().into(),
             };
             config.resources.get(&key).map(|e| e.resource.as_ref())
         };
@@ -267,13 +267,13 @@ pub(super) fn rebuild(
         };
         let first = ResourceKey {
             kind: Kind::EndpointSlice,
-            namespace: namespace.clone(),
-            name: String::new(),
+            namespace: namespace.as_str().into(),
+            name: "".into(),
         };
         let svc_slices: Vec<&EndpointSlice> = config
             .resources
             .range(first..)
-            .take_while(|(k, _)| k.kind == Kind::EndpointSlice && &k.namespace == namespace)
+            .take_while(|(k, _)| k.kind == Kind::EndpointSlice && *k.namespace == **namespace)
             .filter_map(|(_, e)| match e.resource.as_ref() {
                 Resource::EndpointSlice(s) => Some(s),
                 _ => None,

@@ -312,7 +312,7 @@ mod tests {
         let mut cache = ParseCache::default();
         let names = |loads: Vec<FileLoad>| -> Vec<String> {
             let snapshot = ConfigSnapshot::from_files(loads);
-            snapshot.resources.keys().map(|k| k.name.clone()).collect()
+            snapshot.resources.keys().map(|k| k.name.to_string()).collect()
         };
         assert_eq!(names(cache.load_dir(dir.path()).expect("load")), ["a", "b"]);
         assert_eq!(

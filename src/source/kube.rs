@@ -562,7 +562,7 @@ impl ClusterSource {
                     let labels = ns.metadata().labels.clone().unwrap_or_default();
                     self.opts.discovery_selectors.iter().any(|s| s.matches(&labels))
                 })
-                .map(|ns| ns.key().name)
+                .map(|ns| ns.key().name.to_string())
                 .collect(),
         )
     }
@@ -693,7 +693,7 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
         }
     };
     for resource in resources.clone() {
-        let own: BTreeSet<String> = [resource.key().namespace].into();
+        let own: BTreeSet<String> = [resource.key().namespace.to_string()].into();
         match &**resource {
             Resource::Gateway(gw) => {
                 let mut namespaces = pods_matching(&gw.spec.selector);
