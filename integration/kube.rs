@@ -335,6 +335,39 @@ fn kube_source_serves_the_cluster_and_follows_each_kind() {
 }
 
 #[test]
+fn a_crd_installed_after_meshd_started_is_watched_without_a_restart() {
+    let work = tempfile::tempdir().expect("tmp");
+    let api = ApiServer::start();
+    api.refuse("networking.istio.io", "virtualservices");
+    api.apply(BASE);
+    let kc = work.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    let meshd = Meshd::start_kube(&kc, work.path(), &[]);
+    meshd.wait_ready();
+    let served = |meshd: &Meshd| {
+        let (_, body) = configz(meshd);
+        body["kube"]["watches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["watch"] == "virtualservices.networking.istio.io")
+            .map(|w| w["served"].clone())
+    };
+    assert_eq!(served(&meshd), Some(Value::Bool(false)), "{}", configz(&meshd).1);
+    let ads = gateway_client(&meshd);
+    until("the gateway's routes without VirtualServices", &ads, |a| {
+        a.names(LISTENERS).iter().any(|l| l == "0.0.0.0_80")
+    });
+
+    api.install("networking.istio.io", "virtualservices");
+    api.apply(&virtual_service("hello.example.com"));
+    until("the VirtualService of the CRD installed since", &ads, |a| {
+        domains(a) == ["hello.example.com"]
+    });
+    assert_eq!(served(&meshd), Some(Value::Bool(true)), "{}", configz(&meshd).1);
+}
+
+#[test]
 fn kube_source_recovers_from_gone_and_dropped_watches_without_losing_or_doubling() {
     let work = tempfile::tempdir().expect("tmp");
     let api = ApiServer::start();

@@ -296,6 +296,17 @@ impl ApiServer {
             .push(format!("{group}/{plural}"));
     }
 
+    /// Serves a resource `refuse` stopped serving, as a cluster where its
+    /// CRD has just been installed.
+    pub fn install(&self, group: &str, plural: &str) {
+        let collection = format!("{group}/{plural}");
+        self.state
+            .lock()
+            .expect("state")
+            .refused
+            .retain(|r| *r != collection);
+    }
+
     /// The requests received so far.
     pub fn requests(&self) -> Vec<Request> {
         self.state.lock().expect("state").requests.clone()

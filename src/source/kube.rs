@@ -11,8 +11,10 @@
 //!
 //! Nothing is served until every watched kind has been listed once: until
 //! then `/ready` answers 503. A kind whose API the cluster does not serve
-//! (a CRD not installed) is left out with a warning; EndpointSlices fall
-//! back to Endpoints. Secrets are never listed as a whole: only those that a
+//! (a CRD not installed) is left out with a warning and looked for again,
+//! at most a minute apart, so that a CRD installed after meshd started is
+//! watched from then on, as istiod does; EndpointSlices fall back to
+//! Endpoints. Secrets are never listed as a whole: only those that a
 //! gateway names (`credentialName`, `certificateRefs`, an Ingress's
 //! `secretName`, a DestinationRule's `credentialName`) are watched, each by
 //! a field-selected watch of its own.
@@ -273,6 +275,10 @@ impl KubeSync {
 
 type ObjectKey = (String, String);
 
+/// How long a kind the cluster does not serve waits before it is looked
+/// for again: doubling from the first, up to the last.
+const UNSERVED_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
 /// What a watch task reports to the source.
 enum Update {
     /// An event, its object decoded (in the watch's own task).
@@ -452,7 +458,8 @@ impl ClusterSource {
                     self.start(ENDPOINTS, None);
                 } else {
                     tracing::warn!(
-                        "the cluster does not serve {} ({}): install meshd's CRDs (deploy/crds) to use it",
+                        "the cluster does not serve {} ({}): install meshd's CRDs (deploy/crds) to use it; \
+                         meshd looks for it again at most a minute apart",
                         slot.watched.kind,
                         slot.watched.api_version()
                     );
@@ -463,6 +470,16 @@ impl ClusterSource {
         let Some(slot) = self.slots.get_mut(&id) else {
             return false; // a Secret watch stopped meanwhile
         };
+        if !slot.served {
+            tracing::info!(
+                "the cluster serves {} ({}) now: watching it",
+                slot.watched.kind,
+                slot.watched.api_version()
+            );
+            slot.served = true;
+            // Its first list is not a relist.
+            slot.synced = false;
+        }
         let endpoints = matches!(slot.watched.config, Kind::EndpointSlice | Kind::Endpoints);
         match seen {
             Seen::Listing => slot.listing = Some(BTreeMap::new()),
@@ -610,12 +627,22 @@ async fn watch_kind(
     }
     if only.is_none() {
         let mut wait = Duration::from_millis(200);
+        let mut unserved = UNSERVED_RETRY.0;
+        let mut reported = false;
         loop {
             match api.list_metadata(&ListParams::default().limit(1)).await {
                 Ok(_) => break,
                 Err(kube::Error::Api(status)) if status.code == 404 => {
-                    let _ = out.send(Update::NotServed(id)).await;
-                    return;
+                    if !reported && out.send(Update::NotServed(id)).await.is_err() {
+                        return;
+                    }
+                    reported = true;
+                    // Without EndpointSlices, Endpoints are read instead.
+                    if watched == ENDPOINT_SLICES {
+                        return;
+                    }
+                    tokio::time::sleep(unserved).await;
+                    unserved = (unserved * 2).min(UNSERVED_RETRY.1);
                 }
                 Err(e) => {
                     let error = format!("listing {}: {e}", watched.label());
