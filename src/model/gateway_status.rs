@@ -300,10 +300,11 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         missing_backend.as_ref().map_or("", |m| m.1.as_str()),
         generation,
     );
-    let parents: Vec<Value> = hr
+    let mut parents: Vec<Value> = hr
         .spec
         .parent_refs
         .iter()
+        .filter(|p| !others_gateway(config, &gws, hr, p))
         .map(|p| {
             let ns = p.namespace.as_deref().unwrap_or(hr.namespace());
             let problem = match parent_gateway(&gws, hr.namespace(), p) {
@@ -355,7 +356,31 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
             })
         })
         .collect();
+    // Another controller's entries are its own to write (the Gateway API
+    // asks each controller to write only its own): kept as they are.
+    let current = hr.status.as_ref().and_then(|s| s["parents"].as_array());
+    parents.extend(
+        current
+            .into_iter()
+            .flatten()
+            .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+            .cloned(),
+    );
     json!({ "parents": parents })
+}
+
+/// Whether a parentRef names a Gateway that exists but is of a class
+/// meshd does not serve: that parent's controller says how the route
+/// fares there, not meshd.
+fn others_gateway(config: &ConfigSnapshot, served: &[&K8sGateway], hr: &HttpRoute, p: &ParentRef) -> bool {
+    p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+        && parent_gateway(served, hr.namespace(), p).is_none()
+        && exists(
+            config,
+            Kind::K8sGateway,
+            p.namespace.as_deref().unwrap_or(hr.namespace()),
+            &p.name,
+        )
 }
 
 #[cfg(test)]
@@ -512,6 +537,36 @@ spec:
         ));
         let programmed = gateway_status(&config, gw, true).expect("served class");
         assert!(has(&programmed["conditions"], "Programmed", "True", "Programmed"));
+    }
+
+    #[test]
+    fn a_route_keeps_other_controllers_parents_and_gets_none_for_their_gateways() {
+        let theirs = json!({
+            "parentRef": {"name": "theirs"},
+            "controllerName": "example.com/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}],
+        });
+        let text = format!(
+            "{CONFIG}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: both, namespace: default}}\n\
+             spec:\n  parentRefs: [{{name: web, sectionName: http}}, {{name: theirs}}]\n\
+             \x20 hostnames: [both.example.com]\n  rules: [{{backendRefs: [{{name: hello, port: 80}}]}}]\n\
+             status: {{parents: [{theirs}]}}\n"
+        );
+        let config = ConfigSnapshot::from_files(vec![parse_file("gw.yaml", &text)]);
+        assert!(config.rejections.is_empty(), "{:?}", config.rejections);
+        let Resource::HttpRoute(hr) = find(&config, Kind::HttpRoute, "both") else {
+            panic!("route")
+        };
+        let status = route_status(&config, hr);
+        let parents = status["parents"].as_array().expect("parents");
+        // meshd's entry for its own Gateway, none for the other class's,
+        // and the other controller's as it wrote it.
+        assert_eq!(parents.len(), 2, "{status}");
+        assert_eq!(parents[0]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(parents[0]["parentRef"]["name"], "web");
+        assert!(has(&parents[0]["conditions"], "Accepted", "True", "Accepted"));
+        assert_eq!(parents[1], theirs);
     }
 
     #[test]
