@@ -206,9 +206,17 @@ fn keep_transition_times(mut status: Value, current: &Value, now: &str) -> Value
                 }
             }
             Value::Array(items) => {
-                // Listeners and parents: matched by position, as written.
+                // Listeners (by name) and route parents (by parentRef and
+                // controller, as other controllers' entries sit among
+                // meshd's): matched by what they are about, else by
+                // position.
+                let before = current.as_array();
                 for (i, item) in items.iter_mut().enumerate() {
-                    walk(item, current.get(i).unwrap_or(&Value::Null), now);
+                    let about = entry_of(item);
+                    let same = before
+                        .filter(|_| about != (None, None, None))
+                        .and_then(|b| b.iter().find(|o| entry_of(o) == about));
+                    walk(item, same.or_else(|| current.get(i)).unwrap_or(&Value::Null), now);
                 }
             }
             _ => {}
@@ -216,6 +224,11 @@ fn keep_transition_times(mut status: Value, current: &Value, now: &str) -> Value
     }
     walk(&mut status, current, now);
     status
+}
+
+/// What a listener's or a route parent's status entry is about.
+fn entry_of(v: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
+    (v.get("name"), v.get("parentRef"), v.get("controllerName"))
 }
 
 async fn write(client: &Client, key: &ResourceKey, status: Value) -> Result<(), String> {
@@ -263,6 +276,27 @@ mod tests {
         let again = keep_transition_times(strip_times(out.clone()), &out, "T2");
         assert_eq!(again, out);
     }
+
+    #[test]
+    fn a_parent_keeps_its_transition_times_wherever_it_moved() {
+        let theirs = json!({"parentRef": {"name": "theirs"}, "controllerName": "example.com/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "T0"}]});
+        let current = json!({"parents": [theirs.clone(),
+            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER,
+             "conditions": [{"type": "Accepted", "status": "False", "lastTransitionTime": "T0"}]}]});
+        let next = json!({"parents": [
+            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER,
+             "conditions": [{"type": "Accepted", "status": "False"}]},
+            theirs.clone()]});
+        let out = keep_transition_times(next, &current, "T1");
+        assert_eq!(out["parents"][0]["conditions"][0]["lastTransitionTime"], "T0");
+        assert_eq!(
+            out["parents"][1], theirs,
+            "another controller's entry is left as it was"
+        );
+    }
+
+    const CONTROLLER: &str = crate::model::gateway_api::CONTROLLER_NAME;
 
     fn strip_times(mut v: Value) -> Value {
         match &mut v {
