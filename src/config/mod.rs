@@ -113,6 +113,24 @@ pub struct ResourceKey {
     pub name: Arc<str>,
 }
 
+impl ResourceKey {
+    /// The first key of `kind` in `namespace` (all namespaces when empty),
+    /// to start a range at: the empty strings are one shared `Arc`, so
+    /// making it allocates no more than the namespace.
+    pub fn first_of(kind: Kind, namespace: &str) -> ResourceKey {
+        static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+        ResourceKey {
+            kind,
+            namespace: if namespace.is_empty() {
+                EMPTY.clone()
+            } else {
+                namespace.into()
+            },
+            name: EMPTY.clone(),
+        }
+    }
+}
+
 impl fmt::Display for ResourceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {
@@ -412,13 +430,8 @@ impl ConfigSnapshot {
     /// Resources of one kind, in key order.
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
         // Keys sort by kind first: the kind's resources are one range.
-        let first = ResourceKey {
-            kind,
-            namespace: "".into(),
-            name: "".into(),
-        };
         self.resources
-            .range(first..)
+            .range(ResourceKey::first_of(kind, "")..)
             .take_while(move |(k, _)| k.kind == kind)
             .map(|(_, e)| e.resource.as_ref())
     }

@@ -265,14 +265,9 @@ pub(super) fn rebuild(
             Some(Resource::Endpoints(e)) => Some(e),
             _ => None,
         };
-        let first = ResourceKey {
-            kind: Kind::EndpointSlice,
-            namespace: namespace.as_str().into(),
-            name: "".into(),
-        };
         let svc_slices: Vec<&EndpointSlice> = config
             .resources
-            .range(first..)
+            .range(ResourceKey::first_of(Kind::EndpointSlice, namespace)..)
             .take_while(|(k, _)| k.kind == Kind::EndpointSlice && *k.namespace == **namespace)
             .filter_map(|(_, e)| match e.resource.as_ref() {
                 Resource::EndpointSlice(s) => Some(s),
