@@ -304,10 +304,16 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         .spec
         .parent_refs
         .iter()
-        .filter(|p| !others_gateway(config, &gws, hr, p))
-        .map(|p| {
+        .filter_map(|p| {
             let ns = p.namespace.as_deref().unwrap_or(hr.namespace());
             let problem = match parent_gateway(&gws, hr.namespace(), p) {
+                // Another class's Gateway: its controller says how the
+                // route fares there, not meshd.
+                None if p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+                    && exists(config, Kind::K8sGateway, ns, &p.name) =>
+                {
+                    return None;
+                }
                 None => Some((
                     "NoMatchingParent",
                     format!("no Gateway of a class meshd serves named {ns}/{}", p.name),
@@ -345,7 +351,7 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                 )),
                 Some(_) => None,
             };
-            json!({
+            Some(json!({
                 "parentRef": p,
                 "controllerName": CONTROLLER_NAME,
                 "conditions": [
@@ -353,7 +359,7 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                         problem.as_ref().map_or("", |x| x.1.as_str()), generation),
                     refs.clone(),
                 ],
-            })
+            }))
         })
         .collect();
     // Another controller's entries are its own to write (the Gateway API
@@ -367,20 +373,6 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
             .cloned(),
     );
     json!({ "parents": parents })
-}
-
-/// Whether a parentRef names a Gateway that exists but is of a class
-/// meshd does not serve: that parent's controller says how the route
-/// fares there, not meshd.
-fn others_gateway(config: &ConfigSnapshot, served: &[&K8sGateway], hr: &HttpRoute, p: &ParentRef) -> bool {
-    p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
-        && parent_gateway(served, hr.namespace(), p).is_none()
-        && exists(
-            config,
-            Kind::K8sGateway,
-            p.namespace.as_deref().unwrap_or(hr.namespace()),
-            &p.name,
-        )
 }
 
 #[cfg(test)]
