@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::ads::{AdsClient, CLUSTERS, ENDPOINTS, LISTENERS, ROUTES, SECRETS};
 use crate::common::apiserver::{kubeconfig, ApiServer};
@@ -861,14 +861,67 @@ fn deploy_rbac_covers_exactly_the_requests_meshd_makes() {
     }
 }
 
-#[test]
-fn statuses_are_written_back_to_the_cluster() {
-    let work = tempfile::tempdir().expect("tmp");
+/// An API server holding `BASE` and `GATEWAY_API`, and its kubeconfig.
+fn gateway_api_cluster(dir: &std::path::Path) -> (ApiServer, std::path::PathBuf) {
     let api = ApiServer::start();
-    let kc = work.path().join("kubeconfig");
+    let kc = dir.join("kubeconfig");
     api.kubeconfig(&kc);
     api.apply(BASE);
     api.apply(GATEWAY_API);
+    (api, kc)
+}
+
+/// meshd writes its part of a status into the status as it is when
+/// written: another controller's entry written between meshd's read and its
+/// write (its watch event not seen yet) stays.
+#[test]
+fn a_status_write_keeps_what_another_controller_wrote_meanwhile() {
+    const GW: &str = "gateway.networking.k8s.io/v1";
+    let work = tempfile::tempdir().expect("tmp");
+    let (api, kc) = gateway_api_cluster(work.path());
+    let theirs = json!({"parentRef": {"name": "mesh", "kind": "Service", "group": ""},
+        "controllerName": "example.com/mesh-controller",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    api.race_status_update(
+        GW,
+        "httproutes",
+        "default",
+        "web",
+        json!({"parents": [theirs.clone()]}),
+    );
+    let meshd = Meshd::start_kube(&kc, work.path(), &[]);
+    meshd.wait_ready();
+    eventually("meshd's entry beside the other controller's", WAIT, || {
+        let status = api
+            .get(GW, "httproutes", "default", "web")
+            .map(|o| o["status"].clone())
+            .unwrap_or(Value::Null);
+        let parents = status["parents"].as_array().cloned().unwrap_or_default();
+        let ours = parents
+            .iter()
+            .any(|p| p["controllerName"] == "istio.io/gateway-controller" && p["parentRef"]["name"] == "web");
+        match ours && parents.contains(&theirs) {
+            true => Ok(()),
+            false => Err(status.to_string()),
+        }
+    });
+    // The write that came after the other controller's was answered 409,
+    // and the status was read again.
+    let route_status = |verb: &str| {
+        api.requests()
+            .iter()
+            .filter(|r| r.verb == verb && r.resource == "httproutes/status" && r.name == "web")
+            .count()
+    };
+    assert!(route_status("update") >= 2, "{} updates", route_status("update"));
+    assert!(route_status("get") >= 2, "{} reads", route_status("get"));
+}
+
+#[test]
+fn statuses_are_written_back_to_the_cluster() {
+    let work = tempfile::tempdir().expect("tmp");
+    let (api, kc) = gateway_api_cluster(work.path());
     let vs = |gateways: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: shop, namespace: default}}\n\

@@ -13,6 +13,15 @@
 //! carries, and a condition keeps its `lastTransitionTime` while its status
 //! stays the same, so replicas writing the same conclusions agree at once
 //! and a write never triggers another.
+//!
+//! meshd writes only its part of a status (an HTTPRoute's parent entries
+//! of its own controller, an Istio resource's `validationMessages`): the
+//! rest is another writer's. So each write reads the status as the API
+//! server has it now, puts meshd's part into it and replaces it on the
+//! condition that the object is still at the version read (its
+//! `resourceVersion`); when another writer came in between (409
+//! Conflict), it reads again. A write never drops what another controller
+//! wrote, even one meshd's watch has not brought yet.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::analyze::{Analysis, Finding, Level};
 use crate::config::{Kind, Resource, ResourceKey};
+use crate::model::gateway_api::CONTROLLER_NAME;
 use crate::model::gateway_status::status_of;
 use crate::model::PushContext;
 use crate::xds::Registry;
@@ -82,12 +92,14 @@ pub async fn write_statuses(
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let findings = by_resource.as_ref().map(|(_, f)| f);
         for (key, resource, status) in desired(push, &registry, findings) {
+            // Judged first against the resource as meshd last read it: no
+            // request when that already carries meshd's conclusions.
             let current = current_status(&resource);
             let status = keep_transition_times(status, &current, &now);
             if status == current || written.get(&key) == Some(&status) {
                 continue;
             }
-            match write(&client, &key, status.clone()).await {
+            match write(&client, &key, &status, &now).await {
                 Ok(()) => {
                     written.insert(key, status);
                 }
@@ -231,27 +243,78 @@ fn entry_of(v: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
     (v.get("name"), v.get("parentRef"), v.get("controllerName"))
 }
 
-async fn write(client: &Client, key: &ResourceKey, status: Value) -> Result<(), String> {
+/// `ours` (a whole status, of which meshd writes only its part: `onto`)
+/// put into the status `current`, as the API server has it.
+fn onto(kind: Kind, ours: &Value, current: &Value) -> Value {
+    let mut status = match current {
+        Value::Object(_) => current.clone(),
+        _ => json!({}),
+    };
+    match kind {
+        // meshd's own parent entries, then every other controller's.
+        Kind::HttpRoute => {
+            let mine = |p: &&Value| p["controllerName"] == CONTROLLER_NAME;
+            let entries = |v: &Value| v["parents"].as_array().cloned().unwrap_or_default();
+            let mut parents: Vec<Value> = entries(ours).iter().filter(mine).cloned().collect();
+            parents.extend(entries(current).iter().filter(|p| !mine(p)).cloned());
+            status["parents"] = Value::Array(parents);
+        }
+        // meshd is the controller of the classes and Gateways it writes.
+        Kind::GatewayClass | Kind::K8sGateway => status = ours.clone(),
+        // The analysis: the rest is Istio's other writers'.
+        _ => status["validationMessages"] = ours["validationMessages"].clone(),
+    }
+    status
+}
+
+/// Times the status of one resource is read and written again when another
+/// writer keeps coming in between (409 Conflict); then the next look (a
+/// config change, or `RECHECK`) tries again.
+const WRITE_TRIES: usize = 3;
+
+/// Writes meshd's part of `ours` into the resource's status as the API
+/// server has it now, on the condition that it is still that version.
+async fn write(client: &Client, key: &ResourceKey, ours: &Value, now: &str) -> Result<(), String> {
     let resource = crate::source::api_resource(key.kind).ok_or("not a kind meshd writes")?;
     let api: Api<DynamicObject> = match &*key.namespace {
         "" => Api::all_with(client.clone(), &resource),
         ns => Api::namespaced_with(client.clone(), ns, &resource),
     };
-    let mut metadata = json!({"name": key.name});
-    if !key.namespace.is_empty() {
-        metadata["namespace"] = json!(key.namespace);
+    for _ in 0..WRITE_TRIES {
+        let read = api.get_status(&key.name).await.map_err(|e| e.to_string())?;
+        let current = read.data.get("status").cloned().unwrap_or(Value::Null);
+        let status = keep_transition_times(onto(key.kind, ours, &current), &current, now);
+        if status == current {
+            return Ok(());
+        }
+        let mut metadata = json!({
+            "name": key.name,
+            "resourceVersion": read.metadata.resource_version,
+        });
+        if !key.namespace.is_empty() {
+            metadata["namespace"] = json!(key.namespace);
+        }
+        let body = json!({
+            "apiVersion": resource.api_version,
+            "kind": resource.kind,
+            "metadata": metadata,
+            "status": status,
+        });
+        let object: DynamicObject = serde_json::from_value(body).map_err(|e| e.to_string())?;
+        match api
+            .replace_status(&key.name, &PostParams::default(), &object)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!("the status of {key} changed while being written; reading it again");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
-    let body = json!({
-        "apiVersion": resource.api_version,
-        "kind": resource.kind,
-        "metadata": metadata,
-        "status": status,
-    });
-    let object: DynamicObject = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    api.replace_status(&key.name, &PostParams::default(), &object)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    Err(format!(
+        "another writer changed it each of the {WRITE_TRIES} times it was read"
+    ))
 }
 
 #[cfg(test)]
@@ -282,10 +345,10 @@ mod tests {
         let theirs = json!({"parentRef": {"name": "theirs"}, "controllerName": "example.com/gateway",
             "conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "T0"}]});
         let current = json!({"parents": [theirs.clone(),
-            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER,
+            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER_NAME,
              "conditions": [{"type": "Accepted", "status": "False", "lastTransitionTime": "T0"}]}]});
         let next = json!({"parents": [
-            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER,
+            {"parentRef": {"name": "web"}, "controllerName": CONTROLLER_NAME,
              "conditions": [{"type": "Accepted", "status": "False"}]},
             theirs.clone()]});
         let out = keep_transition_times(next, &current, "T1");
@@ -296,7 +359,36 @@ mod tests {
         );
     }
 
-    const CONTROLLER: &str = crate::model::gateway_api::CONTROLLER_NAME;
+    #[test]
+    fn meshd_writes_its_part_into_the_status_as_it_is_now() {
+        let parent = |name: &str, controller: &str| json!({"parentRef": {"name": name}, "controllerName": controller, "conditions": []});
+        // Concluded from an older read: another controller's entry since
+        // gone, and none yet of the one that wrote since.
+        let ours = json!({"parents": [parent("web", CONTROLLER_NAME), parent("old", "example.com/a")]});
+        let now = json!({"parents": [parent("web", CONTROLLER_NAME), parent("new", "example.com/b")]});
+        assert_eq!(
+            onto(Kind::HttpRoute, &ours, &now),
+            json!({"parents": [parent("web", CONTROLLER_NAME), parent("new", "example.com/b")]})
+        );
+        assert_eq!(
+            onto(Kind::HttpRoute, &ours, &Value::Null),
+            json!({"parents": [parent("web", CONTROLLER_NAME)]})
+        );
+        // The analysis leaves whatever else an Istio resource's status holds.
+        let ours = json!({"validationMessages": [{"type": {"code": "IST0101"}}], "conditions": []});
+        let now = json!({"conditions": [{"type": "Reconciled", "status": "True"}], "validationMessages": []});
+        assert_eq!(
+            onto(Kind::VirtualService, &ours, &now),
+            json!({"conditions": [{"type": "Reconciled", "status": "True"}],
+                   "validationMessages": [{"type": {"code": "IST0101"}}]})
+        );
+        // A Gateway's status is all meshd's, as its controller.
+        let gateway = json!({"conditions": [{"type": "Accepted", "status": "True"}]});
+        assert_eq!(
+            onto(Kind::K8sGateway, &gateway, &json!({"addresses": []})),
+            gateway
+        );
+    }
 
     fn strip_times(mut v: Value) -> Value {
         match &mut v {

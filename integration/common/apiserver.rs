@@ -108,6 +108,9 @@ struct State {
     tokens: BTreeMap<String, Value>,
     /// Collections this server does not serve (a CRD not installed).
     refused: Vec<String>,
+    /// Statuses another writer stores just before the next status update
+    /// of their object arrives: (collection, namespace, name) → status.
+    races: BTreeMap<(String, String, String), Value>,
 }
 
 /// The running server. Dropping it stops it.
@@ -305,6 +308,27 @@ impl ApiServer {
             .expect("state")
             .refused
             .retain(|r| *r != collection);
+    }
+
+    /// Has another writer store `status` into an object just before the
+    /// next update of its status arrives, as a controller writing between
+    /// a client's read and its write: that update conflicts (409) when it
+    /// asks for the version it read.
+    pub fn race_status_update(
+        &self,
+        api_version: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        status: Value,
+    ) {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let object = (
+            format!("{group}/{plural}"),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        self.state.lock().expect("state").races.insert(object, status);
     }
 
     /// The requests received so far.
@@ -694,6 +718,22 @@ fn handle(
             let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
                 return status(400, "BadRequest", "not JSON".into());
             };
+            let raced = (collection.clone(), key.0.clone(), key.1.clone());
+            if let Some(status) = (target.subresource == "status")
+                .then(|| s.races.remove(&raced))
+                .flatten()
+            {
+                if let Some(mut current) = s.objects.get(&collection).and_then(|m| m.get(&key)).cloned() {
+                    s.rv += 1;
+                    current["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                    current["status"] = status;
+                    s.objects
+                        .entry(collection.clone())
+                        .or_default()
+                        .insert(key.clone(), current.clone());
+                    record(&mut s, &changes, collection.clone(), "MODIFIED", current);
+                }
+            }
             let Some(current) = s.objects.get(&collection).and_then(|m| m.get(&key)).cloned() else {
                 return not_found(&target);
             };
