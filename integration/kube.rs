@@ -871,11 +871,12 @@ fn gateway_api_cluster(dir: &std::path::Path) -> (ApiServer, std::path::PathBuf)
     (api, kc)
 }
 
-/// meshd writes its part of a status into the status as it is when
-/// written: another controller's entry written between meshd's read and its
-/// write (its watch event not seen yet) stays.
+/// meshd writes its part of a status into the object as the API server
+/// has it when written, not as meshd's watch last saw it: another
+/// controller's entry written between meshd's read and its write stays,
+/// and an object deleted meanwhile is left alone.
 #[test]
-fn a_status_write_keeps_what_another_controller_wrote_meanwhile() {
+fn status_writes_follow_the_object_as_the_api_server_has_it() {
     const GW: &str = "gateway.networking.k8s.io/v1";
     let work = tempfile::tempdir().expect("tmp");
     let (api, kc) = gateway_api_cluster(work.path());
@@ -916,6 +917,40 @@ fn a_status_write_keeps_what_another_controller_wrote_meanwhile() {
     };
     assert!(route_status("update") >= 2, "{} updates", route_status("update"));
     assert!(route_status("get") >= 2, "{} reads", route_status("get"));
+
+    // A route deleted before meshd's watch says so: when meshd next means
+    // to write its status (its backend Service goes), it finds nothing to
+    // write, and that is not worth a warning.
+    api.delete_unwatched(GW, "httproutes", "default", "web");
+    let reads = route_status("get");
+    api.delete("v1", "services", "default", "hello");
+    eventually("the deleted route read", WAIT, || {
+        match route_status("get") > reads {
+            true => Ok(()),
+            false => Err("not read".into()),
+        }
+    });
+    // The writer's next pass (a listener added to the Gateway) starts once
+    // that one is over.
+    let gateway_writes = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.verb == "update" && r.resource == "gateways/status" && r.name == "web")
+            .count()
+    };
+    let before = gateway_writes();
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
+         spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}, {name: alt, port: 8080, protocol: HTTP}]}\n",
+    );
+    eventually("the Gateway's new listener written", WAIT, || {
+        match gateway_writes() > before {
+            true => Ok(()),
+            false => Err("not written".into()),
+        }
+    });
+    let log = std::fs::read_to_string(&meshd.proc.log).expect("log");
+    assert!(!log.contains("writing the status of"), "{log}");
 }
 
 #[test]

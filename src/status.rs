@@ -100,9 +100,10 @@ pub async fn write_statuses(
                 continue;
             }
             match write(&client, &key, &status, &now).await {
-                Ok(()) => {
+                Ok(true) => {
                     written.insert(key, status);
                 }
+                Ok(false) => {} // deleted meanwhile: its watch event is coming
                 Err(e) => tracing::warn!("writing the status of {key}: {e}"),
             }
         }
@@ -273,19 +274,25 @@ fn onto(kind: Kind, ours: &Value, current: &Value) -> Value {
 const WRITE_TRIES: usize = 3;
 
 /// Writes meshd's part of `ours` into the resource's status as the API
-/// server has it now, on the condition that it is still that version.
-async fn write(client: &Client, key: &ResourceKey, ours: &Value, now: &str) -> Result<(), String> {
+/// server has it now, on the condition that it is still that version:
+/// true once the status holds it, false when the resource is gone.
+async fn write(client: &Client, key: &ResourceKey, ours: &Value, now: &str) -> Result<bool, String> {
     let resource = crate::source::api_resource(key.kind).ok_or("not a kind meshd writes")?;
     let api: Api<DynamicObject> = match &*key.namespace {
         "" => Api::all_with(client.clone(), &resource),
         ns => Api::namespaced_with(client.clone(), ns, &resource),
     };
     for _ in 0..WRITE_TRIES {
-        let read = api.get_status(&key.name).await.map_err(|e| e.to_string())?;
+        let read = match api.get_status(&key.name).await {
+            Ok(read) => read,
+            // Deleted since meshd's watch last saw it: nothing to write.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+            Err(e) => return Err(e.to_string()),
+        };
         let current = read.data.get("status").cloned().unwrap_or(Value::Null);
         let status = keep_transition_times(onto(key.kind, ours, &current), &current, now);
         if status == current {
-            return Ok(());
+            return Ok(true);
         }
         let mut metadata = json!({
             "name": key.name,
@@ -305,10 +312,11 @@ async fn write(client: &Client, key: &ResourceKey, ours: &Value, now: &str) -> R
             .replace_status(&key.name, &PostParams::default(), &object)
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::debug!("the status of {key} changed while being written; reading it again");
             }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
             Err(e) => return Err(e.to_string()),
         }
     }
