@@ -1,10 +1,10 @@
 //! The config store: turns a complete reading of the sources into the next
 //! generation, keeping the last good version of anything that went bad.
 
-use std::collections::{btree_map, BTreeMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{ConfigSnapshot, Entry, FileLoad, Rejection, Resource, ResourceKey};
+use super::{ConfigSnapshot, Entry, FileLoad, Origin, Rejection, Resource, ResourceKey};
 
 /// Holds the last generation so the next one can fall back on it.
 #[derive(Debug, Default)]
@@ -52,61 +52,62 @@ impl ConfigStore {
         }
     }
 
-    /// The next generation when the files are the ones `last` was made
-    /// from, in the same order, and the only changes are documents whose
-    /// keys stay where they were: every document of a changed file (before
-    /// and after) good, and no rejection naming its key. What `rebuild`
-    /// would make, with no key built or looked up but the changed ones'.
-    /// `None` otherwise.
+    /// The next generation when the only changes are documents whose keys
+    /// stay where they were, and files added or removed whole: every
+    /// document of a changed, added or removed file good, no rejection
+    /// naming its key, and an added key new. What `rebuild` would make,
+    /// with no key built or looked up but the changed ones'. `None`
+    /// otherwise.
+    ///
+    /// The Kubernetes source reads each object as a file of its own, so an
+    /// object created or deleted (a pod, an EndpointSlice) is a file added
+    /// or removed: patched in, not the whole mesh built again.
     fn patched(&self, files: &[FileLoad]) -> Option<Arc<ConfigSnapshot>> {
         let prev = &self.last;
-        if self.read.len() != files.len() {
-            return None;
-        }
-        let mut updates = Vec::new();
-        for (old, new) in self.read.iter().zip(files) {
-            if old.file != new.file {
-                return None;
+        let mut patch = Patch::default();
+        // The files in the order `last` read them (the usual case): paired
+        // in place. Else by name.
+        let in_place =
+            self.read.len() == files.len() && self.read.iter().zip(files).all(|(o, n)| o.file == n.file);
+        if in_place {
+            for (old, new) in self.read.iter().zip(files) {
+                patch.file(prev, Some(old), Some(new))?;
             }
-            if same_load(old, new) {
-                continue;
+        } else {
+            let mut before: HashMap<&str, &FileLoad> = self.read.iter().map(|f| (&*f.file, f)).collect();
+            for new in files {
+                patch.file(prev, before.remove(&*new.file), Some(new))?;
             }
-            let (Ok(old_docs), Ok(new_docs)) = (&old.documents, &new.documents) else {
-                return None;
-            };
-            if old_docs.len() != new_docs.len() {
-                return None;
-            }
-            for (o, n) in old_docs.iter().zip(new_docs.iter()) {
-                let (Ok(was), Ok(now)) = (&o.result, &n.result) else {
-                    return None;
-                };
-                // A document that lost its key to another is named by the
-                // duplicate's rejection, as is one whose origin another
-                // rejection's reason quotes.
-                let key = now.key();
-                let named = prev.rejections.iter().any(|r| r.key.as_ref() == Some(&key));
-                if was.key() != key || named {
-                    return None;
-                }
-                updates.push((key, n.origin.clone(), now.clone()));
+            for old in before.into_values() {
+                patch.file(prev, Some(old), None)?;
             }
         }
-        let changed = updates.iter().any(|(key, origin, resource)| {
-            prev.resources
-                .get(key)
-                .is_none_or(|e| e.origin != *origin || !same(&e.resource, resource))
-        });
+        let changed = !patch.added.is_empty()
+            || !patch.removed.is_empty()
+            || patch.updates.iter().any(|(key, origin, resource)| {
+                prev.resources
+                    .get(key)
+                    .is_none_or(|e| e.origin != *origin || !same(&e.resource, resource))
+            });
         if !changed {
             return Some(prev.clone());
         }
         let mut resources = prev.resources.clone();
-        for (key, origin, resource) in updates {
+        for (key, origin, resource) in patch.updates {
             let entry = resources.get_mut(&key)?;
             if !same(&entry.resource, &resource) {
                 entry.resource = resource;
             }
             entry.origin = origin;
+        }
+        for key in &patch.removed {
+            resources.remove(key);
+        }
+        for (key, origin, resource) in patch.added {
+            // Defined twice among the added: a duplicate, for `rebuild`.
+            if resources.insert(key, Entry { origin, resource }).is_some() {
+                return None;
+            }
         }
         Some(Arc::new(ConfigSnapshot {
             generation: prev.generation + 1,
@@ -205,6 +206,72 @@ impl ConfigStore {
         self.last = next.snapshot;
         self.read = next.read;
         self.last.clone()
+    }
+}
+
+/// What `ConfigStore::patched` found changed, file by file.
+#[derive(Default)]
+struct Patch {
+    /// Documents of changed files, at keys `last` holds.
+    updates: Vec<(ResourceKey, Origin, Arc<Resource>)>,
+    /// Documents of added files, at keys `last` does not hold.
+    added: Vec<(ResourceKey, Origin, Arc<Resource>)>,
+    /// The keys of removed files' documents.
+    removed: Vec<ResourceKey>,
+}
+
+impl Patch {
+    /// Takes in one file, as `old` read it before and `new` now (`None`:
+    /// added or removed); `None` when `prev` cannot be patched with it.
+    fn file(&mut self, prev: &ConfigSnapshot, old: Option<&FileLoad>, new: Option<&FileLoad>) -> Option<()> {
+        let named = |key: &ResourceKey| prev.rejections.iter().any(|r| r.key.as_ref() == Some(key));
+        // Every document good: a rejection would come or go with it.
+        let good = |f: &FileLoad| -> Option<Vec<(ResourceKey, Origin, Arc<Resource>)>> {
+            let docs = f.documents.as_ref().ok()?;
+            docs.iter()
+                .map(|d| {
+                    let resource = d.result.as_ref().ok()?;
+                    Some((resource.key(), d.origin.clone(), resource.clone()))
+                })
+                .collect()
+        };
+        match (old, new) {
+            (Some(old), Some(new)) if same_load(old, new) => {}
+            (Some(old), Some(new)) => {
+                let (was, now) = (good(old)?, good(new)?);
+                if was.len() != now.len() {
+                    return None;
+                }
+                // A document that lost its key to another is named by the
+                // duplicate's rejection, as is one whose origin another
+                // rejection's reason quotes.
+                for ((was, _, _), now) in was.iter().zip(now) {
+                    if *was != now.0 || named(&now.0) {
+                        return None;
+                    }
+                    self.updates.push(now);
+                }
+            }
+            (None, Some(new)) => {
+                for doc in good(new)? {
+                    if prev.resources.contains_key(&doc.0) || named(&doc.0) {
+                        return None;
+                    }
+                    self.added.push(doc);
+                }
+            }
+            (Some(old), None) => {
+                for (key, origin, _) in good(old)? {
+                    let held = prev.resources.get(&key).is_some_and(|e| e.origin == origin);
+                    if !held || named(&key) {
+                        return None;
+                    }
+                    self.removed.push(key);
+                }
+            }
+            (None, None) => {}
+        }
+        Some(())
     }
 }
 
@@ -349,6 +416,36 @@ mod tests {
             texts(2)[1].clone(),
         ];
         assert!(store.patched(&read(&renamed, &mut seen)).is_none());
+    }
+
+    #[test]
+    fn a_file_added_or_removed_whole_is_patched_in() {
+        let mut store = ConfigStore::default();
+        let mut seen = BTreeMap::new();
+        let s0 = Some([doc((3, 0, 0)), doc((0, 0, 1))].join("---\n"));
+        let s1 = Some([doc((3, 1, 0)), doc((0, 1, 1))].join("---\n"));
+        let first = store.apply(read(&[s0.clone(), None], &mut seen));
+        // Added: its keys are new.
+        let files = read(&[s0.clone(), s1.clone()], &mut seen);
+        let added = store.patched(&files).expect("patched, not rebuilt");
+        assert_eq!(added.generation, first.generation + 1);
+        assert_eq!(added.resources.len(), 4);
+        assert_eq!(added.resources, store.rebuild(files.clone()).resources);
+        let kept = first.resources.keys().next().expect("a key");
+        assert!(Arc::ptr_eq(
+            &first.resources[kept].resource,
+            &added.resources[kept].resource
+        ));
+        store.apply(files);
+        // Removed: its keys go.
+        let files = read(&[None, s1.clone()], &mut seen);
+        let removed = store.patched(&files).expect("patched, not rebuilt");
+        assert_eq!(removed.resources.len(), 2);
+        assert_eq!(removed.resources, store.rebuild(files.clone()).resources);
+        store.apply(files);
+        // A file that defines a key another holds is a duplicate: rebuilt.
+        let again = Some(doc((3, 1, 0)));
+        assert!(store.patched(&read(&[again, s1], &mut seen)).is_none());
     }
 
     /// The proptest's files: unparseable or not, and their documents.
