@@ -322,9 +322,11 @@ struct Slot {
     watched: Watched,
     /// For Secrets: the one (namespace, name) watched.
     only: Option<ObjectKey>,
-    objects: BTreeMap<ObjectKey, DocumentLoad>,
+    /// Each object read as a file of its own, made once: the store is
+    /// handed all of them at each change.
+    objects: BTreeMap<ObjectKey, FileLoad>,
     /// Objects of a list in progress; they replace `objects` when it completes.
-    listing: Option<BTreeMap<ObjectKey, DocumentLoad>>,
+    listing: Option<BTreeMap<ObjectKey, FileLoad>>,
     synced: bool,
     served: bool,
     relists: u64,
@@ -484,7 +486,9 @@ impl ClusterSource {
         match seen {
             Seen::Listing => slot.listing = Some(BTreeMap::new()),
             Seen::Listed(key, doc) => {
-                slot.listing.get_or_insert_with(BTreeMap::new).insert(key, doc);
+                slot.listing
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key, object_load(doc));
             }
             Seen::ListDone => {
                 slot.objects = slot.listing.take().unwrap_or_default();
@@ -496,7 +500,7 @@ impl ClusterSource {
                 return false;
             }
             Seen::Applied(key, doc) => {
-                slot.objects.insert(key, doc);
+                slot.objects.insert(key, object_load(doc));
             }
             Seen::Deleted(key) => {
                 slot.objects.remove(&key);
@@ -513,7 +517,7 @@ impl ClusterSource {
             .values()
             .filter(|s| s.watched != SECRETS)
             .flat_map(|s| s.objects.values())
-            .filter_map(|d| d.result.as_ref().ok());
+            .filter_map(object_resource);
         let wanted = referenced_secrets(resources);
         let stale: Vec<usize> = self
             .slots
@@ -541,10 +545,7 @@ impl ClusterSource {
             .values()
             .flat_map(|s| s.objects.iter())
             .filter(|((ns, _), _)| ns.is_empty() || selected.as_ref().is_none_or(|sel| sel.contains(ns)))
-            .map(|(_, doc)| FileLoad {
-                file: doc.origin.file.clone(),
-                documents: Ok(Arc::from([doc.clone()])),
-            })
+            .map(|(_, load)| load.clone())
             .collect();
         let before = self.store.current();
         let first = !self.synced();
@@ -572,7 +573,7 @@ impl ClusterSource {
             .values()
             .filter(|s| s.watched.config == Kind::Namespace)
             .flat_map(|s| s.objects.values())
-            .filter_map(|d| d.result.as_ref().ok());
+            .filter_map(object_resource);
         Some(
             namespaces
                 .filter(|ns| {
@@ -665,6 +666,19 @@ async fn watch_kind(
             return;
         }
     }
+}
+
+/// An object's document as the file the store reads it as.
+fn object_load(doc: DocumentLoad) -> FileLoad {
+    FileLoad {
+        file: doc.origin.file.clone(),
+        documents: Ok(Arc::from([doc])),
+    }
+}
+
+/// The resource of an object read (`object_load`), when it decoded.
+fn object_resource(load: &FileLoad) -> Option<&Arc<Resource>> {
+    load.documents.as_ref().ok()?.first()?.result.as_ref().ok()
 }
 
 fn object_key(obj: &DynamicObject) -> ObjectKey {
