@@ -421,7 +421,12 @@ impl ClusterSource {
                     Err(_) => break,
                 }
             }
-            self.follow_secrets();
+            // Endpoints name no Secret: a batch of endpoint changes alone
+            // (most of a cluster's churn) leaves the Secrets followed as
+            // they are, and the objects unwalked.
+            if !endpoints_only {
+                self.follow_secrets();
+            }
             // The first generation waits for every watch (the Secrets the
             // config names included); later ones never wait for a new
             // Secret watch, which might not sync (forbidden, say).
@@ -734,11 +739,12 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
         }
     };
     for resource in resources.clone() {
-        let own: BTreeSet<String> = [resource.key().namespace.to_string()].into();
+        let own =
+            || -> BTreeSet<String> { [resource.metadata().namespace.clone().unwrap_or_default()].into() };
         match &**resource {
             Resource::Gateway(gw) => {
                 let mut namespaces = pods_matching(&gw.spec.selector);
-                namespaces.extend(own);
+                namespaces.extend(own());
                 for tls in gw.spec.servers.iter().filter_map(|s| s.tls.as_ref()) {
                     for name in tls.credential_name.iter().chain(&tls.credential_names) {
                         want(&namespaces, name);
@@ -753,14 +759,14 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
                     .filter_map(|l| l.tls.as_ref())
                     .flat_map(|t| &t.certificate_refs)
                 {
-                    let ns = r.namespace.clone().map_or_else(|| own.clone(), |n| [n].into());
+                    let ns = r.namespace.clone().map_or_else(own, |n| [n].into());
                     want(&ns, &r.name);
                 }
             }
             Resource::Ingress(ing) => {
                 let mut namespaces =
                     pods_matching(&[("istio".to_string(), "ingressgateway".to_string())].into());
-                namespaces.extend(own);
+                namespaces.extend(own());
                 for name in ing.spec.tls.iter().filter_map(|t| t.secret_name.as_ref()) {
                     want(&namespaces, name);
                 }
@@ -777,7 +783,7 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
                         .iter()
                         .chain(policy.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
                     for name in tls.filter_map(|t| t.credential_name.as_ref()) {
-                        want(&own, name);
+                        want(&own(), name);
                     }
                 }
             }
