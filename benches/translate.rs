@@ -9,14 +9,14 @@
 //! config key, which shares the first sidecar's clusters), serving 1,000
 //! gateway proxies with the same config key from the cache, and updating the push context for one
 //! service's endpoints changed and for one VirtualService edited, and the
-//! config store for one endpoint moved. Prints a table; run it twice to compare.
+//! config store for one endpoint moved and for a file added. Prints a table; run it twice to compare.
 //! Under `cargo test` it runs the smallest size once, as a check that the
 //! bench still works.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshd::config::{parse_file, ConfigSnapshot, ConfigStore};
+use meshd::config::{parse_file, ConfigSnapshot, ConfigStore, FileLoad};
 use meshd::model::{Proxy, PushContext};
 use meshd::xds::{SnapshotCache, XdsType};
 
@@ -66,24 +66,37 @@ fn edited(config: &ConfigSnapshot, doc: &str) -> Arc<ConfigSnapshot> {
     Arc::new(next)
 }
 
-/// The config store taking in one endpoint moved in a small file next to
-/// the mesh's (read again, the mesh's file hands on its earlier reading):
-/// parsing that file and the store's next generation.
-fn store_update(mesh: &str) -> Duration {
-    let endpoints = |ip: &str| {
-        parse_file(
-            "endpoints.yaml",
-            &format!("apiVersion: v1\nkind: Endpoints\nmetadata: {{name: extra, namespace: ns-0}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{name: http, port: 8080}}]\n"),
-        )
-    };
+/// A small file of one service's Endpoints (`ip`), and with `service` its
+/// Service too.
+fn extra(file: &str, ip: &str, service: bool) -> FileLoad {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: extra, namespace: ns-0}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{name: http, port: 8080}}]\n"
+    );
+    if service {
+        text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: ns-0}\nspec:\n  ports: [{name: http, port: 80, targetPort: 8080}]\n");
+    }
+    parse_file(file, &text)
+}
+
+/// The config store taking in one small file next to the mesh's (read
+/// again, the mesh's file hands on its earlier reading): `before`, the
+/// small file it held (if any); `after`, the one read now. Parsing that
+/// file and the store's next generation, which changes `changed`
+/// resources.
+fn store_step(
+    mesh: &str,
+    before: Option<FileLoad>,
+    after: impl FnOnce() -> FileLoad,
+    changed: usize,
+) -> Duration {
     let mesh = parse_file("mesh.yaml", mesh);
     let mut store = ConfigStore::default();
-    let before = store.apply(vec![mesh.clone(), endpoints("10.254.0.1")]);
+    let held = store.apply([mesh.clone()].into_iter().chain(before).collect());
     let t = Instant::now();
-    let next = store.apply(vec![mesh, endpoints("10.254.0.2")]);
+    let next = store.apply(vec![mesh, after()]);
     let elapsed = t.elapsed();
-    assert_eq!(next.generation, before.generation + 1);
-    assert_eq!(before.changes(&next).len(), 1, "one resource changed");
+    assert_eq!(next.generation, held.generation + 1);
+    assert_eq!(held.changes(&next).len(), changed);
     elapsed
 }
 
@@ -117,12 +130,13 @@ fn main() {
     let sizes: &[usize] = if full { &[100, 1000, 10000] } else { &[10] };
     let proxies = if full { 1000 } else { 10 };
     println!(
-        "{:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {:>9} | {:>11}",
+        "{:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {:>9} | {:>11}",
         "services",
         "endpoints",
         "load ms",
         "push ctx ms",
         "store upd ms",
+        "store add ms",
         "endpoint upd ms",
         "vs upd ms",
         "gateway 1st ms",
@@ -132,7 +146,7 @@ fn main() {
         "resources",
         "encoded KiB"
     );
-    println!("{}", "-".repeat(189));
+    println!("{}", "-".repeat(204));
     for &n in sizes {
         let text = mesh_text(n);
         let t = Instant::now();
@@ -141,7 +155,15 @@ fn main() {
         let t = Instant::now();
         let push = Arc::new(PushContext::new(config.clone()));
         let push_time = t.elapsed();
-        let store_update_time = store_update(&text);
+        // One endpoint moved in place; a new service's file added, as a
+        // new object is in Kubernetes mode.
+        let store_update_time = store_step(
+            &text,
+            Some(extra("endpoints.yaml", "10.254.0.1", false)),
+            || extra("endpoints.yaml", "10.254.0.2", false),
+            1,
+        );
+        let store_add_time = store_step(&text, None, || extra("new.yaml", "10.254.0.1", true), 2);
 
         let moved = edited(
             &config,
@@ -210,11 +232,12 @@ fn main() {
             .map(|e| e.wire.len())
             .sum();
         println!(
-            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {resources:>9} | {:>11}",
+            "{n:>9} | {:>9} | {:>8} | {:>11} | {:>12} | {:>12} | {:>15} | {:>9} | {:>13} | {:>13} | {:>14} | {:>16} | {resources:>9} | {:>11}",
             n * ENDPOINTS,
             ms(load_time),
             ms(push_time),
             ms(store_update_time),
+            ms(store_add_time),
             ms(endpoint_update_time),
             ms(vs_update_time),
             ms(first_time),
