@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::analyze::{Analysis, Finding, Level};
 use crate::config::{Kind, Resource, ResourceKey};
 use crate::model::gateway_api::CONTROLLER_NAME;
-use crate::model::gateway_status::status_of;
+use crate::model::gateway_status::{status_of, with_others};
 use crate::model::PushContext;
 use crate::xds::Registry;
 
@@ -141,15 +141,11 @@ fn desired(
                 .flatten()
                 .map(validation_message)
                 .collect();
-            let mut status = current_status(&entry.resource);
-            let had = status.get("validationMessages").is_some();
-            if messages.is_empty() && !had {
+            let current = current_status(&entry.resource);
+            if messages.is_empty() && current.get("validationMessages").is_none() {
                 continue;
             }
-            if !status.is_object() {
-                status = json!({});
-            }
-            status["validationMessages"] = Value::Array(messages);
+            let status = onto(key.kind, &json!({ "validationMessages": messages }), &current);
             out.push((key.clone(), entry.resource.clone(), status));
         }
     }
@@ -254,11 +250,11 @@ fn onto(kind: Kind, ours: &Value, current: &Value) -> Value {
     match kind {
         // meshd's own parent entries, then every other controller's.
         Kind::HttpRoute => {
-            let mine = |p: &&Value| p["controllerName"] == CONTROLLER_NAME;
-            let entries = |v: &Value| v["parents"].as_array().cloned().unwrap_or_default();
-            let mut parents: Vec<Value> = entries(ours).iter().filter(mine).cloned().collect();
-            parents.extend(entries(current).iter().filter(|p| !mine(p)).cloned());
-            status["parents"] = Value::Array(parents);
+            let entries = ours["parents"].as_array().into_iter().flatten();
+            let mine = entries
+                .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+                .cloned();
+            status["parents"] = Value::Array(with_others(mine.collect(), current));
         }
         // meshd is the controller of the classes and Gateways it writes.
         Kind::GatewayClass | Kind::K8sGateway => status = ours.clone(),

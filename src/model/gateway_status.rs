@@ -300,7 +300,7 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         missing_backend.as_ref().map_or("", |m| m.1.as_str()),
         generation,
     );
-    let mut parents: Vec<Value> = hr
+    let parents: Vec<Value> = hr
         .spec
         .parent_refs
         .iter()
@@ -362,17 +362,16 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
             }))
         })
         .collect();
-    // Another controller's entries are its own to write (the Gateway API
-    // asks each controller to write only its own): kept as they are.
-    let current = hr.status.as_ref().and_then(|s| s["parents"].as_array());
-    parents.extend(
-        current
-            .into_iter()
-            .flatten()
-            .filter(|p| p["controllerName"] != CONTROLLER_NAME)
-            .cloned(),
-    );
-    json!({ "parents": parents })
+    json!({ "parents": with_others(parents, hr.status.as_ref().unwrap_or(&Value::Null)) })
+}
+
+/// meshd's own route parent entries (`mine`), then every other
+/// controller's entry of the route status `current`, as it wrote it: the
+/// Gateway API asks each controller to write only its own.
+pub fn with_others(mut mine: Vec<Value>, current: &Value) -> Vec<Value> {
+    let theirs = current["parents"].as_array().into_iter().flatten();
+    mine.extend(theirs.filter(|p| p["controllerName"] != CONTROLLER_NAME).cloned());
+    mine
 }
 
 #[cfg(test)]
