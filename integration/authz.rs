@@ -10,7 +10,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::common::{
-    curl, eventually, free_port, hello_mesh, openssl, serve_http, write, Backend, Envoy, Meshd, Pod,
+    curl, eventually, free_port, hello_mesh, openssl, serve_http, serve_on_thread, write, Backend, Envoy,
+    Meshd, Pod,
 };
 
 const ISSUER: &str = "https://issuer.meshd.test";
@@ -280,26 +281,11 @@ spec:
     - operation: {paths: ["/ext/*"]}
 "#,
     );
-    let mesh_config = work.path().join("meshconfig.yaml");
-    write(
-        &mesh_config,
-        &format!(
+    let mesh_config = format!(
             "extensionProviders:\n- name: sample-ext-authz\n  envoyExtAuthzHttp:\n    service: 127.0.0.1\n    port: {authz_port}\n\
              \x20   includeRequestHeadersInCheck: [x-ext-authz]\n    headersToDownstreamOnDeny: [x-ext-authz-check-result]\n"
-        ),
     );
-    let mesh_flag = mesh_config.display().to_string();
-    let meshd = Meshd::start_with(
-        &dir,
-        work.path(),
-        crate::common::MeshdPorts::free(),
-        &["--mesh-config", &mesh_flag],
-    );
-    let envoy = Envoy::start(
-        &meshd,
-        work.path(),
-        &Pod::ingress_gateway("istio-ingressgateway-1"),
-    );
+    let (_meshd, envoy) = gateway_with_mesh_config(&dir, work.path(), &mesh_config);
     let get = |path: &str, allow: bool| -> Result<(u16, String), String> {
         let url = format!("http://127.0.0.1:{port}{path}");
         let mut args = vec!["-i", "-H", "Host: hello.example.com"];
@@ -338,5 +324,264 @@ spec:
         checks.load(Ordering::SeqCst),
         before,
         "are not sent to the authorizer"
+    );
+}
+
+/// meshd on `dir` with the mesh config `mesh_config`, and a stock Envoy
+/// ingress gateway on it.
+fn gateway_with_mesh_config(
+    dir: &std::path::Path,
+    work: &std::path::Path,
+    mesh_config: &str,
+) -> (Meshd, Envoy) {
+    let path = work.join("meshconfig.yaml");
+    write(&path, mesh_config);
+    let flag = path.display().to_string();
+    let meshd = Meshd::start_with(
+        dir,
+        work,
+        crate::common::MeshdPorts::free(),
+        &["--mesh-config", &flag],
+    );
+    let envoy = Envoy::start(&meshd, work, &Pod::ingress_gateway("istio-ingressgateway-1"));
+    (meshd, envoy)
+}
+
+/// A gRPC authorizer (`envoy.service.auth.v3.Authorization`) on a loopback
+/// port: answers OK while `allow` is set, PERMISSION_DENIED otherwise, and
+/// keeps the destination port of each check.
+struct GrpcAuthorizer {
+    port: u16,
+    allow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checked_ports: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Decide {
+    allow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checked_ports: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+#[tonic::async_trait]
+impl envoy_types::ext_authz::v3::pb::Authorization for Decide {
+    async fn check(
+        &self,
+        request: tonic::Request<envoy_types::ext_authz::v3::pb::CheckRequest>,
+    ) -> Result<tonic::Response<envoy_types::ext_authz::v3::pb::CheckResponse>, tonic::Status> {
+        use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+        let port = request
+            .get_ref()
+            .attributes
+            .as_ref()
+            .and_then(|a| a.destination.as_ref())
+            .and_then(|d| d.address.as_ref())
+            .and_then(|a| match &a.address {
+                Some(address::Address::SocketAddress(s)) => match s.port_specifier {
+                    Some(socket_address::PortSpecifier::PortValue(p)) => Some(p),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.checked_ports.lock().expect("ports").push(port);
+        let allow = self.allow.load(std::sync::atomic::Ordering::SeqCst);
+        Ok(tonic::Response::new(
+            envoy_types::ext_authz::v3::pb::CheckResponse {
+                status: Some(envoy_types::pb::google::rpc::Status {
+                    code: if allow {
+                        0
+                    } else {
+                        tonic::Code::PermissionDenied as i32
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ))
+    }
+}
+
+impl GrpcAuthorizer {
+    fn start() -> GrpcAuthorizer {
+        let allow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checked_ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let decide = Decide {
+            allow: allow.clone(),
+            checked_ports: checked_ports.clone(),
+        };
+        let (port, stop) = serve_on_thread("127.0.0.1", move |listener, _, stopped| async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(decide))
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        GrpcAuthorizer {
+            port,
+            allow,
+            checked_ports,
+            _stop: stop,
+        }
+    }
+
+    fn checks_of(&self, port: u16) -> usize {
+        let ports = self.checked_ports.lock().expect("ports");
+        ports.iter().filter(|&&p| p == u32::from(port)).count()
+    }
+}
+
+#[test]
+fn custom_policies_check_gateway_tcp_connections_with_a_grpc_authorizer() {
+    use std::sync::atomic::Ordering;
+    let work = tempfile::tempdir().expect("tmp");
+    let authorizer = GrpcAuthorizer::start();
+    let backend = Backend::start("v1");
+    let (http_port, tcp_port) = (free_port(), free_port());
+    let dir = work.path().join("config");
+    // The gateway serves hello over HTTP on one port and as raw TCP on
+    // another (Istio's 31400 example), both to the same backend.
+    write(
+        &dir.join("mesh.yaml"),
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports:
+  - {{name: http2, port: 80, targetPort: {http_port}}}
+  - {{name: tcp, port: 31400, targetPort: {tcp_port}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 80, name: http, protocol: HTTP}}
+    hosts: ["*"]
+  - port: {{number: 31400, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+---
+{hello}{vs}---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: hello-tcp}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingressgateway]
+  tcp:
+  - match: [{{port: 31400}}]
+    route:
+    - destination: {{host: hello, port: {{number: 80}}}}
+"#,
+            hello = crate::common::loopback_service("hello", "http", 80, backend.port),
+            vs = crate::common::hello_virtual_service("v1", None),
+        ),
+    );
+    // CUSTOM for what arrives on the TCP server's port (the port the
+    // gateway listens on, as in Istio).
+    let policy = dir.join("policy.yaml");
+    write(
+        &policy,
+        &format!(
+            r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext, namespace: istio-system}}
+spec:
+  selector:
+    matchLabels: {{istio: ingressgateway}}
+  action: CUSTOM
+  provider: {{name: grpc-authz}}
+  rules:
+  - to:
+    - operation: {{ports: ["{tcp_port}"]}}
+"#
+        ),
+    );
+    let mesh_config = format!(
+            "extensionProviders:\n- name: grpc-authz\n  envoyExtAuthzGrpc:\n    service: 127.0.0.1\n    port: {}\n",
+        authorizer.port
+    );
+    let (_meshd, envoy) = gateway_with_mesh_config(&dir, work.path(), &mesh_config);
+    let over = |port: u16| {
+        curl(&[
+            "-H",
+            "Host: hello.example.com",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+    };
+    eventually("hello over the gateway's HTTP port", WAIT, || {
+        match over(http_port) {
+            Ok((200, body)) if body.contains("Hello, world!") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    assert_eq!(
+        authorizer.checks_of(http_port),
+        0,
+        "the HTTP port is not the rule's: its requests are not sent to the authorizer"
+    );
+    eventually(
+        "a TCP connection the authorizer refuses is closed",
+        WAIT,
+        || match over(tcp_port) {
+            Err(e) if authorizer.checks_of(tcp_port) > 0 => Ok(e),
+            other => Err(format!(
+                "{other:?}, {} checks\n{}",
+                authorizer.checks_of(tcp_port),
+                envoy.proc.log_tail()
+            )),
+        },
+    );
+    authorizer.allow.store(true, Ordering::SeqCst);
+    let before = authorizer.checks_of(tcp_port);
+    match over(tcp_port) {
+        Ok((200, body)) if body.contains("Hello, world!") => {}
+        other => panic!("allowed by the authorizer: {other:?}\n{}", envoy.proc.log_tail()),
+    }
+    assert_eq!(
+        authorizer.checks_of(tcp_port),
+        before + 1,
+        "one check per connection"
+    );
+
+    // The gateway's TCP chains carry ALLOW/DENY policies too.
+    write(
+        &policy,
+        &format!(
+            r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-tcp, namespace: istio-system}}
+spec:
+  selector:
+    matchLabels: {{istio: ingressgateway}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {{ports: ["{tcp_port}"]}}
+"#
+        ),
+    );
+    eventually(
+        "a DENY policy closes the gateway's TCP connections",
+        WAIT,
+        || match over(tcp_port) {
+            Err(e) => Ok(e),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    let checks = authorizer.checks_of(tcp_port);
+    assert!(over(tcp_port).is_err(), "still closed");
+    assert_eq!(
+        authorizer.checks_of(tcp_port),
+        checks,
+        "by the RBAC filter, not the authorizer"
+    );
+    assert_eq!(
+        over(http_port).map(|r| r.0),
+        Ok(200),
+        "the HTTP port is not the rule's"
     );
 }

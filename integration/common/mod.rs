@@ -350,6 +350,25 @@ pub fn serve_http(
     ip: &str,
     app: impl FnOnce(u16) -> axum::Router + Send + 'static,
 ) -> (u16, tokio::sync::oneshot::Sender<()>) {
+    serve_on_thread(ip, move |listener, port, stopped| async move {
+        let _ = axum::serve(listener, app(port))
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+    })
+}
+
+/// Runs the server `serve(listener, port, stopped)` makes on a loopback
+/// `ip`, on its own thread and runtime; it should end once `stopped`
+/// resolves, which it does when the returned sender is dropped.
+pub fn serve_on_thread<F>(
+    ip: &str,
+    serve: impl FnOnce(tokio::net::TcpListener, u16, tokio::sync::oneshot::Receiver<()>) -> F + Send + 'static,
+) -> (u16, tokio::sync::oneshot::Sender<()>)
+where
+    F: std::future::Future<Output = ()>,
+{
     let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().expect("addr").port();
@@ -361,11 +380,7 @@ pub fn serve_http(
             .expect("runtime");
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let _ = axum::serve(listener, app(port))
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
+            serve(listener, port, rx).await;
         });
     });
     (port, tx)

@@ -101,7 +101,7 @@ fn server_kind(server: &Server) -> Result<ServerKind, String> {
 
 /// Adds the proxy's gateway listeners, route configurations and Secrets.
 pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
-    let policy = super::security::filters(push, &proxy.namespace, &proxy.labels, out).http;
+    let policy = super::security::filters(push, &proxy.namespace, &proxy.labels, out);
     let mut by_bind_port: BTreeMap<u16, Vec<BoundServer<'_>>> = BTreeMap::new();
     for gateway in push.gateways_for(proxy) {
         for (index, server) in gateway.spec.servers.iter().enumerate() {
@@ -146,7 +146,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                     &format!("outbound_0.0.0.0_{bind}"),
                     rds(&route_name),
                     true,
-                    &policy,
+                    &policy.http,
                 )],
                 ..Default::default()
             };
@@ -155,6 +155,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
         for bound in &servers {
             if matches!(bound.kind, ServerKind::Tcp | ServerKind::TlsTcp(_)) {
                 if let Some(chain) = tcp_chain(push, proxy, bound, out) {
+                    let chain = policy.guard_tcp(chain, &mut out.diagnostics);
                     listener.add(chain, &bound.resource(), &mut out.diagnostics);
                 }
                 continue;
@@ -163,8 +164,14 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                 continue;
             };
             let chains = match mode {
-                Mode::Passthrough => tls::passthrough_chains(push, bound, &mut out.diagnostics),
-                Mode::AutoPassthrough => tls::auto_passthrough_chains(push),
+                Mode::Passthrough => tls::passthrough_chains(push, bound, &mut out.diagnostics)
+                    .into_iter()
+                    .map(|chain| policy.guard_tcp(chain, &mut out.diagnostics))
+                    .collect(),
+                Mode::AutoPassthrough => tls::auto_passthrough_chains(push)
+                    .into_iter()
+                    .map(|chain| policy.guard_tcp(chain, &mut out.diagnostics))
+                    .collect(),
                 _ => {
                     let Some(socket) = tls::downstream_transport(
                         push,
@@ -195,7 +202,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                             &format!("outbound_0.0.0.0_{bind}"),
                             rds(&route_name),
                             true,
-                            &policy,
+                            &policy.http,
                         )],
                         transport_socket: Some(socket),
                         ..Default::default()

@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use envoy_types::pb::envoy::config::listener::v3::{filter, Filter};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain};
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, Permission, Policy, Principal, SourcedMetadata,
 };
@@ -111,6 +111,19 @@ const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub struct PolicyFilters {
     pub http: Vec<HttpFilter>,
     pub tcp: Vec<Filter>,
+    /// What the TCP filters leave unchecked (a CUSTOM policy whose
+    /// provider speaks HTTP only), reported where a TCP chain is served.
+    pub tcp_unchecked: Vec<Diagnostic>,
+}
+
+impl PolicyFilters {
+    /// A TCP chain of the workload, its policy filters in front of
+    /// `chain`'s; what they leave unchecked goes into `diagnostics`.
+    pub fn guard_tcp(&self, mut chain: FilterChain, diagnostics: &mut Vec<Diagnostic>) -> FilterChain {
+        diagnostics.extend(self.tcp_unchecked.iter().cloned());
+        chain.filters.splice(0..0, self.tcp.iter().cloned());
+        chain
+    }
 }
 
 /// The filters the policies that apply to a workload of `namespace` with
@@ -133,7 +146,7 @@ pub fn filters(
         .map(|p| &***p)
         .collect();
     if !custom.is_empty() {
-        custom_filters(push, &custom, out, &mut filters.http);
+        custom_filters(push, &custom, out, &mut filters);
     }
     for (action, envoy_action) in [("AUDIT", 2), ("DENY", 1), ("ALLOW", 0)] {
         let of_action: Vec<&AuthorizationPolicy> = policies
@@ -151,31 +164,45 @@ pub fn filters(
         }
         let mut quiet = Vec::new(); // the HTTP pass reported what applies to both
         if let Some(rules) = rbac_rules(&of_action, action, envoy_action, true, &mut quiet) {
-            filters.tcp.push(Filter {
-                name: NETWORK_RBAC_FILTER.into(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(
-                    "envoy.extensions.filters.network.rbac.v3.RBAC",
-                    &NetworkRbacConfig {
-                        rules: Some(rules),
-                        stat_prefix: "tcp.".into(),
-                    },
-                ))),
-            });
+            filters.tcp.push(rbac_network_filter(&NetworkRbacConfig {
+                rules: Some(rules),
+                stat_prefix: TCP_STAT_PREFIX.into(),
+                ..Default::default()
+            }));
         }
     }
     filters
 }
 
+/// The prefix of the network filters' statistics, as Istio's.
+const TCP_STAT_PREFIX: &str = "tcp.";
+
+fn rbac_network_filter(config: &NetworkRbacConfig) -> Filter {
+    Filter {
+        name: NETWORK_RBAC_FILTER.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(
+            "envoy.extensions.filters.network.rbac.v3.RBAC",
+            config,
+        ))),
+    }
+}
+
 /// CUSTOM policies, as Istio builds them: an RBAC filter whose shadow
-/// rules mark the requests the policies' rules match, and the external
-/// authorization filter of the provider, enabled only for marked requests.
-/// A workload takes one provider; a provider the mesh config does not
-/// define denies what its rules match (fail closed).
+/// rules mark the requests (on TCP chains, the connections) the policies'
+/// rules match, and the external authorization filter of the provider,
+/// enabled only for what is marked. A workload takes one provider; a
+/// provider the mesh config does not define denies what its rules match
+/// (fail closed). An HTTP provider cannot check a TCP connection: TCP
+/// chains are left unchecked then, as Istio leaves them, and each one
+/// served says so. A rule's fields that TCP does not carry are dropped on
+/// TCP chains, so the rule matches more there (sends more to the
+/// authorizer), and a rule meshd cannot express matches everything: what
+/// is in doubt is checked.
 fn custom_filters(
     push: &PushContext,
     policies: &[&AuthorizationPolicy],
     out: &mut Generated,
-    filters: &mut Vec<HttpFilter>,
+    filters: &mut PolicyFilters,
 ) {
     let name_of = |ap: &AuthorizationPolicy| {
         ap.spec
@@ -221,17 +248,31 @@ fn custom_filters(
             });
         }
         if let Some(rules) = rbac_rules(&same, "DENY", 1, false, &mut out.diagnostics) {
-            filters.push(rbac_http_filter(&RbacFilterConfig { rules: Some(rules) }));
+            filters
+                .http
+                .push(rbac_http_filter(&RbacFilterConfig { rules: Some(rules) }));
+        }
+        let mut quiet = Vec::new(); // the HTTP pass reported the rules
+        if let Some(rules) = rbac_rules(&same, "DENY", 1, true, &mut quiet) {
+            filters.tcp.push(rbac_network_filter(&NetworkRbacConfig {
+                rules: Some(rules),
+                stat_prefix: TCP_STAT_PREFIX.into(),
+                ..Default::default()
+            }));
         }
         return;
     };
-    let Some(mut rules) = rbac_rules(&same, "ALLOW", 0, false, &mut out.diagnostics) else {
+    let marked = |tcp: bool, diagnostics: &mut Vec<Diagnostic>| {
+        let mut rules = rbac_rules(&same, "CUSTOM", 1, tcp, diagnostics)?;
+        for entry in rules.policies.iter_mut() {
+            entry.key = format!("{EXT_AUTHZ_POLICY}-{}", entry.key);
+        }
+        Some(rules)
+    };
+    let Some(rules) = marked(false, &mut out.diagnostics) else {
         return;
     };
-    for entry in rules.policies.iter_mut() {
-        entry.key = format!("{EXT_AUTHZ_POLICY}-{}", entry.key);
-    }
-    filters.push(rbac_http_filter(&ShadowRbacConfig {
+    filters.http.push(rbac_http_filter(&ShadowRbacConfig {
         shadow_rules: Some(rules),
         shadow_rules_stat_prefix: EXT_AUTHZ_PREFIX.into(),
     }));
@@ -244,7 +285,32 @@ fn custom_filters(
             out.clusters.push(cluster);
         }
     }
-    filters.extend(ext_authz_filter(provider, &cluster_name, host, port));
+    filters
+        .http
+        .extend(ext_authz_filter(provider, &cluster_name, host, port));
+    let Some(rules) = marked(true, &mut Vec::new()) else {
+        return;
+    };
+    match tcp_ext_authz_filter(provider, &cluster_name, host) {
+        Some(check) => {
+            filters.tcp.push(rbac_network_filter(&NetworkRbacConfig {
+                shadow_rules: Some(rules),
+                shadow_rules_stat_prefix: EXT_AUTHZ_PREFIX.into(),
+                stat_prefix: TCP_STAT_PREFIX.into(),
+                ..Default::default()
+            }));
+            filters.tcp.push(check);
+        }
+        None => filters.tcp_unchecked.extend(same.iter().map(|ap| Diagnostic {
+            resource: resource(ap),
+            field: "spec.provider.name".into(),
+            message: format!(
+                "{chosen:?} is an envoyExtAuthzHttp provider, which checks HTTP requests only: \
+                 TCP connections to this workload are not sent to it (as in Istio); \
+                 an envoyExtAuthzGrpc provider checks both"
+            ),
+        })),
+    }
 }
 
 /// Where Istio's shadow rules put the policy they matched, and the prefix
@@ -271,18 +337,13 @@ fn ext_authz_filter(
     host: &str,
     port: u16,
 ) -> Option<HttpFilter> {
-    use envoy_types::pb::envoy::config::core::v3::{grpc_service, ApiVersion, GrpcService};
+    use envoy_types::pb::envoy::config::core::v3::ApiVersion;
     use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
         ext_authz, AuthorizationRequest, AuthorizationResponse, ExtAuthz, HttpService,
     };
     use envoy_types::pb::envoy::r#type::matcher::v3::ListStringMatcher;
     use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-    let timeout = |t: Option<&String>| {
-        duration(
-            t.and_then(|t| parse_duration(t))
-                .unwrap_or(std::time::Duration::from_millis(600)),
-        )
-    };
+    let timeout = |t: Option<&String>| duration(provider_timeout(t));
     let status = |s: Option<&String>| {
         s.and_then(|s| s.parse::<i32>().ok())
             .map(|code| HttpStatus { code })
@@ -328,17 +389,7 @@ fn ext_authz_filter(
             status(h.status_on_error.as_ref()),
         ),
         (None, Some(g)) => (
-            ext_authz::Services::GrpcService(GrpcService {
-                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
-                    grpc_service::EnvoyGrpc {
-                        cluster_name: cluster.to_string(),
-                        authority: host.to_string(),
-                        ..Default::default()
-                    },
-                )),
-                timeout: Some(timeout(g.timeout.as_ref())),
-                ..Default::default()
-            }),
+            ext_authz::Services::GrpcService(grpc_service(g, cluster, host)),
             g.fail_open,
             status(g.status_on_error.as_ref()),
         ),
@@ -351,21 +402,7 @@ fn ext_authz_filter(
         services: Some(services),
         failure_mode_allow: fail_open,
         status_on_error,
-        filter_enabled_metadata: Some(MetadataMatcher {
-            filter: RBAC_FILTER.into(),
-            path: vec![metadata_matcher::PathSegment {
-                segment: Some(metadata_matcher::path_segment::Segment::Key(format!(
-                    "{EXT_AUTHZ_PREFIX}shadow_effective_policy_id"
-                ))),
-            }],
-            value: Some(ValueMatcher {
-                match_pattern: Some(value_matcher::MatchPattern::StringMatch(StringMatcher {
-                    match_pattern: Some(string_matcher::MatchPattern::Prefix(EXT_AUTHZ_POLICY.into())),
-                    ignore_case: false,
-                })),
-            }),
-            invert: false,
-        }),
+        filter_enabled_metadata: Some(marked_by(RBAC_FILTER)),
         ..Default::default()
     };
     Some(HttpFilter {
@@ -373,6 +410,82 @@ fn ext_authz_filter(
         config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(config))),
         ..Default::default()
     })
+}
+
+/// How long Envoy waits for the authorizer: the provider's `timeout`, else
+/// Istio's default of ten minutes.
+fn provider_timeout(timeout: Option<&String>) -> std::time::Duration {
+    timeout
+        .and_then(|t| parse_duration(t))
+        .unwrap_or(std::time::Duration::from_secs(600))
+}
+
+/// The gRPC service of an `envoyExtAuthzGrpc` provider, through `cluster`.
+fn grpc_service(
+    provider: &crate::config::mesh::ExtAuthzGrpc,
+    cluster: &str,
+    host: &str,
+) -> envoy_types::pb::envoy::config::core::v3::GrpcService {
+    use envoy_types::pb::envoy::config::core::v3::{grpc_service, GrpcService};
+    GrpcService {
+        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+            grpc_service::EnvoyGrpc {
+                cluster_name: cluster.to_string(),
+                authority: host.to_string(),
+                ..Default::default()
+            },
+        )),
+        timeout: Some(duration(provider_timeout(provider.timeout.as_ref()))),
+        ..Default::default()
+    }
+}
+
+/// The network external authorization filter of a gRPC provider, enabled
+/// for the connections the CUSTOM shadow rules marked; `None` for an HTTP
+/// provider, which cannot check a connection.
+fn tcp_ext_authz_filter(
+    provider: &crate::config::mesh::ExtensionProvider,
+    cluster: &str,
+    host: &str,
+) -> Option<Filter> {
+    use envoy_types::pb::envoy::config::core::v3::ApiVersion;
+    use envoy_types::pb::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz;
+    if provider.envoy_ext_authz_http.is_some() {
+        return None;
+    }
+    let grpc = provider.envoy_ext_authz_grpc.as_ref()?;
+    let config = ExtAuthz {
+        stat_prefix: TCP_STAT_PREFIX.into(),
+        grpc_service: Some(grpc_service(grpc, cluster, host)),
+        failure_mode_allow: grpc.fail_open,
+        transport_api_version: ApiVersion::V3 as i32,
+        filter_enabled_metadata: Some(marked_by(NETWORK_RBAC_FILTER)),
+        ..Default::default()
+    };
+    Some(Filter {
+        name: "envoy.filters.network.ext_authz".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
+    })
+}
+
+/// Matches what the CUSTOM shadow rules of the RBAC filter `filter`
+/// marked for the external authorizer.
+fn marked_by(filter: &str) -> MetadataMatcher {
+    MetadataMatcher {
+        filter: filter.into(),
+        path: vec![metadata_matcher::PathSegment {
+            segment: Some(metadata_matcher::path_segment::Segment::Key(format!(
+                "{EXT_AUTHZ_PREFIX}shadow_effective_policy_id"
+            ))),
+        }],
+        value: Some(ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::StringMatch(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Prefix(EXT_AUTHZ_POLICY.into())),
+                ignore_case: false,
+            })),
+        }),
+        invert: false,
+    }
 }
 
 /// Speaks HTTP/2 to the upstream (a gRPC service).
@@ -415,6 +528,8 @@ fn rbac_rules(
                     // Istio on TCP: an ALLOW rule with HTTP-only fields
                     // matches nothing; a DENY or AUDIT rule drops them and
                     // so matches more.
+                    // CUSTOM rules are judged as DENY rules (so the
+                    // authorizer sees more), as Istio does.
                     (_, true) if action == "ALLOW" => continue,
                     (stripped, _) => std::borrow::Cow::Owned(stripped),
                 }
@@ -426,13 +541,16 @@ fn rbac_rules(
                 Err(why) => {
                     // Istio fails closed: a DENY rule it cannot express
                     // denies everything; an ALLOW rule allows nothing.
-                    let (message, fallback) = if action == "DENY" {
-                        (
+                    let (message, fallback) = match action {
+                        "DENY" => (
                             format!("{why}; the rule denies every request"),
                             Some(any_policy()),
-                        )
-                    } else {
-                        (format!("{why}; the rule matches no request"), None)
+                        ),
+                        "CUSTOM" => (
+                            format!("{why}; every request is sent to the external authorizer"),
+                            Some(any_policy()),
+                        ),
+                        _ => (format!("{why}; the rule matches no request"), None),
                     };
                     diagnostics.push(Diagnostic {
                         resource,
@@ -521,8 +639,12 @@ struct ShadowRbacConfig {
 struct NetworkRbacConfig {
     #[prost(message, optional, tag = "1")]
     rules: Option<RbacRules>,
+    #[prost(message, optional, tag = "2")]
+    shadow_rules: Option<RbacRules>,
     #[prost(string, tag = "3")]
     stat_prefix: String,
+    #[prost(string, tag = "5")]
+    shadow_rules_stat_prefix: String,
 }
 
 /// `envoy.config.rbac.v3.RBAC`.
@@ -1296,5 +1418,110 @@ mod tests {
         let decoded: envoy_types::pb::envoy::config::rbac::v3::Rbac =
             prost::Message::decode(encode().as_slice()).expect("decodes as Envoy's RBAC");
         assert_eq!(decoded.policies.len(), 5);
+    }
+}
+
+#[cfg(test)]
+mod custom_tests {
+    use std::sync::Arc;
+
+    use envoy_types::pb::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz as NetworkExtAuthz;
+    use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+    use prost::Message;
+
+    use super::*;
+    use crate::config::mesh::MeshConfig;
+    use crate::config::{parse_file, ConfigSnapshot};
+
+    const MESH_CONFIG: &str = "extensionProviders:\n\
+        - name: grpc-authz\n  envoyExtAuthzGrpc: {service: 127.0.0.1, port: 9000, failOpen: true}\n\
+        - name: http-authz\n  envoyExtAuthzHttp: {service: 127.0.0.1, port: 9001}\n";
+
+    /// The policy filters of an `app: db` workload in `shop` under one
+    /// CUSTOM policy naming `provider`, with a rule only HTTP can judge.
+    fn custom(provider: &str) -> (PolicyFilters, Generated) {
+        let policy = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: ext, namespace: shop}}\n\
+             spec:\n  selector: {{matchLabels: {{app: db}}}}\n  action: CUSTOM\n\
+             \x20 provider: {{name: {provider}}}\n\
+             \x20 rules:\n  - to: [{{operation: {{paths: [\"/admin/*\"]}}}}]\n"
+        );
+        let snapshot = ConfigSnapshot::from_files(vec![parse_file("p.yaml", &policy)]);
+        let mesh = MeshConfig::parse(MESH_CONFIG).expect("mesh config");
+        let push = PushContext::new(Arc::new(snapshot)).with_mesh(Arc::new(mesh));
+        let labels = BTreeMap::from([("app".to_string(), "db".to_string())]);
+        let mut out = Generated::default();
+        let filters = filters(&push, "shop", &labels, &mut out);
+        (filters, out)
+    }
+
+    fn config(f: &Filter) -> &[u8] {
+        match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) => &any.value,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_grpc_provider_checks_the_tcp_connections_the_rules_mark() {
+        let (filters, out) = custom("grpc-authz");
+        let names: Vec<&str> = filters.http.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, [RBAC_FILTER, "envoy.filters.http.ext_authz"]);
+        let names: Vec<&str> = filters.tcp.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, [NETWORK_RBAC_FILTER, "envoy.filters.network.ext_authz"]);
+        assert!(filters.tcp_unchecked.is_empty());
+
+        let rbac = NetworkRbac::decode(config(&filters.tcp[0])).expect("rbac");
+        assert!(rbac.rules.is_none(), "marks, never enforces: {rbac:?}");
+        assert_eq!(rbac.shadow_rules_stat_prefix, EXT_AUTHZ_PREFIX);
+        let shadow = rbac.shadow_rules.expect("shadow rules");
+        let (key, policy) = shadow.policies.iter().next().expect("one policy");
+        assert_eq!(key, "istio-ext-authz-ns[shop]-policy[ext]-rule[0]");
+        // A path is not on a TCP connection: the rule matches every one
+        // there, and the authorizer decides.
+        assert_eq!(
+            policy.permissions[0].rule,
+            Some(permission::Rule::Any(true)),
+            "{policy:?}"
+        );
+
+        let check = NetworkExtAuthz::decode(config(&filters.tcp[1])).expect("ext_authz");
+        assert!(check.failure_mode_allow, "failOpen");
+        let enabled = check.filter_enabled_metadata.expect("enabled by the marks");
+        assert_eq!(enabled.filter, NETWORK_RBAC_FILTER);
+        let cluster = match check.grpc_service.and_then(|g| g.target_specifier) {
+            Some(envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier::EnvoyGrpc(g)) => {
+                g.cluster_name
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cluster, "extauthz|127.0.0.1|9000");
+        assert!(out.clusters.iter().any(|c| c.name == cluster));
+    }
+
+    #[test]
+    fn an_http_provider_leaves_tcp_unchecked_and_says_so() {
+        let (filters, _) = custom("http-authz");
+        assert_eq!(filters.http.len(), 2);
+        assert!(filters.tcp.is_empty(), "{:?}", filters.tcp);
+        let [note] = filters.tcp_unchecked.as_slice() else {
+            panic!("{:?}", filters.tcp_unchecked);
+        };
+        assert_eq!(note.resource, "AuthorizationPolicy shop/ext");
+        assert!(note.message.contains("envoyExtAuthzHttp"), "{}", note.message);
+    }
+
+    #[test]
+    fn an_unknown_provider_refuses_the_connections_the_rules_match() {
+        let (filters, out) = custom("nowhere");
+        let names: Vec<&str> = filters.tcp.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, [NETWORK_RBAC_FILTER]);
+        let rbac = NetworkRbac::decode(config(&filters.tcp[0])).expect("rbac");
+        assert_eq!(rbac.rules.map(|r| r.action), Some(1), "DENY");
+        assert!(out
+            .diagnostics
+            .iter()
+            .any(|d| d.message.contains("no extensionProviders entry \"nowhere\"")));
     }
 }

@@ -257,6 +257,9 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
             if mode == MtlsMode::Strict && !identity {
                 strict_without_identity(number, out);
             }
+            if !http {
+                out.diagnostics.extend(policy.tcp_unchecked.iter().cloned());
+            }
             let port_chains = chains_for(Some(number), mode, identity, http, &cluster, &policy);
             if none {
                 let bind = listener.bind.as_deref().unwrap_or(&proxy.ip);
@@ -303,6 +306,9 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
         out.clusters.push(cluster::inbound(port));
         if mode == MtlsMode::Strict && !identity {
             strict_without_identity(port, out);
+        }
+        if !http {
+            out.diagnostics.extend(policy.tcp_unchecked.iter().cloned());
         }
     }
     // Ports no Service names still reach the app, under the workload's mode.
