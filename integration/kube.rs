@@ -1043,4 +1043,34 @@ fn statuses_are_written_back_to_the_cluster() {
         condition(&status(GW, "gateways", "default", "web"), "Accepted"),
         accepted_at
     );
+
+    // A route in another namespace refers to hello in default: refused
+    // until a ReferenceGrant in default lets routes of that namespace.
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: cross, namespace: shop}\n\
+         spec: {parentRefs: [{name: web, namespace: default}], \
+         rules: [{backendRefs: [{name: hello, namespace: default, port: 80}]}]}\n",
+    );
+    let refs = |want: &str| {
+        let route = status(GW, "httproutes", "shop", "cross");
+        let parent = &route["parents"][0];
+        let reason = parent["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs"))
+            .map(|c| c["reason"].as_str().unwrap_or_default().to_string());
+        match reason.as_deref() == Some(want) {
+            true => Ok(()),
+            false => Err(route.to_string()),
+        }
+    };
+    eventually("the cross-namespace backend refused", WAIT, || {
+        refs("RefNotPermitted")
+    });
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+         metadata: {name: shop-routes, namespace: default}\n\
+         spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}], \
+         to: [{group: '', kind: Service}]}\n",
+    );
+    eventually("the backend granted", WAIT, || refs("ResolvedRefs"));
 }

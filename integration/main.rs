@@ -5,6 +5,7 @@ mod authz;
 mod ca;
 mod chaos;
 mod common;
+mod gateway_api;
 mod goldens;
 mod identity;
 mod inject;

@@ -54,6 +54,7 @@ pub enum Kind {
     GatewayClass,
     K8sGateway,
     HttpRoute,
+    ReferenceGrant,
 }
 
 impl Kind {
@@ -81,6 +82,7 @@ impl Kind {
             ("gateway.networking.k8s.io", "GatewayClass") => Some(Kind::GatewayClass),
             ("gateway.networking.k8s.io", "Gateway") => Some(Kind::K8sGateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => Some(Kind::HttpRoute),
+            ("gateway.networking.k8s.io", "ReferenceGrant") => Some(Kind::ReferenceGrant),
             _ => None,
         }
     }
@@ -180,6 +182,8 @@ pub type GatewayClass = IstioObject<gateway_api::GatewayClassSpec>;
 pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
 /// A Gateway API HTTPRoute.
 pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
+/// A Gateway API ReferenceGrant.
+pub type ReferenceGrant = IstioObject<gateway_api::ReferenceGrantSpec>;
 /// A Sidecar resource.
 pub type Sidecar = IstioObject<istio::SidecarSpec>;
 /// A PeerAuthentication resource.
@@ -216,6 +220,7 @@ pub enum Resource {
     GatewayClass(GatewayClass),
     K8sGateway(K8sGateway),
     HttpRoute(HttpRoute),
+    ReferenceGrant(ReferenceGrant),
 }
 
 impl Resource {
@@ -242,6 +247,7 @@ impl Resource {
             Resource::GatewayClass(r) => &r.metadata,
             Resource::K8sGateway(r) => &r.metadata,
             Resource::HttpRoute(r) => &r.metadata,
+            Resource::ReferenceGrant(r) => &r.metadata,
         }
     }
 
@@ -268,6 +274,7 @@ impl Resource {
             Resource::GatewayClass(_) => Kind::GatewayClass,
             Resource::K8sGateway(_) => Kind::K8sGateway,
             Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 

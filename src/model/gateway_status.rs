@@ -7,9 +7,11 @@
 
 use serde_json::{json, Value};
 
-use super::gateway_api::{attached_listeners, gateways, parent_gateway, served_classes, CONTROLLER_NAME};
+use super::gateway_api::{
+    attached_listeners, backend_problem, exists, gateways, parent_gateway, served_classes, CONTROLLER_NAME,
+};
 use crate::config::gateway_api::{Listener, ParentRef};
-use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource, ResourceKey};
+use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
 
 fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
     json!({
@@ -52,14 +54,6 @@ pub fn class_status(class: &GatewayClass) -> Option<Value> {
             "Handled by meshd",
             class.metadata.generation,
         )]})
-    })
-}
-
-fn exists(config: &ConfigSnapshot, kind: Kind, namespace: &str, name: &str) -> bool {
-    config.resources.contains_key(&ResourceKey {
-        kind,
-        namespace: namespace.into(),
-        name: name.into(),
     })
 }
 
@@ -155,7 +149,8 @@ fn listener_problem(
                 "ResolvedRefs",
                 "RefNotPermitted",
                 format!(
-                    "Secret {ns}/{} is in another namespace (ReferenceGrant is not supported)",
+                    "Secret {ns}/{} is in another namespace: meshd serves certificates from the Gateway's own \
+                     namespace only (ReferenceGrants admit backendRefs, not certificateRefs, so far)",
                     cert.name
                 ),
             ));
@@ -265,39 +260,17 @@ pub fn gateway_status(config: &ConfigSnapshot, gw: &K8sGateway, programmed: bool
 pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
     let gws = gateways(config);
     let generation = hr.metadata.generation;
-    let missing_backend = hr.spec.rules.iter().flat_map(|r| &r.backend_refs).find_map(|b| {
-        let ns = b.namespace.as_deref().unwrap_or(hr.namespace());
-        if b.kind.as_deref().unwrap_or("Service") != "Service" {
-            Some((
-                "InvalidKind",
-                format!(
-                    "backendRef {} is a {}, not a Service",
-                    b.name,
-                    b.kind.as_deref().unwrap_or_default()
-                ),
-            ))
-        } else if ns != hr.namespace() {
-            Some((
-                "RefNotPermitted",
-                format!(
-                    "Service {ns}/{} is in another namespace (ReferenceGrant is not supported)",
-                    b.name
-                ),
-            ))
-        } else if !exists(config, Kind::Service, ns, &b.name) {
-            Some((
-                "BackendNotFound",
-                format!("Service {ns}/{} does not exist", b.name),
-            ))
-        } else {
-            None
-        }
-    });
+    let missing_backend = hr
+        .spec
+        .rules
+        .iter()
+        .flat_map(|r| &r.backend_refs)
+        .find_map(|b| backend_problem(config, hr.namespace(), b));
     let refs = condition(
         "ResolvedRefs",
         missing_backend.is_none(),
-        missing_backend.as_ref().map_or("ResolvedRefs", |m| m.0),
-        missing_backend.as_ref().map_or("", |m| m.1.as_str()),
+        missing_backend.as_ref().map_or("ResolvedRefs", |m| m.reason()),
+        missing_backend.as_ref().map_or("", |m| m.message()),
         generation,
     );
     let parents: Vec<Value> = hr

@@ -137,6 +137,13 @@ const WATCHED: &[Watched] = &[
     ),
     watched(GATEWAY_API, "v1", "Gateway", "gateways", Kind::K8sGateway),
     watched(GATEWAY_API, "v1", "HTTPRoute", "httproutes", Kind::HttpRoute),
+    watched(
+        GATEWAY_API,
+        "v1beta1",
+        "ReferenceGrant",
+        "referencegrants",
+        Kind::ReferenceGrant,
+    ),
 ];
 
 const ENDPOINT_SLICES: Watched = watched(
