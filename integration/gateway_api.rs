@@ -1,11 +1,14 @@
 //! Gateway API references across namespaces, through a stock Envoy: an
 //! HTTPRoute's backendRef into another namespace is an invalid backend
-//! (its share of the requests answered 500) until a ReferenceGrant there
+//! (its share of the requests answered 500), and a listener's certificate
+//! in another namespace is not served, until a ReferenceGrant there
 //! allows it.
 
 use std::time::Duration;
 
-use crate::common::{curl, eventually, free_port, write, Backend, Envoy, Meshd, Pod};
+use base64::Engine;
+
+use crate::common::{curl, eventually, free_port, openssl, write, Backend, Envoy, Meshd, Pod};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -29,6 +32,44 @@ subsets:
     )
 }
 
+/// The Gateway API Gateway `web` of `default` with one `listener` on
+/// `listener_port`, and the Service of its proxies, which listen on
+/// `port`: YAML documents ending in `---`.
+fn web_yaml(port: u16, listener_port: u16, listener: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web-istio}}
+spec:
+  selector: {{gateway.networking.k8s.io/gateway-name: web}}
+  ports: [{{name: web, port: {listener_port}, targetPort: {port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web}}
+spec:
+  gatewayClassName: istio
+  listeners: [{listener}]
+---
+"#
+    )
+}
+
+/// A stock Envoy serving the Gateway API Gateway `web` of `default`.
+fn web_gateway(meshd: &Meshd, work: &std::path::Path) -> Envoy {
+    Envoy::start(
+        meshd,
+        work,
+        &Pod {
+            role: "gateway",
+            name: "web-istio-1",
+            namespace: "default",
+            labels: "gateway.networking.k8s.io/gateway-name=web",
+            delta: false,
+        },
+    )
+}
+
 #[test]
 fn backends_in_another_namespace_need_a_reference_grant() {
     let work = tempfile::tempdir().expect("tmp");
@@ -39,22 +80,7 @@ fn backends_in_another_namespace_need_a_reference_grant() {
     write(
         &config.join("routes.yaml"),
         &format!(
-            r#"{local}{shared}apiVersion: v1
-kind: Service
-metadata: {{name: web-istio}}
-spec:
-  selector: {{gateway.networking.k8s.io/gateway-name: web}}
-  ports: [{{name: http, port: 80, targetPort: {port}}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: web}}
-spec:
-  gatewayClassName: istio
-  listeners:
-  - {{name: http, port: 80, protocol: HTTP}}
----
-apiVersion: gateway.networking.k8s.io/v1
+            r#"{local}{shared}{web}apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: web}}
 spec:
@@ -69,20 +95,11 @@ spec:
 "#,
             local = service("default", "local", local.port),
             shared = service("backends", "shared", shared.port),
+            web = web_yaml(port, 80, "{name: http, port: 80, protocol: HTTP}"),
         ),
     );
     let meshd = Meshd::start(&config, work.path());
-    let envoy = Envoy::start(
-        &meshd,
-        work.path(),
-        &Pod {
-            role: "gateway",
-            name: "web-istio-1",
-            namespace: "default",
-            labels: "gateway.networking.k8s.io/gateway-name=web",
-            delta: false,
-        },
-    );
+    let envoy = web_gateway(&meshd, work.path());
     let get = |path: &str| {
         curl(&[&format!("http://127.0.0.1:{port}{path}")]).map(|(code, body)| {
             let version = body
@@ -142,4 +159,117 @@ spec:
         local_hits > 0 && shared_hits > 0,
         "both backends share: {local_hits} local, {shared_hits} shared"
     );
+}
+
+#[test]
+fn a_certificate_in_another_namespace_needs_a_reference_grant() {
+    let work = tempfile::tempdir().expect("tmp");
+    let backend = Backend::start("secure");
+    let port = free_port();
+    // The site's certificate, self-signed, in the namespace `certs`.
+    openssl(
+        work.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "site.key",
+            "-out",
+            "site.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=secure.example.com",
+            "-addext",
+            "subjectAltName=DNS:secure.example.com",
+        ],
+    );
+    let b64 = |file: &str| {
+        let pem = std::fs::read(work.path().join(file)).expect("pem");
+        base64::engine::general_purpose::STANDARD.encode(pem)
+    };
+    let config = work.path().join("config");
+    write(
+        &config.join("site.yaml"),
+        &format!(
+            r#"{hello}apiVersion: v1
+kind: Secret
+metadata: {{name: site, namespace: certs}}
+type: kubernetes.io/tls
+data: {{tls.crt: {crt}, tls.key: {key}}}
+---
+{web}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: secure}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules:
+  - backendRefs: [{{name: secure, port: 80}}]
+"#,
+            hello = service("default", "secure", backend.port),
+            web = web_yaml(
+                port,
+                443,
+                "{name: https, port: 443, protocol: HTTPS, hostname: secure.example.com, \
+                 tls: {certificateRefs: [{name: site, namespace: certs}]}}",
+            ),
+            crt = b64("site.crt"),
+            key = b64("site.key"),
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    let listener_refs = || {
+        let configz = meshd.json("/debug/configz");
+        let gateway = configz["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["kind"] == "K8sGateway").cloned())
+            .unwrap_or_default();
+        gateway["status"]["listeners"][0]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "ResolvedRefs").cloned())
+            .unwrap_or_default()
+    };
+    eventually("the listener refused its certificate", WAIT, || {
+        let refs = listener_refs();
+        match refs["reason"] == "RefNotPermitted" {
+            true => Ok(()),
+            false => Err(refs.to_string()),
+        }
+    });
+    let resolve = format!("secure.example.com:{port}:127.0.0.1");
+    let url = format!("https://secure.example.com:{port}/");
+    let get = || {
+        curl(&[
+            "--cacert",
+            &work.path().join("site.crt").display().to_string(),
+            "--resolve",
+            &resolve,
+            &url,
+        ])
+    };
+    assert!(get().is_err(), "the listener is not served without the grant");
+
+    write(
+        &config.join("grant.yaml"),
+        r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: web-certificates, namespace: certs}
+spec:
+  from:
+  - {group: gateway.networking.k8s.io, kind: Gateway, namespace: default}
+  to:
+  - {group: "", kind: Secret}
+"#,
+    );
+    eventually("HTTPS with the granted certificate", WAIT, || match get() {
+        Ok((200, body)) if body.contains("Version: secure") => Ok(()),
+        other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+    });
+    assert_eq!(listener_refs()["status"], "True");
 }

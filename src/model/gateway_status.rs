@@ -8,7 +8,8 @@
 use serde_json::{json, Value};
 
 use super::gateway_api::{
-    attached_listeners, backend_problem, exists, gateways, parent_gateway, served_classes, CONTROLLER_NAME,
+    attached_listeners, backend_problem, exists, gateways, parent_gateway, served_classes,
+    ungranted_certificate, CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -144,14 +145,15 @@ fn listener_problem(
             ));
         };
         let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
-        if ns != gw.namespace() {
+        if ungranted_certificate(config, gw, l).is_some() {
             return Some((
                 "ResolvedRefs",
                 "RefNotPermitted",
                 format!(
-                    "Secret {ns}/{} is in another namespace: meshd serves certificates from the Gateway's own \
-                     namespace only (ReferenceGrants admit backendRefs, not certificateRefs, so far)",
-                    cert.name
+                    "Secret {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets Gateways of {} \
+                     refer to it",
+                    cert.name,
+                    gw.namespace()
                 ),
             ));
         }

@@ -102,14 +102,47 @@ fn file(path: &str) -> Option<DataSource> {
 
 /// The SDS Secret `kubernetes://NAME` holding a credential's certificate
 /// chain and key, inline.
-fn server_secret(name: &str, c: &crate::model::ServerCredential) -> Secret {
+fn server_secret(name: String, c: &crate::model::ServerCredential) -> Secret {
     Secret {
-        name: format!("kubernetes://{name}"),
+        name,
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
             certificate_chain: inline(&c.cert_chain),
             private_key: inline(&c.key),
             ..Default::default()
         })),
+    }
+}
+
+/// Where a server's `credentialName` is read from, and the name its SDS
+/// secret goes by: a Secret of the gateway proxy's namespace, as Istio
+/// reads it, or for a Gateway API listener whose certificate another
+/// namespace grants it (`kubernetes-gateway://NS/NAME`), that Secret.
+/// `None` (with a diagnostic) when the grant is not there.
+fn credential_source<'a>(
+    push: &PushContext,
+    bound: &BoundServer<'_>,
+    proxy_namespace: &'a str,
+    credential: &'a str,
+    ctx: &mut ServerContext<'_>,
+) -> Option<(&'a str, &'a str, String)> {
+    use crate::model::gateway_api::{may_read_secret, CROSS_NAMESPACE_CREDENTIAL};
+    let Some(reference) = credential.strip_prefix(CROSS_NAMESPACE_CREDENTIAL) else {
+        return Some((proxy_namespace, credential, format!("kubernetes://{credential}")));
+    };
+    match reference.split_once('/') {
+        Some((ns, name)) if may_read_secret(&push.config, bound.gateway, ns, name) => {
+            Some((ns, name, credential.to_string()))
+        }
+        _ => {
+            ctx.diag(
+                ".credentialName",
+                format!(
+                    "{credential}: only a Gateway API listener may name a Secret of another namespace, and only \
+                     one that a ReferenceGrant there allows; the server is left out"
+                ),
+            );
+            None
+        }
     }
 }
 
@@ -136,18 +169,20 @@ pub fn downstream_transport(
         .clone()
         .or_else(|| tls.credential_names.first().cloned());
     let cert_secret = match (&credential, &tls.server_certificate, &tls.private_key) {
-        (Some(name), _, _) => match push.credentials.server(&proxy.namespace, name) {
-            Ok(c) => {
-                let secret = server_secret(name, &c);
-                let name = secret.name.clone();
-                secrets.push(secret);
-                name
+        (Some(name), _, _) => {
+            let (namespace, secret, sds_name) =
+                credential_source(push, bound, &proxy.namespace, name, &mut ctx)?;
+            match push.credentials.server(namespace, secret) {
+                Ok(c) => {
+                    secrets.push(server_secret(sds_name.clone(), &c));
+                    sds_name
+                }
+                Err(e) => {
+                    ctx.diag(".credentialName", format!("{e}; the server is left out"));
+                    return None;
+                }
             }
-            Err(e) => {
-                ctx.diag(".credentialName", format!("{e}; the server is left out"));
-                return None;
-            }
-        },
+        }
         (None, Some(cert), Some(key)) => {
             // Files on the gateway's own disk: Envoy reads them.
             let name = format!("file-cert:{cert}~{key}");
@@ -293,9 +328,8 @@ pub(super) fn credential_secrets(
     let cert = if mutual {
         match push.credentials.server(namespace, name) {
             Ok(c) => {
-                let secret = server_secret(name, &c);
-                let sds_name = secret.name.clone();
-                secrets.push(secret);
+                let sds_name = format!("kubernetes://{name}");
+                secrets.push(server_secret(sds_name.clone(), &c));
                 Some(sds_name)
             }
             Err(e) => {
