@@ -94,6 +94,18 @@ impl ServicePort {
         HTTP.contains(&prefix)
     }
 
+    /// Whether the port carries HTTP/2 (gRPC included), by the same
+    /// selection: an `appProtocol` or name (prefix) of http2, grpc,
+    /// grpc-web or h2c. Envoy speaks HTTP/2 to such a port's endpoints.
+    pub fn is_http2(&self) -> bool {
+        const HTTP2: &[&str] = &["http2", "grpc", "grpc-web", "h2c"];
+        if let Some(app) = &self.app_protocol {
+            return HTTP2.contains(&app.to_ascii_lowercase().as_str());
+        }
+        let name = self.name.to_ascii_lowercase();
+        HTTP2.contains(&name.split('-').next().unwrap_or_default())
+    }
+
     /// Whether the port carries TLS the sidecar does not terminate
     /// (`https`/`tls` by appProtocol or name prefix): told apart by SNI.
     pub fn is_tls(&self) -> bool {

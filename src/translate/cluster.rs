@@ -269,6 +269,9 @@ impl ServiceClusters<'_> {
                 }
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
                 transport(push, view, svc, port, dr, policy.tls, &mut cluster, out);
+                if port.is_http2() {
+                    http2(&mut cluster);
+                }
                 let proxy_protocol = subset
                     .and_then(|s| s.traffic_policy.as_ref())
                     .and_then(|p| p.proxy_protocol.as_ref())
@@ -282,6 +285,46 @@ impl ServiceClusters<'_> {
             }
         }
     }
+}
+
+/// Speaks HTTP/2 to the upstream (a gRPC service, an `http2` port).
+pub(super) fn http2(cluster: &mut Cluster) {
+    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        explicit_http_config, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions::default(),
+            )),
+        })),
+        ..Default::default()
+    };
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(options),
+    );
+}
+
+/// Speaks to the upstream in the protocol the downstream request came in:
+/// an inbound HTTP port, which gRPC (HTTP/2) and HTTP/1.1 callers share.
+fn downstream_protocol(cluster: &mut Cluster) {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        UpstreamProtocolOptions, UseDownstreamHttpConfig,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            UseDownstreamHttpConfig::default(),
+        )),
+        ..Default::default()
+    };
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(options),
+    );
 }
 
 /// How a cluster talks to its endpoints: the rule's `tls`, else auto mTLS
@@ -666,17 +709,20 @@ pub fn passthrough() -> Vec<Cluster> {
 /// `inbound|PORT||`: the app, at the address the captured connection was
 /// going to (the workload's own), reached from 127.0.0.6; as Istio does,
 /// so that replicas of one workload share the cluster.
-pub fn inbound(port: u16) -> Cluster {
+pub fn inbound(port: u16, http: bool) -> Cluster {
     let mut cluster = original_dst(&format!("inbound|{port}||"));
     cluster.upstream_bind_config = bind_inbound_source();
+    if http {
+        downstream_protocol(&mut cluster);
+    }
     cluster
 }
 
 /// `inbound|PORT||` to `address`; from 127.0.0.6 when traffic is captured
 /// (so that the capture rules let the connection through).
-pub fn inbound_to(port: u16, address: Address, captured: bool) -> Cluster {
+pub fn inbound_to(port: u16, address: Address, captured: bool, http: bool) -> Cluster {
     let name = format!("inbound|{port}||");
-    Cluster {
+    let mut cluster = Cluster {
         name: name.clone(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Static as i32,
@@ -698,5 +744,9 @@ pub fn inbound_to(port: u16, address: Address, captured: bool) -> Cluster {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if http {
+        downstream_protocol(&mut cluster);
     }
+    cluster
 }

@@ -280,7 +280,7 @@ fn custom_filters(
     if !out.clusters.iter().any(|c| c.name == cluster_name) {
         if let Some(mut cluster) = uri_cluster(&format!("http://{host}:{port}"), "extauthz") {
             if grpc {
-                http2(&mut cluster);
+                super::cluster::http2(&mut cluster);
             }
             out.clusters.push(cluster);
         }
@@ -486,27 +486,6 @@ fn marked_by(filter: &str) -> MetadataMatcher {
         }),
         invert: false,
     }
-}
-
-/// Speaks HTTP/2 to the upstream (a gRPC service).
-fn http2(cluster: &mut Cluster) {
-    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
-    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-        explicit_http_config, ExplicitHttpConfig, UpstreamProtocolOptions,
-    };
-    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-    let options = HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-            protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                Http2ProtocolOptions::default(),
-            )),
-        })),
-        ..Default::default()
-    };
-    cluster.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        pack_any(options),
-    );
 }
 
 /// The RBAC rules of the policies of one action, for HTTP or for TCP

@@ -249,10 +249,10 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
                 socket(host, app_port.parse().unwrap_or(0))
             };
             let cluster = format!("inbound|{number}||");
-            out.clusters
-                .push(cluster::inbound_to(number, target, !none && !unix));
             let http =
                 ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].contains(&port.protocol.to_ascii_uppercase().as_str());
+            out.clusters
+                .push(cluster::inbound_to(number, target, !none && !unix, http));
             let mode = mtls.for_port(number);
             if mode == MtlsMode::Strict && !identity {
                 strict_without_identity(number, out);
@@ -303,7 +303,7 @@ fn inbound(push: &PushContext, proxy: &Proxy, scope: &SidecarScope, out: &mut Ge
         let mode = mtls.for_port(port);
         let cluster = format!("inbound|{port}||");
         chains.extend(chains_for(Some(port), mode, identity, http, &cluster, &policy));
-        out.clusters.push(cluster::inbound(port));
+        out.clusters.push(cluster::inbound(port, http));
         if mode == MtlsMode::Strict && !identity {
             strict_without_identity(port, out);
         }
