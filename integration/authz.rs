@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::common::{
-    curl, eventually, free_port, hello_mesh, openssl, serve_http, serve_on_thread, write, Backend, Envoy,
+    curl, eventually, free_port, hello_mesh, openssl, serve_http, write, Backend, Envoy, GrpcAuthorizer,
     Meshd, Pod,
 };
 
@@ -345,90 +345,6 @@ fn gateway_with_mesh_config(
     );
     let envoy = Envoy::start(&meshd, work, &Pod::ingress_gateway("istio-ingressgateway-1"));
     (meshd, envoy)
-}
-
-/// A gRPC authorizer (`envoy.service.auth.v3.Authorization`) on a loopback
-/// port: answers OK while `allow` is set, PERMISSION_DENIED otherwise, and
-/// keeps the destination port of each check.
-struct GrpcAuthorizer {
-    port: u16,
-    allow: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    checked_ports: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-struct Decide {
-    allow: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    checked_ports: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
-}
-
-#[tonic::async_trait]
-impl envoy_types::ext_authz::v3::pb::Authorization for Decide {
-    async fn check(
-        &self,
-        request: tonic::Request<envoy_types::ext_authz::v3::pb::CheckRequest>,
-    ) -> Result<tonic::Response<envoy_types::ext_authz::v3::pb::CheckResponse>, tonic::Status> {
-        use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
-        let port = request
-            .get_ref()
-            .attributes
-            .as_ref()
-            .and_then(|a| a.destination.as_ref())
-            .and_then(|d| d.address.as_ref())
-            .and_then(|a| match &a.address {
-                Some(address::Address::SocketAddress(s)) => match s.port_specifier {
-                    Some(socket_address::PortSpecifier::PortValue(p)) => Some(p),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .unwrap_or_default();
-        self.checked_ports.lock().expect("ports").push(port);
-        let allow = self.allow.load(std::sync::atomic::Ordering::SeqCst);
-        Ok(tonic::Response::new(
-            envoy_types::ext_authz::v3::pb::CheckResponse {
-                status: Some(envoy_types::pb::google::rpc::Status {
-                    code: if allow {
-                        0
-                    } else {
-                        tonic::Code::PermissionDenied as i32
-                    },
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        ))
-    }
-}
-
-impl GrpcAuthorizer {
-    fn start() -> GrpcAuthorizer {
-        let allow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checked_ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let decide = Decide {
-            allow: allow.clone(),
-            checked_ports: checked_ports.clone(),
-        };
-        let (port, stop) = serve_on_thread("127.0.0.1", move |listener, _, stopped| async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(decide))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        GrpcAuthorizer {
-            port,
-            allow,
-            checked_ports,
-            _stop: stop,
-        }
-    }
-
-    fn checks_of(&self, port: u16) -> usize {
-        let ports = self.checked_ports.lock().expect("ports");
-        ports.iter().filter(|&&p| p == u32::from(port)).count()
-    }
 }
 
 #[test]

@@ -273,3 +273,85 @@ spec:
     });
     assert_eq!(listener_refs()["status"], "True");
 }
+
+#[test]
+fn grpc_routes_send_each_method_to_its_backend() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+    use std::sync::atomic::Ordering;
+    let work = tempfile::tempdir().expect("tmp");
+    // Two gRPC services of the same API: one allows every check, the
+    // other denies it.
+    let allow = crate::common::GrpcAuthorizer::start();
+    allow.allow.store(true, Ordering::SeqCst);
+    let deny = crate::common::GrpcAuthorizer::start();
+    let port = free_port();
+    let grpc_service =
+        |name: &str, backend: u16| service("default", name, backend).replace("name: http", "name: grpc");
+    let config = work.path().join("config");
+    write(
+        &config.join("grpc.yaml"),
+        &format!(
+            r#"{allow}{deny}{web}apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: checks}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules:
+  - matches:
+    - method: {{service: envoy.service.auth.v3.Authorization, method: Check}}
+      headers: [{{name: x-decider, value: strict}}]
+    backendRefs: [{{name: deny, port: 80}}]
+  - matches:
+    - method: {{service: envoy.service.auth.v3.Authorization}}
+    backendRefs: [{{name: allow, port: 80}}]
+"#,
+            allow = grpc_service("allow", allow.port),
+            deny = grpc_service("deny", deny.port),
+            web = web_yaml(port, 80, "{name: http, port: 80, protocol: HTTP}"),
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The decision the backend a call reaches makes (0: OK, 7: denied).
+    let check = |decider: Option<&str>| -> Result<i32, String> {
+        runtime.block_on(async {
+            let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{port}"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut request = tonic::Request::new(CheckRequest::default());
+            if let Some(d) = decider {
+                request
+                    .metadata_mut()
+                    .insert("x-decider", d.parse().expect("header"));
+            }
+            let response = client.check(request).await.map_err(|e| e.to_string())?;
+            Ok(response.into_inner().status.map_or(-1, |s| s.code))
+        })
+    };
+    eventually("a gRPC call through the GRPCRoute", WAIT, || match check(None) {
+        Ok(0) => Ok(()),
+        other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+    });
+    assert_eq!(
+        check(Some("strict")),
+        Ok(7),
+        "the header match picks the other backend"
+    );
+    assert_eq!(check(Some("lenient")), Ok(0));
+    let configz = meshd.json("/debug/configz");
+    let route = configz["resources"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["kind"] == "GrpcRoute").cloned())
+        .expect("the GRPCRoute in configz");
+    let accepted = &route["status"]["parents"][0]["conditions"][0];
+    assert_eq!(
+        (&accepted["type"], &accepted["status"]),
+        (&"Accepted".into(), &"True".into()),
+        "{route}"
+    );
+}

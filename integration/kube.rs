@@ -645,7 +645,10 @@ const GATEWAY_API: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gatew
     apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
     spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
     apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: default}\n\
-    spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n";
+    spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc, namespace: default}\n\
+    spec: {parentRefs: [{name: web}], rules: [{matches: [{method: {service: pkg.Svc}}], \
+    backendRefs: [{name: hello, port: 80}]}]}\n";
 
 /// One object of each Istio kind meshd reads (`spec` written inline).
 const ISTIO_OBJECTS: &[(&str, &str)] = &[
@@ -988,17 +991,24 @@ fn statuses_are_written_back_to_the_cluster() {
         let class = status(GW, "gatewayclasses", "", "istio");
         let gateway = status(GW, "gateways", "default", "web");
         let route = status(GW, "httproutes", "default", "web");
-        let parent = &route["parents"][0];
+        let rpc = status(GW, "grpcroutes", "default", "rpc");
+        let attached = |route: &Value| {
+            let parent = &route["parents"][0];
+            parent["controllerName"] == "istio.io/gateway-controller"
+                && condition(parent, "Accepted").is_some_and(|(s, _)| s == "True")
+                && condition(parent, "ResolvedRefs").is_some_and(|(s, _)| s == "True")
+        };
         let ok = condition(&class, "Accepted").is_some_and(|(s, t)| s == "True" && !t.is_empty())
             && condition(&gateway, "Accepted").is_some_and(|(s, _)| s == "True")
             && condition(&gateway, "Programmed").is_some_and(|(s, _)| s == "False")
-            && gateway["listeners"][0]["attachedRoutes"] == 1
-            && parent["controllerName"] == "istio.io/gateway-controller"
-            && condition(parent, "Accepted").is_some_and(|(s, _)| s == "True")
-            && condition(parent, "ResolvedRefs").is_some_and(|(s, _)| s == "True");
+            && gateway["listeners"][0]["attachedRoutes"] == 2
+            && attached(&route)
+            && attached(&rpc);
         match ok {
             true => Ok(()),
-            false => Err(format!("class {class}\ngateway {gateway}\nroute {route}")),
+            false => Err(format!(
+                "class {class}\ngateway {gateway}\nroute {route}\nGRPCRoute {rpc}"
+            )),
         }
     });
     let messages = || {

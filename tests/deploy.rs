@@ -176,7 +176,7 @@ fn the_crds_serve_every_kind_meshd_reads_in_the_versions_istio_serves() {
             assert!(served.contains(&want), "{want} is not served");
         }
     }
-    for kind in ["GatewayClass", "Gateway", "HTTPRoute"] {
+    for kind in ["GatewayClass", "Gateway", "HTTPRoute", "GRPCRoute"] {
         let want = format!("gateway.networking.k8s.io/v1 {kind}");
         assert!(served.contains(&want), "{want} is not served");
     }

@@ -460,8 +460,15 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
         let mut add =
             |level, code, message: String| out.push(Finding::about(level, code, key, entry, message));
         match &*entry.resource {
-            Resource::HttpRoute(hr) => {
-                let status = route_status(config, hr);
+            Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
+                let route = match &*entry.resource {
+                    Resource::GrpcRoute(gr) => {
+                        std::borrow::Cow::Owned(crate::model::gateway_api::grpc_as_http(gr))
+                    }
+                    Resource::HttpRoute(hr) => std::borrow::Cow::Borrowed(hr),
+                    _ => continue,
+                };
+                let status = route_status(config, &route);
                 for parent in status["parents"].as_array().into_iter().flatten() {
                     let name = parent["parentRef"]["name"].as_str().unwrap_or_default();
                     if let Some(why) = failed(&parent["conditions"], "Accepted") {

@@ -54,6 +54,7 @@ pub enum Kind {
     GatewayClass,
     K8sGateway,
     HttpRoute,
+    GrpcRoute,
     ReferenceGrant,
 }
 
@@ -82,6 +83,7 @@ impl Kind {
             ("gateway.networking.k8s.io", "GatewayClass") => Some(Kind::GatewayClass),
             ("gateway.networking.k8s.io", "Gateway") => Some(Kind::K8sGateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => Some(Kind::HttpRoute),
+            ("gateway.networking.k8s.io", "GRPCRoute") => Some(Kind::GrpcRoute),
             ("gateway.networking.k8s.io", "ReferenceGrant") => Some(Kind::ReferenceGrant),
             _ => None,
         }
@@ -101,6 +103,7 @@ impl fmt::Display for Kind {
         match self {
             Kind::K8sGateway => f.write_str("Gateway.gateway.networking.k8s.io"),
             Kind::HttpRoute => f.write_str("HTTPRoute"),
+            Kind::GrpcRoute => f.write_str("GRPCRoute"),
             other => fmt::Debug::fmt(other, f),
         }
     }
@@ -182,6 +185,8 @@ pub type GatewayClass = IstioObject<gateway_api::GatewayClassSpec>;
 pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
 /// A Gateway API HTTPRoute.
 pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
+/// A Gateway API GRPCRoute.
+pub type GrpcRoute = IstioObject<gateway_api::GrpcRouteSpec>;
 /// A Gateway API ReferenceGrant.
 pub type ReferenceGrant = IstioObject<gateway_api::ReferenceGrantSpec>;
 /// A Sidecar resource.
@@ -220,6 +225,7 @@ pub enum Resource {
     GatewayClass(GatewayClass),
     K8sGateway(K8sGateway),
     HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
     ReferenceGrant(ReferenceGrant),
 }
 
@@ -247,6 +253,7 @@ impl Resource {
             Resource::GatewayClass(r) => &r.metadata,
             Resource::K8sGateway(r) => &r.metadata,
             Resource::HttpRoute(r) => &r.metadata,
+            Resource::GrpcRoute(r) => &r.metadata,
             Resource::ReferenceGrant(r) => &r.metadata,
         }
     }
@@ -274,6 +281,7 @@ impl Resource {
             Resource::GatewayClass(_) => Kind::GatewayClass,
             Resource::K8sGateway(_) => Kind::K8sGateway,
             Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::GrpcRoute(_) => Kind::GrpcRoute,
             Resource::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }

@@ -321,6 +321,7 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::GatewayClass => Resource::GatewayClass(typed(value)?),
         Kind::K8sGateway => Resource::K8sGateway(typed(value)?),
         Kind::HttpRoute => Resource::HttpRoute(typed(value)?),
+        Kind::GrpcRoute => Resource::GrpcRoute(typed(value)?),
         Kind::ReferenceGrant => Resource::ReferenceGrant(typed(value)?),
     })
 }

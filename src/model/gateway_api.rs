@@ -1,8 +1,11 @@
-//! Gateway API Gateways (class `istio`) and their HTTPRoutes, turned into
-//! Istio Gateways and VirtualServices as Istio turns them: the Gateway
-//! selects the proxies labelled `gateway.networking.k8s.io/gateway-name:
-//! NAME` in its namespace, one server per listener; each HTTPRoute becomes
-//! a VirtualService bound to its parent Gateways only.
+//! Gateway API Gateways (class `istio`) and their HTTPRoutes and
+//! GRPCRoutes, turned into Istio Gateways and VirtualServices as Istio
+//! turns them: the Gateway selects the proxies labelled
+//! `gateway.networking.k8s.io/gateway-name: NAME` in its namespace, one
+//! server per listener; each route becomes a VirtualService bound to its
+//! parent Gateways only. A GRPCRoute is read as the HTTPRoute it amounts
+//! to (`grpc_as_http`): a method match is a match on the request path
+//! `/SERVICE/METHOD`.
 //!
 //! A reference into another namespace holds only where a ReferenceGrant
 //! in that namespace allows it: a backendRef it does not allow is an
@@ -19,7 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::DOMAIN_SUFFIX;
 use crate::config::gateway_api::{
-    BackendRef, HeaderModifier, HttpRouteFilter, HttpRouteRule, ParentRef, PathModifier,
+    BackendRef, GrpcMethodMatch, HeaderModifier, HttpRouteFilter, HttpRouteMatch, HttpRouteRule,
+    HttpRouteSpec, ParentRef, PathMatch, PathModifier,
 };
 use crate::config::istio::{
     Destination, FaultAbort, GatewaySpec, HeaderOperations, Headers, HttpDirectResponse, HttpFaultInjection,
@@ -27,7 +31,7 @@ use crate::config::istio::{
     Port, PortSelector, Server, ServerTlsSettings, StringMatch, VirtualServiceSpec,
 };
 use crate::config::{
-    ConfigSnapshot, Gateway, HttpRoute, K8sGateway, Kind, Resource, ResourceKey, VirtualService,
+    ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, K8sGateway, Kind, Resource, ResourceKey, VirtualService,
 };
 
 /// The GatewayClass meshd serves without being told (Istio creates it).
@@ -115,9 +119,13 @@ impl BackendProblem {
     }
 }
 
-/// What is wrong with a backendRef of an HTTPRoute in `route_ns`, if
+/// What is wrong with a backendRef of a route (its kind and namespace), if
 /// anything.
-pub fn backend_problem(config: &ConfigSnapshot, route_ns: &str, b: &BackendRef) -> Option<BackendProblem> {
+pub fn backend_problem(
+    config: &ConfigSnapshot,
+    (route_kind, route_ns): (&str, &str),
+    b: &BackendRef,
+) -> Option<BackendProblem> {
     let ns = b.namespace.as_deref().unwrap_or(route_ns);
     let kind = b.kind.as_deref().unwrap_or("Service");
     if !core_group(b.group.as_deref()) || kind != "Service" {
@@ -127,9 +135,10 @@ pub fn backend_problem(config: &ConfigSnapshot, route_ns: &str, b: &BackendRef) 
             b.group.as_deref().unwrap_or_default()
         )));
     }
-    if ns != route_ns && !granted(config, ("HTTPRoute", route_ns), ("Service", ns, &b.name)) {
+    if ns != route_ns && !granted(config, (route_kind, route_ns), ("Service", ns, &b.name)) {
         return Some(BackendProblem::RefNotPermitted(format!(
-            "Service {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets HTTPRoutes of {route_ns} refer to it",
+            "Service {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets {route_kind}s of {route_ns} \
+             refer to it",
             b.name
         )));
     }
@@ -318,7 +327,84 @@ fn apply_filter(f: &HttpRouteFilter, route: &mut IstioHttpRoute) {
     }
 }
 
-fn rule(config: &ConfigSnapshot, route_ns: &str, r: &HttpRouteRule) -> IstioHttpRoute {
+/// The HTTPRoute a GRPCRoute amounts to (its `kind` stays `GRPCRoute`):
+/// each method match a match on the path gRPC puts the method in.
+pub fn grpc_as_http(route: &GrpcRoute) -> HttpRoute {
+    let rules = route
+        .spec
+        .rules
+        .iter()
+        .map(|r| HttpRouteRule {
+            name: r.name.clone(),
+            matches: r
+                .matches
+                .iter()
+                .map(|m| HttpRouteMatch {
+                    path: m.method.as_ref().and_then(method_path),
+                    headers: m.headers.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            filters: r.filters.clone(),
+            backend_refs: r.backend_refs.clone(),
+            timeouts: None,
+        })
+        .collect();
+    HttpRoute {
+        api_version: route.api_version.clone(),
+        kind: route.kind.clone(),
+        metadata: route.metadata.clone(),
+        spec: HttpRouteSpec {
+            parent_refs: route.spec.parent_refs.clone(),
+            hostnames: route.spec.hostnames.clone(),
+            rules,
+        },
+        status: None,
+    }
+}
+
+/// The paths a gRPC method match stands for: `/SERVICE/METHOD` exactly,
+/// `/SERVICE/` as a prefix, or a regular expression where a part is left
+/// out or is one.
+fn method_path(m: &GrpcMethodMatch) -> Option<PathMatch> {
+    let path = |kind: &str, value: String| {
+        Some(PathMatch {
+            kind: Some(kind.into()),
+            value: Some(value),
+        })
+    };
+    let any = || "[^/]+".to_string();
+    let (service, method) = (m.service.as_deref(), m.method.as_deref());
+    if m.kind.as_deref() == Some("RegularExpression") {
+        let part = |p: Option<&str>| p.map_or_else(any, str::to_string);
+        return path(
+            "RegularExpression",
+            format!("/{}/{}", part(service), part(method)),
+        );
+    }
+    match (service, method) {
+        (Some(s), Some(m)) => path("Exact", format!("/{s}/{m}")),
+        (Some(s), None) => path("PathPrefix", format!("/{s}/")),
+        (None, Some(m)) => path("RegularExpression", format!("/{}/{}", any(), regex::escape(m))),
+        (None, None) => None,
+    }
+}
+
+/// Every HTTPRoute and GRPCRoute, the latter as the HTTPRoute it amounts to.
+pub fn routes(config: &ConfigSnapshot) -> Vec<std::borrow::Cow<'_, HttpRoute>> {
+    let http = config.of_kind(Kind::HttpRoute).filter_map(|r| match r {
+        Resource::HttpRoute(h) => Some(std::borrow::Cow::Borrowed(h)),
+        _ => None,
+    });
+    let grpc = config.of_kind(Kind::GrpcRoute).filter_map(|r| match r {
+        Resource::GrpcRoute(g) => Some(std::borrow::Cow::Owned(grpc_as_http(g))),
+        _ => None,
+    });
+    http.chain(grpc).collect()
+}
+
+fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> IstioHttpRoute {
+    let route_ns = owner.1;
     let matches = r
         .matches
         .iter()
@@ -358,7 +444,7 @@ fn rule(config: &ConfigSnapshot, route_ns: &str, r: &HttpRouteRule) -> IstioHttp
     let mut route = Vec::new();
     for b in &r.backend_refs {
         let weight = b.weight.unwrap_or(1);
-        match backend_problem(config, route_ns, b) {
+        match backend_problem(config, owner, b) {
             Some(BackendProblem::InvalidKind(_) | BackendProblem::RefNotPermitted(_)) => {
                 invalid += u64::from(weight);
                 continue;
@@ -470,13 +556,9 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                 })
         })
         .collect();
-    let routes = config
-        .of_kind(Kind::HttpRoute)
-        .filter_map(|r| match r {
-            Resource::HttpRoute(h) => Some(h),
-            _ => None,
-        })
-        .filter_map(|hr: &HttpRoute| {
+    let routes = routes(config)
+        .iter()
+        .filter_map(|hr| {
             let mut parents: Vec<String> = Vec::new();
             for p in &hr.spec.parent_refs {
                 let Some(gw) = parent_gateway(&gws, hr.namespace(), p) else {
@@ -502,7 +584,11 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                 kind: "VirtualService".into(),
                 metadata: ObjectMeta {
                     creation_timestamp: hr.metadata.creation_timestamp.clone(),
-                    ..meta(format!("{}-httproute", hr.name()), hr.namespace(), None)
+                    ..meta(
+                        format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase()),
+                        hr.namespace(),
+                        None,
+                    )
                 },
                 spec: VirtualServiceSpec {
                     hosts,
@@ -511,7 +597,7 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                         .spec
                         .rules
                         .iter()
-                        .map(|r| rule(config, hr.namespace(), r))
+                        .map(|r| rule(config, (&hr.kind, hr.namespace()), r))
                         .collect(),
                     ..Default::default()
                 },
@@ -658,6 +744,52 @@ mod tests {
         let mut written = gateways[1].clone();
         written.metadata.annotations = None;
         assert!(!may_read_secret(&granted, &written, "certs", "b"));
+    }
+
+    #[test]
+    fn a_grpc_method_match_is_a_match_on_its_path() {
+        let path = |kind: Option<&str>, service: Option<&str>, method: Option<&str>| {
+            method_path(&GrpcMethodMatch {
+                kind: kind.map(str::to_string),
+                service: service.map(str::to_string),
+                method: method.map(str::to_string),
+            })
+            .map(|p| (p.kind.unwrap_or_default(), p.value.unwrap_or_default()))
+        };
+        let owned = |k: &str, v: &str| Some((k.to_string(), v.to_string()));
+        assert_eq!(
+            path(None, Some("pkg.Svc"), Some("Get")),
+            owned("Exact", "/pkg.Svc/Get")
+        );
+        assert_eq!(
+            path(None, Some("pkg.Svc"), None),
+            owned("PathPrefix", "/pkg.Svc/")
+        );
+        assert_eq!(
+            path(None, None, Some("Get")),
+            owned("RegularExpression", "/[^/]+/Get")
+        );
+        assert_eq!(
+            path(Some("RegularExpression"), Some("pkg\\..*"), None),
+            owned("RegularExpression", "/pkg\\..*/[^/]+")
+        );
+        assert_eq!(path(None, None, None), None);
+
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+            spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r, namespace: shop}\n\
+            spec:\n  parentRefs: [{name: web}]\n  rules:\n\
+            \x20 - matches: [{method: {service: pkg.Svc, method: Get}, headers: [{name: x-v, value: '2'}]}]\n\
+            \x20   backendRefs: [{name: svc, port: 80}]\n";
+        let (_, services) = convert(&config(route));
+        let vs = &services[0];
+        assert_eq!(vs.name(), "r-grpcroute");
+        let m = &vs.spec.http[0].matches[0];
+        assert_eq!(
+            m.uri.as_ref().and_then(|u| u.exact.as_deref()),
+            Some("/pkg.Svc/Get")
+        );
+        assert_eq!(m.headers["x-v"].exact.as_deref(), Some("2"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
 pub fn status_of(config: &ConfigSnapshot, resource: &Resource, connected: &[super::Proxy]) -> Option<Value> {
     match resource {
         Resource::HttpRoute(hr) => Some(route_status(config, hr)),
+        Resource::GrpcRoute(gr) => Some(route_status(config, &super::gateway_api::grpc_as_http(gr))),
         Resource::K8sGateway(gw) => {
             let programmed = connected.iter().any(|p| {
                 p.namespace == gw.namespace()
@@ -177,13 +178,7 @@ pub fn gateway_status(config: &ConfigSnapshot, gw: &K8sGateway, programmed: bool
         return None;
     }
     let generation = gw.metadata.generation;
-    let routes: Vec<&HttpRoute> = config
-        .of_kind(Kind::HttpRoute)
-        .filter_map(|r| match r {
-            crate::config::Resource::HttpRoute(h) => Some(h),
-            _ => None,
-        })
-        .collect();
+    let routes = super::gateway_api::routes(config);
     let mut invalid = Vec::new();
     let listeners: Vec<Value> = gw
         .spec
@@ -208,7 +203,10 @@ pub fn gateway_status(config: &ConfigSnapshot, gw: &K8sGateway, programmed: bool
             let conflict = failed("Conflicted");
             json!({
                 "name": l.name,
-                "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+                "supportedKinds": [
+                    {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                    {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"},
+                ],
                 "attachedRoutes": attached,
                 "conditions": [
                     condition("Accepted", accepted.is_none(), accepted.map_or("Accepted", |p| p.1),
@@ -267,7 +265,7 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         .rules
         .iter()
         .flat_map(|r| &r.backend_refs)
-        .find_map(|b| backend_problem(config, hr.namespace(), b));
+        .find_map(|b| backend_problem(config, (&hr.kind, hr.namespace()), b));
     let refs = condition(
         "ResolvedRefs",
         missing_backend.is_none(),

@@ -480,6 +480,7 @@ const ROUTING_KINDS: &[Kind] = &[
     Kind::GatewayClass,
     Kind::K8sGateway,
     Kind::HttpRoute,
+    Kind::GrpcRoute,
     Kind::ReferenceGrant,
 ];
 

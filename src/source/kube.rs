@@ -137,6 +137,7 @@ const WATCHED: &[Watched] = &[
     ),
     watched(GATEWAY_API, "v1", "Gateway", "gateways", Kind::K8sGateway),
     watched(GATEWAY_API, "v1", "HTTPRoute", "httproutes", Kind::HttpRoute),
+    watched(GATEWAY_API, "v1", "GRPCRoute", "grpcroutes", Kind::GrpcRoute),
     watched(
         GATEWAY_API,
         "v1beta1",

@@ -128,6 +128,7 @@ fn kind_label(kind: crate::config::Kind) -> &'static str {
         Kind::GatewayClass => "GatewayClass",
         Kind::K8sGateway => "KubernetesGateway",
         Kind::HttpRoute => "HTTPRoute",
+        Kind::GrpcRoute => "GRPCRoute",
         Kind::ReferenceGrant => "ReferenceGrant",
         Kind::Namespace => "Namespaces",
         Kind::Node => "Nodes",
