@@ -87,13 +87,13 @@ pub fn granted(
     })
 }
 
-/// Why an HTTPRoute's backendRef cannot be served as written.
+/// Why a route's backendRef cannot be served as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendProblem {
-    /// Not a Service: requests for it get 500.
+    /// Not a Service: requests for it get 500 (gRPC: UNAVAILABLE).
     InvalidKind(String),
     /// A Service in another namespace that no ReferenceGrant there lets
-    /// the route refer to: requests for it get 500.
+    /// the route refer to: requests for it get 500 (gRPC: UNAVAILABLE).
     RefNotPermitted(String),
     /// A Service that does not exist (yet): requests for it get 503 until
     /// it does.
@@ -405,6 +405,9 @@ pub fn routes(config: &ConfigSnapshot) -> Vec<std::borrow::Cow<'_, HttpRoute>> {
 
 fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> IstioHttpRoute {
     let route_ns = owner.1;
+    // What an invalid backend's share gets: 500 for HTTP; for gRPC, 503,
+    // which Envoy answers as the UNAVAILABLE status the GRPCRoute asks for.
+    let invalid_status = if owner.0 == "GRPCRoute" { 503 } else { 500 };
     let matches = r
         .matches
         .iter()
@@ -475,14 +478,14 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
     if invalid > 0 && valid == 0 {
         out.route.clear();
         out.direct_response = Some(HttpDirectResponse {
-            status: 500,
+            status: invalid_status,
             body: None,
         });
     } else if invalid > 0 {
         out.fault = Some(HttpFaultInjection {
             delay: None,
             abort: Some(FaultAbort {
-                http_status: Some(500),
+                http_status: Some(invalid_status as i32),
                 percentage: Some(Percent {
                     value: 100.0 * invalid as f64 / (valid + invalid) as f64,
                 }),
@@ -780,7 +783,8 @@ mod tests {
             apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r, namespace: shop}\n\
             spec:\n  parentRefs: [{name: web}]\n  rules:\n\
             \x20 - matches: [{method: {service: pkg.Svc, method: Get}, headers: [{name: x-v, value: '2'}]}]\n\
-            \x20   backendRefs: [{name: svc, port: 80}]\n";
+            \x20   backendRefs: [{name: svc, port: 80}]\n\
+            \x20 - backendRefs: [{name: svc, namespace: elsewhere, port: 80}]\n";
         let (_, services) = convert(&config(route));
         let vs = &services[0];
         assert_eq!(vs.name(), "r-grpcroute");
@@ -790,6 +794,12 @@ mod tests {
             Some("/pkg.Svc/Get")
         );
         assert_eq!(m.headers["x-v"].exact.as_deref(), Some("2"));
+        // An invalid backend's share is answered 503, which a gRPC client
+        // sees as UNAVAILABLE.
+        assert_eq!(
+            vs.spec.http[1].direct_response.as_ref().map(|d| d.status),
+            Some(503)
+        );
     }
 
     #[test]
