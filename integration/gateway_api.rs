@@ -303,6 +303,9 @@ spec:
       headers: [{{name: x-decider, value: strict}}]
     backendRefs: [{{name: deny, port: 80}}]
   - matches:
+    - headers: [{{name: x-decider, value: elsewhere}}]
+    backendRefs: [{{name: deny, namespace: other, port: 80}}]
+  - matches:
     - method: {{service: envoy.service.auth.v3.Authorization}}
     backendRefs: [{{name: allow, port: 80}}]
 "#,
@@ -329,7 +332,10 @@ spec:
                     .metadata_mut()
                     .insert("x-decider", d.parse().expect("header"));
             }
-            let response = client.check(request).await.map_err(|e| e.to_string())?;
+            let response = client
+                .check(request)
+                .await
+                .map_err(|e| format!("{:?}", e.code()))?;
             Ok(response.into_inner().status.map_or(-1, |s| s.code))
         })
     };
@@ -343,6 +349,11 @@ spec:
         "the header match picks the other backend"
     );
     assert_eq!(check(Some("lenient")), Ok(0));
+    assert_eq!(
+        check(Some("elsewhere")),
+        Err("Unavailable".to_string()),
+        "a backend in another namespace, not granted"
+    );
     let configz = meshd.json("/debug/configz");
     let route = configz["resources"]
         .as_array()
