@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-
-use crate::common::{curl, eventually, free_port, openssl, write, Backend, Envoy, Meshd, Pod};
+use crate::common::{
+    curl, eventually, free_port, s_server, self_signed, tls_secret, write, Backend, Envoy, Meshd, Pod,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -167,42 +167,12 @@ fn a_certificate_in_another_namespace_needs_a_reference_grant() {
     let backend = Backend::start("secure");
     let port = free_port();
     // The site's certificate, self-signed, in the namespace `certs`.
-    openssl(
-        work.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "site.key",
-            "-out",
-            "site.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=secure.example.com",
-            "-addext",
-            "subjectAltName=DNS:secure.example.com",
-        ],
-    );
-    let b64 = |file: &str| {
-        let pem = std::fs::read(work.path().join(file)).expect("pem");
-        base64::engine::general_purpose::STANDARD.encode(pem)
-    };
+    let secret = tls_secret(work.path(), "certs", "site", "secure.example.com");
     let config = work.path().join("config");
     write(
         &config.join("site.yaml"),
         &format!(
-            r#"{hello}apiVersion: v1
-kind: Secret
-metadata: {{name: site, namespace: certs}}
-type: kubernetes.io/tls
-data: {{tls.crt: {crt}, tls.key: {key}}}
----
+            r#"{hello}{secret}---
 {web}apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: secure}}
@@ -218,8 +188,6 @@ spec:
                 "{name: https, port: 443, protocol: HTTPS, hostname: secure.example.com, \
                  tls: {certificateRefs: [{name: site, namespace: certs}]}}",
             ),
-            crt = b64("site.crt"),
-            key = b64("site.key"),
         ),
     );
     let meshd = Meshd::start(&config, work.path());
@@ -365,4 +333,94 @@ spec:
         (&"Accepted".into(), &"True".into()),
         "{route}"
     );
+}
+
+#[test]
+fn tcp_and_tls_routes_forward_connections() {
+    let work = tempfile::tempdir().expect("tmp");
+    let hello = Backend::start("tcp");
+    // A TLS site that terminates its own TLS, behind a TLS listener in
+    // Passthrough mode.
+    self_signed(work.path(), "site", "secure.example.com");
+    let site_port = free_port();
+    let _site = s_server(work.path(), site_port, "site");
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let config = work.path().join("config");
+    write(
+        &config.join("l4.yaml"),
+        &format!(
+            r#"{hello}{site}apiVersion: v1
+kind: Service
+metadata: {{name: web-istio}}
+spec:
+  selector: {{gateway.networking.k8s.io/gateway-name: web}}
+  ports:
+  - {{name: tcp, port: 9000, targetPort: {tcp_port}}}
+  - {{name: tls, port: 443, targetPort: {tls_port}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web}}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {{name: tcp, port: 9000, protocol: TCP}}
+  - {{name: tls, port: 443, protocol: TLS, hostname: secure.example.com, tls: {{mode: Passthrough}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: plain}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules: [{{backendRefs: [{{name: hello, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {{name: secure}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [secure.example.com]
+  rules: [{{backendRefs: [{{name: site, port: 80}}]}}]
+"#,
+            hello = service("default", "hello", hello.port),
+            site = service("default", "site", site_port).replace("name: http", "name: tls"),
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    eventually("HTTP over the TCPRoute", WAIT, || {
+        match curl(&[&format!("http://127.0.0.1:{tcp_port}/")]) {
+            Ok((200, body)) if body.contains("Version: tcp") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    // Only the site's own certificate verifies: the gateway passed the
+    // TLS stream through by its SNI.
+    let resolve = format!("secure.example.com:{tls_port}:127.0.0.1");
+    let cacert = work.path().join("site.crt").display().to_string();
+    eventually("TLS through the TLSRoute", WAIT, || {
+        match curl(&[
+            "--cacert",
+            &cacert,
+            "--resolve",
+            &resolve,
+            &format!("https://secure.example.com:{tls_port}/"),
+        ]) {
+            Ok((200, body)) if body.contains("s_server") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    let configz = meshd.json("/debug/configz");
+    for kind in ["TcpRoute", "TlsRoute"] {
+        let route = configz["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["kind"] == kind).cloned())
+            .expect("the route in configz");
+        let accepted = &route["status"]["parents"][0]["conditions"][0];
+        assert_eq!(
+            (&accepted["type"], &accepted["status"]),
+            (&"Accepted".into(), &"True".into()),
+            "{route}"
+        );
+    }
 }

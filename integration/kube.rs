@@ -79,35 +79,7 @@ fn slice(ip: &str) -> String {
 
 /// A Secret with a certificate and key made by openssl.
 fn tls_secret(dir: &std::path::Path, namespace: &str, name: &str) -> String {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=hello.example.com",
-        ],
-    );
-    use base64::Engine;
-    let b64 =
-        |f: &str| base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.join(f)).expect("pem"));
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\n\
-         data: {{tls.crt: {}, tls.key: {}}}\n",
-        b64("cert.pem"),
-        b64("key.pem")
-    )
+    crate::common::tls_secret(dir, namespace, name, "hello.example.com")
 }
 
 fn gateway_client(meshd: &Meshd) -> AdsClient {
@@ -648,7 +620,11 @@ const GATEWAY_API: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gatew
     spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n---\n\
     apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc, namespace: default}\n\
     spec: {parentRefs: [{name: web}], rules: [{matches: [{method: {service: pkg.Svc}}], \
-    backendRefs: [{name: hello, port: 80}]}]}\n";
+    backendRefs: [{name: hello, port: 80}]}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: raw, namespace: default}\n\
+    spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: sni, namespace: default}\n\
+    spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: hello, port: 80}]}]}\n";
 
 /// One object of each Istio kind meshd reads (`spec` written inline).
 const ISTIO_OBJECTS: &[(&str, &str)] = &[

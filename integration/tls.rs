@@ -4,7 +4,7 @@
 //! then MUTUAL, PASSTHROUGH, httpsRedirect and a Secret rotation.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 
 use crate::common::{
-    curl, eventually, free_port, loopback_service, openssl, write, Backend, Envoy, Meshd, OpenConnection,
-    Pod, Proc,
+    curl, eventually, free_port, loopback_service, openssl, s_server, write, Backend, Envoy, Meshd,
+    OpenConnection, Pod, Proc,
 };
 
 const HOST: &str = "helloworld.fireflyclass.com";
@@ -357,7 +357,7 @@ impl Setup {
         seed_certificates(dir, "backend-");
         let backend = Backend::start("1.0.0");
         let secure_port = free_port();
-        let secure_backend = spawn_s_server(dir, secure_port);
+        let secure_backend = s_server(dir, secure_port, "backend-fireflyclass");
         let ports = Ports {
             http: free_port(),
             https: free_port(),
@@ -434,29 +434,6 @@ impl Setup {
             }
         });
     }
-}
-
-fn spawn_s_server(dir: &Path, port: u16) -> Proc {
-    let log = dir.join("s_server.log");
-    let child = Command::new("openssl")
-        .args([
-            "s_server",
-            "-accept",
-            &port.to_string(),
-            "-cert",
-            "backend-fireflyclass.crt",
-            "-key",
-            "backend-fireflyclass.key",
-            "-www",
-            "-quiet",
-        ])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_server");
-    Proc { child, log }
 }
 
 #[test]

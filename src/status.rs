@@ -185,6 +185,7 @@ fn current_status(resource: &Resource) -> Value {
         Resource::K8sGateway(r) => &r.status,
         Resource::HttpRoute(r) => &r.status,
         Resource::GrpcRoute(r) => &r.status,
+        Resource::TcpRoute(r) | Resource::TlsRoute(r) => &r.status,
         _ => &None,
     };
     status.clone().unwrap_or(Value::Null)
@@ -250,7 +251,7 @@ fn onto(kind: Kind, ours: &Value, current: &Value) -> Value {
     };
     match kind {
         // meshd's own parent entries, then every other controller's.
-        Kind::HttpRoute | Kind::GrpcRoute => {
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::TcpRoute | Kind::TlsRoute => {
             let entries = ours["parents"].as_array().into_iter().flatten();
             let mine = entries
                 .filter(|p| p["controllerName"] == CONTROLLER_NAME)

@@ -180,6 +180,11 @@ fn the_crds_serve_every_kind_meshd_reads_in_the_versions_istio_serves() {
         let want = format!("gateway.networking.k8s.io/v1 {kind}");
         assert!(served.contains(&want), "{want} is not served");
     }
-    let want = "gateway.networking.k8s.io/v1beta1 ReferenceGrant".to_string();
-    assert!(served.contains(&want), "{want} is not served");
+    for want in [
+        "gateway.networking.k8s.io/v1beta1 ReferenceGrant",
+        "gateway.networking.k8s.io/v1alpha2 TCPRoute",
+        "gateway.networking.k8s.io/v1alpha2 TLSRoute",
+    ] {
+        assert!(served.iter().any(|s| s == want), "{want} is not served");
+    }
 }

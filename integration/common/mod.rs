@@ -684,6 +684,78 @@ pub fn succeeded(out: Output, what: &str) -> String {
 }
 
 /// Runs `openssl ARGS` in `dir`, which must succeed; returns its stdout.
+/// `openssl s_server -www` on `port` with `NAME.crt` and `NAME.key` of
+/// `dir`: a TLS server that answers an HTTP GET with a page about the
+/// session (it contains "s_server").
+pub fn s_server(dir: &Path, port: u16, name: &str) -> Proc {
+    let log = dir.join(format!("s_server-{port}.log"));
+    let child = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+            &format!("{name}.crt"),
+            "-key",
+            &format!("{name}.key"),
+            "-www",
+            "-quiet",
+        ])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    Proc { child, log }
+}
+
+/// A self-signed certificate for `host` (EC P-256, a day): `NAME.crt` and
+/// `NAME.key` in `dir`.
+pub fn self_signed(dir: &Path, name: &str, host: &str) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    let (subject, san) = (format!("/CN={host}"), format!("subjectAltName=DNS:{host}"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-subj",
+            &subject,
+            "-addext",
+            &san,
+        ],
+    );
+}
+
+/// A `kubernetes.io/tls` Secret `namespace/name` with a certificate for
+/// `host` that `self_signed` makes as `name` in `dir`: YAML.
+pub fn tls_secret(dir: &Path, namespace: &str, name: &str, host: &str) -> String {
+    use base64::Engine;
+    self_signed(dir, name, host);
+    let b64 = |ext: &str| {
+        let pem = std::fs::read(dir.join(format!("{name}.{ext}"))).expect("pem");
+        base64::engine::general_purpose::STANDARD.encode(pem)
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\n\
+         data: {{tls.crt: {}, tls.key: {}}}\n",
+        b64("crt"),
+        b64("key")
+    )
+}
+
 pub fn openssl(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")
         .args(args)

@@ -460,13 +460,12 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
         let mut add =
             |level, code, message: String| out.push(Finding::about(level, code, key, entry, message));
         match &*entry.resource {
-            Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
-                let route = match &*entry.resource {
-                    Resource::GrpcRoute(gr) => {
-                        std::borrow::Cow::Owned(crate::model::gateway_api::grpc_as_http(gr))
-                    }
-                    Resource::HttpRoute(hr) => std::borrow::Cow::Borrowed(hr),
-                    _ => continue,
+            Resource::HttpRoute(_)
+            | Resource::GrpcRoute(_)
+            | Resource::TcpRoute(_)
+            | Resource::TlsRoute(_) => {
+                let Some(route) = crate::model::gateway_api::as_http(&entry.resource) else {
+                    continue;
                 };
                 let status = route_status(config, &route);
                 for parent in status["parents"].as_array().into_iter().flatten() {

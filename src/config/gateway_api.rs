@@ -328,6 +328,29 @@ pub struct GrpcMethodMatch {
     pub method: Option<String>,
 }
 
+/// `spec` of a TCPRoute or a TLSRoute: parents, backends, and for a
+/// TLSRoute the SNI hostnames it serves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<L4RouteRule>,
+}
+
+/// One TCPRoute or TLSRoute rule: its backends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4RouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
 /// `spec` of a ReferenceGrant, which lives in the namespace of what it
 /// lets be referred to: the kinds and namespaces references may come
 /// `from`, and what they may refer `to` there.

@@ -55,6 +55,8 @@ pub enum Kind {
     K8sGateway,
     HttpRoute,
     GrpcRoute,
+    TcpRoute,
+    TlsRoute,
     ReferenceGrant,
 }
 
@@ -84,6 +86,8 @@ impl Kind {
             ("gateway.networking.k8s.io", "Gateway") => Some(Kind::K8sGateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => Some(Kind::HttpRoute),
             ("gateway.networking.k8s.io", "GRPCRoute") => Some(Kind::GrpcRoute),
+            ("gateway.networking.k8s.io", "TCPRoute") => Some(Kind::TcpRoute),
+            ("gateway.networking.k8s.io", "TLSRoute") => Some(Kind::TlsRoute),
             ("gateway.networking.k8s.io", "ReferenceGrant") => Some(Kind::ReferenceGrant),
             _ => None,
         }
@@ -104,6 +108,8 @@ impl fmt::Display for Kind {
             Kind::K8sGateway => f.write_str("Gateway.gateway.networking.k8s.io"),
             Kind::HttpRoute => f.write_str("HTTPRoute"),
             Kind::GrpcRoute => f.write_str("GRPCRoute"),
+            Kind::TcpRoute => f.write_str("TCPRoute"),
+            Kind::TlsRoute => f.write_str("TLSRoute"),
             other => fmt::Debug::fmt(other, f),
         }
     }
@@ -187,6 +193,10 @@ pub type K8sGateway = IstioObject<gateway_api::K8sGatewaySpec>;
 pub type HttpRoute = IstioObject<gateway_api::HttpRouteSpec>;
 /// A Gateway API GRPCRoute.
 pub type GrpcRoute = IstioObject<gateway_api::GrpcRouteSpec>;
+/// A Gateway API TCPRoute.
+pub type TcpRoute = IstioObject<gateway_api::L4RouteSpec>;
+/// A Gateway API TLSRoute.
+pub type TlsRoute = IstioObject<gateway_api::L4RouteSpec>;
 /// A Gateway API ReferenceGrant.
 pub type ReferenceGrant = IstioObject<gateway_api::ReferenceGrantSpec>;
 /// A Sidecar resource.
@@ -226,6 +236,8 @@ pub enum Resource {
     K8sGateway(K8sGateway),
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
+    TcpRoute(TcpRoute),
+    TlsRoute(TlsRoute),
     ReferenceGrant(ReferenceGrant),
 }
 
@@ -254,6 +266,7 @@ impl Resource {
             Resource::K8sGateway(r) => &r.metadata,
             Resource::HttpRoute(r) => &r.metadata,
             Resource::GrpcRoute(r) => &r.metadata,
+            Resource::TcpRoute(r) | Resource::TlsRoute(r) => &r.metadata,
             Resource::ReferenceGrant(r) => &r.metadata,
         }
     }
@@ -282,6 +295,8 @@ impl Resource {
             Resource::K8sGateway(_) => Kind::K8sGateway,
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::GrpcRoute(_) => Kind::GrpcRoute,
+            Resource::TcpRoute(_) => Kind::TcpRoute,
+            Resource::TlsRoute(_) => Kind::TlsRoute,
             Resource::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }

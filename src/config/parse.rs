@@ -322,6 +322,8 @@ fn decode_kind(kind: Kind, value: Value) -> Result<Resource, DecodeError> {
         Kind::K8sGateway => Resource::K8sGateway(typed(value)?),
         Kind::HttpRoute => Resource::HttpRoute(typed(value)?),
         Kind::GrpcRoute => Resource::GrpcRoute(typed(value)?),
+        Kind::TcpRoute => Resource::TcpRoute(typed(value)?),
+        Kind::TlsRoute => Resource::TlsRoute(typed(value)?),
         Kind::ReferenceGrant => Resource::ReferenceGrant(typed(value)?),
     })
 }

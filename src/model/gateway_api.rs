@@ -5,7 +5,9 @@
 //! server per listener; each route becomes a VirtualService bound to its
 //! parent Gateways only. A GRPCRoute is read as the HTTPRoute it amounts
 //! to (`grpc_as_http`): a method match is a match on the request path
-//! `/SERVICE/METHOD`.
+//! `/SERVICE/METHOD`. A TCPRoute (on a TCP listener) becomes a
+//! VirtualService `tcp` route, a TLSRoute (on a TLS listener in
+//! Passthrough mode) a `tls` route matching its hostnames as SNI.
 //!
 //! A reference into another namespace holds only where a ReferenceGrant
 //! in that namespace allows it: a backendRef it does not allow is an
@@ -21,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::DOMAIN_SUFFIX;
+use crate::config::gateway_api::Listener;
 use crate::config::gateway_api::{
     BackendRef, GrpcMethodMatch, HeaderModifier, HttpRouteFilter, HttpRouteMatch, HttpRouteRule,
     HttpRouteSpec, ParentRef, PathMatch, PathModifier,
@@ -30,8 +33,12 @@ use crate::config::istio::{
     HttpMatchRequest, HttpRedirect, HttpRewrite, HttpRoute as IstioHttpRoute, HttpRouteDestination, Percent,
     Port, PortSelector, Server, ServerTlsSettings, StringMatch, VirtualServiceSpec,
 };
+use crate::config::istio::{
+    RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes, TlsRoute as IstioTlsRoute,
+};
 use crate::config::{
-    ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, K8sGateway, Kind, Resource, ResourceKey, VirtualService,
+    ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, IstioObject, K8sGateway, Kind, Resource, ResourceKey,
+    VirtualService,
 };
 
 /// The GatewayClass meshd serves without being told (Istio creates it).
@@ -180,6 +187,18 @@ pub fn may_read_secret(config: &ConfigSnapshot, gateway: &Gateway, ns: &str, nam
     converted && granted(config, ("Gateway", gateway.namespace()), ("Secret", ns, name))
 }
 
+/// The route kinds a listener takes: HTTPRoutes and GRPCRoutes on HTTP
+/// and HTTPS, TCPRoutes on TCP, TLSRoutes on TLS in Passthrough mode.
+pub fn listener_kinds(l: &Listener) -> &'static [&'static str] {
+    let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref());
+    match l.protocol.as_str() {
+        "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
+        "TCP" => &["TCPRoute"],
+        "TLS" if mode == Some("Passthrough") => &["TLSRoute"],
+        _ => &[],
+    }
+}
+
 /// The classes meshd serves: `istio` (unless a GatewayClass of that name
 /// names another controller) and every GatewayClass naming Istio's.
 pub fn served_classes(config: &ConfigSnapshot) -> BTreeSet<String> {
@@ -231,21 +250,30 @@ fn server(gw: &K8sGateway, l: &crate::config::gateway_api::Listener) -> Server {
         _ => ".",
     };
     let host = l.hostname.clone().unwrap_or_else(|| "*".into());
-    let tls = (l.protocol == "HTTPS").then(|| ServerTlsSettings {
-        mode: Some(
-            if l.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("Passthrough") {
-                "PASSTHROUGH".into()
-            } else {
-                "SIMPLE".into()
-            },
-        ),
-        credential_name: l.tls.as_ref().and_then(|t| t.certificate_refs.first()).map(|r| {
-            match r.namespace.as_deref() {
-                Some(ns) if ns != gw.namespace() => format!("{CROSS_NAMESPACE_CREDENTIAL}{ns}/{}", r.name),
-                _ => r.name.clone(),
-            }
-        }),
+    let passthrough = || ServerTlsSettings {
+        mode: Some("PASSTHROUGH".into()),
         ..Default::default()
+    };
+    let tls = (l.protocol == "TLS").then(passthrough);
+    let tls = tls.or_else(|| {
+        (l.protocol == "HTTPS").then(|| ServerTlsSettings {
+            mode: Some(
+                if l.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("Passthrough") {
+                    "PASSTHROUGH".into()
+                } else {
+                    "SIMPLE".into()
+                },
+            ),
+            credential_name: l.tls.as_ref().and_then(|t| t.certificate_refs.first()).map(|r| {
+                match r.namespace.as_deref() {
+                    Some(ns) if ns != gw.namespace() => {
+                        format!("{CROSS_NAMESPACE_CREDENTIAL}{ns}/{}", r.name)
+                    }
+                    _ => r.name.clone(),
+                }
+            }),
+            ..Default::default()
+        })
     });
     Server {
         port: Some(Port {
@@ -350,16 +378,27 @@ pub fn grpc_as_http(route: &GrpcRoute) -> HttpRoute {
             timeouts: None,
         })
         .collect();
+    http_shaped(route, &route.spec.parent_refs, &route.spec.hostnames, rules)
+}
+
+/// A route of another kind as an HTTPRoute of these parts: its `kind`,
+/// metadata and status stay.
+fn http_shaped<S>(
+    route: &IstioObject<S>,
+    parent_refs: &[ParentRef],
+    hostnames: &[String],
+    rules: Vec<HttpRouteRule>,
+) -> HttpRoute {
     HttpRoute {
         api_version: route.api_version.clone(),
         kind: route.kind.clone(),
         metadata: route.metadata.clone(),
         spec: HttpRouteSpec {
-            parent_refs: route.spec.parent_refs.clone(),
-            hostnames: route.spec.hostnames.clone(),
+            parent_refs: parent_refs.to_vec(),
+            hostnames: hostnames.to_vec(),
             rules,
         },
-        status: None,
+        status: route.status.clone(),
     }
 }
 
@@ -390,17 +429,68 @@ fn method_path(m: &GrpcMethodMatch) -> Option<PathMatch> {
     }
 }
 
-/// Every HTTPRoute and GRPCRoute, the latter as the HTTPRoute it amounts to.
+/// The HTTPRoute shape of a TCPRoute or TLSRoute (its `kind` stays): its
+/// parents, hostnames and backends, which is all they have.
+pub fn l4_as_http(route: &IstioObject<crate::config::gateway_api::L4RouteSpec>) -> HttpRoute {
+    let rules = route
+        .spec
+        .rules
+        .iter()
+        .map(|r| HttpRouteRule {
+            name: r.name.clone(),
+            backend_refs: r.backend_refs.clone(),
+            ..Default::default()
+        })
+        .collect();
+    http_shaped(route, &route.spec.parent_refs, &route.spec.hostnames, rules)
+}
+
+/// A route of any kind meshd serves in the HTTPRoute shape: an
+/// HTTPRoute as it is, the others as `grpc_as_http` and `l4_as_http` read
+/// them.
+pub fn as_http(resource: &Resource) -> Option<std::borrow::Cow<'_, HttpRoute>> {
+    use std::borrow::Cow;
+    match resource {
+        Resource::HttpRoute(h) => Some(Cow::Borrowed(h)),
+        Resource::GrpcRoute(g) => Some(Cow::Owned(grpc_as_http(g))),
+        Resource::TcpRoute(r) | Resource::TlsRoute(r) => Some(Cow::Owned(l4_as_http(r))),
+        _ => None,
+    }
+}
+
+/// Every route, in the HTTPRoute shape (`as_http`).
 pub fn routes(config: &ConfigSnapshot) -> Vec<std::borrow::Cow<'_, HttpRoute>> {
-    let http = config.of_kind(Kind::HttpRoute).filter_map(|r| match r {
-        Resource::HttpRoute(h) => Some(std::borrow::Cow::Borrowed(h)),
-        _ => None,
-    });
-    let grpc = config.of_kind(Kind::GrpcRoute).filter_map(|r| match r {
-        Resource::GrpcRoute(g) => Some(std::borrow::Cow::Owned(grpc_as_http(g))),
-        _ => None,
-    });
-    http.chain(grpc).collect()
+    [Kind::HttpRoute, Kind::GrpcRoute, Kind::TcpRoute, Kind::TlsRoute]
+        .into_iter()
+        .flat_map(|kind| config.of_kind(kind).filter_map(as_http))
+        .collect()
+}
+
+/// The backends of an L4 rule that can be served, by weight; invalid ones
+/// (another kind, another namespace not granted) are left out, as a
+/// connection cannot be answered with an error status.
+fn l4_rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Vec<RouteDestination> {
+    r.backend_refs
+        .iter()
+        .filter(|b| {
+            !matches!(
+                backend_problem(config, owner, b),
+                Some(BackendProblem::InvalidKind(_) | BackendProblem::RefNotPermitted(_))
+            )
+        })
+        .map(|b| RouteDestination {
+            destination: Some(Destination {
+                host: format!(
+                    "{}.{}.{DOMAIN_SUFFIX}",
+                    b.name,
+                    b.namespace.as_deref().unwrap_or(owner.1)
+                ),
+                subset: None,
+                port: b.port.map(|number| PortSelector { number }),
+            }),
+            weight: i32::try_from(b.weight.unwrap_or(1)).unwrap_or(i32::MAX),
+        })
+        .collect()
 }
 
 fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> IstioHttpRoute {
@@ -567,7 +657,7 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                 let Some(gw) = parent_gateway(&gws, hr.namespace(), p) else {
                     continue;
                 };
-                for l in attached_listeners(gw, p) {
+                for l in attached_listeners(gw, p).filter(|l| listener_kinds(l).contains(&hr.kind.as_str())) {
                     let name = format!("{}/{}", gw.namespace(), converted_name(gw.name(), &l.name));
                     if !parents.contains(&name) {
                         parents.push(name);
@@ -593,16 +683,38 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                         None,
                     )
                 },
-                spec: VirtualServiceSpec {
-                    hosts,
-                    gateways: parents,
-                    http: hr
-                        .spec
-                        .rules
-                        .iter()
-                        .map(|r| rule(config, (&hr.kind, hr.namespace()), r))
-                        .collect(),
-                    ..Default::default()
+                spec: {
+                    let owner = (hr.kind.as_str(), hr.namespace());
+                    let rules = hr.spec.rules.iter();
+                    let mut spec = VirtualServiceSpec {
+                        hosts,
+                        gateways: parents,
+                        ..Default::default()
+                    };
+                    match owner.0 {
+                        "TCPRoute" => {
+                            spec.tcp = rules
+                                .map(|r| IstioTcpRoute {
+                                    matches: Vec::new(),
+                                    route: l4_rule(config, owner, r),
+                                })
+                                .collect();
+                        }
+                        "TLSRoute" => {
+                            let sni_hosts = spec.hosts.clone();
+                            spec.tls = rules
+                                .map(|r| IstioTlsRoute {
+                                    matches: vec![TlsMatchAttributes {
+                                        sni_hosts: sni_hosts.clone(),
+                                        ..Default::default()
+                                    }],
+                                    route: l4_rule(config, owner, r),
+                                })
+                                .collect();
+                        }
+                        _ => spec.http = rules.map(|r| rule(config, owner, r)).collect(),
+                    }
+                    spec
                 },
                 status: None,
             })
@@ -799,6 +911,62 @@ mod tests {
         assert_eq!(
             vs.spec.http[1].direct_response.as_ref().map(|d| d.status),
             Some(503)
+        );
+    }
+
+    #[test]
+    fn tcp_and_tls_routes_bind_the_listeners_of_their_kind() {
+        let docs = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+            spec:\n  gatewayClassName: istio\n  listeners:\n\
+            \x20 - {name: http, port: 80, protocol: HTTP}\n\
+            \x20 - {name: tcp, port: 9000, protocol: TCP}\n\
+            \x20 - {name: tls, port: 443, protocol: TLS, hostname: s.example.com, tls: {mode: Passthrough}}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: db, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: db, port: 5432}]}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: s, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], hostnames: [s.example.com], \
+            rules: [{backendRefs: [{name: site, port: 443}, {name: x, namespace: other, port: 443}]}]}\n";
+        let (gateways, services) = convert(&config(docs));
+        let tls_server = &gateways
+            .iter()
+            .find(|g| g.name().ends_with("-tls"))
+            .expect("the TLS listener")
+            .spec
+            .servers[0];
+        assert_eq!(
+            tls_server.tls.as_ref().and_then(|t| t.mode.as_deref()),
+            Some("PASSTHROUGH")
+        );
+        let vs = |name: &str| services.iter().find(|v| v.name() == name).expect(name);
+        let db = vs("db-tcproute");
+        assert_eq!(db.spec.gateways, ["shop/web-istio-autogenerated-k8s-gateway-tcp"]);
+        assert_eq!(
+            db.spec.tcp[0].route[0]
+                .destination
+                .as_ref()
+                .map(|d| d.host.as_str()),
+            Some("db.shop.svc.cluster.local")
+        );
+        let s = vs("s-tlsroute");
+        assert_eq!(s.spec.gateways, ["shop/web-istio-autogenerated-k8s-gateway-tls"]);
+        assert_eq!(s.spec.tls[0].matches[0].sni_hosts, ["s.example.com"]);
+        // The backend in another namespace, not granted, is left out.
+        assert_eq!(s.spec.tls[0].route.len(), 1);
+
+        // A TCPRoute that names only the HTTP listener is not taken there.
+        let on_http = "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\n\
+            metadata: {name: wrong, namespace: shop}\n\
+            spec: {parentRefs: [{name: web, sectionName: http}], rules: [{backendRefs: [{name: db, port: 5432}]}]}\n";
+        let snapshot = config(&format!("{docs}{on_http}"));
+        let route = snapshot
+            .of_kind(Kind::TcpRoute)
+            .find(|r| r.metadata().name.as_deref() == Some("wrong"))
+            .and_then(as_http)
+            .expect("the route");
+        let status = super::super::gateway_status::route_status(&snapshot, &route);
+        assert_eq!(
+            status["parents"][0]["conditions"][0]["reason"], "NotAllowedByListeners",
+            "{status}"
         );
     }
 

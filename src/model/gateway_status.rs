@@ -8,7 +8,7 @@
 use serde_json::{json, Value};
 
 use super::gateway_api::{
-    attached_listeners, backend_problem, exists, gateways, parent_gateway, served_classes,
+    attached_listeners, backend_problem, exists, gateways, listener_kinds, parent_gateway, served_classes,
     ungranted_certificate, CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
@@ -29,8 +29,9 @@ fn condition(kind: &str, ok: bool, reason: &str, message: &str, generation: Opti
 /// proxies (labelled with its name, in its namespace) is connected.
 pub fn status_of(config: &ConfigSnapshot, resource: &Resource, connected: &[super::Proxy]) -> Option<Value> {
     match resource {
-        Resource::HttpRoute(hr) => Some(route_status(config, hr)),
-        Resource::GrpcRoute(gr) => Some(route_status(config, &super::gateway_api::grpc_as_http(gr))),
+        Resource::HttpRoute(_) | Resource::GrpcRoute(_) | Resource::TcpRoute(_) | Resource::TlsRoute(_) => {
+            super::gateway_api::as_http(resource).map(|route| route_status(config, &route))
+        }
         Resource::K8sGateway(gw) => {
             let programmed = connected.iter().any(|p| {
                 p.namespace == gw.namespace()
@@ -87,6 +88,7 @@ fn hostnames_meet(listener: Option<&str>, route: &str) -> bool {
 fn attaches(hr: &HttpRoute, gw: &K8sGateway, p: &ParentRef, l: &Listener) -> bool {
     attached_listeners(gw, p).any(|a| a.name == l.name)
         && admits(gw, l, hr.namespace())
+        && listener_kinds(l).contains(&hr.kind.as_str())
         && (hr.spec.hostnames.is_empty()
             || hr
                 .spec
@@ -101,11 +103,14 @@ fn listener_problem(
     gw: &K8sGateway,
     l: &Listener,
 ) -> Option<(&'static str, &'static str, String)> {
-    if l.protocol != "HTTP" && l.protocol != "HTTPS" {
+    if listener_kinds(l).is_empty() {
         return Some((
             "Accepted",
             "UnsupportedProtocol",
-            format!("protocol {} is not served (HTTP and HTTPS are)", l.protocol),
+            format!(
+                "protocol {} is not served (HTTP, HTTPS, TCP, and TLS in Passthrough mode are)",
+                l.protocol
+            ),
         ));
     }
     for other in gw
@@ -203,10 +208,10 @@ pub fn gateway_status(config: &ConfigSnapshot, gw: &K8sGateway, programmed: bool
             let conflict = failed("Conflicted");
             json!({
                 "name": l.name,
-                "supportedKinds": [
-                    {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
-                    {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"},
-                ],
+                "supportedKinds": listener_kinds(l)
+                    .iter()
+                    .map(|kind| json!({"group": "gateway.networking.k8s.io", "kind": kind}))
+                    .collect::<Vec<_>>(),
                 "attachedRoutes": attached,
                 "conditions": [
                     condition("Accepted", accepted.is_none(), accepted.map_or("Accepted", |p| p.1),
@@ -315,6 +320,14 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                         p.name
                     ),
                 )),
+                Some(gw)
+                    if !attached_listeners(gw, p).any(|l| listener_kinds(l).contains(&hr.kind.as_str())) =>
+                {
+                    Some((
+                        "NotAllowedByListeners",
+                        format!("no listener of Gateway {ns}/{} takes {}s", p.name, hr.kind),
+                    ))
+                }
                 Some(gw) if !attached_listeners(gw, p).any(|l| attaches(hr, gw, p, l)) => Some((
                     "NoMatchingListenerHostname",
                     format!(
@@ -372,7 +385,7 @@ spec:
   - {name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}
   - {name: shared, port: 80, protocol: HTTP, hostname: "*.example.com"}
   - {name: https, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: missing-cert}]}}
-  - {name: tcp, port: 9000, protocol: TCP}
+  - {name: udp, port: 9000, protocol: UDP}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -494,7 +507,7 @@ spec:
             "InvalidCertificateRef"
         ));
         assert!(has(
-            &listener("tcp")["conditions"],
+            &listener("udp")["conditions"],
             "Accepted",
             "False",
             "UnsupportedProtocol"

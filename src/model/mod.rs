@@ -481,6 +481,8 @@ const ROUTING_KINDS: &[Kind] = &[
     Kind::K8sGateway,
     Kind::HttpRoute,
     Kind::GrpcRoute,
+    Kind::TcpRoute,
+    Kind::TlsRoute,
     Kind::ReferenceGrant,
 ];
 

@@ -138,6 +138,8 @@ const WATCHED: &[Watched] = &[
     watched(GATEWAY_API, "v1", "Gateway", "gateways", Kind::K8sGateway),
     watched(GATEWAY_API, "v1", "HTTPRoute", "httproutes", Kind::HttpRoute),
     watched(GATEWAY_API, "v1", "GRPCRoute", "grpcroutes", Kind::GrpcRoute),
+    watched(GATEWAY_API, "v1alpha2", "TCPRoute", "tcproutes", Kind::TcpRoute),
+    watched(GATEWAY_API, "v1alpha2", "TLSRoute", "tlsroutes", Kind::TlsRoute),
     watched(
         GATEWAY_API,
         "v1beta1",

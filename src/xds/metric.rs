@@ -129,6 +129,8 @@ fn kind_label(kind: crate::config::Kind) -> &'static str {
         Kind::K8sGateway => "KubernetesGateway",
         Kind::HttpRoute => "HTTPRoute",
         Kind::GrpcRoute => "GRPCRoute",
+        Kind::TcpRoute => "TCPRoute",
+        Kind::TlsRoute => "TLSRoute",
         Kind::ReferenceGrant => "ReferenceGrant",
         Kind::Namespace => "Namespaces",
         Kind::Node => "Nodes",
