@@ -17,7 +17,8 @@
 //! deprecated `targetRef`; `IST0108` for an unknown annotation of Istio's
 //! domain, and `galley.istio.io/analyze-suppress` honoured; `MSH0009` for
 //! a namespace without sidecars whose PeerAuthentication or mesh
-//! VirtualService expects them), the
+//! VirtualService expects them; `MSH0010` for a GRPCRoute backend whose
+//! Service port does not say it speaks HTTP/2), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -183,6 +184,7 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
     hosts_on_gateways(push, config, &mut out);
     destination_rule_tls(config, &mut out);
     gateway_api(config, &mut out);
+    grpc_backends(push, config, &mut out);
     security::request_policies(push, config, &mut out);
     annotations::unknown(config, &mut out);
     for (key, entry) in &config.resources {
@@ -230,6 +232,52 @@ pub fn analyze_push(push: &PushContext) -> Vec<Finding> {
 /// it: `MSH0002` for a route parent it does not attach to, `IST0101` for a
 /// backend Service that does not exist, `MSH0003` for a listener that is
 /// not served.
+/// MSH0010: a GRPCRoute backend whose Service port neither its name nor
+/// its `appProtocol` declares HTTP/2. Envoy then speaks HTTP/1.1 to it,
+/// and every gRPC call through the route fails with a protocol error.
+fn grpc_backends(push: &PushContext, config: &ConfigSnapshot, out: &mut Vec<Finding>) {
+    for (key, entry) in &config.resources {
+        let Resource::GrpcRoute(route) = &*entry.resource else {
+            continue;
+        };
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            for (j, b) in rule.backend_refs.iter().enumerate() {
+                let ns = b.namespace.as_deref().unwrap_or(route.namespace());
+                let host = format!("{}.{ns}.{}", b.name, crate::model::DOMAIN_SUFFIX);
+                let port = b.port.and_then(|p| u16::try_from(p).ok());
+                let Some(port) = push
+                    .services
+                    .get(&host)
+                    .and_then(|s| port.and_then(|p| s.port(p)))
+                else {
+                    continue;
+                };
+                if port.is_http2() {
+                    continue;
+                }
+                out.push(Finding::about(
+                    Level::Warning,
+                    "MSH0010",
+                    key,
+                    entry,
+                    format!(
+                        "spec.rules[{i}].backendRefs[{j}]: port {} of Service {ns}/{} is named {:?}{}, which does not \
+                         say HTTP/2, so Envoy speaks HTTP/1.1 to it and every gRPC call fails with a protocol error: \
+                         name the port grpc (or grpc-...), or set appProtocol: grpc",
+                        port.port,
+                        b.name,
+                        port.name,
+                        port.app_protocol
+                            .as_ref()
+                            .map(|a| format!(" with appProtocol {a:?}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 /// A Gateway's servers: `httpsRedirect` where it does nothing (MSH0004),
 /// ports the gateway workload's Service does not expose (IST0104).
 fn gateway_servers(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
@@ -1096,6 +1144,34 @@ mod tests {
             codes.contains(&("MSH0003", "Gateway.gateway.networking.k8s.io default/web")),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn a_grpc_route_to_a_port_that_does_not_say_http2_is_msh0010() {
+        let docs = |port_name: &str| {
+            [
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: rpc, namespace: default}}\n\
+                     spec: {{ports: [{{name: {port_name}, port: 9000}}]}}\n"
+                ),
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r, namespace: default}\n\
+                 spec: {rules: [{backendRefs: [{name: rpc, port: 9000}]}]}\n"
+                    .to_string(),
+            ]
+        };
+        let codes_for = |port_name: &str| {
+            let docs = docs(port_name);
+            let f = findings(&[&docs[0], &docs[1]]);
+            f.iter()
+                .filter(|f| f.code == "MSH0010")
+                .map(|f| f.message.clone())
+                .collect::<Vec<_>>()
+        };
+        let found = codes_for("http");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("appProtocol: grpc"), "{found:?}");
+        assert!(codes_for("grpc").is_empty());
+        assert!(codes_for("grpc-api").is_empty());
     }
 
     const GW_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: istio-ingressgateway, namespace: istio-system}\n\
