@@ -100,7 +100,9 @@ fn file(path: &str) -> Option<DataSource> {
     })
 }
 
-/// The SDS Secret `kubernetes://NAME` holding a credential's certificate
+/// The SDS Secret `name` (`kubernetes://NAME`, or for a certificate a
+/// Gateway API listener reads from another namespace
+/// `kubernetes-gateway://NS/NAME`) holding a credential's certificate
 /// chain and key, inline.
 fn server_secret(name: String, c: &crate::model::ServerCredential) -> Secret {
     Secret {
