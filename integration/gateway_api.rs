@@ -424,3 +424,52 @@ spec:
         );
     }
 }
+
+#[test]
+fn http_route_filters_rewrite_the_whole_path_and_mirror_requests() {
+    use std::sync::atomic::Ordering;
+    let work = tempfile::tempdir().expect("tmp");
+    // A backend that answers with the path it was asked for.
+    let (echo_port, _echo) = crate::common::serve_http("127.0.0.1", |_| {
+        axum::Router::new().fallback(|uri: axum::http::Uri| async move { format!("path {}", uri.path()) })
+    });
+    let mirror = Backend::start("mirror");
+    let port = free_port();
+    let config = work.path().join("config");
+    write(
+        &config.join("filters.yaml"),
+        &format!(
+            r#"{echo}{mirror}{web}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{path: {{type: ReplaceFullPath, replaceFullPath: /new}}}}
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: mirror, port: 80}}}}
+    backendRefs: [{{name: echo, port: 80}}]
+"#,
+            echo = service("default", "echo", echo_port),
+            mirror = service("default", "mirror", mirror.port),
+            web = web_yaml(port, 80, "{name: http, port: 80, protocol: HTTP}"),
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    eventually("the whole path rewritten", WAIT, || {
+        match curl(&[&format!("http://127.0.0.1:{port}/old/deep/path?q=1")]) {
+            Ok((200, body)) if body == "path /new" => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    eventually("a copy of each request at the mirror", WAIT, || {
+        match mirror.hits.load(Ordering::SeqCst) {
+            0 => Err("no mirrored request yet".to_string()),
+            _ => Ok(()),
+        }
+    });
+}

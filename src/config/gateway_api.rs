@@ -193,7 +193,7 @@ pub struct HttpRouteFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<UrlRewrite>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_mirror: Option<serde_json::Value>,
+    pub request_mirror: Option<RequestMirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_ref: Option<serde_json::Value>,
 }
@@ -273,7 +273,7 @@ pub struct BackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filters: Vec<serde_json::Value>,
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 /// `spec` of a GRPCRoute: an HTTPRoute's, with rules that match gRPC
@@ -386,6 +386,29 @@ pub struct GrantTo {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// A RequestMirror filter: a copy of each request (or of a share of
+/// them) goes to another backend, whose answer is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMirror {
+    #[serde(default)]
+    pub backend_ref: BackendRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+/// `numerator / denominator` (100 when left out).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fraction {
+    #[serde(default)]
+    pub numerator: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denominator: Option<u32>,
 }
 
 /// Request timeouts.

@@ -30,8 +30,9 @@ use crate::config::gateway_api::{
 };
 use crate::config::istio::{
     Destination, FaultAbort, GatewaySpec, HeaderOperations, Headers, HttpDirectResponse, HttpFaultInjection,
-    HttpMatchRequest, HttpRedirect, HttpRewrite, HttpRoute as IstioHttpRoute, HttpRouteDestination, Percent,
-    Port, PortSelector, Server, ServerTlsSettings, StringMatch, VirtualServiceSpec,
+    HttpMatchRequest, HttpMirrorPolicy, HttpRedirect, HttpRewrite, HttpRoute as IstioHttpRoute,
+    HttpRouteDestination, Percent, Port, PortSelector, RegexRewrite, Server, ServerTlsSettings, StringMatch,
+    VirtualServiceSpec,
 };
 use crate::config::istio::{
     RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes, TlsRoute as IstioTlsRoute,
@@ -314,7 +315,34 @@ fn header_ops(m: &HeaderModifier) -> HeaderOperations {
     }
 }
 
-fn apply_filter(f: &HttpRouteFilter, route: &mut IstioHttpRoute) {
+/// Where a backendRef of a route in `route_ns` sends traffic.
+fn destination(route_ns: &str, b: &BackendRef) -> Destination {
+    Destination {
+        host: format!(
+            "{}.{}.{DOMAIN_SUFFIX}",
+            b.name,
+            b.namespace.as_deref().unwrap_or(route_ns)
+        ),
+        subset: None,
+        port: b.port.map(|number| PortSelector { number }),
+    }
+}
+
+/// Whether requests may be sent to a backendRef: a Service, and in
+/// another namespace only as a ReferenceGrant there allows.
+fn may_send_to(config: &ConfigSnapshot, owner: (&str, &str), b: &BackendRef) -> bool {
+    !matches!(
+        backend_problem(config, owner, b),
+        Some(BackendProblem::InvalidKind(_) | BackendProblem::RefNotPermitted(_))
+    )
+}
+
+fn apply_filter(
+    config: &ConfigSnapshot,
+    owner: (&str, &str),
+    f: &HttpRouteFilter,
+    route: &mut IstioHttpRoute,
+) {
     match f.kind.as_str() {
         "RequestHeaderModifier" => {
             let h = route.headers.get_or_insert_with(Headers::default);
@@ -341,13 +369,39 @@ fn apply_filter(f: &HttpRouteFilter, route: &mut IstioHttpRoute) {
         }
         "URLRewrite" => {
             if let Some(r) = &f.url_rewrite {
+                // The whole path replaced, as Istio does it: a regex
+                // substitution of all of it; else the matched prefix.
+                let (full, prefix): (Vec<_>, Vec<_>) =
+                    r.path.iter().partition(|p| p.kind == "ReplaceFullPath");
                 route.rewrite = Some(HttpRewrite {
-                    uri: r
-                        .path
-                        .as_ref()
-                        .and_then(|p| p.replace_prefix_match.clone().or(p.replace_full_path.clone())),
+                    uri: prefix.first().and_then(|p| p.replace_prefix_match.clone()),
                     authority: r.hostname.clone(),
-                    ..Default::default()
+                    uri_regex_rewrite: full
+                        .first()
+                        .and_then(|p| p.replace_full_path.clone())
+                        .map(|path| RegexRewrite {
+                            pattern: "/.*".into(),
+                            rewrite: path,
+                        }),
+                });
+            }
+        }
+        // A copy of each request (or of a share) to another backend; one
+        // that may not be sent to is left out.
+        "RequestMirror" => {
+            if let Some(m) = f
+                .request_mirror
+                .as_ref()
+                .filter(|m| may_send_to(config, owner, &m.backend_ref))
+            {
+                let share = m
+                    .fraction
+                    .as_ref()
+                    .map(|f| 100.0 * f64::from(f.numerator) / f64::from(f.denominator.unwrap_or(100).max(1)))
+                    .or(m.percent.map(f64::from));
+                route.mirrors.push(HttpMirrorPolicy {
+                    destination: Some(destination(owner.1, &m.backend_ref)),
+                    percentage: share.map(|value| Percent { value }),
                 });
             }
         }
@@ -472,22 +526,9 @@ pub fn routes(config: &ConfigSnapshot) -> Vec<std::borrow::Cow<'_, HttpRoute>> {
 fn l4_rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Vec<RouteDestination> {
     r.backend_refs
         .iter()
-        .filter(|b| {
-            !matches!(
-                backend_problem(config, owner, b),
-                Some(BackendProblem::InvalidKind(_) | BackendProblem::RefNotPermitted(_))
-            )
-        })
+        .filter(|b| may_send_to(config, owner, b))
         .map(|b| RouteDestination {
-            destination: Some(Destination {
-                host: format!(
-                    "{}.{}.{DOMAIN_SUFFIX}",
-                    b.name,
-                    b.namespace.as_deref().unwrap_or(owner.1)
-                ),
-                subset: None,
-                port: b.port.map(|number| PortSelector { number }),
-            }),
+            destination: Some(destination(owner.1, b)),
             weight: i32::try_from(b.weight.unwrap_or(1)).unwrap_or(i32::MAX),
         })
         .collect()
@@ -537,23 +578,13 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
     let mut route = Vec::new();
     for b in &r.backend_refs {
         let weight = b.weight.unwrap_or(1);
-        match backend_problem(config, owner, b) {
-            Some(BackendProblem::InvalidKind(_) | BackendProblem::RefNotPermitted(_)) => {
-                invalid += u64::from(weight);
-                continue;
-            }
-            Some(BackendProblem::BackendNotFound(_)) | None => valid += u64::from(weight),
+        if !may_send_to(config, owner, b) {
+            invalid += u64::from(weight);
+            continue;
         }
+        valid += u64::from(weight);
         route.push(HttpRouteDestination {
-            destination: Some(Destination {
-                host: format!(
-                    "{}.{}.{DOMAIN_SUFFIX}",
-                    b.name,
-                    b.namespace.as_deref().unwrap_or(route_ns)
-                ),
-                subset: None,
-                port: b.port.map(|number| PortSelector { number }),
-            }),
+            destination: Some(destination(route_ns, b)),
             weight: i32::try_from(weight).unwrap_or(i32::MAX),
             headers: None,
         });
@@ -584,7 +615,7 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         });
     }
     for f in &r.filters {
-        apply_filter(f, &mut out);
+        apply_filter(config, owner, f, &mut out);
     }
     if out.redirect.is_some() {
         out.route.clear();
@@ -968,6 +999,43 @@ mod tests {
             status["parents"][0]["conditions"][0]["reason"], "NotAllowedByListeners",
             "{status}"
         );
+    }
+
+    #[test]
+    fn a_mirror_takes_its_share_and_needs_a_grant_in_another_namespace() {
+        let route = |filters: &str| {
+            format!(
+                "{CROSS}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {{name: m, namespace: shop}}\n\
+                 spec:\n  parentRefs: [{{name: web}}]\n  rules:\n  - filters: {filters}\n\
+                 \x20   backendRefs: [{{name: local, port: 80}}]\n"
+            )
+        };
+        let mirrors = |filters: &str| {
+            let (_, services) = convert(&config(&route(filters)));
+            let vs = services.iter().find(|v| v.name() == "m-httproute").expect("m");
+            vs.spec.http[0]
+                .mirrors
+                .iter()
+                .map(|m| {
+                    (
+                        m.destination.as_ref().map(|d| d.host.clone()).unwrap_or_default(),
+                        m.percentage.as_ref().map(|p| p.value),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            mirrors(
+                "[{type: RequestMirror, requestMirror: {backendRef: {name: local, port: 80}, \
+                 fraction: {numerator: 1, denominator: 4}}}]"
+            ),
+            [("local.shop.svc.cluster.local".to_string(), Some(25.0))]
+        );
+        assert!(mirrors(
+            "[{type: RequestMirror, requestMirror: {backendRef: {name: shared, namespace: backends, port: 80}}}]"
+        )
+        .is_empty());
     }
 
     #[test]

@@ -234,14 +234,28 @@ impl RuleContext<'_> {
             hash_policy: hash,
             ..Default::default()
         };
+        // `mirror` takes the rule's mirrorPercentage; each of `mirrors` its
+        // own percentage, else all requests (Istio's defaults).
+        let rule_share = rule
+            .mirror_percentage
+            .as_ref()
+            .map(|p| p.value)
+            .or(rule.mirror_percent.map(f64::from));
         let mirrors = rule
             .mirror
             .iter()
-            .chain(rule.mirrors.iter().filter_map(|m| m.destination.as_ref()))
-            .enumerate()
-            .filter_map(|(j, d)| {
-                let field = format!("{}.mirror[{j}]", self.field);
-                destination_cluster(self.push, self.vs, &field, d, self.diags)
+            .map(|d| (format!("{}.mirror", self.field), d, rule_share))
+            .chain(rule.mirrors.iter().enumerate().filter_map(|(j, m)| {
+                let share = m.percentage.as_ref().map(|p| p.value);
+                Some((
+                    format!("{}.mirrors[{j}]", self.field),
+                    m.destination.as_ref()?,
+                    share,
+                ))
+            }))
+            .filter_map(|(field, d, share)| {
+                let cluster = destination_cluster(self.push, self.vs, &field, d, self.diags)?;
+                Some((cluster, share))
             })
             .collect();
         route_policy::apply_to_action(rule, &mut action, mirrors);

@@ -84,7 +84,7 @@ fn percent(p: Option<&Percent>, legacy: Option<i32>) -> Option<FractionalPercent
 
 /// Retries, mirrors and CORS on the route action.
 #[allow(deprecated)]
-pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirror_clusters: Vec<String>) {
+pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirrors: Vec<(String, Option<f64>)>) {
     action.cors = cors(rule);
     action.retry_policy = Some(match &rule.retries {
         None => default_retries(),
@@ -94,17 +94,12 @@ pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirror_cluste
         },
         Some(r) => retry(r),
     });
-    let fraction = rule
-        .mirror_percentage
-        .as_ref()
-        .map(|p| p.value)
-        .or(rule.mirror_percent.map(f64::from));
-    action.request_mirror_policies = mirror_clusters
+    action.request_mirror_policies = mirrors
         .into_iter()
-        .map(|cluster| route_action::RequestMirrorPolicy {
+        .map(|(cluster, share)| route_action::RequestMirrorPolicy {
             cluster,
             runtime_fraction: Some(RuntimeFractionalPercent {
-                default_value: percent(fraction.map(|value| Percent { value }).as_ref(), None),
+                default_value: percent(share.map(|value| Percent { value }).as_ref(), None),
                 runtime_key: String::new(),
             }),
             ..Default::default()
