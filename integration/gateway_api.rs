@@ -426,7 +426,7 @@ spec:
 }
 
 #[test]
-fn http_route_filters_rewrite_the_whole_path_and_mirror_requests() {
+fn http_route_filters_rewrite_the_whole_path_mirror_and_tag_a_backend() {
     use std::sync::atomic::Ordering;
     let work = tempfile::tempdir().expect("tmp");
     // A backend that answers with the path it was asked for.
@@ -452,6 +452,13 @@ spec:
     - type: RequestMirror
       requestMirror: {{backendRef: {{name: mirror, port: 80}}}}
     backendRefs: [{{name: echo, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /tagged}}}}]
+    backendRefs:
+    - name: echo
+      port: 80
+      filters:
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {{set: [{{name: x-backend, value: echo}}]}}
 "#,
             echo = service("default", "echo", echo_port),
             mirror = service("default", "mirror", mirror.port),
@@ -466,6 +473,11 @@ spec:
             other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
         }
     });
+    // A backend's own filter: its answers carry the header.
+    match curl(&["-i", &format!("http://127.0.0.1:{port}/tagged")]) {
+        Ok((200, head)) if head.to_ascii_lowercase().contains("x-backend: echo") => {}
+        other => panic!("the backend's response header: {other:?}"),
+    }
     eventually("a copy of each request at the mirror", WAIT, || {
         match mirror.hits.load(Ordering::SeqCst) {
             0 => Err("no mirrored request yet".to_string()),

@@ -328,6 +328,21 @@ fn destination(route_ns: &str, b: &BackendRef) -> Destination {
     }
 }
 
+/// A backendRef's own header modifiers (its other filters are not served).
+fn backend_headers(b: &BackendRef) -> Option<Headers> {
+    let mut headers = Headers::default();
+    for f in &b.filters {
+        match f.kind.as_str() {
+            "RequestHeaderModifier" => headers.request = f.request_header_modifier.as_ref().map(header_ops),
+            "ResponseHeaderModifier" => {
+                headers.response = f.response_header_modifier.as_ref().map(header_ops)
+            }
+            _ => {}
+        }
+    }
+    (headers != Headers::default()).then_some(headers)
+}
+
 /// Whether requests may be sent to a backendRef: a Service, and in
 /// another namespace only as a ReferenceGrant there allows.
 fn may_send_to(config: &ConfigSnapshot, owner: (&str, &str), b: &BackendRef) -> bool {
@@ -586,7 +601,7 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         route.push(HttpRouteDestination {
             destination: Some(destination(route_ns, b)),
             weight: i32::try_from(weight).unwrap_or(i32::MAX),
-            headers: None,
+            headers: backend_headers(b),
         });
     }
     let mut out = IstioHttpRoute {

@@ -201,22 +201,35 @@ impl RuleContext<'_> {
             } else {
                 dest.weight.max(0) as u32
             };
-            clusters.push((cluster, weight));
+            clusters.push((cluster, weight, dest.headers.as_ref()));
         }
         if clusters.is_empty() {
             return None;
         }
-        let specifier = if clusters.len() == 1 {
+        // One destination goes by name, unless it has headers of its own:
+        // those live on a weighted cluster's entry.
+        let specifier = if clusters.len() == 1 && clusters[0].2.is_none() {
             route_action::ClusterSpecifier::Cluster(clusters.remove(0).0)
         } else {
             route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
                 clusters: clusters
                     .into_iter()
-                    .filter(|(_, w)| *w > 0)
-                    .map(|(name, weight)| weighted_cluster::ClusterWeight {
-                        name,
-                        weight: Some(UInt32Value { value: weight }),
-                        ..Default::default()
+                    .filter(|(_, w, _)| *w > 0)
+                    .map(|(name, weight, headers)| {
+                        let mut entry = weighted_cluster::ClusterWeight {
+                            name,
+                            weight: Some(UInt32Value { value: weight }),
+                            ..Default::default()
+                        };
+                        if let Some(req) = headers.and_then(|h| h.request.as_ref()) {
+                            entry.request_headers_to_add = route_policy::header_options(req);
+                            entry.request_headers_to_remove = req.remove.clone();
+                        }
+                        if let Some(resp) = headers.and_then(|h| h.response.as_ref()) {
+                            entry.response_headers_to_add = route_policy::header_options(resp);
+                            entry.response_headers_to_remove = resp.remove.clone();
+                        }
+                        entry
                     })
                     .collect(),
                 ..Default::default()

@@ -107,7 +107,7 @@ pub fn apply_to_action(rule: &HttpRoute, action: &mut RouteAction, mirrors: Vec<
         .collect();
 }
 
-fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
+pub(super) fn header_options(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
     let option =
         |k: &String, v: &String, action: header_value_option::HeaderAppendAction| HeaderValueOption {
             header: Some(HeaderValue {
