@@ -426,7 +426,7 @@ spec:
 }
 
 #[test]
-fn http_route_filters_rewrite_the_whole_path_mirror_and_tag_a_backend() {
+fn http_route_filters_rewrite_redirect_mirror_and_tag_a_backend() {
     use std::sync::atomic::Ordering;
     let work = tempfile::tempdir().expect("tmp");
     // A backend that answers with the path it was asked for.
@@ -452,6 +452,10 @@ spec:
     - type: RequestMirror
       requestMirror: {{backendRef: {{name: mirror, port: 80}}}}
     backendRefs: [{{name: echo, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /moved}}}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 302}}
   - matches: [{{path: {{type: PathPrefix, value: /tagged}}}}]
     backendRefs:
     - name: echo
@@ -473,6 +477,14 @@ spec:
             other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
         }
     });
+    // A redirect that keeps what follows the matched prefix.
+    match curl(&["-i", &format!("http://127.0.0.1:{port}/moved/deep")]) {
+        Ok((302, head))
+            if head
+                .to_ascii_lowercase()
+                .contains(&format!("location: http://127.0.0.1:{port}/new/deep")) => {}
+        other => panic!("the prefix redirect: {other:?}"),
+    }
     // A backend's own filter: its answers carry the header.
     match curl(&["-i", &format!("http://127.0.0.1:{port}/tagged")]) {
         Ok((200, head)) if head.to_ascii_lowercase().contains("x-backend: echo") => {}

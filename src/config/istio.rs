@@ -234,6 +234,11 @@ pub struct PortSelector {
     pub number: u32,
 }
 
+/// Marks an HTTPRedirect `uri` that replaces only the prefix the route
+/// matched (the rest of the path kept), as Istio reads it; its Gateway API
+/// conversion writes RequestRedirect `ReplacePrefixMatch` so.
+pub const PREFIX_REDIRECT: &str = "%PREFIX()%";
+
 /// An HTTP redirect answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

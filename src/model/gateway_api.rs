@@ -369,11 +369,19 @@ fn apply_filter(
         }
         "RequestRedirect" => {
             if let Some(r) = &f.request_redirect {
+                // The whole path, or (as Istio writes it) the matched prefix.
+                let uri = r
+                    .path
+                    .as_ref()
+                    .and_then(|p: &PathModifier| match p.kind.as_str() {
+                        "ReplacePrefixMatch" => p
+                            .replace_prefix_match
+                            .as_ref()
+                            .map(|prefix| format!("{}{prefix}", crate::config::istio::PREFIX_REDIRECT)),
+                        _ => p.replace_full_path.clone(),
+                    });
                 route.redirect = Some(HttpRedirect {
-                    uri: r
-                        .path
-                        .as_ref()
-                        .and_then(|p: &PathModifier| p.replace_full_path.clone()),
+                    uri,
                     authority: r.hostname.clone(),
                     port: r.port,
                     scheme: r.scheme.clone(),

@@ -415,10 +415,14 @@ fn redirect(r: &HttpRedirect) -> RedirectAction {
             .scheme
             .clone()
             .map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
-        path_rewrite_specifier: r
-            .uri
-            .clone()
-            .map(redirect_action::PathRewriteSpecifier::PathRedirect),
+        // `%PREFIX()%PATH` replaces only the prefix the route matched, as
+        // Istio reads it (its Gateway API conversion writes it so).
+        path_rewrite_specifier: r.uri.as_deref().map(|uri| {
+            match uri.strip_prefix(crate::config::istio::PREFIX_REDIRECT) {
+                Some(prefix) => redirect_action::PathRewriteSpecifier::PrefixRewrite(prefix.to_string()),
+                None => redirect_action::PathRewriteSpecifier::PathRedirect(uri.to_string()),
+            }
+        }),
         ..Default::default()
     }
 }
