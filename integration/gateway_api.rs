@@ -7,29 +7,16 @@
 use std::time::Duration;
 
 use crate::common::{
-    curl, eventually, free_port, s_server, self_signed, tls_secret, write, Backend, Envoy, Meshd, Pod,
+    curl, eventually, free_port, namespaced_service, s_server, self_signed, tls_secret, write, Backend,
+    Envoy, Meshd, Pod,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A Service `name` in `namespace` on port 80, reaching 127.0.0.1:`backend`.
+/// A Service `name` in `namespace` on port 80 (named `http`), reaching
+/// 127.0.0.1:`backend`.
 fn service(namespace: &str, name: &str, backend: u16) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {namespace}}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: {backend}}}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {{name: {name}, namespace: {namespace}}}
-subsets:
-- addresses: [{{ip: 127.0.0.1}}]
-  ports: [{{name: http, port: {backend}}}]
----
-"#
-    )
+    namespaced_service(namespace, name, "http", 80, backend)
 }
 
 /// The Gateway API Gateway `web` of `default` with one `listener` on
@@ -254,8 +241,7 @@ fn grpc_routes_send_each_method_to_its_backend() {
     allow.allow.store(true, Ordering::SeqCst);
     let deny = crate::common::GrpcAuthorizer::start();
     let port = free_port();
-    let grpc_service =
-        |name: &str, backend: u16| service("default", name, backend).replace("name: http", "name: grpc");
+    let grpc_service = |name: &str, backend: u16| namespaced_service("default", name, "grpc", 80, backend);
     let config = work.path().join("config");
     write(
         &config.join("grpc.yaml"),
@@ -383,7 +369,7 @@ spec:
   rules: [{{backendRefs: [{{name: site, port: 80}}]}}]
 "#,
             hello = service("default", "hello", hello.port),
-            site = service("default", "site", site_port).replace("name: http", "name: tls"),
+            site = namespaced_service("default", "site", "tls", 80, site_port),
         ),
     );
     let meshd = Meshd::start(&config, work.path());

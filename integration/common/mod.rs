@@ -522,16 +522,21 @@ impl Backend {
 /// A Service `name` whose `port` (named `port_name`) reaches one endpoint,
 /// 127.0.0.1:`backend`: YAML documents ending in `---`.
 pub fn loopback_service(name: &str, port_name: &str, port: u16, backend: u16) -> String {
+    namespaced_service("default", name, port_name, port, backend)
+}
+
+/// `loopback_service` in `namespace`.
+pub fn namespaced_service(namespace: &str, name: &str, port_name: &str, port: u16, backend: u16) -> String {
     format!(
         r#"apiVersion: v1
 kind: Service
-metadata: {{name: {name}}}
+metadata: {{name: {name}, namespace: {namespace}}}
 spec:
   ports: [{{name: {port_name}, port: {port}, targetPort: {backend}}}]
 ---
 apiVersion: v1
 kind: Endpoints
-metadata: {{name: {name}}}
+metadata: {{name: {name}, namespace: {namespace}}}
 subsets:
 - addresses: [{{ip: 127.0.0.1}}]
   ports: [{{name: {port_name}, port: {backend}}}]
