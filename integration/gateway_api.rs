@@ -230,6 +230,92 @@ spec:
 }
 
 #[test]
+fn a_listener_admits_the_routes_of_the_namespaces_its_selector_matches() {
+    let work = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Backend::start("team-a"), Backend::start("team-b"));
+    let port = free_port();
+    let route = |ns: &str| {
+        format!(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: app, namespace: {ns}}}
+spec:
+  parentRefs: [{{name: web, namespace: default}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /{ns}}}}}]
+    backendRefs: [{{name: app, port: 80}}]
+---
+"#
+        )
+    };
+    let namespaces = |b_labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: team-a, labels: {{shared: 'true'}}}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {{name: team-b, labels: {{{b_labels}}}}}\n"
+        )
+    };
+    let config = work.path().join("config");
+    write(
+        &config.join("routes.yaml"),
+        &format!(
+            "{}{}{}{}{}",
+            service("team-a", "app", a.port),
+            service("team-b", "app", b.port),
+            web_yaml(
+                port,
+                80,
+                "{name: http, port: 80, protocol: HTTP, \
+                 allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {shared: 'true'}}}}}",
+            ),
+            route("team-a"),
+            route("team-b"),
+        ),
+    );
+    write(&config.join("namespaces.yaml"), &namespaces(""));
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    let get = |path: &str| curl(&[&format!("http://127.0.0.1:{port}{path}")]);
+    eventually(
+        "the route of the labelled namespace is served",
+        WAIT,
+        || match get("/team-a") {
+            Ok((200, body)) if body.contains("Version: team-a") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    assert_eq!(
+        get("/team-b").map(|(code, _)| code),
+        Ok(404),
+        "team-b's route is not admitted"
+    );
+    let team_b_reason = || {
+        let configz = meshd.json("/debug/configz");
+        configz["resources"]
+            .as_array()
+            .and_then(|r| {
+                r.iter()
+                    .find(|r| r["kind"] == "HttpRoute" && r["namespace"] == "team-b")
+                    .map(|r| r["status"]["parents"][0]["conditions"][0]["reason"].clone())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(team_b_reason(), "NotAllowedByListeners");
+
+    // Labelling the namespace admits its route, with no change to the
+    // route or the Gateway.
+    write(&config.join("namespaces.yaml"), &namespaces("shared: 'true'"));
+    eventually(
+        "the newly labelled namespace's route is served",
+        WAIT,
+        || match get("/team-b") {
+            Ok((200, body)) if body.contains("Version: team-b") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    assert_eq!(team_b_reason(), "Accepted");
+}
+
+#[test]
 fn grpc_routes_send_each_method_to_its_backend() {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
@@ -330,12 +416,15 @@ fn tcp_and_tls_routes_forward_connections() {
     self_signed(work.path(), "site", "secure.example.com");
     let site_port = free_port();
     let _site = s_server(work.path(), site_port, "site");
-    let (tcp_port, tls_port) = (free_port(), free_port());
+    // The gateway's own certificate, for the TLS listener that terminates.
+    let db_cert = tls_secret(work.path(), "default", "db", "db.example.com");
+    let (tcp_port, tls_port, terminate_port) = (free_port(), free_port(), free_port());
     let config = work.path().join("config");
     write(
         &config.join("l4.yaml"),
         &format!(
-            r#"{hello}{site}apiVersion: v1
+            r#"{hello}{site}{db_cert}---
+apiVersion: v1
 kind: Service
 metadata: {{name: web-istio}}
 spec:
@@ -343,6 +432,7 @@ spec:
   ports:
   - {{name: tcp, port: 9000, targetPort: {tcp_port}}}
   - {{name: tls, port: 443, targetPort: {tls_port}}}
+  - {{name: db, port: 5433, targetPort: {terminate_port}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -352,12 +442,20 @@ spec:
   listeners:
   - {{name: tcp, port: 9000, protocol: TCP}}
   - {{name: tls, port: 443, protocol: TLS, hostname: secure.example.com, tls: {{mode: Passthrough}}}}
+  - {{name: db, port: 5433, protocol: TLS, hostname: db.example.com, tls: {{certificateRefs: [{{name: db}}]}}}}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {{name: plain}}
 spec:
-  parentRefs: [{{name: web}}]
+  parentRefs: [{{name: web, sectionName: tcp}}]
+  rules: [{{backendRefs: [{{name: hello, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: terminated}}
+spec:
+  parentRefs: [{{name: web, sectionName: db}}]
   rules: [{{backendRefs: [{{name: hello, port: 80}}]}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
@@ -396,12 +494,31 @@ spec:
             other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
         }
     });
+    // The TLS listener that terminates presents the gateway's certificate
+    // and carries the decrypted stream to the TCPRoute's backend.
+    let resolve = format!("db.example.com:{terminate_port}:127.0.0.1");
+    let cacert = work.path().join("db.crt").display().to_string();
+    eventually(
+        "TLS terminated, then TCP through the TCPRoute",
+        WAIT,
+        || match curl(&[
+            "--cacert",
+            &cacert,
+            "--resolve",
+            &resolve,
+            &format!("https://db.example.com:{terminate_port}/"),
+        ]) {
+            Ok((200, body)) if body.contains("Version: tcp") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
     let configz = meshd.json("/debug/configz");
-    for kind in ["TcpRoute", "TlsRoute"] {
-        let route = configz["resources"]
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["kind"] == kind).cloned())
-            .expect("the route in configz");
+    let routes = configz["resources"].as_array().cloned().unwrap_or_default();
+    let routes = routes
+        .iter()
+        .filter(|r| r["kind"] == "TcpRoute" || r["kind"] == "TlsRoute");
+    assert_eq!(routes.clone().count(), 3, "{configz}");
+    for route in routes {
         let accepted = &route["status"]["parents"][0]["conditions"][0];
         assert_eq!(
             (&accepted["type"], &accepted["status"]),

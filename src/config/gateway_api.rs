@@ -82,18 +82,30 @@ pub struct ObjectRef {
 pub struct AllowedRoutes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<RouteNamespaces>,
+    /// The route kinds the listener takes; empty: every kind its
+    /// protocol serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub kinds: Vec<serde_json::Value>,
+    pub kinds: Vec<RouteGroupKind>,
 }
 
-/// Same (default), All or Selector.
+/// A route kind, by group (the Gateway API's when left out) and kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteGroupKind {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub kind: String,
+}
+
+/// Same (default), All or Selector: the namespaces whose labels the
+/// selector matches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteNamespaces {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<serde_json::Value>,
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// `spec` of an HTTPRoute.

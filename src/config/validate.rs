@@ -29,6 +29,7 @@ pub fn validate(resource: &Resource) -> Option<Failure> {
         Resource::Sidecar(sc) => sidecar(&sc.spec),
         Resource::RequestAuthentication(ra) => request_authentication(&ra.spec),
         Resource::AuthorizationPolicy(ap) => authorization_policy(&ap.spec),
+        Resource::K8sGateway(g) => k8s_gateway(&g.spec),
         _ => Ok(()),
     };
     result.err()
@@ -52,6 +53,44 @@ fn gateway(spec: &GatewaySpec) -> Checked {
     }
     for (i, server) in spec.servers.iter().enumerate() {
         gateway_server(&format!("spec.servers[{i}]"), server)?;
+    }
+    Ok(())
+}
+
+/// What the Gateway API's CRD schema checks of a listener's TLS mode and
+/// allowed routes, which a cluster refuses at admission.
+fn k8s_gateway(spec: &super::gateway_api::K8sGatewaySpec) -> Checked {
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let at = format!("spec.listeners[{i}]");
+        if let Some(mode) = l.tls.as_ref().and_then(|t| t.mode.as_deref()) {
+            if !matches!(mode, "Terminate" | "Passthrough") {
+                return fail(
+                    format!("{at}.tls.mode"),
+                    format!("`{mode}` is not Terminate or Passthrough"),
+                );
+            }
+        }
+        let Some(ns) = l.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref()) else {
+            continue;
+        };
+        let at = format!("{at}.allowedRoutes.namespaces");
+        match (ns.from.as_deref(), &ns.selector) {
+            (None | Some("Same" | "All"), _) => {}
+            (Some("Selector"), None) => {
+                return fail(format!("{at}.selector"), "`from: Selector` needs a selector")
+            }
+            (Some("Selector"), Some(selector)) => {
+                if let Err(e) = kube::core::Selector::try_from(selector.clone()) {
+                    return fail(format!("{at}.selector"), format!("not a label selector: {e}"));
+                }
+            }
+            (Some(other), _) => {
+                return fail(
+                    format!("{at}.from"),
+                    format!("`{other}` is not Same, All or Selector"),
+                )
+            }
+        }
     }
     Ok(())
 }
@@ -813,6 +852,36 @@ mod tests {
         assert!(gateway_ref("f", "istio-system/ingressgateway").is_ok());
         assert!(gateway_ref("f", "mesh").is_ok());
         assert!(gateway_ref("f", "a/b/c").is_err());
+    }
+
+    #[test]
+    fn gateway_api_listeners_are_checked_as_their_schema_checks_them() {
+        let spec = |listener: &str| -> super::super::gateway_api::K8sGatewaySpec {
+            serde_norway::from_str(&format!("{{gatewayClassName: istio, listeners: [{listener}]}}"))
+                .expect("yaml")
+        };
+        let ok = "{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector, \
+                  selector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}}}}";
+        assert!(k8s_gateway(&spec(ok)).is_ok());
+        let failure = |listener: &str| k8s_gateway(&spec(listener)).expect_err("rejected");
+        assert_eq!(
+            failure("{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}").0,
+            "spec.listeners[0].allowedRoutes.namespaces.selector"
+        );
+        let (field, reason) = failure(
+            "{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector, \
+             selector: {matchExpressions: [{key: team, operator: Near, values: [a]}]}}}}",
+        );
+        assert_eq!(field, "spec.listeners[0].allowedRoutes.namespaces.selector");
+        assert!(reason.contains("operator"), "{reason}");
+        assert_eq!(
+            failure("{name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Others}}}").0,
+            "spec.listeners[0].allowedRoutes.namespaces.from"
+        );
+        assert_eq!(
+            failure("{name: t, port: 443, protocol: TLS, tls: {mode: Terminated}}").0,
+            "spec.listeners[0].tls.mode"
+        );
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! server per listener; each route becomes a VirtualService bound to its
 //! parent Gateways only. A GRPCRoute is read as the HTTPRoute it amounts
 //! to (`grpc_as_http`): a method match is a match on the request path
-//! `/SERVICE/METHOD`. A TCPRoute (on a TCP listener) becomes a
-//! VirtualService `tcp` route, a TLSRoute (on a TLS listener in
-//! Passthrough mode) a `tls` route matching its hostnames as SNI.
+//! `/SERVICE/METHOD`. A TCPRoute (on a TCP listener, or a TLS listener
+//! that terminates) becomes a VirtualService `tcp` route, a TLSRoute (on
+//! a TLS listener in Passthrough mode) a `tls` route matching its
+//! hostnames as SNI. A listener admits routes from its own namespace,
+//! from all, or from those whose labels its selector matches: the
+//! converted server's hosts name them (`NS/HOST`), as Istio's do.
 //!
 //! A reference into another namespace holds only where a ReferenceGrant
 //! in that namespace allows it: a backendRef it does not allow is an
@@ -21,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::SelectorExt;
 
 use super::DOMAIN_SUFFIX;
 use crate::config::gateway_api::Listener;
@@ -188,15 +192,88 @@ pub fn may_read_secret(config: &ConfigSnapshot, gateway: &Gateway, ns: &str, nam
     converted && granted(config, ("Gateway", gateway.namespace()), ("Secret", ns, name))
 }
 
-/// The route kinds a listener takes: HTTPRoutes and GRPCRoutes on HTTP
-/// and HTTPS, TCPRoutes on TCP, TLSRoutes on TLS in Passthrough mode.
-pub fn listener_kinds(l: &Listener) -> &'static [&'static str] {
-    let mode = l.tls.as_ref().and_then(|t| t.mode.as_deref());
+/// Whether a listener passes TLS through rather than terminating it.
+fn passthrough(l: &Listener) -> bool {
+    l.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("Passthrough")
+}
+
+/// The route kinds a listener's protocol serves, as Istio serves them:
+/// HTTPRoutes and GRPCRoutes on HTTP and HTTPS, TCPRoutes on TCP and on
+/// TLS that terminates, TLSRoutes on TLS in Passthrough mode.
+pub fn protocol_kinds(l: &Listener) -> &'static [&'static str] {
     match l.protocol.as_str() {
         "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
         "TCP" => &["TCPRoute"],
-        "TLS" if mode == Some("Passthrough") => &["TLSRoute"],
+        "TLS" if passthrough(l) => &["TLSRoute"],
+        "TLS" => &["TCPRoute"],
         _ => &[],
+    }
+}
+
+/// The route kinds a listener takes: those of its protocol, narrowed to
+/// the ones its `allowedRoutes.kinds` names, when it names any.
+pub fn listener_kinds(l: &Listener) -> Vec<&'static str> {
+    let named = l
+        .allowed_routes
+        .as_ref()
+        .map(|a| a.kinds.as_slice())
+        .unwrap_or_default();
+    protocol_kinds(l)
+        .iter()
+        .copied()
+        .filter(|kind| {
+            named.is_empty()
+                || named
+                    .iter()
+                    .any(|k| k.kind == *kind && k.group.as_deref().unwrap_or(GROUP) == GROUP)
+        })
+        .collect()
+}
+
+/// The kinds a listener's `allowedRoutes.kinds` names that its protocol
+/// does not serve (the listener's `InvalidRouteKinds`).
+pub fn invalid_kinds(l: &Listener) -> Vec<String> {
+    let served = protocol_kinds(l);
+    l.allowed_routes
+        .iter()
+        .flat_map(|a| &a.kinds)
+        .filter(|k| k.group.as_deref().unwrap_or(GROUP) != GROUP || !served.contains(&k.kind.as_str()))
+        .map(|k| match k.group.as_deref() {
+            Some(g) if g != GROUP => format!("{g}/{}", k.kind),
+            _ => k.kind.clone(),
+        })
+        .collect()
+}
+
+/// The labels of a namespace: its Namespace object's, and the
+/// `kubernetes.io/metadata.name` label Kubernetes gives every namespace
+/// (so a selector on it works without a Namespace object in the files).
+fn namespace_labels(config: &ConfigSnapshot, namespace: &str) -> BTreeMap<String, String> {
+    let key = ResourceKey {
+        kind: Kind::Namespace,
+        namespace: "".into(),
+        name: namespace.into(),
+    };
+    let mut labels = config
+        .resources
+        .get(&key)
+        .and_then(|e| e.resource.metadata().labels.clone())
+        .unwrap_or_default();
+    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    labels
+}
+
+/// Whether a listener admits routes from `namespace`: `from: Same` (the
+/// default), `All`, or `Selector`, matching the namespace's labels.
+pub fn admits(config: &ConfigSnapshot, gw: &K8sGateway, l: &Listener, namespace: &str) -> bool {
+    let allowed = l.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref());
+    match allowed.and_then(|n| n.from.as_deref()) {
+        Some("All") => true,
+        Some("Selector") => allowed
+            .and_then(|n| n.selector.clone())
+            .and_then(|s| kube::core::Selector::try_from(s).ok())
+            .is_some_and(|s| s.matches(&namespace_labels(config, namespace))),
+        _ => namespace == gw.namespace(),
     }
 }
 
@@ -240,31 +317,58 @@ fn meta(name: String, namespace: &str, annotations: Option<BTreeMap<String, Stri
     }
 }
 
-fn server(gw: &K8sGateway, l: &crate::config::gateway_api::Listener) -> Server {
-    let ns_part = match l
+/// The namespaces a listener's `from: Selector` admits, among those the
+/// config knows (a Namespace object, or a route in it).
+fn selected_namespaces(config: &ConfigSnapshot, gw: &K8sGateway, l: &Listener) -> BTreeSet<String> {
+    let known = [
+        Kind::Namespace,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
+    ]
+    .into_iter()
+    .flat_map(|kind| config.of_kind(kind))
+    .filter_map(|r| match r {
+        Resource::Namespace(ns) => ns.metadata.name.clone(),
+        r => r.metadata().namespace.clone(),
+    });
+    known.filter(|ns| admits(config, gw, l, ns)).collect()
+}
+
+/// The converted server of one listener. Its hosts say which namespaces'
+/// routes may bind to it, as Istio's conversion writes them: `./HOST`
+/// (Same), `*/HOST` (All), one `NS/HOST` for each namespace a selector
+/// admits, or `~/HOST` (none) when it admits none yet.
+fn server(config: &ConfigSnapshot, gw: &K8sGateway, l: &Listener) -> Server {
+    let host = l.hostname.as_deref().unwrap_or("*");
+    let from = l
         .allowed_routes
         .as_ref()
         .and_then(|a| a.namespaces.as_ref())
-        .and_then(|n| n.from.as_deref())
-    {
-        Some("All") => "*",
-        _ => ".",
+        .and_then(|n| n.from.as_deref());
+    let hosts = match from {
+        Some("All") => vec![format!("*/{host}")],
+        Some("Selector") => {
+            let admitted: Vec<String> = selected_namespaces(config, gw, l)
+                .iter()
+                .map(|ns| format!("{ns}/{host}"))
+                .collect();
+            if admitted.is_empty() {
+                vec![format!("~/{host}")]
+            } else {
+                admitted
+            }
+        }
+        _ => vec![format!("./{host}")],
     };
-    let host = l.hostname.clone().unwrap_or_else(|| "*".into());
-    let passthrough = || ServerTlsSettings {
-        mode: Some("PASSTHROUGH".into()),
+    let mode = |mode: &str| ServerTlsSettings {
+        mode: Some(mode.into()),
         ..Default::default()
     };
-    let tls = (l.protocol == "TLS").then(passthrough);
-    let tls = tls.or_else(|| {
-        (l.protocol == "HTTPS").then(|| ServerTlsSettings {
-            mode: Some(
-                if l.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("Passthrough") {
-                    "PASSTHROUGH".into()
-                } else {
-                    "SIMPLE".into()
-                },
-            ),
+    let tls = match l.protocol.as_str() {
+        "HTTPS" | "TLS" if passthrough(l) => Some(mode("PASSTHROUGH")),
+        "HTTPS" | "TLS" => Some(ServerTlsSettings {
             credential_name: l.tls.as_ref().and_then(|t| t.certificate_refs.first()).map(|r| {
                 match r.namespace.as_deref() {
                     Some(ns) if ns != gw.namespace() => {
@@ -273,9 +377,10 @@ fn server(gw: &K8sGateway, l: &crate::config::gateway_api::Listener) -> Server {
                     _ => r.name.clone(),
                 }
             }),
-            ..Default::default()
-        })
-    });
+            ..mode("SIMPLE")
+        }),
+        _ => None,
+    };
     Server {
         port: Some(Port {
             number: l.port,
@@ -283,7 +388,7 @@ fn server(gw: &K8sGateway, l: &crate::config::gateway_api::Listener) -> Server {
             name: l.name.clone(),
             target_port: None,
         }),
-        hosts: vec![format!("{ns_part}/{host}")],
+        hosts,
         tls,
         name: Some(format!("{}/{}", gw.name(), l.name)),
         ..Default::default()
@@ -696,7 +801,7 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                         Some([(SCOPE_ANNOTATION.to_string(), "true".to_string())].into()),
                     ),
                     spec: GatewaySpec {
-                        servers: vec![server(gw, l)],
+                        servers: vec![server(config, gw, l)],
                         selector: [(GATEWAY_NAME_LABEL.to_string(), gw.name().to_string())].into(),
                     },
                     status: None,
@@ -711,7 +816,10 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                 let Some(gw) = parent_gateway(&gws, hr.namespace(), p) else {
                     continue;
                 };
-                for l in attached_listeners(gw, p).filter(|l| listener_kinds(l).contains(&hr.kind.as_str())) {
+                let takes = |l: &&Listener| {
+                    listener_kinds(l).contains(&hr.kind.as_str()) && admits(config, gw, l, hr.namespace())
+                };
+                for l in attached_listeners(gw, p).filter(takes) {
                     let name = format!("{}/{}", gw.namespace(), converted_name(gw.name(), &l.name));
                     if !parents.contains(&name) {
                         parents.push(name);
@@ -1022,6 +1130,131 @@ mod tests {
             status["parents"][0]["conditions"][0]["reason"], "NotAllowedByListeners",
             "{status}"
         );
+    }
+
+    /// A Gateway in `infra` whose one listener admits the namespaces
+    /// labelled `shared: "true"`, and HTTPRoutes in `team-a` (labelled so),
+    /// `team-b` (not) and `team-c` (no Namespace object).
+    const SELECTED: &str =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: {shared: 'true'}}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata: {name: team-b}\n---\n\
+        apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: infra}\n\
+        spec:\n  gatewayClassName: istio\n  listeners:\n\
+        \x20 - name: http\n    port: 80\n    protocol: HTTP\n    hostname: '*.example.com'\n\
+        \x20   allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {shared: 'true'}}}}\n";
+
+    fn route_in(ns: &str) -> String {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: {ns}}}\n\
+             spec: {{parentRefs: [{{name: web, namespace: infra}}], rules: [{{backendRefs: [{{name: app, port: 80}}]}}]}}\n"
+        )
+    }
+
+    #[test]
+    fn a_namespace_selector_admits_the_routes_of_the_namespaces_it_matches() {
+        let docs = format!(
+            "{SELECTED}{}{}{}",
+            route_in("team-a"),
+            route_in("team-b"),
+            route_in("team-c")
+        );
+        let snapshot = config(&docs);
+        let (gateways, services) = convert(&snapshot);
+        // The converted server names the admitted namespaces, as Istio's
+        // conversion does, so the translation binds their routes only.
+        assert_eq!(gateways[0].spec.servers[0].hosts, ["team-a/*.example.com"]);
+        let bound: Vec<&str> = services
+            .iter()
+            .filter(|v| !v.spec.gateways.is_empty())
+            .map(|v| v.namespace())
+            .collect();
+        assert_eq!(bound, ["team-a"]);
+        let reason = |ns: &str| {
+            let route = snapshot
+                .of_kind(Kind::HttpRoute)
+                .find(|r| r.metadata().namespace.as_deref() == Some(ns))
+                .and_then(as_http)
+                .expect("the route");
+            let status = super::super::gateway_status::route_status(&snapshot, &route);
+            status["parents"][0]["conditions"][0]["reason"]
+                .as_str()
+                .map(str::to_string)
+        };
+        assert_eq!(reason("team-a").as_deref(), Some("Accepted"));
+        assert_eq!(reason("team-b").as_deref(), Some("NotAllowedByListeners"));
+        assert_eq!(reason("team-c").as_deref(), Some("NotAllowedByListeners"));
+
+        // Kubernetes labels every namespace with its name: a selector on
+        // that label needs no Namespace object in the files.
+        let by_name = SELECTED.replace("{shared: 'true'}}}}", "{kubernetes.io/metadata.name: team-c}}}}");
+        let (gateways, _) = convert(&config(&format!("{by_name}{}", route_in("team-c"))));
+        assert_eq!(gateways[0].spec.servers[0].hosts, ["team-c/*.example.com"]);
+
+        // No namespace matches: the server binds no route at all.
+        let unlabelled = SELECTED.replace("labels: {shared: 'true'}", "labels: {}");
+        let (gateways, services) = convert(&config(&format!("{unlabelled}{}", route_in("team-a"))));
+        assert_eq!(gateways[0].spec.servers[0].hosts, ["~/*.example.com"]);
+        assert!(services.is_empty());
+    }
+
+    #[test]
+    fn allowed_kinds_narrow_what_a_listener_takes() {
+        let docs = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+            spec:\n  gatewayClassName: istio\n  listeners:\n\
+            \x20 - {name: grpc, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}\n\
+            \x20 - {name: odd, port: 81, protocol: HTTP, allowedRoutes: {kinds: [{kind: HTTPRoute}, {kind: TCPRoute}]}}\n\
+            ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: app, port: 80}]}]}\n";
+        let snapshot = config(docs);
+        let (_, services) = convert(&snapshot);
+        assert_eq!(
+            services[0].spec.gateways,
+            ["shop/web-istio-autogenerated-k8s-gateway-odd"]
+        );
+        let Some(Resource::K8sGateway(gw)) = snapshot.of_kind(Kind::K8sGateway).next() else {
+            panic!("the Gateway")
+        };
+        let status = super::super::gateway_status::gateway_status(&snapshot, gw, false).expect("a status");
+        let listeners = status["listeners"].as_array().expect("listeners");
+        assert_eq!(listeners[0]["supportedKinds"][0]["kind"], "GRPCRoute", "{status}");
+        assert_eq!(listeners[0]["supportedKinds"].as_array().map(Vec::len), Some(1));
+        assert_eq!(listeners[0]["attachedRoutes"], 0);
+        // A kind the protocol does not serve is InvalidRouteKinds; the
+        // kinds it does serve stay.
+        let refs = &listeners[1]["conditions"][1];
+        assert_eq!(
+            (refs["type"].as_str(), refs["reason"].as_str()),
+            (Some("ResolvedRefs"), Some("InvalidRouteKinds"))
+        );
+        assert!(
+            refs["message"].as_str().is_some_and(|m| m.contains("TCPRoute")),
+            "{refs}"
+        );
+        assert_eq!(listeners[1]["supportedKinds"][0]["kind"], "HTTPRoute");
+        assert_eq!(listeners[1]["attachedRoutes"], 1);
+    }
+
+    #[test]
+    fn a_tls_listener_that_terminates_takes_tcp_routes() {
+        let docs = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+            spec:\n  gatewayClassName: istio\n  listeners:\n\
+            \x20 - {name: db, port: 5433, protocol: TLS, hostname: db.example.com, tls: {certificateRefs: [{name: db-cert}]}}\n\
+            ---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: db, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: db, port: 5432}]}]}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: s, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], rules: [{backendRefs: [{name: db, port: 5432}]}]}\n";
+        let (gateways, services) = convert(&config(docs));
+        let server = &gateways[0].spec.servers[0];
+        let tls = server.tls.as_ref().expect("TLS settings");
+        assert_eq!(
+            (tls.mode.as_deref(), tls.credential_name.as_deref()),
+            (Some("SIMPLE"), Some("db-cert"))
+        );
+        assert_eq!(server.port.as_ref().map(|p| p.protocol.as_str()), Some("TLS"));
+        // The TCPRoute is taken; the TLSRoute (Passthrough only) is not.
+        let names: Vec<&str> = services.iter().map(|v| v.name()).collect();
+        assert_eq!(names, ["db-tcproute"]);
+        assert_eq!(services[0].spec.tcp.len(), 1);
     }
 
     #[test]

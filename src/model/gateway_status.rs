@@ -8,8 +8,8 @@
 use serde_json::{json, Value};
 
 use super::gateway_api::{
-    attached_listeners, backend_problem, exists, gateways, listener_kinds, parent_gateway, served_classes,
-    ungranted_certificate, CONTROLLER_NAME,
+    admits, attached_listeners, backend_problem, exists, gateways, invalid_kinds, listener_kinds,
+    parent_gateway, protocol_kinds, served_classes, ungranted_certificate, CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -60,17 +60,6 @@ pub fn class_status(class: &GatewayClass) -> Option<Value> {
     })
 }
 
-/// Whether a listener admits routes from `namespace` (`from: Same`, the
-/// default, or `All`; a label selector is served as `Same`).
-fn admits(gw: &K8sGateway, l: &Listener, namespace: &str) -> bool {
-    let from = l
-        .allowed_routes
-        .as_ref()
-        .and_then(|a| a.namespaces.as_ref())
-        .and_then(|n| n.from.as_deref());
-    from == Some("All") || namespace == gw.namespace()
-}
-
 /// Whether a route hostname and a listener hostname can both match one
 /// request.
 fn hostnames_meet(listener: Option<&str>, route: &str) -> bool {
@@ -85,9 +74,9 @@ fn hostnames_meet(listener: Option<&str>, route: &str) -> bool {
 }
 
 /// Whether the route, through `p`, attaches to listener `l` of `gw`.
-fn attaches(hr: &HttpRoute, gw: &K8sGateway, p: &ParentRef, l: &Listener) -> bool {
+fn attaches(config: &ConfigSnapshot, hr: &HttpRoute, gw: &K8sGateway, p: &ParentRef, l: &Listener) -> bool {
     attached_listeners(gw, p).any(|a| a.name == l.name)
-        && admits(gw, l, hr.namespace())
+        && admits(config, gw, l, hr.namespace())
         && listener_kinds(l).contains(&hr.kind.as_str())
         && (hr.spec.hostnames.is_empty()
             || hr
@@ -103,13 +92,26 @@ fn listener_problem(
     gw: &K8sGateway,
     l: &Listener,
 ) -> Option<(&'static str, &'static str, String)> {
-    if listener_kinds(l).is_empty() {
+    if protocol_kinds(l).is_empty() {
         return Some((
             "Accepted",
             "UnsupportedProtocol",
             format!(
-                "protocol {} is not served (HTTP, HTTPS, TCP, and TLS in Passthrough mode are)",
+                "protocol {} is not served (HTTP, HTTPS, TCP and TLS are)",
                 l.protocol
+            ),
+        ));
+    }
+    let invalid = invalid_kinds(l);
+    if !invalid.is_empty() {
+        return Some((
+            "ResolvedRefs",
+            "InvalidRouteKinds",
+            format!(
+                "a {} listener does not take {} (it takes {})",
+                l.protocol,
+                invalid.join(", "),
+                protocol_kinds(l).join(", ")
             ),
         ));
     }
@@ -141,13 +143,17 @@ fn listener_problem(
         }
     }
     let tls = l.tls.as_ref();
-    let terminate = l.protocol == "HTTPS" && tls.and_then(|t| t.mode.as_deref()) != Some("Passthrough");
+    let terminate = matches!(l.protocol.as_str(), "HTTPS" | "TLS")
+        && tls.and_then(|t| t.mode.as_deref()) != Some("Passthrough");
     if terminate {
         let Some(cert) = tls.and_then(|t| t.certificate_refs.first()) else {
             return Some((
                 "ResolvedRefs",
                 "InvalidCertificateRef",
-                "an HTTPS listener that terminates TLS needs a certificateRef".into(),
+                format!(
+                    "a {} listener that terminates TLS needs a certificateRef",
+                    l.protocol
+                ),
             ));
         };
         let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
@@ -194,7 +200,7 @@ pub fn gateway_status(config: &ConfigSnapshot, gw: &K8sGateway, programmed: bool
                 .iter()
                 .filter(|hr| {
                     hr.spec.parent_refs.iter().any(|p| {
-                        parent_gateway(&[gw], hr.namespace(), p).is_some() && attaches(hr, gw, p, l)
+                        parent_gateway(&[gw], hr.namespace(), p).is_some() && attaches(config, hr, gw, p, l)
                     })
                 })
                 .count();
@@ -313,13 +319,16 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                         ),
                     ))
                 }
-                Some(gw) if !attached_listeners(gw, p).any(|l| admits(gw, l, hr.namespace())) => Some((
-                    "NotAllowedByListeners",
-                    format!(
-                        "the listeners of Gateway {ns}/{} admit routes from their own namespace only",
-                        p.name
-                    ),
-                )),
+                Some(gw) if !attached_listeners(gw, p).any(|l| admits(config, gw, l, hr.namespace())) => {
+                    Some((
+                        "NotAllowedByListeners",
+                        format!(
+                            "no listener of Gateway {ns}/{} admits routes from namespace {}",
+                            p.name,
+                            hr.namespace()
+                        ),
+                    ))
+                }
                 Some(gw)
                     if !attached_listeners(gw, p).any(|l| listener_kinds(l).contains(&hr.kind.as_str())) =>
                 {
@@ -328,7 +337,7 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                         format!("no listener of Gateway {ns}/{} takes {}s", p.name, hr.kind),
                     ))
                 }
-                Some(gw) if !attached_listeners(gw, p).any(|l| attaches(hr, gw, p, l)) => Some((
+                Some(gw) if !attached_listeners(gw, p).any(|l| attaches(config, hr, gw, p, l)) => Some((
                     "NoMatchingListenerHostname",
                     format!(
                         "no listener of Gateway {ns}/{} matches the route's hostnames",

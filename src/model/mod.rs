@@ -232,10 +232,14 @@ impl PushContext {
         // Ingress backends name service ports, by number or by name.
         let ingress_ports =
             touched(&[Kind::Service, Kind::ServiceEntry]) && config.of_kind(Kind::Ingress).next().is_some();
-        if touched(ROUTING_KINDS) || ingress_ports {
+        // A Gateway API listener may admit routes by their namespace's labels.
+        let namespace_labels =
+            touched(&[Kind::Namespace]) && config.of_kind(Kind::K8sGateway).next().is_some();
+        let routing = touched(ROUTING_KINDS) || ingress_ports || namespace_labels;
+        if routing {
             push.index_routing();
         }
-        if touched(SELECTING_KINDS) || touched(ROUTING_KINDS) || ingress_ports {
+        if touched(SELECTING_KINDS) || routing {
             push.sidecar_label_keys = sidecar_label_keys(&push);
         }
         push
