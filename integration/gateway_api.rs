@@ -559,6 +559,20 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 302}}
+  - matches: [{{path: {{type: PathPrefix, value: /strip}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}
+    backendRefs: [{{name: echo, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /api/}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}}
+    backendRefs: [{{name: echo, port: 80}}]
+  - matches: [{{path: {{type: PathPrefix, value: /gone}}}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}, statusCode: 302}}
   - matches: [{{path: {{type: PathPrefix, value: /tagged}}}}]
     backendRefs:
     - name: echo
@@ -587,6 +601,32 @@ spec:
                 .to_ascii_lowercase()
                 .contains(&format!("location: http://127.0.0.1:{port}/new/deep")) => {}
         other => panic!("the prefix redirect: {other:?}"),
+    }
+    // A prefix matches whole segments and is replaced by them, as the
+    // Gateway API has it: no `//`, and `/stripped` is not under `/strip`.
+    for (path, expected) in [
+        ("/strip/a/b?q=1", Ok((200, "path /a/b".to_string()))),
+        ("/strip", Ok((200, "path /".to_string()))),
+        ("/api/users", Ok((200, "path /v2/users".to_string()))),
+        ("/api", Ok((200, "path /v2".to_string()))),
+    ] {
+        assert_eq!(
+            curl(&[&format!("http://127.0.0.1:{port}{path}")]),
+            expected,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{port}/stripped")]).map(|(code, _)| code),
+        Ok(404),
+        "a prefix matches whole segments"
+    );
+    match curl(&["-i", &format!("http://127.0.0.1:{port}/gone/deep")]) {
+        Ok((302, head))
+            if head
+                .to_ascii_lowercase()
+                .contains(&format!("location: http://127.0.0.1:{port}/deep\r")) => {}
+        other => panic!("the prefix redirect to /: {other:?}"),
     }
     // A backend's own filter: its answers carry the header.
     match curl(&["-i", &format!("http://127.0.0.1:{port}/tagged")]) {

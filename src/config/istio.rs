@@ -239,6 +239,13 @@ pub struct PortSelector {
 /// conversion writes RequestRedirect `ReplacePrefixMatch` so.
 pub const PREFIX_REDIRECT: &str = "%PREFIX()%";
 
+/// Marks a VirtualService converted from a Gateway API route, whose
+/// paths follow the Gateway API's rules (Istio's annotation, value
+/// `gateway`): a prefix matches whole path segments (`/foo` matches
+/// `/foo/bar`, not `/foobar`), and replacing it keeps one `/` between
+/// the replacement and the rest.
+pub const ROUTE_SEMANTICS: &str = "internal.istio.io/route-semantics";
+
 /// An HTTP redirect answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -40,6 +40,7 @@ use crate::config::istio::{
 };
 use crate::config::istio::{
     RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes, TlsRoute as IstioTlsRoute,
+    ROUTE_SEMANTICS,
 };
 use crate::config::{
     ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, IstioObject, K8sGateway, Kind, Resource, ResourceKey,
@@ -842,7 +843,7 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                     ..meta(
                         format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase()),
                         hr.namespace(),
-                        None,
+                        Some([(ROUTE_SEMANTICS.to_string(), "gateway".to_string())].into()),
                     )
                 },
                 spec: {

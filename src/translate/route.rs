@@ -47,6 +47,12 @@ pub fn http_routes(
         proxy_namespace: scope.proxy_namespace,
         proxy_labels: scope.proxy_labels,
     };
+    let gateway_paths = vs
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::config::istio::ROUTE_SEMANTICS))
+        .is_some_and(|v| v == "gateway");
     let mut routes = Vec::new();
     for (i, rule) in vs.spec.http.iter().enumerate() {
         ctx.field = format!("spec.http[{i}]");
@@ -83,10 +89,14 @@ pub fn http_routes(
             }
             let mut route = Route {
                 name: rule.name.clone().unwrap_or_default(),
-                r#match: Some(route_match(m)),
+                r#match: Some(route_match(m, gateway_paths)),
                 action: Some(action.clone()),
                 ..Default::default()
             };
+            let matched_prefix = m.and_then(|m| m.uri.as_ref()).and_then(|u| u.prefix.as_deref());
+            if let (true, Some(matched)) = (gateway_paths, matched_prefix) {
+                replace_segments(&mut route, matched);
+            }
             route_policy::apply_to_route(rule, &mut route);
             routes.push(route);
         }
@@ -427,7 +437,60 @@ fn redirect(r: &HttpRedirect) -> RedirectAction {
     }
 }
 
-fn route_match(m: Option<&HttpMatchRequest>) -> RouteMatch {
+/// How the Gateway API replaces a matched prefix (`ReplacePrefixMatch`):
+/// by whole segments, so that `/foo` replaced by `/xyz` makes `/foo/bar`
+/// `/xyz/bar`, and replaced by `/` makes it `/bar` (and `/foo` itself `/`),
+/// where Envoy's plain prefix rewrite would make `//bar`.
+enum PrefixReplacement {
+    Prefix(String),
+    Regex(RegexMatchAndSubstitute),
+}
+
+fn prefix_replacement(matched: &str, replacement: &str) -> PrefixReplacement {
+    let matched = matched.trim_end_matches('/');
+    let replacement = replacement.trim_end_matches('/');
+    if replacement.is_empty() {
+        PrefixReplacement::Regex(RegexMatchAndSubstitute {
+            pattern: Some(regex(&format!("^{}/*", regex::escape(matched)))),
+            substitution: "/".into(),
+        })
+    } else if matched.is_empty() {
+        PrefixReplacement::Prefix(format!("{replacement}/"))
+    } else {
+        PrefixReplacement::Prefix(replacement.to_string())
+    }
+}
+
+/// A Gateway API route's prefix rewrite or prefix redirect, made to
+/// replace the segments `matched` matched (`prefix_replacement`).
+fn replace_segments(route: &mut Route, matched: &str) {
+    use redirect_action::PathRewriteSpecifier as Redirect;
+    match &mut route.action {
+        Some(route::Action::Route(a)) if !a.prefix_rewrite.is_empty() => {
+            match prefix_replacement(matched, &a.prefix_rewrite) {
+                PrefixReplacement::Prefix(p) => a.prefix_rewrite = p,
+                PrefixReplacement::Regex(r) => {
+                    a.prefix_rewrite.clear();
+                    a.regex_rewrite = Some(r);
+                }
+            }
+        }
+        Some(route::Action::Redirect(r)) => {
+            if let Some(Redirect::PrefixRewrite(p)) = &r.path_rewrite_specifier {
+                r.path_rewrite_specifier = Some(match prefix_replacement(matched, p) {
+                    PrefixReplacement::Prefix(p) => Redirect::PrefixRewrite(p),
+                    PrefixReplacement::Regex(re) => Redirect::RegexRewrite(re),
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The Envoy match of a VirtualService match. `gateway_paths`: a prefix
+/// matches whole path segments, as the Gateway API's PathPrefix does
+/// (Envoy's `path_separated_prefix`; a trailing `/` is ignored).
+fn route_match(m: Option<&HttpMatchRequest>, gateway_paths: bool) -> RouteMatch {
     let prefix = || Some(route_match::PathSpecifier::Prefix("/".into()));
     let Some(m) = m else {
         return RouteMatch {
@@ -437,6 +500,13 @@ fn route_match(m: Option<&HttpMatchRequest>) -> RouteMatch {
     };
     let path_specifier = match &m.uri {
         Some(StringMatch { exact: Some(p), .. }) => Some(route_match::PathSpecifier::Path(p.clone())),
+        Some(StringMatch { prefix: Some(p), .. })
+            if gateway_paths && !p.trim_end_matches('/').is_empty() && !p.contains(['?', '#']) =>
+        {
+            Some(route_match::PathSpecifier::PathSeparatedPrefix(
+                p.trim_end_matches('/').to_string(),
+            ))
+        }
         Some(StringMatch { prefix: Some(p), .. }) => Some(route_match::PathSpecifier::Prefix(p.clone())),
         Some(StringMatch { regex: Some(r), .. }) => Some(route_match::PathSpecifier::SafeRegex(regex(r))),
         _ => prefix(),

@@ -159,6 +159,11 @@ fn matches(r: &Route, req: &Request) -> bool {
     let path_ok = match &m.path_specifier {
         Some(route_match::PathSpecifier::Prefix(x)) => p.starts_with(&fold(x)),
         Some(route_match::PathSpecifier::Path(x)) => p == fold(x),
+        // The prefix, then the end of the path or a `/` (the query and
+        // fragment are gone already).
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(x)) => p
+            .strip_prefix(&fold(x))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
         Some(route_match::PathSpecifier::SafeRegex(re)) => full_match(&re.regex, path),
         _ => false,
     };
