@@ -537,17 +537,22 @@ fn http_route_filters_rewrite_redirect_mirror_and_tag_a_backend() {
         axum::Router::new().fallback(|uri: axum::http::Uri| async move { format!("path {}", uri.path()) })
     });
     let mirror = Backend::start("mirror");
+    let fallback = Backend::start("fallback");
     let port = free_port();
     let config = work.path().join("config");
+    // The catch-all rule comes first: the Gateway API's precedence (the
+    // longer path first) still gives every other path its own rule.
     write(
         &config.join("filters.yaml"),
         &format!(
-            r#"{echo}{mirror}{web}apiVersion: gateway.networking.k8s.io/v1
+            r#"{echo}{mirror}{fallback}{web}apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: web}}
 spec:
   parentRefs: [{{name: web}}]
   rules:
+  - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+    backendRefs: [{{name: fallback, port: 80}}]
   - matches: [{{path: {{type: PathPrefix, value: /old}}}}]
     filters:
     - type: URLRewrite
@@ -583,6 +588,7 @@ spec:
 "#,
             echo = service("default", "echo", echo_port),
             mirror = service("default", "mirror", mirror.port),
+            fallback = service("default", "fallback", fallback.port),
             web = web_yaml(port, 80, "{name: http, port: 80, protocol: HTTP}"),
         ),
     );
@@ -616,10 +622,20 @@ spec:
             "{path}"
         );
     }
+    let version = |path: &str| {
+        curl(&[&format!("http://127.0.0.1:{port}{path}")]).map(|(code, body)| {
+            (
+                code,
+                body.lines()
+                    .find_map(|l| l.strip_prefix("Version: "))
+                    .map(str::to_string),
+            )
+        })
+    };
     assert_eq!(
-        curl(&[&format!("http://127.0.0.1:{port}/stripped")]).map(|(code, _)| code),
-        Ok(404),
-        "a prefix matches whole segments"
+        version("/stripped"),
+        Ok((200, Some("fallback".to_string()))),
+        "a prefix matches whole segments: /stripped is the catch-all's"
     );
     match curl(&["-i", &format!("http://127.0.0.1:{port}/gone/deep")]) {
         Ok((302, head))

@@ -391,6 +391,9 @@ struct VhostBuild {
     /// VirtualServices already merged in (a VS host may meet several servers).
     merged: BTreeSet<(String, String)>,
     https_redirect: bool,
+    /// Whether every VirtualService merged in came from a Gateway API
+    /// route, whose rules take the Gateway API's precedence.
+    gateway_api: Option<bool>,
 }
 
 fn route_configuration(
@@ -423,6 +426,8 @@ fn route_configuration(
                             proxy_labels: &proxy.labels,
                         };
                         vhost.routes.extend(http_routes(push, vs, &scope, diags));
+                        let converted = super::route::gateway_semantics(vs);
+                        vhost.gateway_api = Some(vhost.gateway_api.unwrap_or(true) && converted);
                     }
                 }
             }
@@ -437,7 +442,10 @@ fn route_configuration(
     }
     let virtual_hosts = vhosts
         .into_iter()
-        .map(|(host, v)| {
+        .map(|(host, mut v)| {
+            if v.gateway_api == Some(true) {
+                super::route::sort_by_gateway_precedence(&mut v.routes);
+            }
             let domains = if host == "*" {
                 vec!["*".to_string()]
             } else {

@@ -47,12 +47,7 @@ pub fn http_routes(
         proxy_namespace: scope.proxy_namespace,
         proxy_labels: scope.proxy_labels,
     };
-    let gateway_paths = vs
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::config::istio::ROUTE_SEMANTICS))
-        .is_some_and(|v| v == "gateway");
+    let gateway_paths = gateway_semantics(vs);
     let mut routes = Vec::new();
     for (i, rule) in vs.spec.http.iter().enumerate() {
         ctx.field = format!("spec.http[{i}]");
@@ -435,6 +430,41 @@ fn redirect(r: &HttpRedirect) -> RedirectAction {
         }),
         ..Default::default()
     }
+}
+
+/// Whether a VirtualService was converted from a Gateway API route (its
+/// paths and its rules' order follow the Gateway API).
+pub(super) fn gateway_semantics(vs: &VirtualService) -> bool {
+    vs.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::config::istio::ROUTE_SEMANTICS))
+        .is_some_and(|v| v == "gateway")
+}
+
+/// Sorts the routes of Gateway API rules into the Gateway API's
+/// precedence, as Istio sorts them: an exact path before a prefix before
+/// a regex, a longer path first, then a method match, more header
+/// matches, more query parameter matches. The sort is stable, so ties
+/// keep the order they came in: the older route first, then the order
+/// of its rules.
+pub(super) fn sort_by_gateway_precedence(routes: &mut [Route]) {
+    routes.sort_by_cached_key(|r| {
+        let m = r.r#match.as_ref();
+        let (rank, length) = match m.and_then(|m| m.path_specifier.as_ref()) {
+            Some(route_match::PathSpecifier::Path(p)) => (3, p.len()),
+            Some(
+                route_match::PathSpecifier::PathSeparatedPrefix(p) | route_match::PathSpecifier::Prefix(p),
+            ) => (2, p.len()),
+            Some(route_match::PathSpecifier::SafeRegex(re)) => (1, re.regex.len()),
+            _ => (0, 0),
+        };
+        let headers = m.map(|m| m.headers.as_slice()).unwrap_or_default();
+        let method = headers.iter().any(|h| h.name == ":method");
+        let header_count = headers.iter().filter(|h| h.name != ":method").count();
+        let query_count = m.map_or(0, |m| m.query_parameters.len());
+        std::cmp::Reverse((rank, length, method, header_count, query_count))
+    });
 }
 
 /// How the Gateway API replaces a matched prefix (`ReplacePrefixMatch`):
