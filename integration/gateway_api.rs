@@ -329,6 +329,9 @@ fn grpc_routes_send_each_method_to_its_backend() {
     let port = free_port();
     let grpc_service = |name: &str, backend: u16| namespaced_service("default", name, "grpc", 80, backend);
     let config = work.path().join("config");
+    // A rule naming a service outranks one matching headers alone (the
+    // GRPCRoute's precedence), so the rule for the ungranted backend names
+    // the method too.
     write(
         &config.join("grpc.yaml"),
         &format!(
@@ -343,7 +346,8 @@ spec:
       headers: [{{name: x-decider, value: strict}}]
     backendRefs: [{{name: deny, port: 80}}]
   - matches:
-    - headers: [{{name: x-decider, value: elsewhere}}]
+    - method: {{service: envoy.service.auth.v3.Authorization, method: Check}}
+      headers: [{{name: x-decider, value: elsewhere}}]
     backendRefs: [{{name: deny, namespace: other, port: 80}}]
   - matches:
     - method: {{service: envoy.service.auth.v3.Authorization}}
