@@ -360,27 +360,7 @@ fn custom_policies_check_gateway_tcp_connections_with_a_grpc_authorizer() {
     write(
         &dir.join("mesh.yaml"),
         &format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: istio-ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  ports:
-  - {{name: http2, port: 80, targetPort: {http_port}}}
-  - {{name: tcp, port: 31400, targetPort: {tcp_port}}}
----
-apiVersion: networking.istio.io/v1beta1
-kind: Gateway
-metadata: {{name: ingressgateway, namespace: istio-system}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers:
-  - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: ["*"]
-  - port: {{number: 31400, name: tcp, protocol: TCP}}
-    hosts: ["*"]
----
-{hello}{vs}---
+            r#"{gateway}{hello}{vs}---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata: {{name: hello-tcp}}
@@ -392,6 +372,7 @@ spec:
     route:
     - destination: {{host: hello, port: {{number: 80}}}}
 "#,
+            gateway = crate::common::ingress_gateway_with_tcp(http_port, Some(tcp_port)),
             hello = crate::common::loopback_service("hello", "http", 80, backend.port),
             vs = crate::common::hello_virtual_service("v1", None),
         ),

@@ -454,6 +454,83 @@ spec:
     );
 }
 
+/// A DestinationRule `tunnel` carries the gateway's TCP to a service
+/// through an HTTP CONNECT proxy (a stock Envoy that opens tunnels to the
+/// backend's address only), as Istio applies it: without the tunnel the
+/// proxy answers the gateway's bytes with 404.
+#[test]
+fn a_tunnel_carries_tcp_through_a_connect_proxy() {
+    let work = tempfile::tempdir().expect("tmp");
+    let (http_port, tcp_port, proxy_port) = (free_port(), free_port(), free_port());
+    let backend = Backend::start("tunnelled");
+    let _proxy = crate::common::connect_proxy(work.path(), proxy_port, backend.port);
+    let dir = work.path().join("config");
+    write(
+        &dir.join("mesh.yaml"),
+        &format!(
+            r#"{gateway}apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: forward-proxy}}
+spec:
+  hosts: [proxy.corp.example]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 3128, name: tcp, protocol: TCP, targetPort: {proxy_port}}}]
+  endpoints: [{{address: 127.0.0.1}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: through-proxy}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingressgateway]
+  tcp:
+  - route:
+    - destination: {{host: proxy.corp.example, port: {{number: 3128}}}}
+"#,
+            gateway = crate::common::ingress_gateway_with_tcp(http_port, Some(tcp_port)),
+        ),
+    );
+    let tunnel = dir.join("tunnel.yaml");
+    let meshd = Meshd::start(&dir, work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-ingressgateway-4"),
+    );
+    let url = format!("http://127.0.0.1:{tcp_port}/");
+    eventually(
+        "the proxy refuses plain bytes",
+        Duration::from_secs(15),
+        || match curl(&[&url]) {
+            Ok((404, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    write(
+        &tunnel,
+        &format!(
+            r#"apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: forward-proxy}}
+spec:
+  host: proxy.corp.example
+  trafficPolicy:
+    tunnel: {{protocol: CONNECT, targetHost: 127.0.0.1, targetPort: {}}}
+"#,
+            backend.port
+        ),
+    );
+    eventually(
+        "the backend answers through the tunnel",
+        Duration::from_secs(15),
+        || match curl(&[&url]) {
+            Ok((200, body)) if body.contains("Version: tunnelled") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+}
+
 /// A backend that speaks HTTP only after a PROXY protocol v1 header, and
 /// answers with that header: what a load balancer behind Envoy would see.
 fn proxy_protocol_backend() -> (u16, std::sync::mpsc::Receiver<String>) {

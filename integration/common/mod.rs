@@ -100,6 +100,66 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
+/// A stock Envoy on `port` acting as an HTTP/1.1 CONNECT proxy that opens
+/// tunnels to `127.0.0.1:target` only (a CONNECT for any other authority
+/// gets 404, as does any request that is not a CONNECT); ready when it
+/// returns.
+pub fn connect_proxy(work: &Path, port: u16, target: u16) -> Proc {
+    let admin_port = free_port();
+    let config = work.join(format!("connect-proxy-{port}.yaml"));
+    write(
+        &config,
+        &format!(
+            r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+static_resources:
+  listeners:
+  - name: connect
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: connect
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: target
+              domains: ["127.0.0.1:{target}"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route: {{cluster: target, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
+  clusters:
+  - name: target
+    type: STATIC
+    load_assignment:
+      cluster_name: target
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
+"#
+        ),
+    );
+    let proc = spawn(
+        Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(["--base-id", &admin_port.to_string()])
+            .args(["-l", "info"]),
+        work.join(format!("connect-proxy-{port}.log")),
+    );
+    eventually(
+        "the CONNECT proxy's /ready",
+        Duration::from_secs(30),
+        || match curl(&[&format!("http://127.0.0.1:{admin_port}/ready")]) {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", proc.log_tail())),
+        },
+    );
+    proc
+}
+
 /// `curl` with these arguments; returns (HTTP status, body).
 pub fn curl(args: &[&str]) -> Result<(u16, String), String> {
     let out = Command::new("curl")
@@ -549,13 +609,27 @@ subsets:
 /// Envoy listens) and a Gateway for every host on it: YAML documents ending
 /// in `---`.
 pub fn ingress_gateway(port: u16) -> String {
+    ingress_gateway_with_tcp(port, None)
+}
+
+/// As `ingress_gateway`, with a TCP server on 31400 too (Istio's sample
+/// TCP port) when `tcp` names the port the gateway Envoy listens on for it.
+pub fn ingress_gateway_with_tcp(port: u16, tcp: Option<u16>) -> String {
+    let (tcp_port, tcp_server) = match tcp {
+        Some(tcp) => (
+            format!("\n  - {{name: tcp, port: 31400, targetPort: {tcp}}}"),
+            "\n  - port: {number: 31400, name: tcp, protocol: TCP}\n    hosts: [\"*\"]",
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         r#"apiVersion: v1
 kind: Service
 metadata: {{name: istio-ingressgateway, namespace: istio-system}}
 spec:
   selector: {{istio: ingressgateway}}
-  ports: [{{name: http2, port: 80, targetPort: {port}}}]
+  ports:
+  - {{name: http2, port: 80, targetPort: {port}}}{tcp_port}
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: Gateway
@@ -564,7 +638,7 @@ spec:
   selector: {{istio: ingressgateway}}
   servers:
   - port: {{number: 80, name: http, protocol: HTTP}}
-    hosts: ["*"]
+    hosts: ["*"]{tcp_server}
 ---
 "#
     )

@@ -526,8 +526,9 @@ pub struct MutualTls {
 }
 
 /// `spec` of a DestinationRule: policies for traffic to a host, after
-/// routing. `tls` (whole-service and per port) is applied; the other
-/// traffic policies are accepted as written and reported as not applied yet.
+/// routing (TLS, load balancing, connection pools, outlier detection,
+/// PROXY protocol, tunnels), for the whole service, per port and per
+/// subset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
@@ -558,10 +559,24 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tunnel: Option<serde_json::Value>,
+    pub tunnel: Option<TunnelSettings>,
     /// PROXY protocol header sent ahead of every upstream connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `trafficPolicy.tunnel`: TCP to the destination (an HTTP proxy) is
+/// carried inside an HTTP request for `targetHost:targetPort`, a CONNECT
+/// (the default) or a POST.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub target_host: String,
+    #[serde(default)]
+    pub target_port: u32,
 }
 
 /// `trafficPolicy.proxyProtocol`: V1 (text, the default) or V2 (binary).

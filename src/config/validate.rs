@@ -168,6 +168,20 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Checked {
         if let Some(tls) = &policy.tls {
             client_tls(format!("{at}.tls.mode"), tls)?;
         }
+        if let Some(t) = &policy.tunnel {
+            if !matches!(t.protocol.as_deref(), None | Some("CONNECT" | "POST")) {
+                return fail(format!("{at}.tunnel.protocol"), "must be CONNECT or POST");
+            }
+            if t.target_host.is_empty() {
+                return fail(format!("{at}.tunnel.targetHost"), "is required");
+            }
+            if t.target_port == 0 || t.target_port > 65535 {
+                return fail(
+                    format!("{at}.tunnel.targetPort"),
+                    "must be a port number (1-65535)",
+                );
+            }
+        }
         let lb = policy.load_balancer.as_ref();
         if let Some(l) = lb.and_then(|l| l.locality_lb_setting.as_ref()) {
             locality_lb(&format!("{at}.loadBalancer.localityLbSetting"), l)?;
@@ -852,6 +866,33 @@ mod tests {
         assert!(gateway_ref("f", "istio-system/ingressgateway").is_ok());
         assert!(gateway_ref("f", "mesh").is_ok());
         assert!(gateway_ref("f", "a/b/c").is_err());
+    }
+
+    #[test]
+    fn a_tunnel_needs_a_target_and_a_known_protocol() {
+        let field = |tunnel: &str| {
+            let spec: DestinationRuleSpec =
+                serde_norway::from_str(&format!("{{host: proxy, trafficPolicy: {{tunnel: {tunnel}}}}}"))
+                    .expect("yaml");
+            destination_rule(&spec).err().map(|f| f.0)
+        };
+        assert_eq!(field("{targetHost: example.com, targetPort: 443}"), None);
+        assert_eq!(
+            field("{protocol: POST, targetHost: example.com, targetPort: 443}"),
+            None
+        );
+        assert_eq!(
+            field("{protocol: UDP, targetHost: example.com, targetPort: 443}").as_deref(),
+            Some("spec.trafficPolicy.tunnel.protocol")
+        );
+        assert_eq!(
+            field("{targetPort: 443}").as_deref(),
+            Some("spec.trafficPolicy.tunnel.targetHost")
+        );
+        assert_eq!(
+            field("{targetHost: example.com}").as_deref(),
+            Some("spec.trafficPolicy.tunnel.targetPort")
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::TunnelingConfig;
 use envoy_types::pb::envoy::extensions::transport_sockets::proxy_protocol::v3::ProxyProtocolUpstreamTransport;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
@@ -211,9 +212,6 @@ impl ServiceClusters<'_> {
     pub fn translate(&self, push: &PushContext, out: &mut Generated) {
         let (svc, dr, view) = (self.service, self.rule, self.view);
         let mesh_locality = locality::mesh_default();
-        if let Some(dr) = dr {
-            not_applied(dr, &mut out.diagnostics);
-        }
         let subsets =
             std::iter::once(None).chain(dr.into_iter().flat_map(|d| d.spec.subsets.iter().map(Some)));
         let subsets: Vec<Option<&Subset>> = subsets.collect();
@@ -396,20 +394,43 @@ fn dr_name(dr: Option<&DestinationRule>) -> String {
         .unwrap_or_default()
 }
 
-/// Says which of a DestinationRule's settings are not applied yet.
-fn not_applied(dr: &DestinationRule, diags: &mut Vec<Diagnostic>) {
-    if dr
+/// The tunnel TCP to `clusters` goes through when it goes to one
+/// cluster (`outbound|PORT|SUBSET|HOST`) whose DestinationRule, as the
+/// proxy sees it, asks for one (`trafficPolicy.tunnel`, a subset's own
+/// first), as Istio applies it: Envoy's TCP proxy then opens an HTTP
+/// CONNECT (or POST) request for `targetHost:targetPort` to the cluster
+/// and carries the connection inside it.
+pub(super) fn tunnel(
+    push: &PushContext,
+    proxy: &Proxy,
+    clusters: &[(String, u32)],
+) -> Option<TunnelingConfig> {
+    let [(cluster, _)] = clusters else { return None };
+    let mut parts = cluster.splitn(4, '|');
+    let (Some("outbound"), Some(_), Some(subset), Some(host)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let svc = push.services.get(host)?;
+    let dr = push.destination_rule(&proxy.namespace, &proxy.labels, host, &svc.namespace)?;
+    let own = dr
         .spec
-        .traffic_policy
-        .as_ref()
-        .is_some_and(|p| p.tunnel.is_some())
-    {
-        diags.push(Diagnostic {
-            resource: dr_name(Some(dr)),
-            field: "spec.trafficPolicy.tunnel".into(),
-            message: "not applied yet; the rest of the rule is served".into(),
-        });
-    }
+        .subsets
+        .iter()
+        .find(|s| !subset.is_empty() && s.name == subset)
+        .and_then(|s| s.traffic_policy.as_ref())
+        .and_then(|p| p.tunnel.as_ref());
+    let t = own.or_else(|| dr.spec.traffic_policy.as_ref()?.tunnel.as_ref())?;
+    Some(TunnelingConfig {
+        hostname: if t.target_host.contains(':') {
+            format!("[{}]:{}", t.target_host, t.target_port)
+        } else {
+            format!("{}:{}", t.target_host, t.target_port)
+        },
+        use_post: t.protocol.as_deref() == Some("POST"),
+        ..Default::default()
+    })
 }
 
 /// Wraps every transport socket of `cluster` (plain text where it has

@@ -164,7 +164,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                 continue;
             };
             let chains = match mode {
-                Mode::Passthrough => tls::passthrough_chains(push, bound, &mut out.diagnostics)
+                Mode::Passthrough => tls::passthrough_chains(push, proxy, bound, &mut out.diagnostics)
                     .into_iter()
                     .map(|chain| policy.guard_tcp(chain, &mut out.diagnostics))
                     .collect(),
@@ -250,7 +250,8 @@ fn tcp_chain(
                 &rule.route,
                 &mut out.diagnostics,
             );
-            let mut chain = tls::tcp_chain(clusters)?;
+            let tunnel = super::cluster::tunnel(push, proxy, &clusters);
+            let mut chain = tls::tcp_chain(clusters, tunnel)?;
             if let ServerKind::TlsTcp(mode) = bound.kind {
                 chain.transport_socket = tls::downstream_transport(
                     push,

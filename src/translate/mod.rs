@@ -289,11 +289,13 @@ fn rds(route_name: &str) -> http_connection_manager::RouteSpecifier {
     })
 }
 
-/// A TCP proxy to one cluster.
-fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
+/// A TCP proxy to one cluster, through a tunnel when one is given
+/// (`cluster::tunnel`).
+fn tcp_proxy(stat_prefix: &str, cluster: &str, tunnel: Option<tcp_proxy::TunnelingConfig>) -> Filter {
     let proxy = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        tunneling_config: tunnel,
         ..Default::default()
     };
     Filter {
@@ -338,6 +340,36 @@ mod tests {
     fn sidecar(ip: &str, pod: &str, meta: serde_json::Value) -> Proxy {
         let id = format!("sidecar~{ip}~{pod}.shop~shop.svc.cluster.local");
         Proxy::parse(&id, meta.as_object().expect("object")).expect("proxy")
+    }
+
+    #[test]
+    fn a_tunnel_is_the_destination_rules_and_a_subsets_own_comes_first() {
+        let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+            metadata: {name: admin, namespace: shop}\nspec:\n  host: admin\n\
+            \x20 trafficPolicy: {tunnel: {targetHost: db.example.com, targetPort: 5432}}\n\
+            \x20 subsets:\n\
+            \x20 - {name: v2, labels: {v: '2'}, trafficPolicy: {tunnel: {protocol: POST, targetHost: '2001:db8::1', targetPort: 443}}}\n\
+            \x20 - {name: v3, labels: {v: '3'}}\n";
+        let snapshot = ConfigSnapshot::from_files(vec![parse_file("m.yaml", &format!("{MESH}{dr}"))]);
+        assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+        let push = PushContext::new(Arc::new(snapshot));
+        let proxy = sidecar("10.0.0.9", "client", serde_json::json!({}));
+        let host = "admin.shop.svc.cluster.local";
+        let tunnel = |clusters: &[(String, u32)]| {
+            cluster::tunnel(&push, &proxy, clusters).map(|t| (t.hostname, t.use_post))
+        };
+        let one = |subset: &str| vec![(outbound_cluster_name(9000, subset, host), 1)];
+        assert_eq!(tunnel(&one("")), Some(("db.example.com:5432".to_string(), false)));
+        assert_eq!(tunnel(&one("v2")), Some(("[2001:db8::1]:443".to_string(), true)));
+        assert_eq!(
+            tunnel(&one("v3")),
+            Some(("db.example.com:5432".to_string(), false))
+        );
+        // Split between clusters, as Istio has it: no tunnel.
+        let split = [one("v2"), one("v3")].concat();
+        assert_eq!(tunnel(&split), None);
+        let web = vec![(outbound_cluster_name(80, "", "web.shop.svc.cluster.local"), 1)];
+        assert_eq!(tunnel(&web), None);
     }
 
     #[test]

@@ -160,7 +160,7 @@ fn inbound_chain(
             &policy.http,
         )
     } else {
-        tcp_proxy(&stat, cluster)
+        tcp_proxy(&stat, cluster, None)
     };
     let filters = if http {
         vec![filter]
@@ -333,7 +333,7 @@ fn virtual_inbound(chains: Vec<FilterChain>, out: &mut Generated) {
         // What no chain admits (plain text under STRICT) is closed.
         default_filter_chain: Some(FilterChain {
             name: "BlackHoleFilterChain".into(),
-            filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE)],
+            filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE, None)],
             ..Default::default()
         }),
         ..Default::default()
@@ -542,13 +542,13 @@ fn fallback_chain(scope: &SidecarScope) -> FilterChain {
     if scope.registry_only {
         FilterChain {
             name: "BlackHoleFilterChain".into(),
-            filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE)],
+            filters: vec![tcp_proxy(BLACKHOLE, BLACKHOLE, None)],
             ..Default::default()
         }
     } else {
         FilterChain {
             name: "PassthroughFilterChain".into(),
-            filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH)],
+            filters: vec![tcp_proxy(PASSTHROUGH, PASSTHROUGH, None)],
             ..Default::default()
         }
     }
@@ -619,7 +619,11 @@ fn plan_port(
         let cluster = outbound_cluster_name(port, "", &svc.hostname);
         let default = |diags: &mut Vec<Diagnostic>| {
             tcp_route(push, proxy, svc, port, diags).unwrap_or_else(|| FilterChain {
-                filters: vec![tcp_proxy(&cluster, &cluster)],
+                filters: vec![tcp_proxy(
+                    &cluster,
+                    &cluster,
+                    super::cluster::tunnel(push, proxy, &[(cluster.clone(), 1)]),
+                )],
                 ..Default::default()
             })
         };
@@ -633,9 +637,12 @@ fn plan_port(
                     .push((svc.cluster_ip.clone(), svc.hostname.clone(), chains));
             } else {
                 if !chains.iter().any(|c| names(c, &svc.hostname)) {
+                    let clusters = vec![(cluster, 1)];
+                    let tunnel = super::cluster::tunnel(push, proxy, &clusters);
                     chains.push(super::tls::sni_chain(
                         vec![svc.hostname.clone()],
-                        vec![(cluster, 1)],
+                        clusters,
+                        tunnel,
                     ));
                 }
                 plan.sni.extend(chains);
@@ -831,7 +838,8 @@ fn tcp_route(
                     .any(|m| l4_applies(m.port, &m.source_labels, &m.gateways, proxy, port));
             if applies {
                 let clusters = l4_clusters(push, vs, &format!("spec.tcp[{i}]"), &rule.route, diags);
-                let mut chain = super::tls::tcp_chain(clusters)?;
+                let tunnel = super::cluster::tunnel(push, proxy, &clusters);
+                let mut chain = super::tls::tcp_chain(clusters, tunnel)?;
                 chain.name = format!("tcp:{}:{port}", svc.hostname);
                 return Some(chain);
             }
@@ -865,7 +873,8 @@ fn tls_rule_chains(
                     .collect();
                 let clusters = l4_clusters(push, vs, &format!("spec.tls[{i}]"), &rule.route, diags);
                 if !names.is_empty() && !clusters.is_empty() {
-                    chains.push(super::tls::sni_chain(names, clusters));
+                    let tunnel = super::cluster::tunnel(push, proxy, &clusters);
+                    chains.push(super::tls::sni_chain(names, clusters, tunnel));
                 }
             }
         }

@@ -441,6 +441,7 @@ fn tls_params(tls: &ServerTlsSettings) -> TlsParameters {
 /// route match bound to the Gateway, forwarding the encrypted stream.
 pub fn passthrough_chains(
     push: &PushContext,
+    proxy: &Proxy,
     bound: &BoundServer<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<FilterChain> {
@@ -491,7 +492,8 @@ pub fn passthrough_chains(
                 if clusters.is_empty() {
                     continue;
                 }
-                chains.push(sni_chain(names, clusters));
+                let tunnel = super::cluster::tunnel(push, proxy, &clusters);
+                chains.push(sni_chain(names, clusters, tunnel));
             }
         }
     }
@@ -507,7 +509,7 @@ pub fn auto_passthrough_chains(push: &PushContext) -> Vec<FilterChain> {
             svc.ports.iter().map(|p| {
                 let sni = format!("outbound_.{}_._.{}", p.port, svc.hostname);
                 let cluster = super::outbound_cluster_name(p.port, "", &svc.hostname);
-                sni_chain(vec![sni], vec![(cluster, 1)])
+                sni_chain(vec![sni], vec![(cluster, 1)], None)
             })
         })
         .collect()
@@ -515,16 +517,23 @@ pub fn auto_passthrough_chains(push: &PushContext) -> Vec<FilterChain> {
 
 /// A chain forwarding TCP to one cluster or several by weight; `None`
 /// without a cluster.
-pub(super) fn tcp_chain(clusters: Vec<(String, u32)>) -> Option<FilterChain> {
+pub(super) fn tcp_chain(
+    clusters: Vec<(String, u32)>,
+    tunnel: Option<tcp_proxy::TunnelingConfig>,
+) -> Option<FilterChain> {
     if clusters.is_empty() {
         return None;
     }
-    let mut chain = sni_chain(Vec::new(), clusters);
+    let mut chain = sni_chain(Vec::new(), clusters, tunnel);
     chain.filter_chain_match = None;
     Some(chain)
 }
 
-pub(super) fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u32)>) -> FilterChain {
+pub(super) fn sni_chain(
+    server_names: Vec<String>,
+    mut clusters: Vec<(String, u32)>,
+    tunnel: Option<tcp_proxy::TunnelingConfig>,
+) -> FilterChain {
     let stat_prefix = clusters.first().map(|c| c.0.clone()).unwrap_or_default();
     let specifier = if clusters.len() == 1 {
         tcp_proxy::ClusterSpecifier::Cluster(clusters.remove(0).0)
@@ -544,6 +553,7 @@ pub(super) fn sni_chain(server_names: Vec<String>, mut clusters: Vec<(String, u3
     let proxy = TcpProxy {
         stat_prefix,
         cluster_specifier: Some(specifier),
+        tunneling_config: tunnel,
         ..Default::default()
     };
     FilterChain {
