@@ -7,6 +7,23 @@ use std::time::Duration;
 
 use crate::common::{curl, eventually, free_port, loopback_service, write, Backend, Envoy, Meshd, Pod};
 
+/// The sidecar of the pod `default/web-1` (labelled `app=web`), without
+/// traffic capture.
+fn web_sidecar(meshd: &Meshd, work: &std::path::Path) -> Envoy {
+    Envoy::start_with_bootstrap_args(
+        meshd,
+        work,
+        &Pod {
+            role: "sidecar",
+            name: "web-1",
+            namespace: "default",
+            labels: "app=web",
+            delta: false,
+        },
+        &["--interception-mode", "NONE"],
+    )
+}
+
 #[test]
 fn sidecar_listeners_without_capture_carry_http_tcp_and_ingress() {
     let work = tempfile::tempdir().expect("tmp");
@@ -40,18 +57,7 @@ spec:
     );
     write(&work.path().join("config/mesh.yaml"), &config);
     let meshd = Meshd::start(&work.path().join("config"), work.path());
-    let envoy = Envoy::start_with_bootstrap_args(
-        &meshd,
-        work.path(),
-        &Pod {
-            role: "sidecar",
-            name: "web-1",
-            namespace: "default",
-            labels: "app=web",
-            delta: false,
-        },
-        &["--interception-mode", "NONE"],
-    );
+    let envoy = web_sidecar(&meshd, work.path());
     let get = |port: u16, host: &str| {
         curl(&[
             "-H",
@@ -103,4 +109,92 @@ spec:
         "db-next",
     );
     assert!(db_next.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}
+
+/// An HTTPRoute bound to a Service (the Gateway API for a mesh, GAMMA)
+/// routes the sidecars' calls to it, as Istio binds it: a producer route
+/// (in the Service's namespace) for every client, with the Gateway API's
+/// path rules and precedence; a consumer route (in another namespace)
+/// for its own namespace's clients only.
+#[test]
+fn an_http_route_bound_to_a_service_routes_the_mesh() {
+    let work = tempfile::tempdir().expect("tmp");
+    let (v1, v2) = (Backend::start("reviews-v1"), Backend::start("reviews-v2"));
+    let port = free_port();
+    let config = format!(
+        r#"{reviews}{reviews_v2}apiVersion: networking.istio.io/v1beta1
+kind: Sidecar
+metadata: {{name: web}}
+spec:
+  workloadSelector:
+    labels: {{app: web}}
+  egress:
+  - captureMode: NONE
+    hosts: ["*/*"]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: reviews, port: {port}}}]
+  rules:
+  - backendRefs: [{{name: reviews, port: {port}}}]
+  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+    backendRefs: [{{name: reviews-v2, port: {port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: everything-to-v2, namespace: elsewhere}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: reviews, namespace: default}}]
+  rules:
+  - backendRefs: [{{name: reviews-v2, namespace: default, port: {port}}}]
+"#,
+        reviews = loopback_service("reviews", "http", port, v1.port),
+        reviews_v2 = loopback_service("reviews-v2", "http-v2", port, v2.port),
+    );
+    write(&work.path().join("config/mesh.yaml"), &config);
+    let meshd = Meshd::start(&work.path().join("config"), work.path());
+    let envoy = web_sidecar(&meshd, work.path());
+    let version = |path: &str| {
+        curl(&["-H", "Host: reviews", &format!("http://127.0.0.1:{port}{path}")]).map(|(code, body)| {
+            let v = body
+                .lines()
+                .find_map(|l| l.strip_prefix("Version: "))
+                .unwrap_or_default();
+            (code, v.to_string())
+        })
+    };
+    eventually(
+        "the route sends /v2 to reviews-v2",
+        Duration::from_secs(15),
+        || match version("/v2/stars") {
+            Ok((200, v)) if v == "reviews-v2" => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
+    // The catch-all rule is written first; the longer prefix still wins.
+    // A prefix matches whole segments; the consumer route of another
+    // namespace does not reach this client.
+    assert_eq!(version("/v2"), Ok((200, "reviews-v2".to_string())));
+    assert_eq!(version("/v2beta"), Ok((200, "reviews-v1".to_string())));
+    assert_eq!(version("/"), Ok((200, "reviews-v1".to_string())));
+    let status = meshd.json("/debug/configz");
+    let accepted: Vec<String> = status["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["kind"] == "HttpRoute")
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["namespace"], r["status"]["parents"][0]["conditions"][0]["reason"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        accepted,
+        ["\"default\":\"Accepted\"", "\"elsewhere\":\"Accepted\""],
+        "{status}"
+    );
 }

@@ -10,7 +10,9 @@
 //! a TLS listener in Passthrough mode) a `tls` route matching its
 //! hostnames as SNI. A listener admits routes from its own namespace,
 //! from all, or from those whose labels its selector matches: the
-//! converted server's hosts name them (`NS/HOST`), as Istio's do.
+//! converted server's hosts name them (`NS/HOST`), as Istio's do. A
+//! route whose parent is a Service (GAMMA) becomes a VirtualService for
+//! that Service's hostname bound to `mesh` (`mesh_routes`).
 //!
 //! A reference into another namespace holds only where a ReferenceGrant
 //! in that namespace allows it: a backendRef it does not allow is an
@@ -835,18 +837,10 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
             } else {
                 hr.spec.hostnames.clone()
             };
-            Some(VirtualService {
-                api_version: "networking.istio.io/v1".into(),
-                kind: "VirtualService".into(),
-                metadata: ObjectMeta {
-                    creation_timestamp: hr.metadata.creation_timestamp.clone(),
-                    ..meta(
-                        format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase()),
-                        hr.namespace(),
-                        Some([(ROUTE_SEMANTICS.to_string(), "gateway".to_string())].into()),
-                    )
-                },
-                spec: {
+            Some(converted_route(
+                hr,
+                format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase()),
+                {
                     let owner = (hr.kind.as_str(), hr.namespace());
                     let rules = hr.spec.rules.iter();
                     let mut spec = VirtualServiceSpec {
@@ -879,11 +873,115 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                     }
                     spec
                 },
-                status: None,
-            })
+            ))
         })
+        .chain(routes(config).iter().flat_map(|hr| mesh_routes(config, hr)))
         .collect();
     (converted, routes)
+}
+
+/// The VirtualService a route becomes, named `name`: its creation time
+/// kept (for Istio's oldest-first order), marked as following the
+/// Gateway API's path rules.
+fn converted_route(hr: &HttpRoute, name: String, spec: VirtualServiceSpec) -> VirtualService {
+    VirtualService {
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        metadata: ObjectMeta {
+            creation_timestamp: hr.metadata.creation_timestamp.clone(),
+            ..meta(
+                name,
+                hr.namespace(),
+                Some([(ROUTE_SEMANTICS.to_string(), "gateway".to_string())].into()),
+            )
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// Whether a parentRef names a Service (the Gateway API for a mesh,
+/// GAMMA).
+pub(super) fn names_service(p: &ParentRef) -> bool {
+    p.kind.as_deref() == Some("Service") && core_group(p.group.as_deref())
+}
+
+/// The route kinds that bind to a Service, as Istio binds them.
+pub const MESH_ROUTE_KINDS: &[&str] = &["HTTPRoute", "GRPCRoute"];
+
+/// The Service a parentRef binds a route of `kind` to, as (namespace,
+/// name), or why it binds none: the parentRef names no Service, or one
+/// that does not exist or lacks the port it names, or the kind does not
+/// bind to Services.
+pub(super) fn mesh_parent<'a>(
+    config: &ConfigSnapshot,
+    (kind, route_ns): (&str, &'a str),
+    p: &'a ParentRef,
+) -> Result<(&'a str, &'a str), String> {
+    let ns = p.namespace.as_deref().unwrap_or(route_ns);
+    let key = ResourceKey {
+        kind: Kind::Service,
+        namespace: ns.into(),
+        name: p.name.as_str().into(),
+    };
+    let service = match config.resources.get(&key).map(|e| &*e.resource) {
+        Some(Resource::Service(s)) if names_service(p) => s,
+        _ => return Err(format!("no Service {ns}/{}", p.name)),
+    };
+    if !MESH_ROUTE_KINDS.contains(&kind) {
+        return Err(format!(
+            "a {kind} does not bind to a Service (HTTPRoutes and GRPCRoutes do)"
+        ));
+    }
+    let ports = service.spec.as_ref().and_then(|s| s.ports.as_ref());
+    if let Some(port) = p.port {
+        if !ports.is_some_and(|ports| ports.iter().any(|sp| u32::try_from(sp.port) == Ok(port))) {
+            return Err(format!("Service {ns}/{} has no port {port}", p.name));
+        }
+    }
+    Ok((ns, p.name.as_str()))
+}
+
+/// The VirtualServices of an HTTPRoute or GRPCRoute bound to Services
+/// (GAMMA), as Istio converts them: one per Service, for its hostname,
+/// bound to `mesh`, its matches narrowed to the parentRef's port. A
+/// route in the Service's own namespace serves every client (a producer
+/// route); one in another namespace serves the clients of its own
+/// namespace only (a consumer route).
+fn mesh_routes(config: &ConfigSnapshot, hr: &HttpRoute) -> Vec<VirtualService> {
+    let owner = (hr.kind.as_str(), hr.namespace());
+    hr.spec
+        .parent_refs
+        .iter()
+        .filter_map(|p| {
+            let (ns, name) = mesh_parent(config, owner, p).ok()?;
+            let mut http: Vec<IstioHttpRoute> =
+                hr.spec.rules.iter().map(|r| rule(config, owner, r)).collect();
+            if let Some(port) = p.port {
+                for r in &mut http {
+                    if r.matches.is_empty() {
+                        r.matches.push(HttpMatchRequest::default());
+                    }
+                    for m in &mut r.matches {
+                        m.port = Some(port);
+                    }
+                }
+            }
+            let spec = VirtualServiceSpec {
+                hosts: vec![format!("{name}.{ns}.{DOMAIN_SUFFIX}")],
+                gateways: vec!["mesh".into()],
+                export_to: if ns == hr.namespace() {
+                    Vec::new()
+                } else {
+                    vec![".".into()]
+                },
+                http,
+                ..Default::default()
+            };
+            let vs_name = format!("{}-{}-mesh-{ns}-{name}", hr.name(), hr.kind.to_ascii_lowercase());
+            Some(converted_route(hr, vs_name, spec))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1133,6 +1231,18 @@ mod tests {
         );
     }
 
+    /// The `Accepted` condition of the first parent of the HTTPRoute in
+    /// namespace `ns`.
+    fn accepted(snapshot: &ConfigSnapshot, ns: &str) -> serde_json::Value {
+        let route = snapshot
+            .of_kind(Kind::HttpRoute)
+            .find(|r| r.metadata().namespace.as_deref() == Some(ns))
+            .and_then(as_http)
+            .expect("the route");
+        let status = super::super::gateway_status::route_status(snapshot, &route);
+        status["parents"][0]["conditions"][0].clone()
+    }
+
     /// A Gateway in `infra` whose one listener admits the namespaces
     /// labelled `shared: "true"`, and HTTPRoutes in `team-a` (labelled so),
     /// `team-b` (not) and `team-c` (no Namespace object).
@@ -1170,20 +1280,10 @@ mod tests {
             .map(|v| v.namespace())
             .collect();
         assert_eq!(bound, ["team-a"]);
-        let reason = |ns: &str| {
-            let route = snapshot
-                .of_kind(Kind::HttpRoute)
-                .find(|r| r.metadata().namespace.as_deref() == Some(ns))
-                .and_then(as_http)
-                .expect("the route");
-            let status = super::super::gateway_status::route_status(&snapshot, &route);
-            status["parents"][0]["conditions"][0]["reason"]
-                .as_str()
-                .map(str::to_string)
-        };
-        assert_eq!(reason("team-a").as_deref(), Some("Accepted"));
-        assert_eq!(reason("team-b").as_deref(), Some("NotAllowedByListeners"));
-        assert_eq!(reason("team-c").as_deref(), Some("NotAllowedByListeners"));
+        let reason = |ns: &str| accepted(&snapshot, ns)["reason"].clone();
+        assert_eq!(reason("team-a"), "Accepted");
+        assert_eq!(reason("team-b"), "NotAllowedByListeners");
+        assert_eq!(reason("team-c"), "NotAllowedByListeners");
 
         // Kubernetes labels every namespace with its name: a selector on
         // that label needs no Namespace object in the files.
@@ -1196,6 +1296,52 @@ mod tests {
         let (gateways, services) = convert(&config(&format!("{unlabelled}{}", route_in("team-a"))));
         assert_eq!(gateways[0].spec.servers[0].hosts, ["~/*.example.com"]);
         assert!(services.is_empty());
+    }
+
+    #[test]
+    fn a_route_bound_to_a_service_routes_the_mesh_as_istio_binds_it() {
+        let route = |ns: &str, parent: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: {ns}}}\n\
+                 spec: {{parentRefs: [{parent}], rules: [{{backendRefs: [{{name: reviews-v2, namespace: shop, port: 9080}}]}}]}}\n"
+            )
+        };
+        let docs = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{ports: [{{port: 9080}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: reviews-v2, namespace: shop}}\nspec: {{ports: [{{port: 9080}}]}}\n{}{}{}{}",
+            route("shop", "{group: '', kind: Service, name: reviews, port: 9080}"),
+            route("web", "{group: '', kind: Service, name: reviews, namespace: shop}"),
+            route("bad-port", "{group: '', kind: Service, name: reviews, namespace: shop, port: 80}"),
+            route("missing", "{group: '', kind: Service, name: ratings}"),
+        );
+        let snapshot = config(&docs);
+        let (_, services) = convert(&snapshot);
+        let vs = |ns: &str| services.iter().find(|v| v.namespace() == ns);
+        // A producer route (the Service's namespace) serves every client,
+        // on the port its parentRef names.
+        let producer = vs("shop").expect("the producer route");
+        assert_eq!(producer.spec.hosts, ["reviews.shop.svc.cluster.local"]);
+        assert_eq!(producer.spec.gateways, ["mesh"]);
+        assert!(producer.spec.export_to.is_empty());
+        assert_eq!(producer.spec.http[0].matches[0].port, Some(9080));
+        // A consumer route serves its own namespace's clients only.
+        let consumer = vs("web").expect("the consumer route");
+        assert_eq!(consumer.spec.export_to, ["."]);
+        assert!(consumer.spec.http[0].matches.is_empty());
+        assert!(vs("bad-port").is_none() && vs("missing").is_none());
+
+        let reason = |ns: &str| accepted(&snapshot, ns)["reason"].clone();
+        assert_eq!(reason("shop"), "Accepted");
+        assert_eq!(reason("web"), "Accepted");
+        assert_eq!(reason("bad-port"), "NoMatchingParent");
+        assert_eq!(
+            accepted(&snapshot, "bad-port")["message"],
+            "Service shop/reviews has no port 80"
+        );
+        assert_eq!(
+            accepted(&snapshot, "missing")["message"],
+            "no Service missing/ratings"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use super::gateway_api::{
     admits, attached_listeners, backend_problem, exists, gateways, invalid_kinds, listener_kinds,
-    parent_gateway, protocol_kinds, served_classes, ungranted_certificate, CONTROLLER_NAME,
+    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, ungranted_certificate,
+    CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -290,7 +291,10 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         .iter()
         .filter_map(|p| {
             let ns = p.namespace.as_deref().unwrap_or(hr.namespace());
+            let mesh = names_service(p).then(|| mesh_parent(config, (&hr.kind, hr.namespace()), p).err());
             let problem = match parent_gateway(&gws, hr.namespace(), p) {
+                // A Service (GAMMA): the route binds to the mesh.
+                _ if mesh.is_some() => mesh.flatten().map(|why| ("NoMatchingParent", why)),
                 // Another class's Gateway: its controller says how the
                 // route fares there, not meshd.
                 None if p.kind.as_deref().unwrap_or("Gateway") == "Gateway"

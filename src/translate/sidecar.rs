@@ -891,7 +891,8 @@ fn names(chain: &FilterChain, host: &str) -> bool {
 }
 
 /// Routes of the mesh VirtualServices for this service, merged oldest
-/// first.
+/// first; in the Gateway API's precedence when they all come from
+/// Gateway API routes bound to the service.
 fn mesh_routes(
     push: &PushContext,
     proxy: &Proxy,
@@ -905,7 +906,15 @@ fn mesh_routes(
         proxy_namespace: &proxy.namespace,
         proxy_labels: &proxy.labels,
     };
-    mesh_virtual_services(push, proxy, svc)
-        .flat_map(|vs| http_routes(push, vs, &scope, diags))
-        .collect()
+    let mut gateway_api = None;
+    let mut routes: Vec<Route> = mesh_virtual_services(push, proxy, svc)
+        .flat_map(|vs| {
+            gateway_api = Some(gateway_api.unwrap_or(true) && super::route::gateway_semantics(vs));
+            http_routes(push, vs, &scope, diags)
+        })
+        .collect();
+    if gateway_api == Some(true) {
+        super::route::sort_by_gateway_precedence(&mut routes);
+    }
+    routes
 }
