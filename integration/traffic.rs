@@ -531,6 +531,86 @@ spec:
     );
 }
 
+/// An AUTO_PASSTHROUGH gateway (Istio's east-west gateway) forwards a TLS
+/// stream by its SNI, `outbound_.PORT_.SUBSET_.HOST`, to the endpoints of
+/// that service and subset, its TLS untouched: the site's own server
+/// answers the handshake.
+#[test]
+fn auto_passthrough_forwards_by_the_sni_of_a_service_and_subset() {
+    let work = tempfile::tempdir().expect("tmp");
+    crate::common::self_signed(work.path(), "site", "site.default.svc.cluster.local");
+    let site_port = free_port();
+    let _site = crate::common::s_server(work.path(), site_port, "site");
+    let gateway_port = free_port();
+    write(
+        &work.path().join("config/mesh.yaml"),
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  ports: [{{name: tls, port: 15443, targetPort: {gateway_port}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: Gateway
+metadata: {{name: cross-network, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 15443, name: tls, protocol: TLS}}
+    tls: {{mode: AUTO_PASSTHROUGH}}
+    hosts: ["*.local"]
+---
+{site}apiVersion: v1
+kind: Pod
+metadata: {{name: site-v2, labels: {{app: site, version: v2}}}}
+spec: {{containers: [{{name: site, image: site}}]}}
+status: {{podIP: 127.0.0.1}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: site}}
+spec:
+  host: site
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+"#,
+            site = loopback_service("site", "tls", 443, site_port),
+        ),
+    );
+    let meshd = Meshd::start(&work.path().join("config"), work.path());
+    let envoy = Envoy::start(
+        &meshd,
+        work.path(),
+        &Pod::ingress_gateway("istio-eastwestgateway-1"),
+    );
+    let through = |subset: &str| {
+        let sni = format!("outbound_.443_.{subset}_.site.default.svc.cluster.local");
+        curl(&[
+            "-k",
+            "--resolve",
+            &format!("{sni}:{gateway_port}:127.0.0.1"),
+            &format!("https://{sni}:{gateway_port}/"),
+        ])
+    };
+    for subset in ["", "v2"] {
+        eventually(
+            &format!("the site through SNI subset {subset}"),
+            Duration::from_secs(15),
+            || match through(subset) {
+                Ok((200, body)) if body.contains("s_server") => Ok(()),
+                other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+            },
+        );
+    }
+    // A subset without endpoints, and one no DestinationRule defines, get
+    // nothing.
+    assert!(through("v3").is_err());
+    assert!(through("v9").is_err());
+}
+
 /// A backend that speaks HTTP only after a PROXY protocol v1 header, and
 /// answers with that header: what a load balancer behind Envoy would see.
 fn proxy_protocol_backend() -> (u16, std::sync::mpsc::Receiver<String>) {

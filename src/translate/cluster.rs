@@ -88,6 +88,10 @@ pub struct ClusterView<'a> {
     pub identity: bool,
     pub namespace: Option<&'a str>,
     pub labels: Option<&'a BTreeMap<String, String>>,
+    /// A gateway with an AUTO_PASSTHROUGH server: each cluster also gets
+    /// its SNI-DNAT twin (`sni_dnat_name`), which passes the client's own
+    /// mutual TLS through.
+    pub sni_dnat: bool,
 }
 
 /// One service as a proxy's outbound clusters take it: the service, the
@@ -112,6 +116,7 @@ pub struct ClusterKey {
     identity: bool,
     namespace: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+    sni_dnat: bool,
 }
 
 /// The services and DestinationRules of a push context, by address. A
@@ -164,6 +169,13 @@ pub fn services<'a>(
         Some(hosts) => hosts.iter().filter_map(|h| push.services.get(h)).collect(),
         None => push.services.values().collect(),
     };
+    let sni_dnat = proxy.role == crate::model::Role::Router
+        && push.gateways_for(proxy).any(|gw| {
+            gw.spec
+                .servers
+                .iter()
+                .any(|s| s.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("AUTO_PASSTHROUGH"))
+        });
     picked
         .into_iter()
         .filter(|s| scope.visible(s))
@@ -188,6 +200,7 @@ pub fn services<'a>(
                     identity: proxy.identity.is_some(),
                     namespace: credentials.then_some(proxy.namespace.as_str()),
                     labels: ranked.then_some(&proxy.labels),
+                    sni_dnat,
                 },
             }
         })
@@ -204,6 +217,7 @@ impl ServiceClusters<'_> {
             identity: self.view.identity,
             namespace: self.view.namespace.map(str::to_string),
             labels: self.view.labels.cloned(),
+            sni_dnat: self.view.sni_dnat,
         }
     }
 
@@ -245,6 +259,7 @@ impl ServiceClusters<'_> {
                     outlier_detection: policy.outlier_detection.is_some(),
                 };
                 let (load_assignment, weighted) = assignment(&name, &selected, &localities);
+                let dnat_assignment = view.sni_dnat.then(|| load_assignment.clone());
                 let mut cluster = match svc.resolution {
                     Resolution::Endpoints => {
                         out.endpoints.push(load_assignment);
@@ -266,6 +281,10 @@ impl ServiceClusters<'_> {
                     });
                 }
                 policy::apply(&policy, &mut cluster, &dr_name(dr), &mut out.diagnostics);
+                if let Some(endpoints) = dnat_assignment {
+                    let dnat = sni_dnat(&cluster, sni_dnat_name(&name), endpoints, out);
+                    out.clusters.push(dnat);
+                }
                 transport(push, view, svc, port, dr, policy.tls, &mut cluster, out);
                 if port.is_http2() {
                     http2(&mut cluster);
@@ -283,6 +302,49 @@ impl ServiceClusters<'_> {
             }
         }
     }
+}
+
+/// The SNI-DNAT twin of cluster `outbound|PORT|SUBSET|HOST`, as Istio
+/// names it: `outbound_.PORT_.SUBSET_.HOST` (`outbound_.PORT_._.HOST`
+/// without a subset), the SNI a client in another network asks an
+/// AUTO_PASSTHROUGH gateway for.
+pub fn sni_dnat_name(cluster: &str) -> String {
+    let mut parts = cluster.splitn(4, '|').skip(1);
+    let (port, subset, host) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
+/// A cluster's SNI-DNAT twin, named `name`: the same endpoints (its own
+/// copy of their assignment, so that endpoint changes reach it as they
+/// reach the cluster) and policies, without a transport socket, for the
+/// client's mutual TLS passes through the gateway untouched.
+fn sni_dnat(
+    cluster: &Cluster,
+    name: String,
+    mut endpoints: ClusterLoadAssignment,
+    out: &mut Generated,
+) -> Cluster {
+    let mut dnat = cluster.clone();
+    endpoints.cluster_name.clone_from(&name);
+    match dnat.eds_cluster_config.as_mut() {
+        Some(eds) => {
+            eds.service_name.clone_from(&name);
+            out.endpoints.push(endpoints);
+        }
+        None => {
+            if let Some(inline) = dnat.load_assignment.as_mut() {
+                inline.cluster_name.clone_from(&name);
+            }
+        }
+    }
+    dnat.name = name;
+    dnat.transport_socket = None;
+    dnat.transport_socket_matches.clear();
+    dnat
 }
 
 /// Speaks HTTP/2 to the upstream (a gRPC service, an `http2` port).

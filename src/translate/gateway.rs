@@ -168,7 +168,7 @@ pub fn build(push: &PushContext, proxy: &Proxy, out: &mut Generated) {
                     .into_iter()
                     .map(|chain| policy.guard_tcp(chain, &mut out.diagnostics))
                     .collect(),
-                Mode::AutoPassthrough => tls::auto_passthrough_chains(push)
+                Mode::AutoPassthrough => tls::auto_passthrough_chains(push, proxy)
                     .into_iter()
                     .map(|chain| policy.guard_tcp(chain, &mut out.diagnostics))
                     .collect(),

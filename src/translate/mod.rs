@@ -373,6 +373,68 @@ mod tests {
     }
 
     #[test]
+    fn an_auto_passthrough_gateway_gets_sni_dnat_twins_without_tls() {
+        let gateway = |mode: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ew, namespace: istio-system}}\n\
+                 spec: {{selector: {{istio: eastwestgateway}}, servers: [{{port: {{number: 15443, name: tls, protocol: TLS}}, \
+                 tls: {{mode: {mode}}}, hosts: ['*.local']}}]}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: admin, namespace: shop}}\n\
+                 spec: {{host: admin, trafficPolicy: {{tls: {{mode: SIMPLE}}}}, subsets: [{{name: v2, labels: {{v: '2'}}}}]}}\n"
+            )
+        };
+        let router = Proxy::parse(
+            "router~10.0.0.7~ew-1.istio-system~istio-system.svc.cluster.local",
+            serde_json::json!({"LABELS": {"istio": "eastwestgateway"}})
+                .as_object()
+                .expect("object"),
+        )
+        .expect("proxy");
+        let clusters_of = |mode: &str| {
+            let snapshot =
+                ConfigSnapshot::from_files(vec![parse_file("m.yaml", &format!("{MESH}{}", gateway(mode)))]);
+            assert!(snapshot.rejections.is_empty(), "{:?}", snapshot.rejections);
+            outbound(&PushContext::new(Arc::new(snapshot)), &router)
+        };
+        let out = clusters_of("AUTO_PASSTHROUGH");
+        let cluster = |name: &str| out.clusters.iter().find(|c| c.name == name);
+        let original =
+            cluster("outbound|9000|v2|admin.shop.svc.cluster.local").expect("the subset's cluster");
+        assert!(original.transport_socket.is_some(), "the rule's TLS");
+        // The subset's twin selects as the subset does: no Pod is v2.
+        for (twin, count) in [
+            ("outbound_.9000_._.admin.shop.svc.cluster.local", 1),
+            ("outbound_.9000_.v2_.admin.shop.svc.cluster.local", 0),
+        ] {
+            let c = cluster(twin).expect(twin);
+            assert!(
+                c.transport_socket.is_none() && c.transport_socket_matches.is_empty(),
+                "{twin}"
+            );
+            assert_eq!(
+                c.eds_cluster_config.as_ref().map(|e| e.service_name.as_str()),
+                Some(twin)
+            );
+            let endpoints = out
+                .endpoints
+                .iter()
+                .find(|e| e.cluster_name == twin)
+                .expect("its endpoints");
+            assert_eq!(
+                endpoints
+                    .endpoints
+                    .iter()
+                    .map(|l| l.lb_endpoints.len())
+                    .sum::<usize>(),
+                count
+            );
+        }
+        // Another TLS mode: no twins.
+        let out = clusters_of("PASSTHROUGH");
+        assert!(!out.clusters.iter().any(|c| c.name.starts_with("outbound_.")));
+    }
+
+    #[test]
     fn replicas_share_a_config_key_and_workloads_with_other_ports_do_not() {
         let push = PushContext::new(Arc::new(ConfigSnapshot::from_files(vec![parse_file(
             "m.yaml", MESH,

@@ -500,19 +500,33 @@ pub fn passthrough_chains(
     chains
 }
 
-/// AUTO_PASSTHROUGH, best effort: one chain per service port, matched on
-/// Istio's SNI form `outbound_.PORT_._.HOST`.
-pub fn auto_passthrough_chains(push: &PushContext) -> Vec<FilterChain> {
-    push.services
-        .values()
-        .flat_map(|svc| {
-            svc.ports.iter().map(|p| {
-                let sni = format!("outbound_.{}_._.{}", p.port, svc.hostname);
-                let cluster = super::outbound_cluster_name(p.port, "", &svc.hostname);
-                sni_chain(vec![sni], vec![(cluster, 1)], None)
-            })
-        })
-        .collect()
+/// AUTO_PASSTHROUGH: one chain per service port and DestinationRule
+/// subset, matched on Istio's SNI form `outbound_.PORT_.SUBSET_.HOST`
+/// (`outbound_.PORT_._.HOST` without one), forwarding to that cluster's SNI-DNAT twin, which
+/// the cluster translation adds for gateways with such a server
+/// (`ClusterView::sni_dnat`).
+pub fn auto_passthrough_chains(push: &PushContext, proxy: &Proxy) -> Vec<FilterChain> {
+    let scope = crate::model::sidecar_scope::SidecarScope::default();
+    let mut chains = Vec::new();
+    for service in super::cluster::services(push, proxy, &scope, None) {
+        let svc = service.service;
+        let subsets = service.rule.into_iter().flat_map(|r| &r.spec.subsets);
+        let subsets: Vec<&str> = std::iter::once("")
+            .chain(subsets.map(|s| s.name.as_str()))
+            .collect();
+        for port in svc
+            .ports
+            .iter()
+            .filter(|p| p.protocol.eq_ignore_ascii_case("TCP"))
+        {
+            for subset in &subsets {
+                let cluster = super::outbound_cluster_name(port.port, subset, &svc.hostname);
+                let sni = super::cluster::sni_dnat_name(&cluster);
+                chains.push(sni_chain(vec![sni.clone()], vec![(sni, 1)], None));
+            }
+        }
+    }
+    chains
 }
 
 /// A chain forwarding TCP to one cluster or several by weight; `None`
