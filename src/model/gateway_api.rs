@@ -724,7 +724,16 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         name: r.name.clone(),
         matches,
         route,
-        timeout: r.timeouts.as_ref().and_then(|t| t.request.clone()),
+        // Without a retry policy of its own, each backend request is the
+        // whole request: `backendRequest` (no longer than `request`) bounds
+        // it, as Istio converts it; a zero one leaves `request` in force.
+        timeout: r.timeouts.as_ref().and_then(|t| {
+            let nonzero = |d: &String| crate::config::parse_duration(d).is_none_or(|d| !d.is_zero());
+            t.backend_request
+                .clone()
+                .filter(nonzero)
+                .or_else(|| t.request.clone())
+        }),
         ..Default::default()
     };
     if invalid > 0 && valid == 0 {
@@ -1342,6 +1351,26 @@ mod tests {
             accepted(&snapshot, "missing")["message"],
             "no Service missing/ratings"
         );
+    }
+
+    #[test]
+    fn a_backend_request_timeout_bounds_the_route_as_istio_converts_it() {
+        let route = |timeouts: &str| {
+            let docs = format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: shop}}\n\
+                 spec: {{gatewayClassName: istio, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n---\n\
+                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
+                 spec: {{parentRefs: [{{name: web}}], rules: [{{timeouts: {timeouts}, backendRefs: [{{name: app, port: 80}}]}}]}}\n"
+            );
+            rules(&docs)[0].timeout.clone()
+        };
+        assert_eq!(route("{request: 10s}").as_deref(), Some("10s"));
+        assert_eq!(route("{request: 10s, backendRequest: 2s}").as_deref(), Some("2s"));
+        assert_eq!(
+            route("{request: 10s, backendRequest: 0s}").as_deref(),
+            Some("10s")
+        );
+        assert_eq!(route("{backendRequest: 3s}").as_deref(), Some("3s"));
     }
 
     #[test]
