@@ -375,6 +375,26 @@ pub struct ReferenceGrantSpec {
     pub to: Vec<GrantTo>,
 }
 
+/// The Gateway API's API group, which ReferenceGrants name routes and
+/// Gateways by.
+pub const GROUP: &str = "gateway.networking.k8s.io";
+
+impl ReferenceGrantSpec {
+    /// Whether this grant (in the namespace of the object referred to)
+    /// lets a Gateway API `from_kind` of `from_namespace` refer to the
+    /// core-group `to_kind` object `name`.
+    pub fn allows(&self, (from_kind, from_namespace): (&str, &str), (to_kind, name): (&str, &str)) -> bool {
+        self.from
+            .iter()
+            .any(|f| f.group == GROUP && f.kind == from_kind && f.namespace == from_namespace)
+            && self.to.iter().any(|t| {
+                matches!(t.group.as_str(), "" | "core")
+                    && t.kind == to_kind
+                    && t.name.as_deref().is_none_or(|n| n == name)
+            })
+    }
+}
+
 /// Where references a ReferenceGrant admits may come from.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -762,6 +762,18 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
                 }
             }
             Resource::K8sGateway(gw) => {
+                let gw_ns = resource.metadata().namespace.clone().unwrap_or_default();
+                // Into another namespace only where a ReferenceGrant there
+                // lets the Gateway's namespace read it.
+                let granted = |ns: &str, name: &str| {
+                    resources.clone().any(|r| match &**r {
+                        Resource::ReferenceGrant(g) => {
+                            g.metadata.namespace.as_deref() == Some(ns)
+                                && g.spec.allows(("Gateway", &gw_ns), ("Secret", name))
+                        }
+                        _ => false,
+                    })
+                };
                 for r in gw
                     .spec
                     .listeners
@@ -769,8 +781,11 @@ fn referenced_secrets<'a>(resources: impl Iterator<Item = &'a Arc<Resource>> + C
                     .filter_map(|l| l.tls.as_ref())
                     .flat_map(|t| &t.certificate_refs)
                 {
-                    let ns = r.namespace.clone().map_or_else(own, |n| [n].into());
-                    want(&ns, &r.name);
+                    match r.namespace.as_deref() {
+                        Some(ns) if ns != gw_ns && !granted(ns, &r.name) => {}
+                        Some(ns) => want(&[ns.to_string()].into(), &r.name),
+                        None => want(&own(), &r.name),
+                    }
                 }
             }
             Resource::Ingress(ing) => {
@@ -838,6 +853,29 @@ mod tests {
                 "istio-system/hello-cert",
                 "istio-system/hello-cert-cacert"
             ]
+        );
+    }
+
+    #[test]
+    fn a_certificate_in_another_namespace_is_followed_only_with_a_grant() {
+        let gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+            spec:\n  gatewayClassName: istio\n  listeners:\n\
+            \x20 - {name: a, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: own}]}}\n\
+            \x20 - {name: b, port: 8443, protocol: HTTPS, tls: {certificateRefs: [{name: site, namespace: certs}]}}\n";
+        let names = |docs: &str| -> Vec<String> {
+            let rs = resources(docs);
+            referenced_secrets(rs.iter())
+                .iter()
+                .map(|(ns, n)| format!("{ns}/{n}"))
+                .collect()
+        };
+        assert_eq!(names(gateway), ["shop/own", "shop/own-cacert"]);
+        let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+            metadata: {name: g, namespace: certs}\n\
+            spec: {from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: shop}], to: [{group: '', kind: Secret}]}\n";
+        assert_eq!(
+            names(&format!("{gateway}{grant}")),
+            ["certs/site", "certs/site-cacert", "shop/own", "shop/own-cacert"]
         );
     }
 
