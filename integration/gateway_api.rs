@@ -582,6 +582,8 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}, statusCode: 302}}
+  - matches: [{{path: {{type: PathPrefix, value: /drained}}}}]
+    backendRefs: [{{name: echo, port: 80, weight: 0}}, {{name: mirror, port: 80, weight: 0}}]
   - matches: [{{path: {{type: PathPrefix, value: /tagged}}}}]
     backendRefs:
     - name: echo
@@ -636,6 +638,11 @@ spec:
             )
         })
     };
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{port}/drained")]).map(|(code, _)| code),
+        Ok(500),
+        "every backend weighs nothing: the rule answers 500, and the route table is still taken"
+    );
     assert_eq!(
         version("/stripped"),
         Ok((200, Some("fallback".to_string()))),

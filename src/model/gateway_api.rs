@@ -646,7 +646,8 @@ pub fn routes(config: &ConfigSnapshot) -> Vec<std::borrow::Cow<'_, HttpRoute>> {
 fn l4_rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Vec<RouteDestination> {
     r.backend_refs
         .iter()
-        .filter(|b| may_send_to(config, owner, b))
+        // A zero weight sends nothing there, even as the only backend.
+        .filter(|b| b.weight != Some(0) && may_send_to(config, owner, b))
         .map(|b| RouteDestination {
             destination: Some(destination(owner.1, b)),
             weight: i32::try_from(b.weight.unwrap_or(1)).unwrap_or(i32::MAX),
@@ -725,7 +726,10 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         }),
         ..Default::default()
     };
-    if invalid > 0 && valid == 0 {
+    // No backend to send to (none named, every one invalid, or every
+    // weight zero): the spec's 500, as Istio answers it; a redirect below
+    // takes its place.
+    if valid == 0 {
         out.route.clear();
         out.direct_response = Some(HttpDirectResponse {
             status: invalid_status,
@@ -1342,16 +1346,25 @@ mod tests {
         );
     }
 
+    /// The converted rule of an HTTPRoute with this one rule, on an HTTP
+    /// listener.
+    fn one_rule(rule_yaml: &str) -> IstioHttpRoute {
+        let docs = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: shop}}\n\
+             spec: {{gatewayClassName: istio, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
+             spec: {{parentRefs: [{{name: web}}], rules: [{rule_yaml}]}}\n"
+        );
+        rules(&docs).remove(0)
+    }
+
     #[test]
     fn a_backend_request_timeout_bounds_the_route_as_istio_converts_it() {
         let route = |timeouts: &str| {
-            let docs = format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: shop}}\n\
-                 spec: {{gatewayClassName: istio, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n---\n\
-                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
-                 spec: {{parentRefs: [{{name: web}}], rules: [{{timeouts: {timeouts}, backendRefs: [{{name: app, port: 80}}]}}]}}\n"
-            );
-            rules(&docs)[0].timeout.clone()
+            one_rule(&format!(
+                "{{timeouts: {timeouts}, backendRefs: [{{name: app, port: 80}}]}}"
+            ))
+            .timeout
         };
         assert_eq!(route("{request: 10s}").as_deref(), Some("10s"));
         assert_eq!(route("{request: 10s, backendRequest: 2s}").as_deref(), Some("2s"));
@@ -1360,6 +1373,22 @@ mod tests {
             Some("10s")
         );
         assert_eq!(route("{backendRequest: 3s}").as_deref(), Some("3s"));
+    }
+
+    #[test]
+    fn a_rule_with_nothing_to_send_to_answers_500() {
+        let route = |rule_yaml: &str| {
+            let rule = one_rule(rule_yaml);
+            (rule.route.len(), rule.direct_response.map(|d| d.status))
+        };
+        assert_eq!(route("{backendRefs: [{name: app, port: 80}]}"), (1, None));
+        // No backend, or only zero weights (which Envoy would refuse as a
+        // weighted cluster of no weight): 500.
+        assert_eq!(route("{matches: [{path: {value: /x}}]}"), (0, Some(500)));
+        assert_eq!(
+            route("{backendRefs: [{name: a, port: 80, weight: 0}, {name: b, port: 80, weight: 0}]}"),
+            (0, Some(500))
+        );
     }
 
     #[test]
