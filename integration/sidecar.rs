@@ -120,9 +120,10 @@ spec:
 fn an_http_route_bound_to_a_service_routes_the_mesh() {
     let work = tempfile::tempdir().expect("tmp");
     let (v1, v2) = (Backend::start("reviews-v1"), Backend::start("reviews-v2"));
-    let port = free_port();
+    let (db, db_next) = (Backend::start("db"), Backend::start("db-next"));
+    let (port, db_port, next_port) = (free_port(), free_port(), free_port());
     let config = format!(
-        r#"{reviews}{reviews_v2}apiVersion: networking.istio.io/v1beta1
+        r#"{reviews}{reviews_v2}{db}{db_next}apiVersion: networking.istio.io/v1beta1
 kind: Sidecar
 metadata: {{name: web}}
 spec:
@@ -149,9 +150,19 @@ spec:
   parentRefs: [{{group: "", kind: Service, name: reviews, namespace: default}}]
   rules:
   - backendRefs: [{{name: reviews-v2, namespace: default, port: {port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: db}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: db}}]
+  rules:
+  - backendRefs: [{{name: db-next, port: {next_port}}}]
 "#,
         reviews = loopback_service("reviews", "http", port, v1.port),
         reviews_v2 = loopback_service("reviews-v2", "http-v2", port, v2.port),
+        db = loopback_service("db", "tcp", db_port, db.port),
+        db_next = loopback_service("db-next", "tcp", next_port, db_next.port),
     );
     write(&work.path().join("config/mesh.yaml"), &config);
     let meshd = Meshd::start(&work.path().join("config"), work.path());
@@ -179,22 +190,39 @@ spec:
     assert_eq!(version("/v2"), Ok((200, "reviews-v2".to_string())));
     assert_eq!(version("/v2beta"), Ok((200, "reviews-v1".to_string())));
     assert_eq!(version("/"), Ok((200, "reviews-v1".to_string())));
+    // A TCPRoute bound to db moves its connections to db-next.
+    eventually(
+        "db's connections go to db-next",
+        Duration::from_secs(15),
+        || match curl(&[&format!("http://127.0.0.1:{db_port}/")]) {
+            Ok((200, body)) if body.contains("Version: db-next") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        },
+    );
     let status = meshd.json("/debug/configz");
     let accepted: Vec<String> = status["resources"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|r| r["kind"] == "HttpRoute")
+        .filter(|r| r["kind"] == "HttpRoute" || r["kind"] == "TcpRoute")
         .map(|r| {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            let reason = text(&r["status"]["parents"][0]["conditions"][0]["reason"]);
             format!(
-                "{}:{}",
-                r["namespace"], r["status"]["parents"][0]["conditions"][0]["reason"]
+                "{} {}/{}: {reason}",
+                text(&r["kind"]),
+                text(&r["namespace"]),
+                text(&r["name"])
             )
         })
         .collect();
     assert_eq!(
         accepted,
-        ["\"default\":\"Accepted\"", "\"elsewhere\":\"Accepted\""],
+        [
+            "HttpRoute default/reviews: Accepted",
+            "HttpRoute elsewhere/everything-to-v2: Accepted",
+            "TcpRoute default/db: Accepted",
+        ],
         "{status}"
     );
 }

@@ -41,8 +41,8 @@ use crate::config::istio::{
     VirtualServiceSpec,
 };
 use crate::config::istio::{
-    RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes, TlsRoute as IstioTlsRoute,
-    ROUTE_SEMANTICS,
+    L4MatchAttributes, RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes,
+    TlsRoute as IstioTlsRoute, ROUTE_SEMANTICS,
 };
 use crate::config::{
     ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, IstioObject, K8sGateway, Kind, Resource, ResourceKey,
@@ -909,7 +909,7 @@ pub(super) fn names_service(p: &ParentRef) -> bool {
 }
 
 /// The route kinds that bind to a Service, as Istio binds them.
-pub const MESH_ROUTE_KINDS: &[&str] = &["HTTPRoute", "GRPCRoute"];
+pub const MESH_ROUTE_KINDS: &[&str] = &["HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute"];
 
 /// The Service a parentRef binds a route of `kind` to, as (namespace,
 /// name), or why it binds none: the parentRef names no Service, or one
@@ -931,9 +931,7 @@ pub(super) fn mesh_parent<'a>(
         _ => return Err(format!("no Service {ns}/{}", p.name)),
     };
     if !MESH_ROUTE_KINDS.contains(&kind) {
-        return Err(format!(
-            "a {kind} does not bind to a Service (HTTPRoutes and GRPCRoutes do)"
-        ));
+        return Err(format!("a {kind} does not bind to a Service"));
     }
     let ports = service.spec.as_ref().and_then(|s| s.ports.as_ref());
     if let Some(port) = p.port {
@@ -944,9 +942,10 @@ pub(super) fn mesh_parent<'a>(
     Ok((ns, p.name.as_str()))
 }
 
-/// The VirtualServices of an HTTPRoute or GRPCRoute bound to Services
-/// (GAMMA), as Istio converts them: one per Service, for its hostname,
-/// bound to `mesh`, its matches narrowed to the parentRef's port. A
+/// The VirtualServices of a route bound to Services (GAMMA), as Istio
+/// converts them: one per Service, for its hostname, bound to `mesh`, its
+/// matches narrowed to the parentRef's port (a TLSRoute's matched by its
+/// hostnames as SNI, else the Service's own name). A
 /// route in the Service's own namespace serves every client (a producer
 /// route); one in another namespace serves the clients of its own
 /// namespace only (a consumer route).
@@ -957,29 +956,67 @@ fn mesh_routes(config: &ConfigSnapshot, hr: &HttpRoute) -> Vec<VirtualService> {
         .iter()
         .filter_map(|p| {
             let (ns, name) = mesh_parent(config, owner, p).ok()?;
-            let mut http: Vec<IstioHttpRoute> =
-                hr.spec.rules.iter().map(|r| rule(config, owner, r)).collect();
-            if let Some(port) = p.port {
-                for r in &mut http {
-                    if r.matches.is_empty() {
-                        r.matches.push(HttpMatchRequest::default());
-                    }
-                    for m in &mut r.matches {
-                        m.port = Some(port);
-                    }
-                }
-            }
-            let spec = VirtualServiceSpec {
-                hosts: vec![format!("{name}.{ns}.{DOMAIN_SUFFIX}")],
+            let host = format!("{name}.{ns}.{DOMAIN_SUFFIX}");
+            let mut spec = VirtualServiceSpec {
+                hosts: vec![host.clone()],
                 gateways: vec!["mesh".into()],
                 export_to: if ns == hr.namespace() {
                     Vec::new()
                 } else {
                     vec![".".into()]
                 },
-                http,
                 ..Default::default()
             };
+            let rules = hr.spec.rules.iter();
+            match owner.0 {
+                "TCPRoute" => {
+                    let matches: Vec<L4MatchAttributes> = p
+                        .port
+                        .map(|port| L4MatchAttributes {
+                            port: Some(port),
+                            ..Default::default()
+                        })
+                        .into_iter()
+                        .collect();
+                    spec.tcp = rules
+                        .map(|r| IstioTcpRoute {
+                            matches: matches.clone(),
+                            route: l4_rule(config, owner, r),
+                        })
+                        .collect();
+                }
+                // Matched by the SNI names it was given, else the Service's.
+                "TLSRoute" => {
+                    let sni_hosts = if hr.spec.hostnames.is_empty() {
+                        vec![host]
+                    } else {
+                        hr.spec.hostnames.clone()
+                    };
+                    spec.tls = rules
+                        .map(|r| IstioTlsRoute {
+                            matches: vec![TlsMatchAttributes {
+                                sni_hosts: sni_hosts.clone(),
+                                port: p.port,
+                                ..Default::default()
+                            }],
+                            route: l4_rule(config, owner, r),
+                        })
+                        .collect();
+                }
+                _ => {
+                    spec.http = rules.map(|r| rule(config, owner, r)).collect();
+                    if let Some(port) = p.port {
+                        for r in &mut spec.http {
+                            if r.matches.is_empty() {
+                                r.matches.push(HttpMatchRequest::default());
+                            }
+                            for m in &mut r.matches {
+                                m.port = Some(port);
+                            }
+                        }
+                    }
+                }
+            }
             let vs_name = format!("{}-{}-mesh-{ns}-{name}", hr.name(), hr.kind.to_ascii_lowercase());
             Some(converted_route(hr, vs_name, spec))
         })
