@@ -667,3 +667,75 @@ spec:
         }
     });
 }
+
+/// A rule's `retry` (the codes it retries on, how many times) and
+/// `attempts: 0`, through a stock Envoy: a backend failing every other
+/// request with 500 (which Istio's default policy does not retry) is
+/// whole behind the retrying rule, and one failing with 503 (which it
+/// does) shows its failures behind the rule that turns retries off.
+#[test]
+fn a_rule_retries_the_codes_it_names() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let work = tempfile::tempdir().expect("tmp");
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let (fickle_port, _fickle) = crate::common::serve_http("127.0.0.1", move |_| {
+        axum::Router::new().fallback(move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n % 2 {
+                    0 => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down"),
+                    _ => (axum::http::StatusCode::OK, "up"),
+                }
+            }
+        })
+    });
+    let flaky = Backend::start_at("127.0.0.1", "flaky", true);
+    let port = free_port();
+    let config = work.path().join("config");
+    write(
+        &config.join("retries.yaml"),
+        &format!(
+            r#"{fickle}{flaky}{web}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules:
+  - matches: [{{path: {{value: /retried}}}}]
+    retry: {{codes: [500], attempts: 2, backoff: 10ms}}
+    backendRefs: [{{name: fickle, port: 80}}]
+  - matches: [{{path: {{value: /plain}}}}]
+    backendRefs: [{{name: fickle, port: 80}}]
+  - matches: [{{path: {{value: /never}}}}]
+    retry: {{attempts: 0}}
+    backendRefs: [{{name: flaky, port: 80}}]
+"#,
+            fickle = service("default", "fickle", fickle_port),
+            flaky = service("default", "flaky", flaky.port),
+            web = web_yaml(port, 80, "{name: http, port: 80, protocol: HTTP}"),
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    let codes = |path: &str| -> Vec<u16> {
+        (0..10)
+            .map(|_| curl(&[&format!("http://127.0.0.1:{port}{path}")]).map_or(0, |(code, _)| code))
+            .collect()
+    };
+    eventually("the routes are served", WAIT, || {
+        match curl(&[&format!("http://127.0.0.1:{port}/retried")]) {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    assert!(codes("/retried").iter().all(|c| *c == 200), "500s are retried");
+    assert!(
+        codes("/plain").contains(&500),
+        "without the rule's codes, a 500 is not retried"
+    );
+    assert!(
+        codes("/never").contains(&503),
+        "attempts: 0 turns Istio's default retries off"
+    );
+}

@@ -239,6 +239,10 @@ pub struct PortSelector {
 /// conversion writes RequestRedirect `ReplacePrefixMatch` so.
 pub const PREFIX_REDIRECT: &str = "%PREFIX()%";
 
+/// The failures Istio's retry policy retries on, besides 503: connection
+/// failures, refused and unavailable streams, cancelled gRPC calls.
+pub const RETRY_ON_FAILURES: &str = "connect-failure,refused-stream,unavailable,cancelled";
+
 /// Marks a VirtualService converted from a Gateway API route, whose
 /// paths follow the Gateway API's rules (Istio's annotation, value
 /// `gateway`): a prefix matches whole path segments (`/foo` matches
@@ -328,6 +332,10 @@ pub struct HttpRetry {
     pub retry_on: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_remote_localities: Option<bool>,
+    /// The least time between two attempts (Envoy backs off
+    /// exponentially from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
 }
 
 /// Fault injection.

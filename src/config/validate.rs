@@ -703,6 +703,9 @@ fn http_route(at: &str, route: &HttpRoute) -> Checked {
         duration(&format!("{at}.timeout"), t)?;
     }
     if let Some(r) = &route.retries {
+        if let Some(t) = &r.backoff {
+            duration(&format!("{at}.retries.backoff"), t)?;
+        }
         if let Some(t) = &r.per_try_timeout {
             duration(&format!("{at}.retries.perTryTimeout"), t)?;
         }

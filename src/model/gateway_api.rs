@@ -36,13 +36,13 @@ use crate::config::gateway_api::{
 use crate::config::gateway_api::{Listener, GROUP};
 use crate::config::istio::{
     Destination, FaultAbort, GatewaySpec, HeaderOperations, Headers, HttpDirectResponse, HttpFaultInjection,
-    HttpMatchRequest, HttpMirrorPolicy, HttpRedirect, HttpRewrite, HttpRoute as IstioHttpRoute,
+    HttpMatchRequest, HttpMirrorPolicy, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute as IstioHttpRoute,
     HttpRouteDestination, Percent, Port, PortSelector, RegexRewrite, Server, ServerTlsSettings, StringMatch,
     VirtualServiceSpec,
 };
 use crate::config::istio::{
     L4MatchAttributes, RouteDestination, TcpRoute as IstioTcpRoute, TlsMatchAttributes,
-    TlsRoute as IstioTlsRoute, ROUTE_SEMANTICS,
+    TlsRoute as IstioTlsRoute, RETRY_ON_FAILURES, ROUTE_SEMANTICS,
 };
 use crate::config::{
     ConfigSnapshot, Gateway, GrpcRoute, HttpRoute, IstioObject, K8sGateway, Kind, Resource, ResourceKey,
@@ -550,6 +550,7 @@ pub fn grpc_as_http(route: &GrpcRoute) -> HttpRoute {
             filters: r.filters.clone(),
             backend_refs: r.backend_refs.clone(),
             timeouts: None,
+            retry: None,
         })
         .collect();
     http_shaped(route, &route.spec.parent_refs, &route.spec.hostnames, rules)
@@ -714,18 +715,40 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         name: r.name.clone(),
         matches,
         route,
-        // Without a retry policy of its own, each backend request is the
-        // whole request: `backendRequest` (no longer than `request`) bounds
-        // it, as Istio converts it; a zero one leaves `request` in force.
-        timeout: r.timeouts.as_ref().and_then(|t| {
-            let nonzero = |d: &String| crate::config::parse_duration(d).is_none_or(|d| !d.is_zero());
-            t.backend_request
-                .clone()
-                .filter(nonzero)
-                .or_else(|| t.request.clone())
-        }),
         ..Default::default()
     };
+    // `backendRequest` bounds each try when the rule retries; without a
+    // retry policy of its own each backend request is the whole request,
+    // which it bounds then (no longer than `request`), as Istio converts
+    // it. A zero one leaves `request` in force.
+    let nonzero = |d: &String| crate::config::parse_duration(d).is_none_or(|d| !d.is_zero());
+    let request = r.timeouts.as_ref().and_then(|t| t.request.clone());
+    let backend = r
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.backend_request.clone())
+        .filter(nonzero);
+    match &r.retry {
+        Some(retry) => {
+            out.timeout = request;
+            out.retries = Some(HttpRetry {
+                // Unsaid, Istio's default number.
+                attempts: retry.attempts.unwrap_or(2),
+                per_try_timeout: backend,
+                // The codes, besides what Istio retries on anyway.
+                retry_on: (!retry.codes.is_empty()).then(|| {
+                    let codes = retry.codes.iter().map(u16::to_string);
+                    std::iter::once(RETRY_ON_FAILURES.to_string())
+                        .chain(codes)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
+                backoff: retry.backoff.clone(),
+                ..Default::default()
+            });
+        }
+        None => out.timeout = backend.or(request),
+    }
     // No backend to send to (none named, every one invalid, or every
     // weight zero): the spec's 500, as Istio answers it; a redirect below
     // takes its place.
@@ -1410,6 +1433,28 @@ mod tests {
             Some("10s")
         );
         assert_eq!(route("{backendRequest: 3s}").as_deref(), Some("3s"));
+    }
+
+    #[test]
+    fn a_rules_retry_becomes_istios_retries() {
+        let rule = one_rule(
+            "{retry: {codes: [500, 502], attempts: 3, backoff: 100ms}, timeouts: {request: 10s, backendRequest: 2s}, \
+             backendRefs: [{name: app, port: 80}]}",
+        );
+        let retries = rule.retries.expect("retries");
+        assert_eq!(retries.attempts, 3);
+        assert_eq!(
+            retries.retry_on.as_deref(),
+            Some("connect-failure,refused-stream,unavailable,cancelled,500,502")
+        );
+        assert_eq!(retries.backoff.as_deref(), Some("100ms"));
+        // With retries, backendRequest bounds each try, request the whole.
+        assert_eq!(retries.per_try_timeout.as_deref(), Some("2s"));
+        assert_eq!(rule.timeout.as_deref(), Some("10s"));
+        let unsaid = one_rule("{retry: {}, backendRefs: [{name: app, port: 80}]}")
+            .retries
+            .expect("retries");
+        assert_eq!((unsaid.attempts, unsaid.retry_on), (2, None));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::duration;
-use crate::config::istio::{HeaderOperations, HttpRetry, HttpRoute, Percent};
+use crate::config::istio::{HeaderOperations, HttpRetry, HttpRoute, Percent, RETRY_ON_FAILURES};
 use crate::config::parse_duration;
 
 /// The name of Envoy's fault filter, which gateways and sidecars carry.
@@ -30,16 +30,13 @@ pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 fn default_retries() -> RetryPolicy {
     retry(&HttpRetry {
         attempts: 2,
-        retry_on: Some("connect-failure,refused-stream,unavailable,cancelled,503".into()),
         ..Default::default()
     })
 }
 
 fn retry(r: &HttpRetry) -> RetryPolicy {
-    let on = r
-        .retry_on
-        .as_deref()
-        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,503");
+    let default_on = format!("{RETRY_ON_FAILURES},503");
+    let on = r.retry_on.as_deref().unwrap_or(&default_on);
     let mut retry_on: Vec<String> = Vec::new();
     let mut codes = Vec::new();
     for part in on.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -62,6 +59,12 @@ fn retry(r: &HttpRetry) -> RetryPolicy {
             .and_then(parse_duration)
             .map(duration),
         retriable_status_codes: codes,
+        retry_back_off: r.backoff.as_deref().and_then(parse_duration).map(|base| {
+            retry_policy::RetryBackOff {
+                base_interval: Some(duration(base)),
+                max_interval: None,
+            }
+        }),
         // Try another endpoint than the one that failed, as Istio does.
         retry_host_predicate: vec![retry_policy::RetryHostPredicate {
             name: "envoy.retry_host_predicates.previous_hosts".into(),
