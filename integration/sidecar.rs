@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use crate::common::{curl, eventually, free_port, loopback_service, write, Backend, Envoy, Meshd, Pod};
+use crate::common::{
+    curl, eventually, free_port, loopback_service, namespaced_service, write, Backend, Envoy, Meshd, Pod,
+};
 
 /// The sidecar of the pod `default/web-1` (labelled `app=web`), without
 /// traffic capture.
@@ -121,9 +123,14 @@ fn an_http_route_bound_to_a_service_routes_the_mesh() {
     let work = tempfile::tempdir().expect("tmp");
     let (v1, v2) = (Backend::start("reviews-v1"), Backend::start("reviews-v2"));
     let (db, db_next) = (Backend::start("db"), Backend::start("db-next"));
-    let (port, db_port, next_port) = (free_port(), free_port(), free_port());
+    let (ratings, special, local) = (
+        Backend::start("ratings"),
+        Backend::start("ratings-special"),
+        Backend::start("ratings-local"),
+    );
+    let (port, db_port, next_port, ratings_port) = (free_port(), free_port(), free_port(), free_port());
     let config = format!(
-        r#"{reviews}{reviews_v2}{db}{db_next}apiVersion: networking.istio.io/v1beta1
+        r#"{reviews}{reviews_v2}{db}{db_next}{ratings}{special}{local}apiVersion: networking.istio.io/v1beta1
 kind: Sidecar
 metadata: {{name: web}}
 spec:
@@ -151,6 +158,24 @@ spec:
   rules:
   - backendRefs: [{{name: reviews-v2, namespace: default, port: {port}}}]
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: ratings, namespace: backend}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: ratings}}]
+  rules:
+  - backendRefs: [{{name: ratings, port: {ratings_port}}}]
+  - matches: [{{path: {{value: /special}}}}]
+    backendRefs: [{{name: ratings-special, port: {ratings_port}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: ratings-here}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: ratings, namespace: backend}}]
+  rules:
+  - backendRefs: [{{name: ratings-local, port: {ratings_port}}}]
+---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {{name: db}}
@@ -163,6 +188,9 @@ spec:
         reviews_v2 = loopback_service("reviews-v2", "http-v2", port, v2.port),
         db = loopback_service("db", "tcp", db_port, db.port),
         db_next = loopback_service("db-next", "tcp", next_port, db_next.port),
+        ratings = namespaced_service("backend", "ratings", "http", ratings_port, ratings.port),
+        special = namespaced_service("backend", "ratings-special", "http", ratings_port, special.port),
+        local = loopback_service("ratings-local", "http", ratings_port, local.port),
     );
     write(&work.path().join("config/mesh.yaml"), &config);
     let meshd = Meshd::start(&work.path().join("config"), work.path());
@@ -190,6 +218,24 @@ spec:
     assert_eq!(version("/v2"), Ok((200, "reviews-v2".to_string())));
     assert_eq!(version("/v2beta"), Ok((200, "reviews-v1".to_string())));
     assert_eq!(version("/"), Ok((200, "reviews-v1".to_string())));
+    // The client's own namespace's route for ratings (a consumer route)
+    // stands in for the Service's namespace's (the producer route), even
+    // where the producer's has the longer path.
+    eventually(
+        "the consumer route serves this client",
+        Duration::from_secs(15),
+        || {
+            let got = curl(&[
+                "-H",
+                "Host: ratings.backend.svc.cluster.local",
+                &format!("http://127.0.0.1:{ratings_port}/special"),
+            ]);
+            match got {
+                Ok((200, body)) if body.contains("Version: ratings-local") => Ok(()),
+                other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+            }
+        },
+    );
     // A TCPRoute bound to db moves its connections to db-next.
     eventually(
         "db's connections go to db-next",
@@ -219,6 +265,8 @@ spec:
     assert_eq!(
         accepted,
         [
+            "HttpRoute backend/ratings: Accepted",
+            "HttpRoute default/ratings-here: Accepted",
             "HttpRoute default/reviews: Accepted",
             "HttpRoute elsewhere/everything-to-v2: Accepted",
             "TcpRoute default/db: Accepted",

@@ -906,14 +906,19 @@ fn mesh_routes(
         proxy_namespace: &proxy.namespace,
         proxy_labels: &proxy.labels,
     };
-    let mut gateway_api = None;
-    let mut routes: Vec<Route> = mesh_virtual_services(push, proxy, svc)
-        .flat_map(|vs| {
-            gateway_api = Some(gateway_api.unwrap_or(true) && super::route::gateway_semantics(vs));
-            http_routes(push, vs, &scope, diags)
-        })
+    let mut services: Vec<&VirtualService> = mesh_virtual_services(push, proxy, svc).collect();
+    let gateway_api = !services.is_empty() && services.iter().all(|vs| super::route::gateway_semantics(vs));
+    // Routes bound to the Service from the client's own namespace (GAMMA
+    // consumer routes) stand in for those of the Service's (producer
+    // routes) for that namespace's clients.
+    if gateway_api && services.iter().any(|vs| vs.namespace() == proxy.namespace) {
+        services.retain(|vs| vs.namespace() == proxy.namespace);
+    }
+    let mut routes: Vec<Route> = services
+        .into_iter()
+        .flat_map(|vs| http_routes(push, vs, &scope, diags))
         .collect();
-    if gateway_api == Some(true) {
+    if gateway_api {
         super::route::sort_by_gateway_precedence(&mut routes);
     }
     routes
