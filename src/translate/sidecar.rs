@@ -785,6 +785,23 @@ fn route_table(scope: &SidecarScope, name: &str, mut vhosts: Vec<VirtualHost>) -
 
 /// The VirtualServices bound to the mesh (no `gateways`, or `mesh` among
 /// them), exported to the proxy's namespace, that name `svc`, oldest first.
+/// The mesh VirtualServices for `svc` that serve this sidecar, and
+/// whether they all come from Gateway API routes bound to the Service;
+/// then those from the sidecar's own namespace (GAMMA consumer routes),
+/// if any, stand in for the Service's namespace's (producer routes).
+fn bound_to_service<'a>(
+    push: &'a PushContext,
+    proxy: &'a Proxy,
+    svc: &'a MeshService,
+) -> (Vec<&'a VirtualService>, bool) {
+    let mut services: Vec<&VirtualService> = mesh_virtual_services(push, proxy, svc).collect();
+    let gateway_api = !services.is_empty() && services.iter().all(|vs| super::route::gateway_semantics(vs));
+    if gateway_api && services.iter().any(|vs| vs.namespace() == proxy.namespace) {
+        services.retain(|vs| vs.namespace() == proxy.namespace);
+    }
+    (services, gateway_api)
+}
+
 fn mesh_virtual_services<'a>(
     push: &'a PushContext,
     proxy: &'a Proxy,
@@ -829,7 +846,7 @@ fn tcp_route(
     port: u16,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<FilterChain> {
-    for vs in mesh_virtual_services(push, proxy, svc) {
+    for vs in bound_to_service(push, proxy, svc).0 {
         for (i, rule) in vs.spec.tcp.iter().enumerate() {
             let applies = rule.matches.is_empty()
                 || rule
@@ -859,7 +876,7 @@ fn tls_rule_chains(
 ) -> Vec<FilterChain> {
     let mut chains = Vec::new();
     let mut taken = BTreeSet::new();
-    for vs in mesh_virtual_services(push, proxy, svc) {
+    for vs in bound_to_service(push, proxy, svc).0 {
         for (i, rule) in vs.spec.tls.iter().enumerate() {
             for m in &rule.matches {
                 if !l4_applies(m.port, &m.source_labels, &m.gateways, proxy, port) {
@@ -906,14 +923,7 @@ fn mesh_routes(
         proxy_namespace: &proxy.namespace,
         proxy_labels: &proxy.labels,
     };
-    let mut services: Vec<&VirtualService> = mesh_virtual_services(push, proxy, svc).collect();
-    let gateway_api = !services.is_empty() && services.iter().all(|vs| super::route::gateway_semantics(vs));
-    // Routes bound to the Service from the client's own namespace (GAMMA
-    // consumer routes) stand in for those of the Service's (producer
-    // routes) for that namespace's clients.
-    if gateway_api && services.iter().any(|vs| vs.namespace() == proxy.namespace) {
-        services.retain(|vs| vs.namespace() == proxy.namespace);
-    }
+    let (services, gateway_api) = bound_to_service(push, proxy, svc);
     let mut routes: Vec<Route> = services
         .into_iter()
         .flat_map(|vs| http_routes(push, vs, &scope, diags))
