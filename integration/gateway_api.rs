@@ -57,6 +57,25 @@ fn web_gateway(meshd: &Meshd, work: &std::path::Path) -> Envoy {
     )
 }
 
+/// The Service `secure` (to 127.0.0.1:`backend`), the `secrets`, the
+/// Gateway `web` with one HTTPS `listener` on 443 (its proxies listening
+/// on `port`) and an HTTPRoute sending everything to `secure`: YAML.
+fn secure_site(backend: u16, port: u16, secrets: &str, listener: &str) -> String {
+    format!(
+        r#"{hello}{secrets}---
+{web}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: secure}}
+spec:
+  parentRefs: [{{name: web}}]
+  rules:
+  - backendRefs: [{{name: secure, port: 80}}]
+"#,
+        hello = service("default", "secure", backend),
+        web = web_yaml(port, 443, listener),
+    )
+}
+
 #[test]
 fn backends_in_another_namespace_need_a_reference_grant() {
     let work = tempfile::tempdir().expect("tmp");
@@ -158,23 +177,12 @@ fn a_certificate_in_another_namespace_needs_a_reference_grant() {
     let config = work.path().join("config");
     write(
         &config.join("site.yaml"),
-        &format!(
-            r#"{hello}{secret}---
-{web}apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: secure}}
-spec:
-  parentRefs: [{{name: web}}]
-  rules:
-  - backendRefs: [{{name: secure, port: 80}}]
-"#,
-            hello = service("default", "secure", backend.port),
-            web = web_yaml(
-                port,
-                443,
-                "{name: https, port: 443, protocol: HTTPS, hostname: secure.example.com, \
-                 tls: {certificateRefs: [{name: site, namespace: certs}]}}",
-            ),
+        &secure_site(
+            backend.port,
+            port,
+            &secret,
+            "{name: https, port: 443, protocol: HTTPS, hostname: secure.example.com, \
+             tls: {certificateRefs: [{name: site, namespace: certs}]}}",
         ),
     );
     let meshd = Meshd::start(&config, work.path());
@@ -738,4 +746,82 @@ spec:
         codes("/never").contains(&503),
         "attempts: 0 turns Istio's default retries off"
     );
+}
+
+/// A listener with two certificates, an ECDSA and an RSA one (Istio's
+/// `credentialNames`): stock Envoy presents the one the client can verify.
+#[test]
+fn a_listener_presents_the_certificate_the_client_can_verify() {
+    let work = tempfile::tempdir().expect("tmp");
+    let backend = Backend::start("secure");
+    let port = free_port();
+    let ecdsa = tls_secret(work.path(), "default", "site-ecdsa", "secure.example.com");
+    crate::common::openssl(
+        work.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            "site-rsa.key",
+            "-out",
+            "site-rsa.crt",
+            "-subj",
+            "/CN=secure.example.com",
+            "-addext",
+            "subjectAltName=DNS:secure.example.com",
+        ],
+    );
+    let rsa = crate::common::secret_of(work.path(), "default", "site-rsa");
+    let config = work.path().join("config");
+    write(
+        &config.join("site.yaml"),
+        &secure_site(
+            backend.port,
+            port,
+            &format!("{ecdsa}---\n{rsa}"),
+            "{name: https, port: 443, protocol: HTTPS, hostname: secure.example.com, \
+             tls: {certificateRefs: [{name: site-ecdsa}, {name: site-rsa}]}}",
+        ),
+    );
+    let meshd = Meshd::start(&config, work.path());
+    let envoy = web_gateway(&meshd, work.path());
+    let resolve = format!("secure.example.com:{port}:127.0.0.1");
+    eventually("HTTPS through the listener", WAIT, || {
+        match curl(&[
+            "--cacert",
+            &work.path().join("site-ecdsa.crt").display().to_string(),
+            "--resolve",
+            &resolve,
+            &format!("https://secure.example.com:{port}/"),
+        ]) {
+            Ok((200, body)) if body.contains("Version: secure") => Ok(()),
+            other => Err(format!("{other:?}\n{}", envoy.proc.log_tail())),
+        }
+    });
+    // The key of the certificate presented to a client that signs with
+    // only one kind of key.
+    let presented = |sigalgs: &str| {
+        crate::common::openssl(
+            work.path(),
+            &[
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-servername",
+                "secure.example.com",
+                "-sigalgs",
+                sigalgs,
+            ],
+        )
+        .lines()
+        .find_map(|l| l.strip_prefix("Server public key is ").map(str::to_string))
+        .unwrap_or_default()
+    };
+    assert_eq!(presented("ECDSA+SHA256"), "256 bit");
+    assert_eq!(presented("RSA-PSS+SHA256:RSA+SHA256"), "2048 bit");
 }

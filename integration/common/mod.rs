@@ -821,8 +821,14 @@ pub fn self_signed(dir: &Path, name: &str, host: &str) {
 /// A `kubernetes.io/tls` Secret `namespace/name` with a certificate for
 /// `host` that `self_signed` makes as `name` in `dir`: YAML.
 pub fn tls_secret(dir: &Path, namespace: &str, name: &str, host: &str) -> String {
-    use base64::Engine;
     self_signed(dir, name, host);
+    secret_of(dir, namespace, name)
+}
+
+/// The `kubernetes.io/tls` Secret `namespace/name` of `NAME.crt` and
+/// `NAME.key` in `dir`, as a YAML document.
+pub fn secret_of(dir: &Path, namespace: &str, name: &str) -> String {
+    use base64::Engine;
     let b64 = |ext: &str| {
         let pem = std::fs::read(dir.join(format!("{name}.{ext}"))).expect("pem");
         base64::engine::general_purpose::STANDARD.encode(pem)

@@ -129,6 +129,18 @@ fn gateway_server(at: &str, server: &Server) -> Checked {
                 );
             }
         }
+        if tls.credential_name.is_some() && !tls.credential_names.is_empty() {
+            return fail(
+                format!("{at}.tls.credentialNames"),
+                "credentialName and credentialNames are exclusive",
+            );
+        }
+        if tls.credential_names.len() > 2 {
+            return fail(
+                format!("{at}.tls.credentialNames"),
+                "at most two certificates (an RSA and an ECDSA one)",
+            );
+        }
     } else if protocol == "HTTPS" || protocol == "TLS" {
         return fail(
             format!("{at}.tls"),
@@ -869,6 +881,24 @@ mod tests {
         assert!(gateway_ref("f", "istio-system/ingressgateway").is_ok());
         assert!(gateway_ref("f", "mesh").is_ok());
         assert!(gateway_ref("f", "a/b/c").is_err());
+    }
+
+    #[test]
+    fn credential_names_are_one_or_two_certificates_and_not_with_credential_name() {
+        let field = |tls: &str| {
+            let spec: GatewaySpec = serde_norway::from_str(&format!(
+                "{{servers: [{{port: {{number: 443, name: https, protocol: HTTPS}}, hosts: ['*'], tls: {tls}}}]}}"
+            ))
+            .expect("yaml");
+            gateway(&spec).err().map(|f| f.0)
+        };
+        assert_eq!(field("{mode: SIMPLE, credentialNames: [rsa, ecdsa]}"), None);
+        let names = Some("spec.servers[0].tls.credentialNames".to_string());
+        assert_eq!(
+            field("{mode: SIMPLE, credentialName: a, credentialNames: [b]}"),
+            names
+        );
+        assert_eq!(field("{mode: SIMPLE, credentialNames: [a, b, c]}"), names);
     }
 
     #[test]

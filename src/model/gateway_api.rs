@@ -162,10 +162,11 @@ pub fn ungranted_certificate(
     gw: &K8sGateway,
     l: &crate::config::gateway_api::Listener,
 ) -> Option<String> {
-    let cert = l.tls.as_ref()?.certificate_refs.first()?;
-    let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
-    let granted = || granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name));
-    (ns != gw.namespace() && !granted()).then(|| ns.to_string())
+    l.tls.as_ref()?.certificate_refs.iter().find_map(|cert| {
+        let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
+        let granted = || granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name));
+        (ns != gw.namespace() && !granted()).then(|| ns.to_string())
+    })
 }
 
 /// How a converted Gateway names a certificate in another namespace, as
@@ -360,17 +361,30 @@ fn server(config: &ConfigSnapshot, gw: &K8sGateway, l: &Listener) -> Server {
     };
     let tls = match l.protocol.as_str() {
         "HTTPS" | "TLS" if passthrough(l) => Some(mode("PASSTHROUGH")),
-        "HTTPS" | "TLS" => Some(ServerTlsSettings {
-            credential_name: l.tls.as_ref().and_then(|t| t.certificate_refs.first()).map(|r| {
-                match r.namespace.as_deref() {
+        "HTTPS" | "TLS" => {
+            // Several certificates (an RSA and an ECDSA one): Envoy presents
+            // the one the client can verify.
+            let mut names: Vec<String> = l
+                .tls
+                .iter()
+                .flat_map(|t| &t.certificate_refs)
+                .map(|r| match r.namespace.as_deref() {
                     Some(ns) if ns != gw.namespace() => {
                         format!("{CROSS_NAMESPACE_CREDENTIAL}{ns}/{}", r.name)
                     }
                     _ => r.name.clone(),
-                }
-            }),
-            ..mode("SIMPLE")
-        }),
+                })
+                .collect();
+            let (credential_name, credential_names) = match names.len() {
+                0 | 1 => (names.pop(), Vec::new()),
+                _ => (None, names),
+            };
+            Some(ServerTlsSettings {
+                credential_name,
+                credential_names,
+                ..mode("SIMPLE")
+            })
+        }
         _ => None,
     };
     Server {

@@ -8,9 +8,8 @@
 use serde_json::{json, Value};
 
 use super::gateway_api::{
-    admits, attached_listeners, backend_problem, exists, gateways, invalid_kinds, listener_kinds,
-    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, ungranted_certificate,
-    CONTROLLER_NAME,
+    admits, attached_listeners, backend_problem, exists, gateways, granted, invalid_kinds, listener_kinds,
+    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -147,7 +146,8 @@ fn listener_problem(
     let terminate = matches!(l.protocol.as_str(), "HTTPS" | "TLS")
         && tls.and_then(|t| t.mode.as_deref()) != Some("Passthrough");
     if terminate {
-        let Some(cert) = tls.and_then(|t| t.certificate_refs.first()) else {
+        let certs = tls.map(|t| t.certificate_refs.as_slice()).unwrap_or_default();
+        if certs.is_empty() {
             return Some((
                 "ResolvedRefs",
                 "InvalidCertificateRef",
@@ -156,28 +156,32 @@ fn listener_problem(
                     l.protocol
                 ),
             ));
-        };
-        let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
-        if ungranted_certificate(config, gw, l).is_some() {
-            return Some((
-                "ResolvedRefs",
-                "RefNotPermitted",
-                format!(
-                    "Secret {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets Gateways of {} \
-                     refer to it",
-                    cert.name,
-                    gw.namespace()
-                ),
-            ));
         }
-        if cert.kind.as_deref().unwrap_or("Secret") != "Secret"
-            || !exists(config, Kind::Secret, ns, &cert.name)
-        {
-            return Some((
-                "ResolvedRefs",
-                "InvalidCertificateRef",
-                format!("Secret {ns}/{} does not exist", cert.name),
-            ));
+        for cert in certs {
+            let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
+            if ns != gw.namespace()
+                && !granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name))
+            {
+                return Some((
+                    "ResolvedRefs",
+                    "RefNotPermitted",
+                    format!(
+                        "Secret {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets Gateways of {} \
+                         refer to it",
+                        cert.name,
+                        gw.namespace()
+                    ),
+                ));
+            }
+            if cert.kind.as_deref().unwrap_or("Secret") != "Secret"
+                || !exists(config, Kind::Secret, ns, &cert.name)
+            {
+                return Some((
+                    "ResolvedRefs",
+                    "InvalidCertificateRef",
+                    format!("Secret {ns}/{} does not exist", cert.name),
+                ));
+            }
         }
     }
     None

@@ -166,24 +166,28 @@ pub fn downstream_transport(
     }
     // Kept aside until the server is known to be served.
     let mut secrets = Vec::new();
-    let credential = tls
-        .credential_name
-        .clone()
-        .or_else(|| tls.credential_names.first().cloned());
-    let cert_secret = match (&credential, &tls.server_certificate, &tls.private_key) {
-        (Some(name), _, _) => {
-            let (namespace, secret, sds_name) =
-                credential_source(push, bound, &proxy.namespace, name, &mut ctx)?;
-            match push.credentials.server(namespace, secret) {
-                Ok(c) => {
-                    secrets.push(server_secret(sds_name.clone(), &c));
-                    sds_name
-                }
-                Err(e) => {
-                    ctx.diag(".credentialName", format!("{e}; the server is left out"));
-                    return None;
+    // `credentialName`, or the certificates of `credentialNames` (one RSA
+    // and one ECDSA, say: Envoy presents the one the client can verify).
+    let credentials: Vec<&String> = tls.credential_name.iter().chain(&tls.credential_names).collect();
+    let credential = credentials.first().map(|c| c.to_string());
+    let cert_secrets: Vec<String> = match (&credential, &tls.server_certificate, &tls.private_key) {
+        (Some(_), _, _) => {
+            let mut names = Vec::new();
+            for name in credentials {
+                let (namespace, secret, sds_name) =
+                    credential_source(push, bound, &proxy.namespace, name, &mut ctx)?;
+                match push.credentials.server(namespace, secret) {
+                    Ok(c) => {
+                        secrets.push(server_secret(sds_name.clone(), &c));
+                        names.push(sds_name);
+                    }
+                    Err(e) => {
+                        ctx.diag(".credentialName", format!("{e}; the server is left out"));
+                        return None;
+                    }
                 }
             }
+            names
         }
         (None, Some(cert), Some(key)) => {
             // Files on the gateway's own disk: Envoy reads them.
@@ -196,7 +200,7 @@ pub fn downstream_transport(
                     ..Default::default()
                 })),
             });
-            name
+            vec![name]
         }
         _ => {
             ctx.diag(
@@ -210,7 +214,7 @@ pub fn downstream_transport(
     let mut common = CommonTlsContext {
         tls_params: Some(tls_params(tls)),
         alpn_protocols: vec!["h2".into(), "http/1.1".into()],
-        tls_certificate_sds_secret_configs: vec![sds(&cert_secret)],
+        tls_certificate_sds_secret_configs: cert_secrets.iter().map(|name| sds(name)).collect(),
         ..Default::default()
     };
     let mutual = matches!(mode, Mode::Mutual | Mode::OptionalMutual);
