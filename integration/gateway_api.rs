@@ -590,6 +590,9 @@ spec:
     filters:
     - type: RequestRedirect
       requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}, statusCode: 302}}
+  - matches: [{{path: {{type: PathPrefix, value: /guarded}}}}]
+    filters: [{{type: ExtensionRef, extensionRef: {{group: example.com, kind: Authorizer, name: strict}}}}]
+    backendRefs: [{{name: echo, port: 80}}]
   - matches: [{{path: {{type: PathPrefix, value: /drained}}}}]
     backendRefs: [{{name: echo, port: 80, weight: 0}}, {{name: mirror, port: 80, weight: 0}}]
   - matches: [{{path: {{type: PathPrefix, value: /tagged}}}}]
@@ -646,6 +649,11 @@ spec:
             )
         })
     };
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{port}/guarded")]).map(|(code, _)| code),
+        Ok(500),
+        "a filter meshd cannot apply is not skipped"
+    );
     assert_eq!(
         curl(&[&format!("http://127.0.0.1:{port}/drained")]).map(|(code, _)| code),
         Ok(500),

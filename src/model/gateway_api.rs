@@ -792,7 +792,42 @@ fn rule(config: &ConfigSnapshot, owner: (&str, &str), r: &HttpRouteRule) -> Isti
         out.direct_response = None;
         out.fault = None;
     }
+    // A filter meshd cannot apply is not skipped: the requests it would
+    // have processed get an error, as the Gateway API requires.
+    if unsupported_filter(r).is_some() {
+        out.route.clear();
+        out.redirect = None;
+        out.fault = None;
+        out.mirrors.clear();
+        out.direct_response = Some(HttpDirectResponse {
+            status: invalid_status,
+            body: None,
+        });
+    }
     out
+}
+
+/// The filters meshd applies, on a rule (all of them) and on a backendRef
+/// (the header modifiers).
+const RULE_FILTERS: &[&str] = &[
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestRedirect",
+    "URLRewrite",
+    "RequestMirror",
+];
+const BACKEND_FILTERS: &[&str] = &["RequestHeaderModifier", "ResponseHeaderModifier"];
+
+/// The type of the first filter of a rule (or of one of its backendRefs)
+/// that meshd cannot apply (an `ExtensionRef`, say).
+pub fn unsupported_filter(r: &HttpRouteRule) -> Option<&str> {
+    let rule = r
+        .filters
+        .iter()
+        .filter(|f| !RULE_FILTERS.contains(&f.kind.as_str()));
+    let backend = (r.backend_refs.iter().flat_map(|b| &b.filters))
+        .filter(|f| !BACKEND_FILTERS.contains(&f.kind.as_str()));
+    rule.chain(backend).map(|f| f.kind.as_str()).next()
 }
 
 /// The listeners of `gw` that `p` attaches to: those its `sectionName`
@@ -1447,6 +1482,32 @@ mod tests {
             Some("10s")
         );
         assert_eq!(route("{backendRequest: 3s}").as_deref(), Some("3s"));
+    }
+
+    #[test]
+    fn a_filter_meshd_cannot_apply_is_not_skipped() {
+        let guarded = one_rule(
+            "{filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Auth, name: strict}}], \
+             backendRefs: [{name: app, port: 80}]}",
+        );
+        assert!(guarded.route.is_empty());
+        assert_eq!(guarded.direct_response.map(|d| d.status), Some(500));
+        let on_backend = one_rule("{backendRefs: [{name: app, port: 80, filters: [{type: RequestMirror}]}]}");
+        assert_eq!(on_backend.direct_response.map(|d| d.status), Some(500));
+        let docs = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+            spec: {parentRefs: [{name: web}], rules: [{filters: [{type: ExtensionRef}], backendRefs: [{name: app, port: 80}]}]}\n";
+        let snapshot = config(docs);
+        let route = snapshot
+            .of_kind(Kind::HttpRoute)
+            .find_map(as_http)
+            .expect("the route");
+        let status = super::super::gateway_status::route_status(&snapshot, &route);
+        let partly = &status["parents"][0]["conditions"][2];
+        assert_eq!(
+            (partly["type"].as_str(), partly["reason"].as_str()),
+            (Some("PartiallyInvalid"), Some("UnsupportedValue")),
+            "{status}"
+        );
     }
 
     #[test]

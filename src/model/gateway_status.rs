@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use super::gateway_api::{
     admits, attached_listeners, backend_problem, exists, gateways, granted, invalid_kinds, listener_kinds,
-    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, CONTROLLER_NAME,
+    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, unsupported_filter,
+    CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -289,6 +290,13 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
         missing_backend.as_ref().map_or("", |m| m.message()),
         generation,
     );
+    // A rule with a filter meshd cannot apply answers every request with an
+    // error; the rest of the route is served.
+    let partly_invalid = hr.spec.rules.iter().find_map(unsupported_filter).map(|kind| {
+        let message =
+            format!("filter type {kind} is not supported: its rule answers every request with an error");
+        condition("PartiallyInvalid", true, "UnsupportedValue", &message, generation)
+    });
     let parents: Vec<Value> = hr
         .spec
         .parent_refs
@@ -354,14 +362,23 @@ pub fn route_status(config: &ConfigSnapshot, hr: &HttpRoute) -> Value {
                 )),
                 Some(_) => None,
             };
+            let mut conditions = vec![
+                condition(
+                    "Accepted",
+                    problem.is_none(),
+                    problem.as_ref().map_or("Accepted", |x| x.0),
+                    problem.as_ref().map_or("", |x| x.1.as_str()),
+                    generation,
+                ),
+                refs.clone(),
+            ];
+            if let Some(partly) = &partly_invalid {
+                conditions.push(partly.clone());
+            }
             Some(json!({
                 "parentRef": p,
                 "controllerName": CONTROLLER_NAME,
-                "conditions": [
-                    condition("Accepted", problem.is_none(), problem.as_ref().map_or("Accepted", |x| x.0),
-                        problem.as_ref().map_or("", |x| x.1.as_str()), generation),
-                    refs.clone(),
-                ],
+                "conditions": conditions,
             }))
         })
         .collect();
