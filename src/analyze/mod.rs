@@ -18,7 +18,8 @@
 //! domain, and `galley.istio.io/analyze-suppress` honoured; `MSH0009` for
 //! a namespace without sidecars whose PeerAuthentication or mesh
 //! VirtualService expects them; `MSH0010` for a GRPCRoute backend whose
-//! Service port does not say it speaks HTTP/2), the
+//! Service port does not say it speaks HTTP/2; `MSH0011` for a route rule
+//! with a filter meshd cannot apply, which answers with an error), the
 //! resource and a reason that says what to do, so that the mistakes that
 //! cost people hours (an unqualified gateway reference, a misspelt host)
 //! are caught before a request is ever sent.
@@ -494,7 +495,9 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
     use crate::model::gateway_status::{gateway_status, route_status};
     let failed = |conditions: &serde_json::Value, kind: &str| {
         conditions.as_array().into_iter().flatten().find_map(|c| {
-            let bad = c["type"] == kind && c["status"] == if kind == "Conflicted" { "True" } else { "False" };
+            // Conflicted and PartiallyInvalid are negative: True means trouble.
+            let negative = matches!(kind, "Conflicted" | "PartiallyInvalid");
+            let bad = c["type"] == kind && c["status"] == if negative { "True" } else { "False" };
             bad.then(|| {
                 format!(
                     "{}: {}",
@@ -530,6 +533,13 @@ fn gateway_api(config: &ConfigSnapshot, out: &mut Vec<Finding>) {
                             Level::Error,
                             "IST0101",
                             format!("Referenced backend not found: {why}"),
+                        );
+                    }
+                    if let Some(why) = failed(&parent["conditions"], "PartiallyInvalid") {
+                        add(
+                            Level::Error,
+                            "MSH0011",
+                            format!("A rule answers every request with an error: {why}"),
                         );
                     }
                 }
@@ -1136,10 +1146,13 @@ mod tests {
              - {name: udp, port: 53, protocol: UDP}\n",
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: default}\n\
              spec:\n  parentRefs: [{name: web, sectionName: admin}]\n  rules: [{backendRefs: [{name: nowhere, port: 80}]}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ext, namespace: default}\n\
+             spec:\n  parentRefs: [{name: web}]\n  rules: [{filters: [{type: ExtensionRef}]}]\n",
         ]);
         let codes: Vec<(&str, &str)> = f.iter().map(|f| (f.code, f.resource.as_str())).collect();
         assert!(codes.contains(&("MSH0002", "HTTPRoute default/r")), "{f:?}");
         assert!(codes.contains(&("IST0101", "HTTPRoute default/r")), "{f:?}");
+        assert!(codes.contains(&("MSH0011", "HTTPRoute default/ext")), "{f:?}");
         assert!(
             codes.contains(&("MSH0003", "Gateway.gateway.networking.k8s.io default/web")),
             "{f:?}"
