@@ -155,17 +155,16 @@ pub fn backend_problem(
     None
 }
 
-/// The namespace of a listener's certificate when it is another than its
-/// Gateway's and no ReferenceGrant there lets the Gateway refer to it.
-pub fn ungranted_certificate(
+/// The first of a listener's certificates in another namespace than its
+/// Gateway's that no ReferenceGrant there lets the Gateway refer to.
+pub fn ungranted_certificate<'a>(
     config: &ConfigSnapshot,
     gw: &K8sGateway,
-    l: &crate::config::gateway_api::Listener,
-) -> Option<String> {
-    l.tls.as_ref()?.certificate_refs.iter().find_map(|cert| {
+    l: &'a Listener,
+) -> Option<&'a crate::config::gateway_api::ObjectRef> {
+    l.tls.as_ref()?.certificate_refs.iter().find(|cert| {
         let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
-        let granted = || granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name));
-        (ns != gw.namespace() && !granted()).then(|| ns.to_string())
+        ns != gw.namespace() && !granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name))
     })
 }
 
@@ -563,8 +562,7 @@ pub fn grpc_as_http(route: &GrpcRoute) -> HttpRoute {
                 .collect(),
             filters: r.filters.clone(),
             backend_refs: r.backend_refs.clone(),
-            timeouts: None,
-            retry: None,
+            ..Default::default()
         })
         .collect();
     http_shaped(route, &route.spec.parent_refs, &route.spec.hostnames, rules)
@@ -885,7 +883,8 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
                 })
         })
         .collect();
-    let routes = routes(config)
+    let all = routes(config);
+    let routes = all
         .iter()
         .filter_map(|hr| {
             let mut parents: Vec<String> = Vec::new();
@@ -911,47 +910,79 @@ pub fn convert(config: &ConfigSnapshot) -> (Vec<Gateway>, Vec<VirtualService>) {
             } else {
                 hr.spec.hostnames.clone()
             };
+            let spec = VirtualServiceSpec {
+                hosts,
+                gateways: parents,
+                ..Default::default()
+            };
+            let sni_hosts = spec.hosts.clone();
+            let name = format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase());
             Some(converted_route(
                 hr,
-                format!("{}-{}", hr.name(), hr.kind.to_ascii_lowercase()),
-                {
-                    let owner = (hr.kind.as_str(), hr.namespace());
-                    let rules = hr.spec.rules.iter();
-                    let mut spec = VirtualServiceSpec {
-                        hosts,
-                        gateways: parents,
-                        ..Default::default()
-                    };
-                    match owner.0 {
-                        "TCPRoute" => {
-                            spec.tcp = rules
-                                .map(|r| IstioTcpRoute {
-                                    matches: Vec::new(),
-                                    route: l4_rule(config, owner, r),
-                                })
-                                .collect();
-                        }
-                        "TLSRoute" => {
-                            let sni_hosts = spec.hosts.clone();
-                            spec.tls = rules
-                                .map(|r| IstioTlsRoute {
-                                    matches: vec![TlsMatchAttributes {
-                                        sni_hosts: sni_hosts.clone(),
-                                        ..Default::default()
-                                    }],
-                                    route: l4_rule(config, owner, r),
-                                })
-                                .collect();
-                        }
-                        _ => spec.http = rules.map(|r| rule(config, owner, r)).collect(),
-                    }
-                    spec
-                },
+                name,
+                with_rules(config, hr, spec, None, sni_hosts),
             ))
         })
-        .chain(routes(config).iter().flat_map(|hr| mesh_routes(config, hr)))
+        .chain(all.iter().flat_map(|hr| mesh_routes(config, hr)))
         .collect();
     (converted, routes)
+}
+
+/// `spec` with the route's rules: `tcp` routes for a TCPRoute, `tls` routes
+/// matching `sni_hosts` for a TLSRoute, `http` routes for the others; each
+/// match narrowed to `port` when one is given.
+fn with_rules(
+    config: &ConfigSnapshot,
+    hr: &HttpRoute,
+    mut spec: VirtualServiceSpec,
+    port: Option<u32>,
+    sni_hosts: Vec<String>,
+) -> VirtualServiceSpec {
+    let owner = (hr.kind.as_str(), hr.namespace());
+    let rules = hr.spec.rules.iter();
+    match owner.0 {
+        "TCPRoute" => {
+            let matches: Vec<L4MatchAttributes> = port
+                .map(|port| L4MatchAttributes {
+                    port: Some(port),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect();
+            spec.tcp = rules
+                .map(|r| IstioTcpRoute {
+                    matches: matches.clone(),
+                    route: l4_rule(config, owner, r),
+                })
+                .collect();
+        }
+        "TLSRoute" => {
+            spec.tls = rules
+                .map(|r| IstioTlsRoute {
+                    matches: vec![TlsMatchAttributes {
+                        sni_hosts: sni_hosts.clone(),
+                        port,
+                        ..Default::default()
+                    }],
+                    route: l4_rule(config, owner, r),
+                })
+                .collect();
+        }
+        _ => {
+            spec.http = rules.map(|r| rule(config, owner, r)).collect();
+            if let Some(port) = port {
+                for r in &mut spec.http {
+                    if r.matches.is_empty() {
+                        r.matches.push(HttpMatchRequest::default());
+                    }
+                    for m in &mut r.matches {
+                        m.port = Some(port);
+                    }
+                }
+            }
+        }
+    }
+    spec
 }
 
 /// The VirtualService a route becomes, named `name`: its creation time
@@ -1029,8 +1060,15 @@ fn mesh_routes(config: &ConfigSnapshot, hr: &HttpRoute) -> Vec<VirtualService> {
         .filter_map(|p| {
             let (ns, name) = mesh_parent(config, owner, p).ok()?;
             let host = format!("{name}.{ns}.{DOMAIN_SUFFIX}");
-            let mut spec = VirtualServiceSpec {
-                hosts: vec![host.clone()],
+            // A TLSRoute matches the SNI names it was given, else the
+            // Service's own.
+            let sni_hosts = if hr.spec.hostnames.is_empty() {
+                vec![host.clone()]
+            } else {
+                hr.spec.hostnames.clone()
+            };
+            let spec = VirtualServiceSpec {
+                hosts: vec![host],
                 gateways: vec!["mesh".into()],
                 export_to: if ns == hr.namespace() {
                     Vec::new()
@@ -1039,56 +1077,7 @@ fn mesh_routes(config: &ConfigSnapshot, hr: &HttpRoute) -> Vec<VirtualService> {
                 },
                 ..Default::default()
             };
-            let rules = hr.spec.rules.iter();
-            match owner.0 {
-                "TCPRoute" => {
-                    let matches: Vec<L4MatchAttributes> = p
-                        .port
-                        .map(|port| L4MatchAttributes {
-                            port: Some(port),
-                            ..Default::default()
-                        })
-                        .into_iter()
-                        .collect();
-                    spec.tcp = rules
-                        .map(|r| IstioTcpRoute {
-                            matches: matches.clone(),
-                            route: l4_rule(config, owner, r),
-                        })
-                        .collect();
-                }
-                // Matched by the SNI names it was given, else the Service's.
-                "TLSRoute" => {
-                    let sni_hosts = if hr.spec.hostnames.is_empty() {
-                        vec![host]
-                    } else {
-                        hr.spec.hostnames.clone()
-                    };
-                    spec.tls = rules
-                        .map(|r| IstioTlsRoute {
-                            matches: vec![TlsMatchAttributes {
-                                sni_hosts: sni_hosts.clone(),
-                                port: p.port,
-                                ..Default::default()
-                            }],
-                            route: l4_rule(config, owner, r),
-                        })
-                        .collect();
-                }
-                _ => {
-                    spec.http = rules.map(|r| rule(config, owner, r)).collect();
-                    if let Some(port) = p.port {
-                        for r in &mut spec.http {
-                            if r.matches.is_empty() {
-                                r.matches.push(HttpMatchRequest::default());
-                            }
-                            for m in &mut r.matches {
-                                m.port = Some(port);
-                            }
-                        }
-                    }
-                }
-            }
+            let spec = with_rules(config, hr, spec, p.port, sni_hosts);
             let vs_name = format!("{}-{}-mesh-{ns}-{name}", hr.name(), hr.kind.to_ascii_lowercase());
             Some(converted_route(hr, vs_name, spec))
         })

@@ -8,9 +8,9 @@
 use serde_json::{json, Value};
 
 use super::gateway_api::{
-    admits, attached_listeners, backend_problem, exists, gateways, granted, invalid_kinds, listener_kinds,
-    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, unsupported_filter,
-    CONTROLLER_NAME,
+    admits, attached_listeners, backend_problem, exists, gateways, invalid_kinds, listener_kinds,
+    mesh_parent, names_service, parent_gateway, protocol_kinds, served_classes, ungranted_certificate,
+    unsupported_filter, CONTROLLER_NAME,
 };
 use crate::config::gateway_api::{Listener, ParentRef};
 use crate::config::{ConfigSnapshot, GatewayClass, HttpRoute, K8sGateway, Kind, Resource};
@@ -158,22 +158,21 @@ fn listener_problem(
                 ),
             ));
         }
+        if let Some(cert) = ungranted_certificate(config, gw, l) {
+            let ns = cert.namespace.as_deref().unwrap_or_default();
+            return Some((
+                "ResolvedRefs",
+                "RefNotPermitted",
+                format!(
+                    "Secret {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets Gateways of {} \
+                     refer to it",
+                    cert.name,
+                    gw.namespace()
+                ),
+            ));
+        }
         for cert in certs {
             let ns = cert.namespace.as_deref().unwrap_or(gw.namespace());
-            if ns != gw.namespace()
-                && !granted(config, ("Gateway", gw.namespace()), ("Secret", ns, &cert.name))
-            {
-                return Some((
-                    "ResolvedRefs",
-                    "RefNotPermitted",
-                    format!(
-                        "Secret {ns}/{} is in another namespace, and no ReferenceGrant in {ns} lets Gateways of {} \
-                         refer to it",
-                        cert.name,
-                        gw.namespace()
-                    ),
-                ));
-            }
             if cert.kind.as_deref().unwrap_or("Secret") != "Secret"
                 || !exists(config, Kind::Secret, ns, &cert.name)
             {

@@ -309,12 +309,7 @@ impl ServiceClusters<'_> {
 /// without a subset), the SNI a client in another network asks an
 /// AUTO_PASSTHROUGH gateway for.
 pub fn sni_dnat_name(cluster: &str) -> String {
-    let mut parts = cluster.splitn(4, '|').skip(1);
-    let (port, subset, host) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
+    let (port, subset, host) = super::outbound_cluster_parts(cluster).unwrap_or_default();
     format!("outbound_.{port}_.{subset}_.{host}")
 }
 
@@ -468,12 +463,7 @@ pub(super) fn tunnel(
     clusters: &[(String, u32)],
 ) -> Option<TunnelingConfig> {
     let [(cluster, _)] = clusters else { return None };
-    let mut parts = cluster.splitn(4, '|');
-    let (Some("outbound"), Some(_), Some(subset), Some(host)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
+    let (_, subset, host) = super::outbound_cluster_parts(cluster)?;
     let svc = push.services.get(host)?;
     let dr = push.destination_rule(&proxy.namespace, &proxy.labels, host, &svc.namespace)?;
     let own = dr

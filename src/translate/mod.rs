@@ -216,6 +216,16 @@ pub fn outbound_cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
+/// The port, subset and host an outbound cluster name holds
+/// (`outbound_cluster_name` read back); `None` for other clusters.
+fn outbound_cluster_parts(name: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = name.splitn(4, '|');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("outbound"), Some(port), Some(subset), Some(host)) => Some((port, subset, host)),
+        _ => None,
+    }
+}
+
 /// A config source that points back at the ADS stream the proxy is on.
 fn ads() -> ConfigSource {
     ConfigSource {
